@@ -1,0 +1,1 @@
+//! tether-bench (placeholder, filled by its issue).

@@ -1,0 +1,1 @@
+//! tether-client (placeholder, filled by its issue).

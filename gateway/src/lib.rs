@@ -1,0 +1,1 @@
+//! tether-gateway (placeholder, filled by its issue).

@@ -1,0 +1,1 @@
+//! tether-ipconfig (placeholder, filled by its issue).

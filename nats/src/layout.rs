@@ -1,0 +1,163 @@
+//! JetStream streams and KV buckets: their settings in one place, created idempotently.
+//!
+//! Every service calls [`ensure_layout`] at start. It creates what is missing and updates
+//! settings that changed, so a fresh cluster and an upgraded one converge on the same layout.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+use crate::connect::BusError;
+use crate::subjects::PREFIX;
+
+/// Stream of uplink frames (`tether.*.up.*`), de-duplicated by `did:client_msg_id`.
+pub const UPLINK_STREAM: &str = "TETHER_UPLINK";
+/// The event log (`tether.*.evt.>`): connects, disconnects, session changes.
+pub const EVENTS_STREAM: &str = "TETHER_EVENTS";
+/// Per-device QoS1 inboxes (`tether.*.inbox.*`).
+pub const INBOX_STREAM: &str = "TETHER_INBOX";
+/// Recoverable room broadcasts (`tether.*.room.*`).
+pub const ROOMS_STREAM: &str = "TETHER_ROOMS";
+/// KV bucket: did → gateway, region, conn.
+pub const ROUTES_BUCKET: &str = "tether_routes";
+/// KV bucket: gateway heartbeats, expiring after [`BusLayout::gateway_ttl`].
+pub const GATEWAYS_BUCKET: &str = "tether_gateways";
+/// KV bucket: app configuration and secrets.
+pub const APPS_BUCKET: &str = "tether_apps";
+
+/// Settings of the streams and buckets; defaults suit a single local node.
+#[derive(Debug, Clone)]
+pub struct BusLayout {
+    /// Replicas of every stream and bucket (1 on a single node, 3 on a 3-node cluster).
+    pub replicas: usize,
+    /// How long uplink frames are kept (also bounds the de-duplication horizon).
+    pub uplink_max_age: Duration,
+    /// De-duplication window of the uplink stream.
+    pub uplink_duplicate_window: Duration,
+    /// How long events are kept.
+    pub events_max_age: Duration,
+    /// How long inbox messages are kept for resume.
+    pub inbox_max_age: Duration,
+    /// Messages kept per device inbox.
+    pub inbox_max_per_device: i64,
+    /// How long room broadcasts are kept for recovery.
+    pub rooms_max_age: Duration,
+    /// Messages kept per room.
+    pub rooms_max_per_room: i64,
+    /// A gateway that stops heart-beating disappears from discovery after this.
+    pub gateway_ttl: Duration,
+}
+
+impl Default for BusLayout {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            uplink_max_age: Duration::from_secs(24 * 3600),
+            uplink_duplicate_window: Duration::from_secs(120),
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+            inbox_max_age: Duration::from_secs(24 * 3600),
+            inbox_max_per_device: 10_000,
+            rooms_max_age: Duration::from_secs(3600),
+            rooms_max_per_room: 10_000,
+            gateway_ttl: Duration::from_secs(15),
+        }
+    }
+}
+
+impl BusLayout {
+    /// The stream definitions of this layout.
+    pub fn streams(&self) -> Vec<stream::Config> {
+        let base = stream::Config {
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
+            ..Default::default()
+        };
+        vec![
+            stream::Config {
+                name: UPLINK_STREAM.into(),
+                description: Some("uplink frames from gateways, deduplicated by did:client_msg_id".into()),
+                subjects: vec![format!("{PREFIX}.*.up.*")],
+                max_age: self.uplink_max_age,
+                duplicate_window: self.uplink_duplicate_window,
+                ..base.clone()
+            },
+            stream::Config {
+                name: EVENTS_STREAM.into(),
+                description: Some("connection and session events (the event log)".into()),
+                subjects: vec![format!("{PREFIX}.*.evt.>")],
+                max_age: self.events_max_age,
+                duplicate_window: Duration::from_secs(120),
+                ..base.clone()
+            },
+            stream::Config {
+                name: INBOX_STREAM.into(),
+                description: Some("per-device QoS1 inboxes".into()),
+                subjects: vec![format!("{PREFIX}.*.inbox.*")],
+                max_age: self.inbox_max_age,
+                max_messages_per_subject: self.inbox_max_per_device,
+                duplicate_window: Duration::from_secs(120),
+                ..base.clone()
+            },
+            stream::Config {
+                name: ROOMS_STREAM.into(),
+                description: Some("recoverable room broadcasts".into()),
+                subjects: vec![format!("{PREFIX}.*.room.*")],
+                max_age: self.rooms_max_age,
+                max_messages_per_subject: self.rooms_max_per_room,
+                duplicate_window: Duration::from_secs(120),
+                ..base
+            },
+        ]
+    }
+
+    /// The KV bucket definitions of this layout.
+    pub fn buckets(&self) -> Vec<kv::Config> {
+        let base = kv::Config {
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            ..Default::default()
+        };
+        vec![
+            kv::Config {
+                bucket: ROUTES_BUCKET.into(),
+                description: "did -> gateway, region, conn".into(),
+                ..base.clone()
+            },
+            kv::Config {
+                bucket: GATEWAYS_BUCKET.into(),
+                description: "gateway heartbeats (expire after the TTL)".into(),
+                max_age: self.gateway_ttl,
+                storage: stream::StorageType::Memory,
+                ..base.clone()
+            },
+            kv::Config {
+                bucket: APPS_BUCKET.into(),
+                description: "app configuration and secrets".into(),
+                history: 5,
+                ..base
+            },
+        ]
+    }
+}
+
+/// Creates or updates every stream and bucket of `layout`. Safe to call from every service
+/// at every start.
+pub async fn ensure_layout(js: &jetstream::Context, layout: &BusLayout) -> Result<(), BusError> {
+    for config in layout.streams() {
+        let name = config.name.clone();
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|e| BusError::Layout { what: name, reason: e.to_string() })?;
+    }
+    for config in layout.buckets() {
+        let name = config.bucket.clone();
+        js.create_or_update_key_value(config)
+            .await
+            .map_err(|e| BusError::Layout { what: name, reason: e.to_string() })?;
+    }
+    Ok(())
+}

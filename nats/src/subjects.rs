@@ -1,0 +1,112 @@
+//! Subject and header names: the bus API of Tether.
+//!
+//! The app id comes right after the prefix so that one NATS permission (`tether.<app>.>`)
+//! confines a business service to its own app. Identifiers placed in subjects (app, did,
+//! gateway id, session) are restricted to `[A-Za-z0-9_-]` by the token rules, so they are
+//! always single, literal subject tokens.
+
+/// Prefix of every Tether subject.
+pub const PREFIX: &str = "tether";
+
+/// Uplink frames from gateways for one device: `tether.<app>.up.<did>` (stream UPLINK).
+pub fn uplink(app: &str, did: &str) -> String {
+    format!("{PREFIX}.{app}.up.{did}")
+}
+
+/// Connection events (`conn.up`, `conn.down`) of an app: `tether.<app>.evt.conn` (stream EVENTS).
+pub fn conn_events(app: &str) -> String {
+    format!("{PREFIX}.{app}.evt.conn")
+}
+
+/// QoS1 inbox of one device: `tether.<app>.inbox.<did>` (stream INBOX).
+pub fn inbox(app: &str, did: &str) -> String {
+    format!("{PREFIX}.{app}.inbox.{did}")
+}
+
+/// Device acks (cumulative sequence): `tether.<app>.ack.<did>`.
+pub fn ack(app: &str, did: &str) -> String {
+    format!("{PREFIX}.{app}.ack.{did}")
+}
+
+/// Recoverable room broadcasts: `tether.<app>.room.<session>` (stream ROOMS).
+pub fn room(app: &str, session: &str) -> String {
+    format!("{PREFIX}.{app}.room.{session}")
+}
+
+/// Downlink for one gateway: `tether.gw.<gw>.down` (core NATS).
+pub fn gateway_down(gw: &str) -> String {
+    format!("{PREFIX}.gw.{gw}.down")
+}
+
+/// Control messages for one gateway: `tether.gw.<gw>.ctl` (core NATS).
+pub fn gateway_ctl(gw: &str) -> String {
+    format!("{PREFIX}.gw.{gw}.ctl")
+}
+
+/// Broadcasts of one app, received by every gateway: `tether.<app>.bcast`.
+pub fn broadcast(app: &str) -> String {
+    format!("{PREFIX}.{app}.bcast")
+}
+
+/// Broadcasts of every app, as one wildcard subscription: `tether.*.bcast`.
+pub fn broadcast_all() -> String {
+    format!("{PREFIX}.*.bcast")
+}
+
+/// Uplink requests to the app's business services (queue group): `tether.<app>.biz.up`.
+pub fn business_up(app: &str) -> String {
+    format!("{PREFIX}.{app}.biz.up")
+}
+
+/// Business pushes: `tether.<app>.push`.
+pub fn push(app: &str) -> String {
+    format!("{PREFIX}.{app}.push")
+}
+
+/// Session bind API: `tether.<app>.session`.
+pub fn session(app: &str) -> String {
+    format!("{PREFIX}.{app}.session")
+}
+
+/// Presence notifications: `tether.<app>.presence`.
+pub fn presence(app: &str) -> String {
+    format!("{PREFIX}.{app}.presence")
+}
+
+/// The app id of a subject `tether.<app>.…`, if it has one.
+pub fn app_of(subject: &str) -> Option<&str> {
+    let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
+    rest.split('.').next().filter(|app| !app.is_empty())
+}
+
+/// Names of the NATS headers Tether sets on data-plane messages.
+pub mod headers {
+    /// JetStream de-duplication id (`<did>:<client_msg_id>` on uplinks).
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// App id.
+    pub const APP: &str = "Tether-App";
+    /// User id.
+    pub const UID: &str = "Tether-Uid";
+    /// Device id; on downlinks, one header value per addressed device (or a comma list).
+    pub const DID: &str = "Tether-Did";
+    /// Gateway id.
+    pub const GATEWAY: &str = "Tether-Gw";
+    /// Connection id (unique 64-bit id, decimal).
+    pub const CONN: &str = "Tether-Conn";
+    /// Session id.
+    pub const SESSION: &str = "Tether-Session";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_scoped_by_app() {
+        assert_eq!(uplink("chat", "d1"), "tether.chat.up.d1");
+        assert_eq!(gateway_down("gw-1"), "tether.gw.gw-1.down");
+        assert_eq!(app_of(&uplink("chat", "d1")), Some("chat"));
+        assert_eq!(app_of("other.chat.up"), None);
+        assert_eq!(app_of("tether."), None);
+    }
+}

@@ -1,0 +1,1 @@
+//! tether-ops (placeholder, filled by its issue).

@@ -1,0 +1,1 @@
+//! tether-service (placeholder, filled by its issue).

@@ -1,0 +1,1 @@
+//! tether-state (placeholder, filled by its issue).
