@@ -1,1 +1,36 @@
-//! tether-gateway (placeholder, filled by its issue).
+//! The gateway: holds client sockets (TCP and WebSocket, TLS optional), parses only what
+//! routing needs, and moves frames between clients and NATS.
+//!
+//! Layout:
+//! - [`config`]: the one configuration struct.
+//! - [`server`]: start, run and gracefully stop a gateway.
+//! - [`listener`]: accept loops, TLS and WebSocket handshakes, connection limit.
+//! - [`conn`]: one connection — shared part, task-owned state, socket I/O, its task.
+//! - [`registry`]: `(app, did) → connection` and per-app counts.
+//! - [`timers`]: the one timer wheel for login and idle deadlines.
+//! - [`bus`]: what the gateway writes to NATS (uplink, acks, events).
+//! - [`downlink`]: what it receives from NATS and delivers.
+//! - [`ws`]: the WebSocket server codec (RFC 6455), pure and allocation-free when idle.
+//! - [`tls`]: rustls acceptor from PEM files.
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod bus;
+pub mod config;
+pub mod conn;
+pub mod context;
+pub mod downlink;
+pub mod listener;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod timers;
+pub mod tls;
+pub mod ws;
+
+pub use config::{GatewayConfig, TlsFiles};
+pub use server::{GatewayError, RunningGateway, start};
+
+/// The shutdown signal type shared by every task.
+pub mod shutdown {
+    pub use tether_service::Shutdown;
+}

@@ -38,7 +38,10 @@ pub async fn connect(url: &str, name: &str) -> Result<Client, BusError> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| BusError::Connect { url: url.to_string(), reason: e.to_string() })?;
+        .map_err(|e| BusError::Connect {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
     let label = name.to_string();
     ConnectOptions::new()
         .name(name)
@@ -50,7 +53,10 @@ pub async fn connect(url: &str, name: &str) -> Result<Client, BusError> {
         })
         .connect(servers)
         .await
-        .map_err(|e| BusError::Connect { url: url.to_string(), reason: e.to_string() })
+        .map_err(|e| BusError::Connect {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 fn log_event(name: &str, event: Event) {

@@ -46,7 +46,13 @@ pub fn single() -> Result<Single, BusError> {
     let binary = locate_binary()?;
     retry(|| {
         let dir = temp_dir()?;
-        let spec = ServerSpec::single("single", HOST, free_port(HOST)?, free_port(HOST)?, dir.path().join("single"));
+        let spec = ServerSpec::single(
+            "single",
+            HOST,
+            free_port(HOST)?,
+            free_port(HOST)?,
+            dir.path().join("single"),
+        );
         let server = NatsServer::start(spec, &binary, READY_TIMEOUT)?;
         eprintln!("harness: single node ready at {}", server.client_url());
         Ok(Single { server, _dir: dir })
@@ -63,7 +69,11 @@ pub struct Cluster {
 impl Cluster {
     /// A client URL listing every node (clients fail over between them).
     pub fn client_url(&self) -> String {
-        self.servers.iter().map(NatsServer::client_url).collect::<Vec<_>>().join(",")
+        self.servers
+            .iter()
+            .map(NatsServer::client_url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Kills node `index` (SIGKILL, as a crash).
@@ -100,8 +110,13 @@ pub fn cluster3() -> Result<Cluster, BusError> {
         let mut servers = Vec::with_capacity(3);
         for (i, route_port) in route_ports.iter().enumerate() {
             let name = format!("n{}", i + 1);
-            let mut spec =
-                ServerSpec::single(&name, HOST, free_port(HOST)?, free_port(HOST)?, dir.path().join(&name));
+            let mut spec = ServerSpec::single(
+                &name,
+                HOST,
+                free_port(HOST)?,
+                free_port(HOST)?,
+                dir.path().join(&name),
+            );
             spec.cluster = Some(ClusterSpec {
                 name: "tether-test".into(),
                 port: *route_port,
@@ -150,12 +165,24 @@ pub fn leaf_regions() -> Result<LeafRegions, BusError> {
     retry(|| {
         let dir = temp_dir()?;
         let leaf_port = free_port(HOST)?;
-        let mut hub_spec = ServerSpec::single("hub", HOST, free_port(HOST)?, free_port(HOST)?, dir.path().join("hub"));
+        let mut hub_spec = ServerSpec::single(
+            "hub",
+            HOST,
+            free_port(HOST)?,
+            free_port(HOST)?,
+            dir.path().join("hub"),
+        );
         hub_spec.domain = Some(LeafRegions::DOMAIN_HUB.into());
         hub_spec.leaf_listen = Some(leaf_port);
         let hub = NatsServer::start(hub_spec, &binary, READY_TIMEOUT)?;
         let leaf = |name: &str, domain: &str| -> Result<NatsServer, BusError> {
-            let mut spec = ServerSpec::single(name, HOST, free_port(HOST)?, free_port(HOST)?, dir.path().join(name));
+            let mut spec = ServerSpec::single(
+                name,
+                HOST,
+                free_port(HOST)?,
+                free_port(HOST)?,
+                dir.path().join(name),
+            );
             spec.domain = Some(domain.into());
             spec.leaf_remotes = vec![leaf_port];
             NatsServer::start(spec, &binary, READY_TIMEOUT)
@@ -169,7 +196,12 @@ pub fn leaf_regions() -> Result<LeafRegions, BusError> {
             region_a.client_url(),
             region_b.client_url()
         );
-        Ok(LeafRegions { hub, region_a, region_b, _dir: dir })
+        Ok(LeafRegions {
+            hub,
+            region_a,
+            region_b,
+            _dir: dir,
+        })
     })
 }
 
@@ -189,7 +221,9 @@ fn wait_leafs(hub: &NatsServer, count: usize) -> Result<(), BusError> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(BusError::Server(format!("hub saw fewer than {count} leaf connections")))
+    Err(BusError::Server(format!(
+        "hub saw fewer than {count} leaf connections"
+    )))
 }
 
 fn http_get(host: &str, port: u16, path: &str) -> Option<String> {

@@ -78,7 +78,9 @@ impl BusLayout {
         vec![
             stream::Config {
                 name: UPLINK_STREAM.into(),
-                description: Some("uplink frames from gateways, deduplicated by did:client_msg_id".into()),
+                description: Some(
+                    "uplink frames from gateways, deduplicated by did:client_msg_id".into(),
+                ),
                 subjects: vec![format!("{PREFIX}.*.up.*")],
                 max_age: self.uplink_max_age,
                 duplicate_window: self.uplink_duplicate_window,
@@ -151,13 +153,19 @@ pub async fn ensure_layout(js: &jetstream::Context, layout: &BusLayout) -> Resul
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await
-            .map_err(|e| BusError::Layout { what: name, reason: e.to_string() })?;
+            .map_err(|e| BusError::Layout {
+                what: name,
+                reason: e.to_string(),
+            })?;
     }
     for config in layout.buckets() {
         let name = config.bucket.clone();
         js.create_or_update_key_value(config)
             .await
-            .map_err(|e| BusError::Layout { what: name, reason: e.to_string() })?;
+            .map_err(|e| BusError::Layout {
+                what: name,
+                reason: e.to_string(),
+            })?;
     }
     Ok(())
 }

@@ -16,7 +16,10 @@ async fn single_node_publishes_through_jetstream() -> TestResult {
     tether_nats::ensure_layout(&js, &tether_nats::BusLayout::default()).await?;
     // Idempotent: a second run converges without error.
     tether_nats::ensure_layout(&js, &tether_nats::BusLayout::default()).await?;
-    let ack = js.publish(tether_nats::subjects::uplink("app", "d1"), "hello".into()).await?.await?;
+    let ack = js
+        .publish(tether_nats::subjects::uplink("app", "d1"), "hello".into())
+        .await?
+        .await?;
     assert_eq!(ack.stream, tether_nats::layout::UPLINK_STREAM);
     let mut uplink = js.get_stream(tether_nats::layout::UPLINK_STREAM).await?;
     assert_eq!(uplink.info().await?.state.messages, 1);
@@ -46,7 +49,10 @@ async fn cluster_keeps_replicated_stream_when_a_node_dies() -> TestResult {
     let js = jetstream::new(client);
     let mut stream = wait_for_stream(&js, "R3").await?;
     let info = stream.info().await?;
-    assert_eq!(info.state.messages, 50, "all acknowledged messages survive a node crash");
+    assert_eq!(
+        info.state.messages, 50,
+        "all acknowledged messages survive a node crash"
+    );
     let last = stream.get_raw_message(50).await?;
     assert_eq!(&last.payload[..], b"49");
     // The killed node comes back with its store and catches up.
@@ -66,7 +72,9 @@ async fn leaf_regions_carry_messages_between_regions() -> TestResult {
         loop {
             a.publish("cross.region", "from-a".into()).await?;
             a.flush().await?;
-            if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            if let Ok(Some(msg)) =
+                tokio::time::timeout(Duration::from_millis(200), sub.next()).await
+            {
                 return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(msg);
             }
         }
@@ -75,14 +83,21 @@ async fn leaf_regions_carry_messages_between_regions() -> TestResult {
     assert_eq!(&received.payload[..], b"from-a");
     // Each region has its own JetStream domain.
     let js_a = jetstream::with_domain(a, harness::LeafRegions::DOMAIN_A);
-    js_a.create_stream(stream::Config { name: "A".into(), subjects: vec!["a.>".into()], ..Default::default() })
-        .await?;
+    js_a.create_stream(stream::Config {
+        name: "A".into(),
+        subjects: vec!["a.>".into()],
+        ..Default::default()
+    })
+    .await?;
     let ack = js_a.publish("a.x", "x".into()).await?.await?;
     assert_eq!(ack.domain, harness::LeafRegions::DOMAIN_A);
     Ok(())
 }
 
-async fn wait_for_stream(js: &jetstream::Context, name: &str) -> Result<stream::Stream, async_nats::Error> {
+async fn wait_for_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<stream::Stream, async_nats::Error> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let outcome = match js.get_stream(name).await {

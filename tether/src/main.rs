@@ -1,1 +1,65 @@
-fn main() {}
+//! `tether`: one binary, a subcommand per role.
+//!
+//! - `tether up`: the whole stack in one process (with an embedded nats-server by default).
+//! - `tether gateway|state|ipconfig|ops`: one role, for production (one process per role).
+//! - `tether token`: make signing keys and gateway tokens.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// Tether: the long-connection gateway platform on NATS.
+#[derive(Parser)]
+#[command(name = "tether", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole stack locally: nats-server (unless --nats), gateway, state, ipconfig, ops.
+    Up(cmd::up::UpArgs),
+    /// Run a gateway (client sockets ⇄ NATS).
+    Gateway(cmd::role::GatewayArgs),
+    /// Run the state service.
+    State(cmd::role::RoleArgs),
+    /// Run the ipconfig service.
+    Ipconfig(cmd::role::RoleArgs),
+    /// Run the ops service.
+    Ops(cmd::role::RoleArgs),
+    /// Signing keys and gateway tokens.
+    Token(cmd::token::TokenArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tether_service::telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up(args) => cmd::up::run(args).await,
+            Command::Gateway(args) => cmd::role::gateway(args).await,
+            Command::State(args) => cmd::role::state(args).await,
+            Command::Ipconfig(args) => cmd::role::ipconfig(args).await,
+            Command::Ops(args) => cmd::role::ops(args).await,
+            Command::Token(args) => cmd::token::run(args),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -39,7 +39,13 @@ pub struct ServerSpec {
 
 impl ServerSpec {
     /// A single JetStream node.
-    pub fn single(name: &str, host: &str, client_port: u16, http_port: u16, store_dir: PathBuf) -> Self {
+    pub fn single(
+        name: &str,
+        host: &str,
+        client_port: u16,
+        http_port: u16,
+        store_dir: PathBuf,
+    ) -> Self {
         Self {
             name: name.into(),
             host: host.into(),
@@ -61,14 +67,21 @@ impl ServerSpec {
         let _ = writeln!(out, "listen: \"{host}:{}\"", self.client_port);
         let _ = writeln!(out, "http: \"{host}:{}\"", self.http_port);
         let _ = writeln!(out, "jetstream {{");
-        let _ = writeln!(out, "  store_dir: {:?}", self.store_dir.join("jetstream").display().to_string());
+        let _ = writeln!(
+            out,
+            "  store_dir: {:?}",
+            self.store_dir.join("jetstream").display().to_string()
+        );
         if let Some(domain) = &self.domain {
             let _ = writeln!(out, "  domain: {domain}");
         }
         let _ = writeln!(out, "}}");
         if let Some(cluster) = &self.cluster {
-            let routes: Vec<String> =
-                cluster.routes.iter().map(|p| format!("\"nats-route://{host}:{p}\"")).collect();
+            let routes: Vec<String> = cluster
+                .routes
+                .iter()
+                .map(|p| format!("\"nats-route://{host}:{p}\""))
+                .collect();
             let _ = writeln!(out, "cluster {{");
             let _ = writeln!(out, "  name: {}", cluster.name);
             let _ = writeln!(out, "  listen: \"{host}:{}\"", cluster.port);
@@ -79,8 +92,11 @@ impl ServerSpec {
             let _ = writeln!(out, "leafnodes {{ listen: \"{host}:{port}\" }}");
         }
         if !self.leaf_remotes.is_empty() {
-            let remotes: Vec<String> =
-                self.leaf_remotes.iter().map(|p| format!("{{ url: \"nats-leaf://{host}:{p}\" }}")).collect();
+            let remotes: Vec<String> = self
+                .leaf_remotes
+                .iter()
+                .map(|p| format!("{{ url: \"nats-leaf://{host}:{p}\" }}"))
+                .collect();
             let _ = writeln!(out, "leafnodes {{ remotes: [{}] }}", remotes.join(", "));
         }
         out
@@ -94,7 +110,11 @@ mod tests {
     #[test]
     fn renders_cluster_and_leaf_sections() {
         let mut spec = ServerSpec::single("n1", "127.0.0.1", 4222, 8222, PathBuf::from("/tmp/x"));
-        spec.cluster = Some(ClusterSpec { name: "c".into(), port: 6222, routes: vec![6222, 6223] });
+        spec.cluster = Some(ClusterSpec {
+            name: "c".into(),
+            port: 6222,
+            routes: vec![6222, 6223],
+        });
         spec.leaf_remotes = vec![7422];
         spec.domain = Some("region-a".into());
         let text = spec.config_text();

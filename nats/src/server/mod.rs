@@ -35,7 +35,10 @@ pub fn locate_binary() -> Result<PathBuf, BusError> {
         return if path.is_file() {
             Ok(path)
         } else {
-            Err(BusError::Server(format!("{BINARY_ENV}={} is not a file", path.display())))
+            Err(BusError::Server(format!(
+                "{BINARY_ENV}={} is not a file",
+                path.display()
+            )))
         };
     }
     let relative = Path::new(".tools/venv/bin/nats-server");
@@ -86,8 +89,13 @@ impl NatsServer {
         let log_path = spec.store_dir.join(format!("{}.log", spec.name));
         fs::write(&conf_path, spec.config_text())
             .map_err(|e| BusError::Server(format!("write {}: {e}", conf_path.display())))?;
-        let mut server =
-            Self { spec, binary: binary.to_path_buf(), conf_path, log_path, child: None };
+        let mut server = Self {
+            spec,
+            binary: binary.to_path_buf(),
+            conf_path,
+            log_path,
+            child: None,
+        };
         server.start_process()?;
         Ok(server)
     }

@@ -22,7 +22,15 @@ pub(super) fn spawn(binary: &Path, conf: &Path, log: &Path) -> Result<Child, Bus
             .map_err(|e| BusError::Server(format!("open {}: {e}", log.display())))
     };
     let mut command = Command::new(binary);
-    command.arg("-c").arg(conf).stdin(Stdio::null()).stdout(open_log()?).stderr(open_log()?);
+    command
+        .arg("-c")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(open_log()?)
+        .stderr(open_log()?);
+    // Its own process group: a Ctrl-C in the terminal reaches Tether, which then stops the
+    // server after its clients are done, instead of the server vanishing under them.
+    command.process_group(0);
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
     // which is async-signal-safe; it touches no memory of the parent.
     unsafe {

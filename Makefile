@@ -1,0 +1,41 @@
+# Tether: `make up` runs the whole stack locally, `make test` runs the whole test suite.
+# Both install what they need (the pinned nats-server) into .tools/ first.
+
+CARGO ?= cargo
+
+.PHONY: tools up build test lint fmt fuzz clean-tools
+
+## Install the pinned nats-server into .tools/ (no-op when present).
+tools:
+	@scripts/install-tools.sh
+
+## Build the release binary and run the whole stack (Ctrl-C stops everything).
+up: tools build
+	./target/release/tether up
+
+build:
+	$(CARGO) build --release -p tether
+
+## The whole test suite: unit, end-to-end (real nats-server processes), doc tests.
+test: tools
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+	$(CARGO) test --workspace --doc
+
+## Formatting and lints, as CI expects them.
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Fuzz the frame decoder for 60 s (needs cargo-fuzz; see schemas/README.md).
+fuzz:
+	cd schemas/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode_frame -- -max_total_time=60
+
+clean-tools:
+	rm -rf .tools

@@ -1,0 +1,170 @@
+//! What the gateway writes to NATS: uplink frames (JetStream, de-duplicated), device acks
+//! (core) and connection events (JetStream, the event log).
+
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use bytes::Bytes;
+use serde::Serialize;
+use tether_nats::subjects::{self, headers};
+use tether_schemas::{ErrorCode, Frame, pb};
+
+use crate::conn::{ConnShared, Identity};
+use crate::metrics::GatewayMetrics;
+
+/// A connect or disconnect, as written to `tether.<app>.evt.conn`.
+#[derive(Debug, Serialize)]
+pub struct ConnEvent<'a> {
+    /// `conn.up` or `conn.down`.
+    pub kind: &'static str,
+    /// App id.
+    pub app: &'a str,
+    /// User id.
+    pub uid: &'a str,
+    /// Device id.
+    pub did: &'a str,
+    /// Gateway id.
+    pub gw: &'a str,
+    /// Gateway region.
+    pub region: &'a str,
+    /// Connection id.
+    pub conn: u64,
+    /// Peer address.
+    pub remote: &'a str,
+    /// Close reason (`conn.down` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// The gateway's NATS side.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    gw: Arc<str>,
+    metrics: GatewayMetrics,
+}
+
+impl Bus {
+    /// Wraps a connected client.
+    pub fn new(client: async_nats::Client, gw: &str, metrics: GatewayMetrics) -> Self {
+        let js = jetstream::new(client.clone());
+        Self {
+            client,
+            js,
+            gw: gw.into(),
+            metrics,
+        }
+    }
+
+    /// The NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    fn identity_headers(&self, id: &Identity, conn: u64) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        map.insert(headers::APP, &*id.app);
+        map.insert(headers::UID, &*id.uid);
+        map.insert(headers::DID, &*id.did);
+        map.insert(headers::GATEWAY, &*self.gw);
+        map.insert(headers::CONN, conn.to_string().as_str());
+        map
+    }
+
+    /// Appends an UP frame, unchanged, to the uplink stream (de-duplicated by
+    /// `did:client_msg_id`). If the stream does not confirm it, the client gets an UP_ACK
+    /// with `unavailable` so it can retry.
+    pub async fn publish_uplink(
+        &self,
+        id: &Identity,
+        conn: &Arc<ConnShared>,
+        client_msg_id: u64,
+        frame: Bytes,
+        queue_limit: usize,
+    ) {
+        let mut map = self.identity_headers(id, conn.id);
+        map.insert(
+            headers::MSG_ID,
+            format!("{}:{client_msg_id}", id.did).as_str(),
+        );
+        let sent = self
+            .js
+            .publish_with_headers(subjects::uplink(&id.app, &id.did), map, frame)
+            .await;
+        let metrics = self.metrics.clone();
+        let conn = conn.clone();
+        let did = id.did.clone();
+        tokio::spawn(async move {
+            let stored = match sent {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            match stored {
+                Ok(()) => {
+                    metrics.uplink_stored.inc();
+                }
+                Err(error) => {
+                    metrics.uplink_failed.inc();
+                    tracing::warn!(%did, conn = conn.id, client_msg_id, %error, "uplink not stored");
+                    let nack = Frame::UpAck(pb::UpAck {
+                        client_msg_id,
+                        code: u32::from(ErrorCode::Unavailable.as_u16()),
+                        message: "uplink stream unavailable, retry".into(),
+                        server_msg_id: String::new(),
+                    });
+                    conn.push(nack.encode(), true, queue_limit);
+                }
+            };
+        });
+    }
+
+    /// Forwards a DOWN_ACK frame, unchanged, to `tether.<app>.ack.<did>`.
+    pub async fn publish_ack(&self, id: &Identity, conn: u64, frame: Bytes) {
+        let map = self.identity_headers(id, conn);
+        if let Err(error) = self
+            .client
+            .publish_with_headers(subjects::ack(&id.app, &id.did), map, frame)
+            .await
+        {
+            tracing::warn!(did = %id.did, conn, %error, "ack not forwarded");
+        }
+    }
+
+    /// Appends a connection event to the events stream. The publish is sent in call order
+    /// (so `conn.up` precedes `conn.down`); its confirmation is awaited in the background.
+    pub async fn conn_event(&self, event: &ConnEvent<'_>) {
+        let payload = match serde_json::to_vec(event) {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(error) => {
+                tracing::error!(%error, "cannot encode connection event");
+                return;
+            }
+        };
+        let mut map = HeaderMap::new();
+        map.insert(
+            headers::MSG_ID,
+            format!("{}:{}:{}", self.gw, event.conn, event.kind).as_str(),
+        );
+        let sent = self
+            .js
+            .publish_with_headers(subjects::conn_events(event.app), map, payload)
+            .await;
+        let metrics = self.metrics.clone();
+        let conn = event.conn;
+        let kind = event.kind;
+        tokio::spawn(async move {
+            let result = match sent {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            if let Err(error) = result {
+                metrics.events_failed.inc();
+                tracing::warn!(conn, kind, %error, "connection event not stored");
+            }
+        });
+    }
+}

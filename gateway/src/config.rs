@@ -1,0 +1,128 @@
+//! The gateway's configuration: one struct, every field documented, defaults that work locally.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tether_schemas::limits;
+
+/// TLS certificate and key (PEM files); when set, both client listeners speak TLS.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TlsFiles {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Configuration of one gateway process (`tether gateway`).
+///
+/// Loaded from defaults, `--config FILE` (TOML), `TETHER_GATEWAY_<FIELD>` environment
+/// variables and flags; `TETHER_NATS_URL` sets `nats_url` for every role.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Gateway id, unique in the cluster; used in subjects (`tether.gw.<id>.down`).
+    pub id: String,
+    /// NATS server URL(s), comma separated.
+    pub nats_url: String,
+    /// Replicas of the streams and buckets this gateway creates if missing (3 on a cluster).
+    pub stream_replicas: usize,
+    /// Region this gateway serves (reported in events and heartbeats).
+    pub region: String,
+    /// Raw TCP listener for clients; `None` disables it.
+    pub tcp_listen: Option<SocketAddr>,
+    /// WebSocket listener (path `/ws`); `None` disables it.
+    pub ws_listen: Option<SocketAddr>,
+    /// Admin HTTP listener: `/healthz`, `/metrics`.
+    pub admin_listen: SocketAddr,
+    /// TLS for both client listeners.
+    pub tls: Option<TlsFiles>,
+    /// Ed25519 public key (PEM) that verifies gateway tokens.
+    pub token_public_key: PathBuf,
+    /// Apps this gateway serves; empty means every app.
+    pub apps: Vec<String>,
+    /// Seconds a new connection has to send a valid LOGIN.
+    pub login_timeout_secs: u64,
+    /// Heartbeat interval announced to clients in LOGIN_ACK.
+    pub heartbeat_secs: u64,
+    /// A logged-in connection silent for this long is closed (`heartbeat_timeout`).
+    pub idle_timeout_secs: u64,
+    /// Largest frame accepted from a client, in bytes (header included).
+    pub max_frame_len: usize,
+    /// Frames per second a connection may send (token bucket, burst of twice this); 0 = no limit.
+    pub max_frames_per_sec: u32,
+    /// Connections this gateway holds at most.
+    pub max_connections: usize,
+    /// Connections one app may hold on this gateway; 0 = no limit.
+    pub max_connections_per_app: usize,
+    /// Frames queued for one connection before the slow-consumer policy applies.
+    pub max_queued_frames: usize,
+    /// Seconds to wait for clients to leave on shutdown before closing the rest.
+    pub shutdown_grace_secs: u64,
+    /// Upper bound of the random reconnect delay suggested to clients on shutdown.
+    pub going_away_retry_ms: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            id: "gw1".into(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            stream_replicas: 1,
+            region: "local".into(),
+            tcp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
+            ws_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7402)),
+            tls: None,
+            token_public_key: PathBuf::from(".tether/token.pub"),
+            apps: Vec::new(),
+            login_timeout_secs: limits::DEFAULT_LOGIN_TIMEOUT_SECS,
+            heartbeat_secs: limits::DEFAULT_HEARTBEAT_SECS,
+            idle_timeout_secs: limits::DEFAULT_IDLE_TIMEOUT_SECS,
+            max_frame_len: limits::DEFAULT_MAX_FRAME_LEN,
+            max_frames_per_sec: 200,
+            max_connections: 1_000_000,
+            max_connections_per_app: 0,
+            max_queued_frames: 1024,
+            shutdown_grace_secs: 5,
+            going_away_retry_ms: 5_000,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), String> {
+        if !tether_auth::valid_id(&self.id) {
+            return Err(format!(
+                "gateway id {:?} must be 1-64 characters of [A-Za-z0-9_-]",
+                self.id
+            ));
+        }
+        if self.tcp_listen.is_none() && self.ws_listen.is_none() {
+            return Err("at least one of tcp_listen and ws_listen must be set".into());
+        }
+        if self.max_frame_len < limits::FIXED_HEADER_LEN
+            || self.max_frame_len > limits::MAX_FRAME_LEN_CAP
+        {
+            return Err(format!(
+                "max_frame_len must be between {} and {}",
+                limits::FIXED_HEADER_LEN,
+                limits::MAX_FRAME_LEN_CAP
+            ));
+        }
+        if self.login_timeout_secs == 0 || self.idle_timeout_secs == 0 {
+            return Err("login_timeout_secs and idle_timeout_secs must be positive".into());
+        }
+        if self.max_queued_frames == 0 {
+            return Err("max_queued_frames must be positive".into());
+        }
+        if let Some(app) = self.apps.iter().find(|a| !tether_auth::valid_id(a)) {
+            return Err(format!(
+                "app id {app:?} must be 1-64 characters of [A-Za-z0-9_-]"
+            ));
+        }
+        Ok(())
+    }
+}

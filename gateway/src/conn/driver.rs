@@ -1,0 +1,478 @@
+//! The task of one connection: read frames, handle them, write what is queued, close with
+//! a reason. One task per connection, holding no buffer while the connection is idle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tether_schemas::{ErrorCode, Frame, FrameError, FrameType, RawFrame, pb, split_frame};
+use tracing::Instrument;
+
+use super::io::Stream;
+use super::shared::{CloseReason, ConnShared, Identity};
+use super::state::{ConnState, Transport};
+use crate::bus::ConnEvent;
+use crate::context::GatewayCtx;
+use crate::ws::{self, WsDecoder, WsEvent};
+
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs a connection until it closes. `input` holds bytes already read (after a WebSocket
+/// handshake).
+pub async fn run(
+    ctx: Arc<GatewayCtx>,
+    stream: Stream,
+    transport: Transport,
+    tls: bool,
+    remote: String,
+    input: BytesMut,
+) {
+    let shared = Arc::new(ConnShared::new(ctx.next_conn_id(), ctx.clock.now()));
+    ctx.timers.track(&shared);
+    ctx.metrics.connections.inc();
+    let span =
+        tracing::info_span!("conn", conn = shared.id, %remote, transport = transport.as_str());
+    let burst = ctx
+        .config
+        .max_frames_per_sec
+        .saturating_mul(2)
+        .saturating_mul(1000);
+    let state = ConnState {
+        conn_id: shared.id,
+        transport,
+        tls,
+        remote,
+        acked_seq: 0,
+        resume_seq: 0,
+        sessions: Vec::new(),
+        rate_tokens_milli: burst,
+        rate_refilled_ms: ctx.clock.now_ms(),
+        input,
+    };
+    let ws = (transport == Transport::Ws).then(WsDecoder::default);
+    let mut driver = Driver {
+        ctx,
+        shared,
+        stream,
+        ws,
+        state,
+    };
+    async move {
+        let reason = driver.serve().await;
+        driver.finish(reason).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+struct Driver {
+    ctx: Arc<GatewayCtx>,
+    shared: Arc<ConnShared>,
+    stream: Stream,
+    ws: Option<WsDecoder>,
+    state: ConnState,
+}
+
+type Handled = Result<(), CloseReason>;
+
+impl Driver {
+    async fn serve(&mut self) -> CloseReason {
+        let shared = self.shared.clone();
+        let mut input = std::mem::take(&mut self.state.input);
+        if !input.is_empty() {
+            if let Err(reason) = self.process(&mut input).await {
+                return reason;
+            }
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = shared.woken() => {
+                    if let Some(reason) = self.flush().await {
+                        return reason;
+                    }
+                }
+                read = self.stream.read_into(&mut input) => match read {
+                    Ok(0) => return CloseReason::silent(ErrorCode::Ok, "peer closed"),
+                    Ok(n) => {
+                        self.ctx.metrics.bytes_in.inc_by(n as u64);
+                        if let Err(reason) = self.process(&mut input).await {
+                            return reason;
+                        }
+                        if input.is_empty() {
+                            // Give the allocation back: an idle connection holds no buffer.
+                            input = BytesMut::new();
+                        }
+                    }
+                    Err(error) => return CloseReason::silent(ErrorCode::Ok, format!("read failed: {error}")),
+                },
+            }
+        }
+    }
+
+    /// Handles every complete frame in `input`.
+    async fn process(&mut self, input: &mut BytesMut) -> Handled {
+        let max = self.ctx.config.max_frame_len;
+        loop {
+            let raw = match self.ws.as_mut() {
+                None => match split_frame(input, max) {
+                    Ok(Some(raw)) => raw,
+                    Ok(None) => return Ok(()),
+                    Err(error) => return Err(frame_error(&error)),
+                },
+                Some(decoder) => match decoder.decode(input, max) {
+                    Ok(Some(WsEvent::Binary(message))) => {
+                        RawFrame::from_bytes(message, max).map_err(|e| frame_error(&e))?
+                    }
+                    Ok(Some(WsEvent::Ping(payload))) => {
+                        self.shared.touch(self.ctx.clock.now());
+                        let pong = ws::encode_control(ws::opcode::PONG, &payload);
+                        self.write_raw(&pong).await?;
+                        continue;
+                    }
+                    Ok(Some(WsEvent::Pong(_))) => continue,
+                    Ok(Some(WsEvent::Close { .. })) => {
+                        return Err(CloseReason::silent(
+                            ErrorCode::Ok,
+                            "websocket closed by peer",
+                        ));
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(error) => {
+                        let code = match error {
+                            ws::WsError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                            _ => ErrorCode::BadFrame,
+                        };
+                        return Err(CloseReason::error(code, format!("websocket: {error}")));
+                    }
+                },
+            };
+            self.handle(raw).await?;
+        }
+    }
+
+    async fn handle(&mut self, raw: RawFrame) -> Handled {
+        self.shared.touch(self.ctx.clock.now());
+        if !self.take_rate_token() {
+            return Err(CloseReason::error(
+                ErrorCode::RateLimited,
+                "too many frames per second",
+            ));
+        }
+        let kind = match raw.kind() {
+            Ok(kind) => kind,
+            Err(_) => {
+                self.reply_error(ErrorCode::BadFrame, "unknown frame type, ignored");
+                return Ok(());
+            }
+        };
+        self.ctx
+            .metrics
+            .frames_in
+            .get_or_create(&[("type", kind.as_str())])
+            .inc();
+        if self.shared.identity().is_none() {
+            return match kind {
+                FrameType::Login => self.login(&raw).await,
+                _ => Err(CloseReason::error(
+                    ErrorCode::LoginRequired,
+                    "the first frame must be LOGIN",
+                )),
+            };
+        }
+        match kind {
+            FrameType::Ping => {
+                self.reply(&Frame::Pong(raw.body()));
+                Ok(())
+            }
+            FrameType::Up => self.uplink(raw).await,
+            FrameType::DownAck => self.down_ack(raw).await,
+            FrameType::Login => {
+                self.reply_error(ErrorCode::BadRequest, "already logged in");
+                Ok(())
+            }
+            _ => {
+                self.reply_error(ErrorCode::BadRequest, "frame type is not sent by clients");
+                Ok(())
+            }
+        }
+    }
+
+    async fn login(&mut self, raw: &RawFrame) -> Handled {
+        let Frame::Login(login) = Frame::decode(raw).map_err(|e| frame_error(&e))? else {
+            return Err(CloseReason::error(ErrorCode::BadFrame, "malformed login"));
+        };
+        let config = &self.ctx.config;
+        let claims = self
+            .ctx
+            .verifier
+            .verify(&login.token, tether_auth::unix_now())
+            .map_err(|e| {
+                if e.is_expired() {
+                    CloseReason::error(ErrorCode::TokenExpired, "token expired")
+                } else {
+                    CloseReason::error(ErrorCode::BadToken, format!("invalid token: {e}"))
+                }
+            })?;
+        if !login.did.is_empty() && login.did != claims.did {
+            return Err(CloseReason::error(
+                ErrorCode::BadToken,
+                "did does not match the token",
+            ));
+        }
+        if !login.app.is_empty() && login.app != claims.app {
+            return Err(CloseReason::error(
+                ErrorCode::WrongApp,
+                "app does not match the token",
+            ));
+        }
+        if !config.apps.is_empty() && !config.apps.iter().any(|a| *a == claims.app) {
+            return Err(CloseReason::error(
+                ErrorCode::WrongApp,
+                "app is not served by this gateway",
+            ));
+        }
+        if claims.gw.as_ref().is_some_and(|gw| *gw != config.id) {
+            return Err(CloseReason::error(
+                ErrorCode::BadToken,
+                "token is for another gateway",
+            ));
+        }
+        let app: Arc<str> = claims.app.as_str().into();
+        if !self
+            .ctx
+            .registry
+            .reserve_app(&app, config.max_connections_per_app)
+        {
+            return Err(CloseReason::error(
+                ErrorCode::TooManyConnections,
+                "app connection limit reached",
+            ));
+        }
+        let identity = Identity {
+            app,
+            uid: claims.uid.as_str().into(),
+            did: claims.did.as_str().into(),
+            may_uplink: claims.may_uplink(),
+        };
+        self.shared.set_identity(identity);
+        self.state.resume_seq = login.resume_seq;
+        self.state.sessions = claims.sess.clone();
+        if let Some(old) = self.ctx.registry.insert(self.shared.clone()) {
+            old.close(CloseReason::error(
+                ErrorCode::Replaced,
+                "the device logged in on another connection",
+            ));
+        }
+        self.ctx.metrics.logins.inc();
+        self.ctx.metrics.sessions.inc();
+        tracing::debug!(app = %claims.app, did = %claims.did, "logged in");
+        self.event("conn.up", None).await;
+        let heartbeat_secs = u32::try_from(config.heartbeat_secs).unwrap_or(u32::MAX);
+        self.reply(&Frame::LoginAck(pb::LoginAck {
+            conn_id: self.shared.id,
+            gateway: config.id.clone(),
+            heartbeat_secs,
+            server_time_ms: tether_auth::unix_now_ms(),
+            last_acked_seq: 0,
+        }));
+        Ok(())
+    }
+
+    async fn uplink(&mut self, raw: RawFrame) -> Handled {
+        let Frame::Up { header, .. } = Frame::decode(&raw).map_err(|e| frame_error(&e))? else {
+            return Err(CloseReason::error(ErrorCode::BadFrame, "malformed up"));
+        };
+        let Some(identity) = self.shared.identity() else {
+            return Ok(());
+        };
+        if !identity.may_uplink {
+            self.reply(&Frame::UpAck(pb::UpAck {
+                client_msg_id: header.client_msg_id,
+                code: u32::from(ErrorCode::Forbidden.as_u16()),
+                message: "the token does not allow uplink".into(),
+                server_msg_id: String::new(),
+            }));
+            self.ctx.metrics.error(ErrorCode::Forbidden);
+            return Ok(());
+        }
+        let limit = self.ctx.config.max_queued_frames;
+        self.ctx
+            .bus
+            .publish_uplink(
+                identity,
+                &self.shared,
+                header.client_msg_id,
+                raw.bytes,
+                limit,
+            )
+            .await;
+        Ok(())
+    }
+
+    async fn down_ack(&mut self, raw: RawFrame) -> Handled {
+        let Frame::DownAck(ack) = Frame::decode(&raw).map_err(|e| frame_error(&e))? else {
+            return Err(CloseReason::error(
+                ErrorCode::BadFrame,
+                "malformed down_ack",
+            ));
+        };
+        self.state.acked_seq = self.state.acked_seq.max(ack.seq);
+        if let Some(identity) = self.shared.identity() {
+            self.ctx
+                .bus
+                .publish_ack(identity, self.shared.id, raw.bytes)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Queues a frame for this connection (replies are never dropped: overflow closes).
+    fn reply(&self, frame: &Frame) {
+        self.shared
+            .push(frame.encode(), true, self.ctx.config.max_queued_frames);
+    }
+
+    fn reply_error(&self, code: ErrorCode, text: &str) {
+        self.ctx.metrics.error(code);
+        self.reply(&Frame::error(code, text, false));
+    }
+
+    /// Token bucket: `max_frames_per_sec` per second, bursts of twice that.
+    fn take_rate_token(&mut self) -> bool {
+        let rate = self.ctx.config.max_frames_per_sec;
+        if rate == 0 {
+            return true;
+        }
+        let now = self.ctx.clock.now_ms();
+        let elapsed = now.saturating_sub(self.state.rate_refilled_ms);
+        let burst = u64::from(rate) * 2000;
+        let refill = elapsed.saturating_mul(u64::from(rate));
+        let tokens = (u64::from(self.state.rate_tokens_milli) + refill).min(burst);
+        self.state.rate_refilled_ms = now;
+        if tokens < 1000 {
+            self.state.rate_tokens_milli = u32::try_from(tokens).unwrap_or(u32::MAX);
+            return false;
+        }
+        self.state.rate_tokens_milli = u32::try_from(tokens - 1000).unwrap_or(u32::MAX);
+        true
+    }
+
+    /// Writes what is queued; returns the close reason when one was requested or the write failed.
+    async fn flush(&mut self) -> Option<CloseReason> {
+        let (frames, close) = self.shared.take();
+        if !frames.is_empty() {
+            let frames: Vec<Bytes> = frames.into();
+            if let Err(reason) = self.write_frames(&frames, WRITE_TIMEOUT).await {
+                return Some(reason);
+            }
+        }
+        close
+    }
+
+    async fn write_frames(&mut self, frames: &[Bytes], timeout: Duration) -> Handled {
+        let headers: Vec<Bytes> = match self.ws {
+            Some(_) => frames.iter().map(|f| ws_binary_header(f.len())).collect(),
+            None => Vec::new(),
+        };
+        match tokio::time::timeout(timeout, self.stream.write_frames(frames, &headers)).await {
+            Ok(Ok(bytes)) => {
+                self.ctx.metrics.frames_out.inc_by(frames.len() as u64);
+                self.ctx.metrics.bytes_out.inc_by(bytes as u64);
+                Ok(())
+            }
+            Ok(Err(error)) => Err(CloseReason::silent(
+                ErrorCode::Ok,
+                format!("write failed: {error}"),
+            )),
+            Err(_) => Err(CloseReason::silent(
+                ErrorCode::SlowConsumer,
+                "write timed out",
+            )),
+        }
+    }
+
+    async fn write_raw(&mut self, bytes: &[u8]) -> Handled {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(CloseReason::silent(
+                ErrorCode::Ok,
+                format!("write failed: {error}"),
+            )),
+            Err(_) => Err(CloseReason::silent(
+                ErrorCode::SlowConsumer,
+                "write timed out",
+            )),
+        }
+    }
+
+    async fn event(&self, kind: &'static str, reason: Option<&str>) {
+        let Some(identity) = self.shared.identity() else {
+            return;
+        };
+        let event = ConnEvent {
+            kind,
+            app: &identity.app,
+            uid: &identity.uid,
+            did: &identity.did,
+            gw: &self.ctx.config.id,
+            region: &self.ctx.config.region,
+            conn: self.shared.id,
+            remote: &self.state.remote,
+            reason,
+            at_ms: tether_auth::unix_now_ms(),
+        };
+        self.ctx.bus.conn_event(&event).await;
+    }
+
+    /// Says goodbye (ERROR frame with CLOSE, WebSocket close), unregisters and reports.
+    async fn finish(&mut self, reason: CloseReason) {
+        if reason.send_error {
+            self.ctx.metrics.error(reason.code);
+            let frame = Frame::Error {
+                error: pb::Error {
+                    code: u32::from(reason.code.as_u16()),
+                    text: reason.text.clone(),
+                    retry_after_ms: reason.retry_after_ms,
+                },
+                close: true,
+            };
+            let _ = self.write_frames(&[frame.encode()], CLOSE_TIMEOUT).await;
+        }
+        if self.ws.is_some() {
+            let code = if reason.code == ErrorCode::Ok {
+                ws::close_code::NORMAL
+            } else {
+                ws::close_code::POLICY_VIOLATION
+            };
+            let close = ws::encode_close(code, reason.code.as_str());
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.write_all(&close)).await;
+        }
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
+        self.shared.close(reason.clone());
+        self.ctx.metrics.connections.dec();
+        self.ctx
+            .metrics
+            .disconnects
+            .get_or_create(&[("reason", reason.label())])
+            .inc();
+        if let Some(identity) = self.shared.identity() {
+            self.ctx.registry.remove(&self.shared);
+            self.ctx.registry.release_app(&identity.app);
+            self.ctx.metrics.sessions.dec();
+            tracing::debug!(did = %identity.did, reason = reason.label(), text = %reason.text, "connection closed");
+            self.event("conn.down", Some(reason.label())).await;
+        }
+    }
+}
+
+fn ws_binary_header(len: usize) -> Bytes {
+    let mut header = [0u8; 10];
+    let n = ws::encode_frame_header(ws::opcode::BINARY, len, &mut header);
+    Bytes::copy_from_slice(&header[..n])
+}
+
+fn frame_error(error: &FrameError) -> CloseReason {
+    CloseReason::error(error.code(), error.to_string())
+}

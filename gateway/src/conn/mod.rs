@@ -1,0 +1,10 @@
+//! One client connection: shared part ([`ConnShared`]), task-owned state ([`ConnState`]),
+//! socket I/O ([`io`]) and the task that drives it ([`driver`]).
+
+pub mod driver;
+pub mod io;
+pub mod shared;
+pub mod state;
+
+pub use shared::{CloseReason, ConnShared, Enqueued, Identity};
+pub use state::{ConnState, Transport};

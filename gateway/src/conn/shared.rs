@@ -1,0 +1,223 @@
+//! The part of a connection other tasks can reach: its identity, its bounded outbound queue
+//! and the close request. Small on purpose: an idle connection costs this struct, its map
+//! entries and its task, nothing more.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use tether_schemas::ErrorCode;
+use tokio::sync::Notify;
+
+/// Who a logged-in connection is.
+#[derive(Debug)]
+pub struct Identity {
+    /// App id.
+    pub app: Arc<str>,
+    /// User id.
+    pub uid: Arc<str>,
+    /// Device id.
+    pub did: Arc<str>,
+    /// Whether the token allows UP frames.
+    pub may_uplink: bool,
+}
+
+/// Why a connection ends; `send_error` says whether the client gets an ERROR frame first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloseReason {
+    /// The code reported to the client and in the disconnect event.
+    pub code: ErrorCode,
+    /// A short lowercase explanation.
+    pub text: String,
+    /// Suggested reconnect delay, for `going_away`.
+    pub retry_after_ms: u32,
+    /// Whether to send an ERROR frame with the CLOSE flag before closing.
+    pub send_error: bool,
+}
+
+impl CloseReason {
+    /// A close that tells the client why.
+    pub fn error(code: ErrorCode, text: impl Into<String>) -> Self {
+        Self {
+            code,
+            text: text.into(),
+            retry_after_ms: 0,
+            send_error: true,
+        }
+    }
+
+    /// A close without an ERROR frame (the peer left, or the socket failed).
+    pub fn silent(code: ErrorCode, text: impl Into<String>) -> Self {
+        Self {
+            code,
+            text: text.into(),
+            retry_after_ms: 0,
+            send_error: false,
+        }
+    }
+
+    /// The reason label used in metrics and events (`client_closed` for a clean peer close).
+    pub fn label(&self) -> &'static str {
+        if self.code == ErrorCode::Ok {
+            "client_closed"
+        } else {
+            self.code.as_str()
+        }
+    }
+}
+
+/// What happened to a frame offered to a connection's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Queued for writing.
+    Queued,
+    /// The queue was full and the frame was QoS0: dropped.
+    DroppedQos0,
+    /// The queue was full and the frame was QoS1: the connection is closing (`slow_consumer`).
+    Overflow,
+    /// The connection is already closing.
+    Closing,
+}
+
+#[derive(Debug, Default)]
+struct Outbound {
+    frames: VecDeque<Bytes>,
+    close: Option<CloseReason>,
+}
+
+/// Shared state of one connection.
+#[derive(Debug)]
+pub struct ConnShared {
+    /// Unique 64-bit connection id.
+    pub id: u64,
+    /// Gateway-clock second the socket was accepted.
+    pub accepted_at: u32,
+    identity: OnceLock<Identity>,
+    last_seen: AtomicU32,
+    outbound: Mutex<Outbound>,
+    wake: Notify,
+}
+
+impl ConnShared {
+    /// A new, not yet logged-in connection.
+    pub fn new(id: u64, now: u32) -> Self {
+        Self {
+            id,
+            accepted_at: now,
+            identity: OnceLock::new(),
+            last_seen: AtomicU32::new(now),
+            outbound: Mutex::new(Outbound::default()),
+            wake: Notify::new(),
+        }
+    }
+
+    /// The identity, once logged in.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.get()
+    }
+
+    /// Records a successful login; false if already logged in.
+    pub fn set_identity(&self, identity: Identity) -> bool {
+        self.identity.set(identity).is_ok()
+    }
+
+    /// Marks activity at gateway-clock second `now` (any frame from the client).
+    pub fn touch(&self, now: u32) {
+        self.last_seen.store(now, Ordering::Relaxed);
+    }
+
+    /// Gateway-clock second of the last frame from the client.
+    pub fn last_seen(&self) -> u32 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Offers a frame; applies the slow-consumer policy when `limit` frames are queued.
+    pub fn push(&self, frame: Bytes, qos1: bool, limit: usize) -> Enqueued {
+        let outcome = {
+            let mut out = lock(&self.outbound);
+            if out.close.is_some() {
+                Enqueued::Closing
+            } else if out.frames.len() < limit {
+                out.frames.push_back(frame);
+                Enqueued::Queued
+            } else if qos1 {
+                out.close = Some(CloseReason::error(
+                    ErrorCode::SlowConsumer,
+                    "outbound queue full",
+                ));
+                Enqueued::Overflow
+            } else {
+                Enqueued::DroppedQos0
+            }
+        };
+        if matches!(outcome, Enqueued::Queued | Enqueued::Overflow) {
+            self.wake.notify_one();
+        }
+        outcome
+    }
+
+    /// Asks the connection to close (first reason wins).
+    pub fn close(&self, reason: CloseReason) {
+        {
+            let mut out = lock(&self.outbound);
+            if out.close.is_some() {
+                return;
+            }
+            out.close = Some(reason);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Whether a close was requested.
+    pub fn is_closing(&self) -> bool {
+        lock(&self.outbound).close.is_some()
+    }
+
+    /// Takes everything queued and the close request, if any.
+    pub fn take(&self) -> (VecDeque<Bytes>, Option<CloseReason>) {
+        let mut out = lock(&self.outbound);
+        (std::mem::take(&mut out.frames), out.close.clone())
+    }
+
+    /// Waits until frames are queued or a close is requested.
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+}
+
+/// Locks a mutex, recovering from poisoning (a panicking holder leaves a usable queue).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_consumer_policy() {
+        let conn = ConnShared::new(1, 0);
+        assert_eq!(
+            conn.push(Bytes::from_static(b"a"), false, 1),
+            Enqueued::Queued
+        );
+        assert_eq!(
+            conn.push(Bytes::from_static(b"b"), false, 1),
+            Enqueued::DroppedQos0
+        );
+        assert_eq!(
+            conn.push(Bytes::from_static(b"c"), true, 1),
+            Enqueued::Overflow
+        );
+        assert_eq!(
+            conn.push(Bytes::from_static(b"d"), false, 1),
+            Enqueued::Closing
+        );
+        let (frames, close) = conn.take();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(close.map(|c| c.code), Some(ErrorCode::SlowConsumer));
+    }
+}

@@ -1,0 +1,50 @@
+//! The plain, serializable state of one connection, kept apart from sockets and tasks so a
+//! later graceful restart can hand it to a new process along with the socket's fd.
+
+use serde::{Deserialize, Serialize};
+
+/// Transport of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Raw frames on TCP.
+    Tcp,
+    /// One frame per WebSocket binary message.
+    Ws,
+}
+
+impl Transport {
+    /// Lowercase name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
+/// Per-connection state owned by the connection's task: fixed size apart from the input
+/// that is half-read (empty, and unallocated, while idle).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnState {
+    /// Connection id (also in the shared part).
+    pub conn_id: u64,
+    /// Transport.
+    pub transport: Transport,
+    /// Whether TLS is used.
+    pub tls: bool,
+    /// Peer address.
+    pub remote: String,
+    /// Highest cumulative DOWN_ACK seen from the client.
+    pub acked_seq: u64,
+    /// Resume point the client sent at LOGIN.
+    pub resume_seq: u64,
+    /// Sessions the token joined at login.
+    pub sessions: Vec<String>,
+    /// Frame-rate token bucket: tokens left, in thousandths.
+    pub rate_tokens_milli: u32,
+    /// Gateway-clock millisecond of the last refill.
+    pub rate_refilled_ms: u64,
+    /// Bytes received but not yet a complete frame (unallocated while idle).
+    pub input: bytes::BytesMut,
+}

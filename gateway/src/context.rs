@@ -1,0 +1,66 @@
+//! What every connection task of one gateway shares.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tether_auth::TokenVerifier;
+
+use crate::bus::Bus;
+use crate::config::GatewayConfig;
+use crate::metrics::GatewayMetrics;
+use crate::registry::Registry;
+use crate::timers::{Clock, Timers};
+
+/// The gateway's shared context.
+pub struct GatewayCtx {
+    /// Configuration.
+    pub config: GatewayConfig,
+    /// Verifies LOGIN tokens.
+    pub verifier: TokenVerifier,
+    /// Logged-in connections by device.
+    pub registry: Registry,
+    /// Login and idle deadlines.
+    pub timers: Arc<Timers>,
+    /// The gateway's second clock.
+    pub clock: Clock,
+    /// NATS publishing.
+    pub bus: Bus,
+    /// Metrics.
+    pub metrics: GatewayMetrics,
+    conn_ids: AtomicU64,
+}
+
+impl GatewayCtx {
+    /// A context; connection ids start at a random 32-bit prefix, so ids stay unique across
+    /// gateway restarts.
+    pub fn new(
+        config: GatewayConfig,
+        verifier: TokenVerifier,
+        bus: Bus,
+        metrics: GatewayMetrics,
+    ) -> Self {
+        let clock = Clock::default();
+        let timers = Arc::new(Timers::new(
+            clock,
+            config.login_timeout_secs,
+            config.idle_timeout_secs,
+        ));
+        // 21 random bits above a 32-bit counter: unique, and exact in JSON numbers (< 2^53).
+        let prefix = u64::from(rand::random::<u32>() & 0x1F_FFFF) << 32;
+        Self {
+            config,
+            verifier,
+            registry: Registry::default(),
+            timers,
+            clock,
+            bus,
+            metrics,
+            conn_ids: AtomicU64::new(prefix | 1),
+        }
+    }
+
+    /// A new connection id.
+    pub fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,144 @@
+//! The gateway's Prometheus metrics.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tether_schemas::ErrorCode;
+
+/// One label, e.g. `("code", "bad_token")`: static strings, so counting never allocates.
+pub type Label = [(&'static str, &'static str); 1];
+
+/// Counters and gauges of one gateway.
+#[derive(Clone, Default)]
+pub struct GatewayMetrics {
+    /// Open client connections (logged in or not).
+    pub connections: Gauge,
+    /// Logged-in connections.
+    pub sessions: Gauge,
+    /// Accepted sockets by transport (`tcp`, `ws`).
+    pub accepted: Family<Label, Counter>,
+    /// Successful logins.
+    pub logins: Counter,
+    /// Errors sent to clients, by code.
+    pub errors: Family<Label, Counter>,
+    /// Closed connections, by reason.
+    pub disconnects: Family<Label, Counter>,
+    /// Frames received from clients, by type.
+    pub frames_in: Family<Label, Counter>,
+    /// Bytes received from clients.
+    pub bytes_in: Counter,
+    /// Frames written to clients.
+    pub frames_out: Counter,
+    /// Bytes written to clients.
+    pub bytes_out: Counter,
+    /// QoS0 frames dropped because a client's queue was full.
+    pub dropped_qos0: Counter,
+    /// Uplink frames stored in the uplink stream.
+    pub uplink_stored: Counter,
+    /// Uplink frames the stream did not confirm.
+    pub uplink_failed: Counter,
+    /// Connection events that could not be written to the events stream.
+    pub events_failed: Counter,
+    /// Downlink messages received from NATS.
+    pub downlink_messages: Counter,
+    /// Downlink deliveries queued to a local connection.
+    pub downlink_delivered: Counter,
+    /// Downlink targets not connected to this gateway.
+    pub downlink_no_route: Counter,
+    /// Malformed downlink messages dropped.
+    pub downlink_invalid: Counter,
+}
+
+impl GatewayMetrics {
+    /// Registers every metric under `registry` (names get the registry's prefix).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "connections",
+            "open client connections",
+            self.connections.clone(),
+        );
+        registry.register("sessions", "logged-in connections", self.sessions.clone());
+        registry.register(
+            "accepted",
+            "accepted sockets by transport",
+            self.accepted.clone(),
+        );
+        registry.register("logins", "successful logins", self.logins.clone());
+        registry.register(
+            "errors",
+            "error frames sent to clients by code",
+            self.errors.clone(),
+        );
+        registry.register(
+            "disconnects",
+            "closed connections by reason",
+            self.disconnects.clone(),
+        );
+        registry.register(
+            "frames_in",
+            "frames received from clients by type",
+            self.frames_in.clone(),
+        );
+        registry.register(
+            "bytes_in",
+            "bytes received from clients",
+            self.bytes_in.clone(),
+        );
+        registry.register(
+            "frames_out",
+            "frames written to clients",
+            self.frames_out.clone(),
+        );
+        registry.register(
+            "bytes_out",
+            "bytes written to clients",
+            self.bytes_out.clone(),
+        );
+        registry.register(
+            "dropped_qos0",
+            "qos0 frames dropped for slow clients",
+            self.dropped_qos0.clone(),
+        );
+        registry.register(
+            "uplink_stored",
+            "uplink frames stored in the uplink stream",
+            self.uplink_stored.clone(),
+        );
+        registry.register(
+            "uplink_failed",
+            "uplink frames not confirmed by the stream",
+            self.uplink_failed.clone(),
+        );
+        registry.register(
+            "events_failed",
+            "connection events not written",
+            self.events_failed.clone(),
+        );
+        registry.register(
+            "downlink_messages",
+            "downlink messages received",
+            self.downlink_messages.clone(),
+        );
+        registry.register(
+            "downlink_delivered",
+            "downlink frames queued to clients",
+            self.downlink_delivered.clone(),
+        );
+        registry.register(
+            "downlink_no_route",
+            "downlink targets not on this gateway",
+            self.downlink_no_route.clone(),
+        );
+        registry.register(
+            "downlink_invalid",
+            "malformed downlink messages dropped",
+            self.downlink_invalid.clone(),
+        );
+    }
+
+    /// Counts an error frame sent with `code`.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors.get_or_create(&[("code", code.as_str())]).inc();
+    }
+}

