@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tether_schemas::{ErrorCode, Frame};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -110,7 +110,7 @@ async fn upgrade(stream: &mut Stream, input: &mut BytesMut) -> Result<(), &'stat
         match ws::parse_upgrade(input, WS_PATH, MAX_HANDSHAKE_LEN) {
             Handshake::Incomplete => continue,
             Handshake::Accept { response, consumed } => {
-                let _ = input.split_to(consumed);
+                input.advance(consumed);
                 return stream
                     .write_all(&response)
                     .await

@@ -91,5 +91,5 @@ fn proto_file_is_pasted_verbatim() {
 
 #[test]
 fn nats_section_heading_is_present() {
-    assert!(common::protocol_md().contains("\n## NATS subjects for business services\n"));
+    assert!(common::protocol_md().contains("\n## 10. NATS subjects and messages\n"));
 }

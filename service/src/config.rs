@@ -53,6 +53,7 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use serde::Deserialize;

@@ -80,10 +80,10 @@ impl Driver {
     async fn serve(&mut self) -> CloseReason {
         let shared = self.shared.clone();
         let mut input = std::mem::take(&mut self.state.input);
-        if !input.is_empty() {
-            if let Err(reason) = self.process(&mut input).await {
-                return reason;
-            }
+        if !input.is_empty()
+            && let Err(reason) = self.process(&mut input).await
+        {
+            return reason;
         }
         loop {
             tokio::select! {
@@ -227,7 +227,7 @@ impl Driver {
                 "app does not match the token",
             ));
         }
-        if !config.apps.is_empty() && !config.apps.iter().any(|a| *a == claims.app) {
+        if !config.apps.is_empty() && !config.apps.contains(&claims.app) {
             return Err(CloseReason::error(
                 ErrorCode::WrongApp,
                 "app is not served by this gateway",

@@ -1,0 +1,364 @@
+//! The gateway end to end: real nats-server, gateway started in-process, raw clients over
+//! TCP and WebSocket.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::{APP, Fixture, GW, RawClient, TestResult, Transport, read_stream};
+use tether_nats::layout::{EVENTS_STREAM, UPLINK_STREAM};
+use tether_nats::subjects;
+use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
+
+fn up(id: u64, body: &'static [u8]) -> Bytes {
+    Frame::Up {
+        header: pb::Up {
+            client_msg_id: id,
+            session: String::new(),
+        },
+        body: Bytes::from_static(body),
+    }
+    .encode()
+}
+
+fn down(seq: u64, qos1: bool, body: &'static [u8]) -> Bytes {
+    Frame::Down {
+        header: pb::Down {
+            seq,
+            ..Default::default()
+        },
+        qos1,
+        body: Bytes::from_static(body),
+    }
+    .encode()
+}
+
+fn header<'a>(message: &'a async_nats::jetstream::Message, name: &str) -> &'a str {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+        .unwrap_or("")
+}
+
+#[tokio::test]
+async fn tcp_and_ws_clients_uplink_downlink_and_events() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let mut connected = Vec::new();
+    for (transport, did) in [(Transport::Tcp, "dev-tcp"), (Transport::Ws, "dev-ws")] {
+        let (mut client, ack) = fixture.login(transport, did).await;
+        assert_eq!(ack.gateway, GW);
+        assert!(ack.conn_id > 0);
+
+        // UP goes to the uplink stream unchanged, deduplicated by did:client_msg_id.
+        let frame = up(7, b"hello from the device");
+        client.send(&frame).await;
+        client.send(&frame).await;
+        let stored = read_stream(
+            &fixture.nats_client,
+            UPLINK_STREAM,
+            &subjects::uplink(APP, did),
+            1,
+        )
+        .await;
+        assert_eq!(stored[0].payload, frame, "frame stored byte for byte");
+        let raw = RawFrame::from_bytes(stored[0].payload.clone(), limits::DEFAULT_MAX_FRAME_LEN)?;
+        assert_eq!(&raw.body()[..], b"hello from the device");
+        assert_eq!(header(&stored[0], "Nats-Msg-Id"), format!("{did}:7"));
+        assert_eq!(header(&stored[0], "Tether-Gw"), GW);
+        assert_eq!(header(&stored[0], "Tether-Conn"), ack.conn_id.to_string());
+
+        // A downlink for the did arrives as the same DOWN frame.
+        let frame = down(1, true, b"hello device");
+        fixture.push(&[did], frame.clone()).await;
+        let received = client.next_raw().await.expect("down frame");
+        assert_eq!(received.bytes, frame);
+
+        // PING answered by PONG with the same body.
+        client
+            .send(&Frame::Ping(Bytes::from_static(b"p")).encode())
+            .await;
+        assert_eq!(
+            client.next_frame().await,
+            Some(Frame::Pong(Bytes::from_static(b"p")))
+        );
+        connected.push(client);
+    }
+    // The duplicate UPs were stored once per device.
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    assert_eq!(
+        js.get_stream(UPLINK_STREAM)
+            .await?
+            .info()
+            .await?
+            .state
+            .messages,
+        2
+    );
+
+    // Both connects are events with app, uid, did, gateway, conn.
+    let events = read_stream(
+        &fixture.nats_client,
+        EVENTS_STREAM,
+        &subjects::conn_events(APP),
+        2,
+    )
+    .await;
+    let mut dids = Vec::new();
+    for event in &events {
+        let json: serde_json::Value = serde_json::from_slice(&event.payload)?;
+        assert_eq!(json["kind"], "conn.up");
+        assert_eq!(json["app"], APP);
+        assert_eq!(json["gw"], GW);
+        assert!(json["conn"].as_u64().is_some());
+        assert_eq!(
+            json["uid"],
+            format!("u-{}", json["did"].as_str().unwrap_or_default())
+        );
+        dids.push(json["did"].as_str().unwrap_or_default().to_string());
+    }
+    dids.sort();
+    assert_eq!(dids, ["dev-tcp", "dev-ws"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_error_and_close_while_others_are_served() -> TestResult {
+    let fixture = Fixture::start(|c| c.max_frame_len = 1024).await;
+    let (mut good, _) = fixture.login(Transport::Tcp, "good").await;
+
+    // A token signed with another key.
+    let stranger =
+        tether_auth::TokenSigner::generate().issue(APP, "u", "bad", Duration::from_secs(60))?;
+    let mut client = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    client
+        .send(
+            &Frame::Login(pb::Login {
+                token: stranger,
+                did: "bad".into(),
+                ..Default::default()
+            })
+            .encode(),
+        )
+        .await;
+    client.expect_close(ErrorCode::BadToken).await;
+
+    // An expired token.
+    let mut claims = tether_auth::Claims::new(
+        APP,
+        "u",
+        "old",
+        tether_auth::unix_now() - 100,
+        Duration::from_secs(10),
+    );
+    claims.exp = tether_auth::unix_now() - 50;
+    let expired = fixture.signer.sign(&claims)?;
+    let mut client = RawClient::connect(Transport::Ws, fixture.ws).await;
+    client
+        .send(
+            &Frame::Login(pb::Login {
+                token: expired,
+                did: "old".into(),
+                ..Default::default()
+            })
+            .encode(),
+        )
+        .await;
+    client.expect_close(ErrorCode::TokenExpired).await;
+
+    // A login that names another app than its token.
+    let mut client = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    let token = fixture.token("x");
+    client
+        .send(
+            &Frame::Login(pb::Login {
+                token,
+                did: "x".into(),
+                app: "other".into(),
+                ..Default::default()
+            })
+            .encode(),
+        )
+        .await;
+    client.expect_close(ErrorCode::WrongApp).await;
+
+    // A frame over the limit, refused from its header alone.
+    let (mut client, _) = fixture.login(Transport::Tcp, "big").await;
+    let body = vec![7u8; 4096];
+    let frame = Frame::Up {
+        header: pb::Up {
+            client_msg_id: 1,
+            session: String::new(),
+        },
+        body: body.into(),
+    }
+    .encode();
+    client.send(&frame[..limits::FIXED_HEADER_LEN]).await;
+    client.expect_close(ErrorCode::FrameTooLarge).await;
+
+    // Garbage bytes, over TCP and WebSocket.
+    let mut client = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    client.send_raw(b"GET / HTTP/1.1\r\n\r\n").await;
+    client.expect_close(ErrorCode::BadFrame).await;
+    let mut client = RawClient::connect(Transport::Ws, fixture.ws).await;
+    client
+        .send(b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a")
+        .await;
+    client.expect_close(ErrorCode::BadFrame).await;
+
+    // A frame before LOGIN.
+    let mut client = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    client.send(&Frame::Ping(Bytes::new()).encode()).await;
+    client.expect_close(ErrorCode::LoginRequired).await;
+
+    // The good client never noticed.
+    good.send(&Frame::Ping(Bytes::from_static(b"still here")).encode())
+        .await;
+    assert_eq!(
+        good.next_frame().await,
+        Some(Frame::Pong(Bytes::from_static(b"still here")))
+    );
+
+    // Every refusal is counted by code.
+    let metrics = http_get(fixture.admin, "/metrics").await;
+    for (code, count) in [
+        ("bad_token", 1),
+        ("token_expired", 1),
+        ("wrong_app", 1),
+        ("frame_too_large", 1),
+        ("bad_frame", 2),
+        ("login_required", 1),
+    ] {
+        let line = format!("tether_gateway_errors_total{{code=\"{code}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn silent_connections_time_out_with_their_reason_and_event() -> TestResult {
+    let fixture = Fixture::start(|c| {
+        c.login_timeout_secs = 1;
+        c.idle_timeout_secs = 2;
+    })
+    .await;
+    let mut no_login = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    let (mut silent, ack) = fixture.login(Transport::Ws, "silent").await;
+    no_login.expect_close(ErrorCode::LoginTimeout).await;
+    silent.expect_close(ErrorCode::HeartbeatTimeout).await;
+    let events = read_stream(
+        &fixture.nats_client,
+        EVENTS_STREAM,
+        &subjects::conn_events(APP),
+        2,
+    )
+    .await;
+    let down: serde_json::Value = serde_json::from_slice(&events[1].payload)?;
+    assert_eq!(down["kind"], "conn.down");
+    assert_eq!(down["did"], "silent");
+    assert_eq!(down["conn"], ack.conn_id);
+    assert_eq!(down["reason"], "heartbeat_timeout");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_login_replaces_the_first() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let (mut first, _) = fixture.login(Transport::Tcp, "phone").await;
+    let (mut second, _) = fixture.login(Transport::Ws, "phone").await;
+    first.expect_close(ErrorCode::Replaced).await;
+    let frame = down(1, false, b"to the new connection");
+    fixture.push(&["phone"], frame.clone()).await;
+    assert_eq!(second.next_raw().await.map(|r| r.bytes), Some(frame));
+    Ok(())
+}
+
+#[tokio::test]
+async fn limits_on_frame_rate_and_connections_per_app() -> TestResult {
+    let fixture = Fixture::start(|c| {
+        c.max_frames_per_sec = 5;
+        c.max_connections_per_app = 1;
+    })
+    .await;
+    let (mut flooder, _) = fixture.login(Transport::Tcp, "flood").await;
+    let mut second = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    second.send(&fixture.login_frame("another")).await;
+    second.expect_close(ErrorCode::TooManyConnections).await;
+    for _ in 0..50 {
+        flooder.send(&Frame::Ping(Bytes::new()).encode()).await;
+    }
+    loop {
+        match flooder.next_frame().await {
+            Some(Frame::Pong(_)) => continue,
+            Some(Frame::Error { error, close }) => {
+                assert_eq!(error.code, u32::from(ErrorCode::RateLimited.as_u16()));
+                assert!(close);
+                break;
+            }
+            other => panic!("expected PONGs then rate_limited, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn qos1_overflow_closes_a_slow_consumer_and_spares_the_others() -> TestResult {
+    let fixture = Fixture::start(|c| c.max_queued_frames = 8).await;
+    let (mut slow, _) = fixture.login(Transport::Tcp, "slow").await;
+    let (mut fast, _) = fixture.login(Transport::Tcp, "fast").await;
+    // 64 MB of QoS1 frames to a client that does not read: socket buffers fill, the
+    // queue fills, the gateway gives up on it.
+    let body: &'static [u8] = Box::leak(vec![1u8; 60_000].into_boxed_slice());
+    for seq in 1..=1000u64 {
+        fixture.push(&["slow"], down(seq, true, body)).await;
+    }
+    fixture.push(&["fast"], down(1, true, b"not delayed")).await;
+    assert_eq!(
+        fast.next_frame().await.map(|f| f.frame_type()),
+        Some(tether_schemas::FrameType::Down)
+    );
+    loop {
+        match slow.next_frame().await {
+            Some(Frame::Down { .. }) => continue,
+            Some(Frame::Error { error, close }) => {
+                assert_eq!(error.code, u32::from(ErrorCode::SlowConsumer.as_u16()));
+                assert!(close);
+                break;
+            }
+            other => panic!("expected DOWNs then slow_consumer, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn graceful_stop_tells_clients_to_go_away() -> TestResult {
+    let mut fixture = Fixture::start(|_| {}).await;
+    let (mut client, _) = fixture.login(Transport::Ws, "leaving").await;
+    fixture.stop_gateway().await;
+    match client.next_frame().await {
+        Some(Frame::Error { error, close }) => {
+            assert_eq!(error.code, u32::from(ErrorCode::GoingAway.as_u16()));
+            assert!(close);
+            assert!(error.retry_after_ms < 5_000);
+        }
+        other => panic!("expected going_away, got {other:?}"),
+    }
+    assert!(
+        RawClient::try_connect(fixture.tcp).await.is_err(),
+        "no longer accepting"
+    );
+    Ok(())
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("admin");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    body
+}
