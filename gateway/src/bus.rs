@@ -13,7 +13,7 @@ use tether_schemas::{ErrorCode, Frame, pb};
 use crate::conn::{ConnShared, Identity};
 use crate::metrics::GatewayMetrics;
 
-/// A connect or disconnect, as written to `tether.<app>.evt.conn`.
+/// A connect or disconnect, as written to `tether.<app>.evt.conn.<partition>`.
 #[derive(Debug, Serialize)]
 pub struct ConnEvent<'a> {
     /// `conn.up` or `conn.down`.
@@ -151,7 +151,7 @@ impl Bus {
         );
         let sent = self
             .js
-            .publish_with_headers(subjects::conn_events(event.app), map, payload)
+            .publish_with_headers(subjects::conn_events(event.app, event.did), map, payload)
             .await;
         let metrics = self.metrics.clone();
         let conn = event.conn;

@@ -10,11 +10,11 @@ use async_nats::jetstream::{self, kv, stream};
 use crate::connect::BusError;
 use crate::subjects::PREFIX;
 
-/// Stream of uplink frames (`tether.*.up.*`), de-duplicated by `did:client_msg_id`.
+/// Stream of uplink frames (`tether.*.up.*.*`), de-duplicated by `did:client_msg_id`.
 pub const UPLINK_STREAM: &str = "TETHER_UPLINK";
 /// The event log (`tether.*.evt.>`): connects, disconnects, session changes.
 pub const EVENTS_STREAM: &str = "TETHER_EVENTS";
-/// Per-device QoS1 inboxes (`tether.*.inbox.*`).
+/// Per-device QoS1 inboxes (`tether.*.inbox.*.*`).
 pub const INBOX_STREAM: &str = "TETHER_INBOX";
 /// Recoverable room broadcasts (`tether.*.room.*`).
 pub const ROOMS_STREAM: &str = "TETHER_ROOMS";
@@ -81,7 +81,7 @@ impl BusLayout {
                 description: Some(
                     "uplink frames from gateways, deduplicated by did:client_msg_id".into(),
                 ),
-                subjects: vec![format!("{PREFIX}.*.up.*")],
+                subjects: vec![format!("{PREFIX}.*.up.*.*")],
                 max_age: self.uplink_max_age,
                 duplicate_window: self.uplink_duplicate_window,
                 ..base.clone()
@@ -97,7 +97,7 @@ impl BusLayout {
             stream::Config {
                 name: INBOX_STREAM.into(),
                 description: Some("per-device QoS1 inboxes".into()),
-                subjects: vec![format!("{PREFIX}.*.inbox.*")],
+                subjects: vec![format!("{PREFIX}.*.inbox.*.*")],
                 max_age: self.inbox_max_age,
                 max_messages_per_subject: self.inbox_max_per_device,
                 duplicate_window: Duration::from_secs(120),

@@ -8,24 +8,55 @@
 /// Prefix of every Tether subject.
 pub const PREFIX: &str = "tether";
 
-/// Uplink frames from gateways for one device: `tether.<app>.up.<did>` (stream UPLINK).
+/// Number of partitions that device-keyed work is split into. Each partition is owned by
+/// one state instance at a time. Fixed: changing it re-homes every device.
+pub const PARTITIONS: u16 = 32;
+
+/// The partition of a device: FNV-1a (32-bit) of the did, modulo [`PARTITIONS`].
+pub fn partition(did: &str) -> u16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in did.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % u32::from(PARTITIONS)) as u16
+}
+
+/// Uplink frames from gateways for one device: `tether.<app>.up.<partition>.<did>`
+/// (stream UPLINK).
 pub fn uplink(app: &str, did: &str) -> String {
-    format!("{PREFIX}.{app}.up.{did}")
+    format!("{PREFIX}.{app}.up.{}.{did}", partition(did))
 }
 
-/// Connection events (`conn.up`, `conn.down`) of an app: `tether.<app>.evt.conn` (stream EVENTS).
-pub fn conn_events(app: &str) -> String {
-    format!("{PREFIX}.{app}.evt.conn")
+/// Uplinks of one partition, every app: `tether.*.up.<partition>.*`.
+pub fn uplink_partition(partition: u16) -> String {
+    format!("{PREFIX}.*.up.{partition}.*")
 }
 
-/// QoS1 inbox of one device: `tether.<app>.inbox.<did>` (stream INBOX).
+/// Connection events (`conn.up`, `conn.down`) of a device's partition:
+/// `tether.<app>.evt.conn.<partition>` (stream EVENTS).
+pub fn conn_events(app: &str, did: &str) -> String {
+    format!("{PREFIX}.{app}.evt.conn.{}", partition(did))
+}
+
+/// Events of one partition, every app and kind: `tether.*.evt.*.<partition>`.
+pub fn events_partition(partition: u16) -> String {
+    format!("{PREFIX}.*.evt.*.{partition}")
+}
+
+/// QoS1 inbox of one device: `tether.<app>.inbox.<partition>.<did>` (stream INBOX).
 pub fn inbox(app: &str, did: &str) -> String {
-    format!("{PREFIX}.{app}.inbox.{did}")
+    format!("{PREFIX}.{app}.inbox.{}.{did}", partition(did))
 }
 
-/// Device acks (cumulative sequence): `tether.<app>.ack.<did>`.
+/// Device acks (cumulative sequence): `tether.<app>.ack.<partition>.<did>`.
 pub fn ack(app: &str, did: &str) -> String {
-    format!("{PREFIX}.{app}.ack.{did}")
+    format!("{PREFIX}.{app}.ack.{}.{did}", partition(did))
+}
+
+/// Acks of one partition, every app: `tether.*.ack.<partition>.*`.
+pub fn ack_partition(partition: u16) -> String {
+    format!("{PREFIX}.*.ack.{partition}.*")
 }
 
 /// Recoverable room broadcasts: `tether.<app>.room.<session>` (stream ROOMS).
@@ -103,10 +134,29 @@ mod tests {
 
     #[test]
     fn names_are_scoped_by_app() {
-        assert_eq!(uplink("chat", "d1"), "tether.chat.up.d1");
+        assert_eq!(
+            uplink("chat", "d1"),
+            format!("tether.chat.up.{}.d1", partition("d1"))
+        );
         assert_eq!(gateway_down("gw-1"), "tether.gw.gw-1.down");
         assert_eq!(app_of(&uplink("chat", "d1")), Some("chat"));
         assert_eq!(app_of("other.chat.up"), None);
         assert_eq!(app_of("tether."), None);
+    }
+
+    #[test]
+    fn partition_is_stable_fnv1a() {
+        // FNV-1a 32 of "a" is 0xe40c292c; of "" the offset basis 0x811c9dc5.
+        assert_eq!(
+            partition("a"),
+            (0xe40c_292c_u32 % u32::from(PARTITIONS)) as u16
+        );
+        assert_eq!(
+            partition(""),
+            (0x811c_9dc5_u32 % u32::from(PARTITIONS)) as u16
+        );
+        let spread: std::collections::HashSet<u16> =
+            (0..1000).map(|i| partition(&format!("d{i}"))).collect();
+        assert_eq!(spread.len(), usize::from(PARTITIONS));
     }
 }

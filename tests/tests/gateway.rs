@@ -102,7 +102,7 @@ async fn tcp_and_ws_clients_uplink_downlink_and_events() -> TestResult {
     let events = read_stream(
         &fixture.nats_client,
         EVENTS_STREAM,
-        &subjects::conn_events(APP),
+        &format!("tether.{APP}.evt.conn.*"),
         2,
     )
     .await;
@@ -251,7 +251,7 @@ async fn silent_connections_time_out_with_their_reason_and_event() -> TestResult
     let events = read_stream(
         &fixture.nats_client,
         EVENTS_STREAM,
-        &subjects::conn_events(APP),
+        &format!("tether.{APP}.evt.conn.*"),
         2,
     )
     .await;
