@@ -32,6 +32,9 @@ pub struct ConnEvent<'a> {
     pub conn: u64,
     /// Peer address.
     pub remote: &'a str,
+    /// Highest contiguous QoS1 sequence the device reported processed at LOGIN (`conn.up` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_seq: Option<u64>,
     /// Close reason (`conn.down` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'a str>,

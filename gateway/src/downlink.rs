@@ -28,6 +28,11 @@ pub async fn run(
         .subscribe(subjects::gateway_down(&ctx.config.id))
         .await?;
     let bcast = client.subscribe(subjects::broadcast_all()).await?;
+    // The server must know both subscriptions before the gateway accepts anyone, or the
+    // first downlinks of its first clients would go nowhere.
+    if let Err(error) = client.flush().await {
+        tracing::warn!(%error, "flush after subscribing failed");
+    }
     let mut messages = futures::stream::select(direct, bcast);
     tokio::spawn(async move {
         loop {

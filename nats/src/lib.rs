@@ -2,6 +2,7 @@
 //!
 //! Layout:
 //! - [`subjects`]: every subject name and header name (no subject literals elsewhere).
+//! - [`keys`]: key names in the KV buckets.
 //! - [`layout`]: JetStream streams and KV buckets with their settings, created idempotently.
 //! - [`connect`]: how services connect (names, reconnect logging, timeouts).
 //! - [`server`]: running a real `nats-server` process (locating the pinned binary, config,
@@ -11,6 +12,7 @@
 
 pub mod connect;
 pub mod harness;
+pub mod keys;
 pub mod layout;
 pub mod server;
 pub mod subjects;

@@ -126,6 +126,14 @@ pub mod headers {
     pub const CONN: &str = "Tether-Conn";
     /// Session id.
     pub const SESSION: &str = "Tether-Session";
+    /// The client's message id of an uplink (decimal), on business requests.
+    pub const MSG_ID_CLIENT: &str = "Tether-Msg-Id";
+    /// Quality of service of a push: `0` or `1`.
+    pub const QOS: &str = "Tether-Qos";
+    /// Per-device sequence of an inbox message (decimal).
+    pub const SEQ: &str = "Tether-Seq";
+    /// Prefix of push metadata headers (`Tether-Meta-<name>`).
+    pub const META_PREFIX: &str = "Tether-Meta-";
 }
 
 #[cfg(test)]

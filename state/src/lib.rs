@@ -1,55 +1,83 @@
-//! State service: event-sourced dispatch, receipts, retransmission, presence (DESIGN.md sections 2-4, 6, 10-12).
+//! State service: event-sourced dispatch, receipts, in-flight retransmission, resume and
+//! presence (DESIGN.md sections 2-4, 6, 10-12).
 //!
-//! Today the role connects to NATS, makes sure the streams and buckets exist, and serves
-//! `/healthz` and `/metrics`; its behaviour is built on this start by its own issue.
+//! Layout:
+//! - [`config`]: the one configuration struct.
+//! - [`leases`]: which partitions this instance owns (KV leases, compare-and-set).
+//! - [`partition`]: the owner of one partition — events, uplinks, inbox delivery, acks,
+//!   retransmission, recycling; rebuilt from streams and KV on takeover.
+//! - [`uplink`]: business requests with retries and UP_ACK receipts.
+//! - [`push`]: business pushes: QoS1 to inboxes with per-device sequences, QoS0 direct.
+//! - [`store`]: routes, user index, cursors (KV) and inboxes (stream).
+//! - [`wire`]: JSON bodies; [`context`]: shared handles; [`metrics`].
 
+pub mod config;
+pub mod context;
+pub mod leases;
+pub mod metrics;
+pub mod partition;
+pub mod push;
+pub mod store;
+pub mod uplink;
+pub mod wire;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
 use tether_service::{NatsRole, RoleError, Shutdown, start_nats_role};
 
-/// Configuration of `tether state` (TOML file, `TETHER_STATE_<FIELD>`, flags).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct StateConfig {
-    /// NATS server URL(s), comma separated.
-    pub nats_url: String,
-    /// Admin HTTP listener: `/healthz`, `/metrics`.
-    pub admin_listen: SocketAddr,
-    /// Replicas of the streams and buckets created if missing (3 on a cluster).
-    pub stream_replicas: usize,
+pub use config::StateConfig;
+
+use crate::context::StateCtx;
+use crate::metrics::StateMetrics;
+
+/// Why the state service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Invalid configuration.
+    #[error("invalid state configuration: {0}")]
+    Config(String),
+    /// NATS or the admin listener.
+    #[error(transparent)]
+    Role(#[from] RoleError),
+    /// Streams, buckets or subscriptions.
+    #[error("state: {0}")]
+    Bus(String),
 }
 
-impl Default for StateConfig {
-    fn default() -> Self {
-        Self {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7410)),
-            stream_replicas: 1,
-        }
-    }
-}
-
-/// A running state role.
+/// A running state instance.
 pub struct RunningState {
     /// Bound admin address.
     pub admin_addr: SocketAddr,
+    /// This instance's id.
+    pub instance_id: String,
     role: NatsRole,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl RunningState {
-    /// Waits until the role has stopped (after its shutdown signal).
+    /// Waits until the instance has stopped (after its shutdown signal).
     pub async fn wait(self) {
+        let _ = self.task.await;
         let _ = self.role.admin.task.await;
-        let _ =
-            tokio::time::timeout(std::time::Duration::from_secs(2), self.role.client.flush()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.role.client.flush()).await;
     }
 }
 
-/// Starts the role; it stops when `shutdown` fires.
-pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningState, RoleError> {
-    let registry = Registry::with_prefix("tether_state");
+/// Starts a state instance; it stops when `shutdown` fires.
+pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningState, StateError> {
+    config.validate().map_err(StateError::Config)?;
+    let instance_id = if config.instance_id.is_empty() {
+        format!("state-{:08x}", rand::random::<u32>())
+    } else {
+        config.instance_id.clone()
+    };
+    let metrics = StateMetrics::default();
+    let mut registry = Registry::with_prefix("tether_state");
+    metrics.register(&mut registry);
     let role = start_nats_role(
         "state",
         &config.nats_url,
@@ -57,12 +85,77 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         config.admin_listen,
         registry,
         axum::Router::new(),
-        shutdown,
+        shutdown.clone(),
     )
     .await?;
-    tracing::info!(admin = %role.admin.addr, "state started");
+    let js = async_nats::jetstream::new(role.client.clone());
+    let store = store::Store::open(js.clone())
+        .await
+        .map_err(|e| StateError::Bus(e.to_string()))?;
+    let ctx = Arc::new(StateCtx {
+        config: config.clone(),
+        instance_id: instance_id.clone(),
+        client: role.client.clone(),
+        js: js.clone(),
+        store,
+        metrics,
+    });
+    push::serve(ctx.clone(), shutdown.clone())
+        .await
+        .map_err(|e| StateError::Bus(e.to_string()))?;
+    let lease_config = leases::LeaseConfig {
+        instance_id: instance_id.clone(),
+        ttl: Duration::from_millis(config.lease_ttl_ms),
+        replicas: config.stream_replicas,
+        ..Default::default()
+    };
+    let leases = leases::start(js, lease_config, shutdown.clone())
+        .await
+        .map_err(|e| StateError::Bus(e.to_string()))?;
+    let task = tokio::spawn(manage_partitions(ctx, leases, shutdown));
+    tracing::info!(instance = %instance_id, admin = %role.admin.addr, "state started");
     Ok(RunningState {
         admin_addr: role.admin.addr,
+        instance_id,
         role,
+        task,
     })
+}
+
+/// Starts a worker for each partition this instance comes to own and stops it when the
+/// lease is lost.
+async fn manage_partitions(ctx: Arc<StateCtx>, leases: leases::Leases, shutdown: Shutdown) {
+    let mut owned_rx = leases.owned.clone();
+    let mut running: BTreeMap<u16, (Shutdown, tokio::task::JoinHandle<()>)> = BTreeMap::new();
+    loop {
+        let owned: BTreeSet<u16> = owned_rx.borrow_and_update().clone();
+        for (partition, (stop, _)) in running.iter() {
+            if !owned.contains(partition) {
+                tracing::info!(partition, "partition released");
+                stop.cancel();
+            }
+        }
+        running.retain(|partition, _| owned.contains(partition));
+        for partition in owned {
+            running.entry(partition).or_insert_with(|| {
+                let stop = shutdown.child_token();
+                let task = tokio::spawn(partition::Partition::run(
+                    ctx.clone(),
+                    partition,
+                    stop.clone(),
+                ));
+                (stop, task)
+            });
+        }
+        ctx.metrics.partitions.set(running.len() as i64);
+        tokio::select! {
+            changed = owned_rx.changed() => if changed.is_err() { break },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    for (_, (stop, task)) in running {
+        stop.cancel();
+        let _ = task.await;
+    }
+    leases.stopped().await;
 }

@@ -3,6 +3,7 @@
 //! - `tether up`: the whole stack in one process (with an embedded nats-server by default).
 //! - `tether gateway|state|ipconfig|ops`: one role, for production (one process per role).
 //! - `tether token`: make signing keys and gateway tokens.
+//! - `tether client`: a device on the command line; `tether bench`: load scenarios.
 
 mod cmd;
 
@@ -30,6 +31,10 @@ enum Command {
     Ops(cmd::role::RoleArgs),
     /// Signing keys and gateway tokens.
     Token(cmd::token::TokenArgs),
+    /// Connect as a device: each stdin line is sent as UP, arriving messages are printed.
+    Client(cmd::client::ClientArgs),
+    /// Load scenarios with figures (see BENCHMARKS.md).
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +58,8 @@ fn main() -> std::process::ExitCode {
             Command::Ipconfig(args) => cmd::role::ipconfig(args).await,
             Command::Ops(args) => cmd::role::ops(args).await,
             Command::Token(args) => cmd::token::run(args),
+            Command::Client(args) => cmd::client::run(args).await,
+            Command::Bench(args) => cmd::bench::run(args).await,
         }
     });
     match result {

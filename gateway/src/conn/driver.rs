@@ -420,6 +420,7 @@ impl Driver {
             region: &self.ctx.config.region,
             conn: self.shared.id,
             remote: &self.state.remote,
+            resume_seq: (kind == "conn.up").then_some(self.state.resume_seq),
             reason,
             at_ms: tether_auth::unix_now_ms(),
         };

@@ -1,5 +1,7 @@
 //! Subcommands.
 
+pub mod bench;
+pub mod client;
 pub mod role;
 pub mod token;
 pub mod up;

@@ -1,0 +1,235 @@
+//! Business-service SDK for Tether.
+//!
+//! A business service (chat, push, live rooms, …) talks to Tether through three subjects of
+//! its app, all documented in `schemas/PROTOCOL.md`, section 11, so any NATS client in any
+//! language can do the same:
+//!
+//! - **uplinks**: [`Business::serve_uplinks`] answers the requests state sends on
+//!   `tether.<app>.biz.up` with [`Stored`] (the device gets UP_ACK 0 only after
+//!   `Stored::Stored`). Requests can repeat (state retries on timeout), so handlers must be
+//!   idempotent on (app, did, msg_id).
+//! - **pushes**: [`Business::push`] (request, with a [`PushReply`]) and
+//!   [`Business::push_nowait`] (publish) send a [`Push`] on `tether.<app>.push`.
+//! - **presence**: [`Business::presence`] streams [`Presence`] events from
+//!   `tether.<app>.presence`.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use tether_business::{Business, Push, Stored};
+//!
+//! let nats = async_nats::connect("nats://127.0.0.1:4222").await?;
+//! let biz = Business::new(nats, "demo");
+//! let pusher = biz.clone();
+//! biz.serve_uplinks("tether-biz", move |up| {
+//!     let pusher = pusher.clone();
+//!     async move {
+//!         // store `up.body` keyed by (up.did, up.msg_id) here, then echo it back
+//!         let _ = pusher.push_nowait(Push::to_dids([up.did.clone()], up.body)).await;
+//!         Stored::stored(None)
+//!     }
+//! })
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The JSON shapes and header codecs live in [`wire`], shared with the state service.
+
+pub mod wire;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_nats::Client;
+use futures::{Stream, StreamExt, future};
+use tether_nats::subjects;
+
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+pub use tether_schemas::ErrorCode;
+pub use wire::{
+    Accepted, PresenceEvent as Presence, Push, PushReply, Uplink, UplinkReply as Stored,
+};
+
+/// How many uplink handlers run at once by default (per [`Business::serve_uplinks`] call).
+pub const DEFAULT_CONCURRENCY: usize = 256;
+
+/// What can go wrong talking to Tether.
+#[derive(Debug, thiserror::Error)]
+pub enum BusinessError {
+    /// Subscribing failed (connection closed, permissions).
+    #[error("subscribe: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    /// Publishing failed.
+    #[error("publish: {0}")]
+    Publish(#[from] async_nats::PublishError),
+    /// A request got no answer: no state service listening (`NoResponders`), timeout, or a
+    /// closed connection. A QoS1 push may or may not have been stored; resending creates a
+    /// second message.
+    #[error("request: {0}")]
+    Request(#[from] async_nats::RequestError),
+    /// Tether refused the request (`{"error":{…}}`), e.g. `bad_request`; also returned
+    /// before sending when a [`Push`] breaks the rules of section 11.2.
+    #[error("refused ({0}): {1}")]
+    Refused(ErrorCode, String),
+    /// The reply was not the documented JSON.
+    #[error("bad reply: {0}")]
+    BadReply(#[from] serde_json::Error),
+}
+
+impl From<wire::WireError> for BusinessError {
+    fn from(error: wire::WireError) -> Self {
+        BusinessError::Refused(error.code, error.message)
+    }
+}
+
+/// A business service's handle on its app's subjects. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Business {
+    client: Client,
+    app: String,
+    concurrency: usize,
+}
+
+impl Business {
+    /// A handle for `app` on an existing NATS connection.
+    pub fn new(client: Client, app: impl Into<String>) -> Self {
+        Business {
+            client,
+            app: app.into(),
+            concurrency: DEFAULT_CONCURRENCY,
+        }
+    }
+
+    /// How many uplink handlers may run at once (at least 1); further requests wait in the
+    /// subscription's buffer.
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// The app id.
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    /// The NATS connection.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Serves uplinks with `handler` until the subscription ends (connection closed or
+    /// drained); answers each request with the handler's result.
+    ///
+    /// Subscribes to `tether.<app>.biz.up` in `queue_group` (suggested:
+    /// [`wire::DEFAULT_QUEUE_GROUP`]), so several instances share the load. Each request
+    /// runs in its own task, at most [`Business::with_concurrency`] at once. A request
+    /// with malformed headers is answered `bad_request` without calling the handler; a
+    /// handler that panics sends no answer, so state retries it.
+    pub async fn serve_uplinks<F, Fut>(
+        &self,
+        queue_group: &str,
+        handler: F,
+    ) -> Result<(), BusinessError>
+    where
+        F: Fn(Uplink) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Stored> + Send,
+    {
+        let subject = subjects::business_up(&self.app);
+        let mut requests = self
+            .client
+            .queue_subscribe(subject.clone(), queue_group.to_owned())
+            .await?;
+        debug!(%subject, queue_group, "serving uplinks");
+        let handler = Arc::new(handler);
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        while let Some(message) = requests.next().await {
+            let Some(reply_to) = message.reply.clone() else {
+                warn!(%subject, "uplink request without a reply subject; ignored");
+                continue;
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let handler = handler.clone();
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                let answer =
+                    match Uplink::from_message(message.headers.as_ref(), message.payload.clone()) {
+                        Ok(uplink) => handler(uplink).await,
+                        Err(error) => {
+                            warn!(%error, "malformed uplink request");
+                            Stored::error(error.code, error.message)
+                        }
+                    };
+                if let Err(error) = client.publish(reply_to, answer.to_json()).await {
+                    warn!(%error, "could not answer an uplink request");
+                }
+                drop(permit);
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends a push as a request and waits for state's answer (the client's request
+    /// timeout applies, 10 s by default). `Ok` lists the accepted and offline devices;
+    /// an `{"error":…}` answer or a push that breaks the rules is
+    /// [`BusinessError::Refused`].
+    pub async fn push(&self, push: Push) -> Result<PushReply, BusinessError> {
+        let headers = push.to_headers()?;
+        let reply = self
+            .client
+            .request_with_headers(subjects::push(&self.app), headers, push.body)
+            .await?;
+        match wire::PushReplyWire::from_json(&reply.payload)? {
+            wire::PushReplyWire::Ok(reply) => Ok(reply),
+            wire::PushReplyWire::Error { error } => Err(error.into()),
+        }
+    }
+
+    /// Publishes a push without waiting for an answer (fire and forget: a refusal or a
+    /// missing state service goes unnoticed).
+    pub async fn push_nowait(&self, push: Push) -> Result<(), BusinessError> {
+        let headers = push.to_headers()?;
+        self.client
+            .publish_with_headers(subjects::push(&self.app), headers, push.body)
+            .await?;
+        Ok(())
+    }
+
+    /// Presence events of the app (every subscriber gets every event). Malformed events
+    /// are logged and skipped. The stream ends when the connection closes.
+    pub async fn presence(
+        &self,
+    ) -> Result<impl Stream<Item = Presence> + Send + Unpin + 'static, BusinessError> {
+        let subscriber = self.client.subscribe(subjects::presence(&self.app)).await?;
+        Ok(presence_stream(subscriber))
+    }
+
+    /// Like [`Business::presence`], but in a queue group: each event goes to one member.
+    pub async fn presence_in_group(
+        &self,
+        queue_group: &str,
+    ) -> Result<impl Stream<Item = Presence> + Send + Unpin + 'static, BusinessError> {
+        let subscriber = self
+            .client
+            .queue_subscribe(subjects::presence(&self.app), queue_group.to_owned())
+            .await?;
+        Ok(presence_stream(subscriber))
+    }
+}
+
+fn presence_stream(
+    subscriber: async_nats::Subscriber,
+) -> impl Stream<Item = Presence> + Send + Unpin + 'static {
+    subscriber.filter_map(|message| {
+        future::ready(match Presence::from_json(&message.payload) {
+            Ok(event) => Some(event),
+            Err(error) => {
+                warn!(%error, "malformed presence event; skipped");
+                None
+            }
+        })
+    })
+}

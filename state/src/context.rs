@@ -1,0 +1,61 @@
+//! What every task of one state instance shares.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use bytes::Bytes;
+use tether_nats::subjects::{self, headers};
+
+use crate::config::StateConfig;
+use crate::metrics::StateMetrics;
+use crate::store::Store;
+use crate::wire::PresenceEvent;
+
+/// The shared context.
+pub struct StateCtx {
+    /// Configuration.
+    pub config: StateConfig,
+    /// This instance's id.
+    pub instance_id: String,
+    /// NATS client.
+    pub client: async_nats::Client,
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// Routes, cursors, inboxes.
+    pub store: Store,
+    /// Metrics.
+    pub metrics: StateMetrics,
+}
+
+impl StateCtx {
+    /// Writes one frame to devices on gateway `gw`.
+    pub async fn send_frame(&self, gw: &str, app: &str, dids: &[&str], frame: Bytes) {
+        let mut map = HeaderMap::new();
+        map.insert(headers::APP, app);
+        for did in dids {
+            map.append(headers::DID, *did);
+        }
+        if let Err(error) = self
+            .client
+            .publish_with_headers(subjects::gateway_down(gw), map, frame)
+            .await
+        {
+            tracing::warn!(gw, app, %error, "downlink publish failed");
+        }
+        self.metrics.frames_sent.inc();
+    }
+
+    /// Publishes a presence notification.
+    pub async fn presence(&self, event: &PresenceEvent) {
+        let Ok(body) = serde_json::to_vec(event) else {
+            return;
+        };
+        if let Err(error) = self
+            .client
+            .publish(subjects::presence(&event.app), body.into())
+            .await
+        {
+            tracing::warn!(app = %event.app, %error, "presence publish failed");
+        }
+        self.metrics.presence.inc();
+    }
+}

@@ -1,0 +1,59 @@
+//! The state service's Prometheus metrics.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// One static label.
+pub type Label = [(&'static str, &'static str); 1];
+
+/// Counters and gauges of one state instance.
+#[derive(Clone, Default)]
+pub struct StateMetrics {
+    /// Partitions owned by this instance.
+    pub partitions: Gauge,
+    /// Devices held in memory (online or inside the reconnect window).
+    pub devices: Gauge,
+    /// Uplinks processed, by result (`stored`, `error`, `timeout`).
+    pub uplinks: Family<Label, Counter>,
+    /// Pushes received.
+    pub pushes: Counter,
+    /// QoS1 messages appended to inboxes.
+    pub inbox_appended: Counter,
+    /// Frames published to gateways.
+    pub frames_sent: Counter,
+    /// QoS1 resends after the retransmission timer.
+    pub retransmits: Counter,
+    /// Device acks received.
+    pub acks: Counter,
+    /// Presence notifications published.
+    pub presence: Counter,
+}
+
+impl StateMetrics {
+    /// Registers every metric.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("partitions", "partitions owned", self.partitions.clone());
+        registry.register("devices", "devices in memory", self.devices.clone());
+        registry.register(
+            "uplinks",
+            "uplinks processed by result",
+            self.uplinks.clone(),
+        );
+        registry.register("pushes", "pushes received", self.pushes.clone());
+        registry.register(
+            "inbox_appended",
+            "qos1 messages stored",
+            self.inbox_appended.clone(),
+        );
+        registry.register(
+            "frames_sent",
+            "frames published to gateways",
+            self.frames_sent.clone(),
+        );
+        registry.register("retransmits", "qos1 resends", self.retransmits.clone());
+        registry.register("acks", "device acks received", self.acks.clone());
+        registry.register("presence", "presence notifications", self.presence.clone());
+    }
+}

@@ -1,0 +1,455 @@
+//! One owned partition: the devices whose did hashes to it.
+//!
+//! The owner consumes the partition's events (routes, presence, resume), uplinks (business
+//! receipts), new inbox messages (QoS1 delivery) and device acks, and runs the
+//! retransmission timer of its devices. Everything it holds is rebuilt from the streams and
+//! KV when another instance takes the partition over.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::Message;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use futures::StreamExt;
+use tether_nats::layout::{EVENTS_STREAM, INBOX_STREAM, UPLINK_STREAM};
+use tether_nats::subjects;
+use tether_schemas::{Frame, RawFrame, limits};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+
+use crate::context::StateCtx;
+use crate::store::{Cursor, InboxMessage, Route, seq_of};
+use crate::uplink::{self, UplinkDone};
+use crate::wire::{ConnEventIn, PresenceEvent};
+
+/// Messages resent or replayed for one device at once at most.
+const MAX_INFLIGHT: usize = 10_000;
+
+/// A device of this partition, held while online or inside its reconnect window.
+#[derive(Debug, Default)]
+struct Device {
+    route: Option<Route>,
+    uid: String,
+    cursor: Cursor,
+    cursor_dirty: bool,
+    /// Sent and not yet acknowledged, by per-device sequence.
+    inflight: BTreeMap<u64, InboxMessage>,
+    retransmit_at: Option<Instant>,
+    offline_at: Option<Instant>,
+}
+
+type DeviceKey = (String, String);
+
+/// The worker of one partition.
+pub struct Partition {
+    ctx: Arc<StateCtx>,
+    partition: u16,
+    devices: HashMap<DeviceKey, Device>,
+}
+
+/// Durable consumer names, shared by every instance (one per stream and partition).
+fn consumer_name(kind: &str, partition: u16) -> String {
+    format!("state-{kind}-{partition}")
+}
+
+async fn consumer(
+    ctx: &StateCtx,
+    stream: &str,
+    kind: &str,
+    partition: u16,
+    filter: String,
+    ack_wait: Duration,
+) -> Result<pull::Stream, String> {
+    let stream = ctx.js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    let name = consumer_name(kind, partition);
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: filter,
+                ack_policy: AckPolicy::Explicit,
+                deliver_policy: DeliverPolicy::All,
+                ack_wait,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    consumer.messages().await.map_err(|e| e.to_string())
+}
+
+impl Partition {
+    /// Runs the partition until `stop` fires (ownership lost or shutdown).
+    pub async fn run(ctx: Arc<StateCtx>, partition: u16, stop: tether_service::Shutdown) {
+        let mut worker = Partition {
+            ctx: ctx.clone(),
+            partition,
+            devices: HashMap::new(),
+        };
+        if let Err(error) = worker.serve(stop).await {
+            tracing::error!(partition, %error, "partition worker failed");
+        }
+        ctx.metrics.devices.dec_by(worker.devices.len() as i64);
+    }
+
+    async fn serve(&mut self, stop: tether_service::Shutdown) -> Result<(), String> {
+        let p = self.partition;
+        let ctx = self.ctx.clone();
+        let uplink_wait = Duration::from_millis(ctx.config.business_timeout_ms.max(1000));
+        let mut events = consumer(
+            &ctx,
+            EVENTS_STREAM,
+            "evt",
+            p,
+            subjects::events_partition(p),
+            Duration::from_secs(10),
+        )
+        .await?;
+        let mut uplinks = consumer(
+            &ctx,
+            UPLINK_STREAM,
+            "up",
+            p,
+            subjects::uplink_partition(p),
+            uplink_wait,
+        )
+        .await?;
+        let inbox_filter = format!("{}.*.inbox.{p}.*", subjects::PREFIX);
+        let mut inbox = consumer(
+            &ctx,
+            INBOX_STREAM,
+            "inbox",
+            p,
+            inbox_filter,
+            Duration::from_secs(10),
+        )
+        .await?;
+        let mut acks = ctx
+            .client
+            .subscribe(subjects::ack_partition(p))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.rebuild().await;
+        tracing::info!(
+            partition = p,
+            devices = self.devices.len(),
+            "partition taken"
+        );
+
+        let (done_tx, mut done_rx) = mpsc::channel::<UplinkDone>(1024);
+        let permits = Arc::new(Semaphore::new(ctx.config.uplink_concurrency));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(message) = events.next() => {
+                    if let Ok(message) = message {
+                        self.on_event(&message).await;
+                        let _ = message.ack().await;
+                    }
+                }
+                Some(message) = uplinks.next(), if permits.available_permits() > 0 => {
+                    if let Ok(message) = message {
+                        let (ctx, done, permits) = (ctx.clone(), done_tx.clone(), permits.clone());
+                        tokio::spawn(async move {
+                            let Ok(_permit) = permits.acquire().await else { return };
+                            if let Some(outcome) = uplink::process(ctx, message).await {
+                                let _ = done.send(outcome).await;
+                            }
+                        });
+                    }
+                }
+                Some(done) = done_rx.recv() => self.on_uplink_done(done).await,
+                Some(message) = inbox.next() => {
+                    if let Ok(message) = message {
+                        self.on_inbox(&message).await;
+                        let _ = message.ack().await;
+                    }
+                }
+                Some(message) = acks.next() => self.on_ack(&message).await,
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+        self.flush_cursors().await;
+        Ok(())
+    }
+
+    /// After a takeover: every device with a route in this partition is online somewhere;
+    /// resend what it has not acknowledged.
+    async fn rebuild(&mut self) {
+        let routes = match self.ctx.store.routes_of_partition(self.partition).await {
+            Ok(routes) => routes,
+            Err(error) => {
+                tracing::warn!(partition = self.partition, %error, "cannot list routes");
+                return;
+            }
+        };
+        for (app, did, route) in routes {
+            let cursor = self.ctx.store.cursor(&app, &did).await.unwrap_or_default();
+            let device = Device {
+                uid: route.uid.clone(),
+                route: Some(route),
+                cursor,
+                ..Default::default()
+            };
+            self.ctx.metrics.devices.inc();
+            self.devices.insert((app.clone(), did.clone()), device);
+            self.replay(&app, &did).await;
+        }
+    }
+
+    async fn load(&mut self, app: &str, did: &str) -> &mut Device {
+        let key = (app.to_string(), did.to_string());
+        if !self.devices.contains_key(&key) {
+            let cursor = self.ctx.store.cursor(app, did).await.unwrap_or_default();
+            self.ctx.metrics.devices.inc();
+            self.devices.insert(
+                key.clone(),
+                Device {
+                    cursor,
+                    ..Default::default()
+                },
+            );
+        }
+        self.devices.entry(key).or_default()
+    }
+
+    async fn on_event(&mut self, message: &Message) {
+        let Ok(event) = serde_json::from_slice::<ConnEventIn>(&message.payload) else {
+            tracing::warn!(subject = %message.subject, "unreadable event, skipped");
+            return;
+        };
+        match event.kind.as_str() {
+            "conn.up" => self.on_conn_up(event).await,
+            "conn.down" => self.on_conn_down(event).await,
+            _ => {}
+        }
+    }
+
+    async fn on_conn_up(&mut self, event: ConnEventIn) {
+        let ctx = self.ctx.clone();
+        let route = Route {
+            uid: event.uid.clone(),
+            gw: event.gw.clone(),
+            conn: event.conn,
+            region: event.region.clone(),
+        };
+        let device = self.load(&event.app, &event.did).await;
+        let returning = device.offline_at.take().is_some() || device.route.is_some();
+        device.route = Some(route.clone());
+        device.uid = event.uid.clone();
+        if let Some(resume) = event.resume_seq
+            && resume > device.cursor.acked
+        {
+            device.cursor.acked = resume;
+            device.cursor_dirty = true;
+        }
+        if let Err(error) = ctx.store.put_route(&event.app, &event.did, &route).await {
+            tracing::warn!(did = %event.did, %error, "route not stored");
+        }
+        if let Err(error) = ctx
+            .store
+            .add_user_device(&event.app, &event.uid, &event.did)
+            .await
+        {
+            tracing::warn!(uid = %event.uid, %error, "user index not updated");
+        }
+        if !returning {
+            ctx.presence(&presence(&event, true)).await;
+        }
+        self.replay(&event.app, &event.did).await;
+    }
+
+    async fn on_conn_down(&mut self, event: ConnEventIn) {
+        let window = Duration::from_millis(self.ctx.config.reconnect_window_ms);
+        let key = (event.app.clone(), event.did.clone());
+        let Some(device) = self.devices.get_mut(&key) else {
+            return;
+        };
+        if device.route.as_ref().is_none_or(|r| r.conn != event.conn) {
+            return; // an older connection, already replaced
+        }
+        device.route = None;
+        device.inflight.clear();
+        device.retransmit_at = None;
+        device.offline_at = Some(Instant::now() + window);
+        if let Err(error) = self.ctx.store.delete_route(&event.app, &event.did).await {
+            tracing::warn!(did = %event.did, %error, "route not deleted");
+        }
+    }
+
+    /// Sends every stored message the device has not acknowledged, in order.
+    async fn replay(&mut self, app: &str, did: &str) {
+        let ctx = self.ctx.clone();
+        let Some(device) = self.devices.get_mut(&(app.to_string(), did.to_string())) else {
+            return;
+        };
+        let Some(route) = device.route.clone() else {
+            return;
+        };
+        let messages = match ctx
+            .store
+            .read_inbox(app, did, device.cursor.stream_seq, MAX_INFLIGHT)
+            .await
+        {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(did, %error, "inbox not readable");
+                return;
+            }
+        };
+        device.inflight.clear();
+        for message in messages.into_iter().filter(|m| m.seq > device.cursor.acked) {
+            device.inflight.insert(message.seq, message);
+        }
+        for message in device.inflight.values() {
+            ctx.send_frame(&route.gw, app, &[did], message.frame.clone())
+                .await;
+        }
+        device.retransmit_at = (!device.inflight.is_empty())
+            .then(|| Instant::now() + Duration::from_millis(ctx.config.retransmit_ms));
+    }
+
+    async fn on_inbox(&mut self, message: &Message) {
+        let subject = message.subject.as_str();
+        let mut tokens = subject.split('.');
+        let (Some(app), Some(did)) = (tokens.nth(1), tokens.nth(2)) else {
+            return;
+        };
+        let seq = message.headers.as_ref().map(seq_of).unwrap_or(0);
+        let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let key = (app.to_string(), did.to_string());
+        if !self.devices.contains_key(&key) {
+            // Offline devices get their inbox at login; nothing to hold in memory.
+            return;
+        }
+        let retransmit = Duration::from_millis(self.ctx.config.retransmit_ms);
+        let ctx = self.ctx.clone();
+        let Some(device) = self.devices.get_mut(&key) else {
+            return;
+        };
+        let Some(route) = device.route.clone() else {
+            return;
+        };
+        if seq <= device.cursor.acked || device.inflight.contains_key(&seq) {
+            return;
+        }
+        let frame = message.payload.clone();
+        device.inflight.insert(
+            seq,
+            InboxMessage {
+                seq,
+                stream_seq,
+                frame: frame.clone(),
+            },
+        );
+        device
+            .retransmit_at
+            .get_or_insert_with(|| Instant::now() + retransmit);
+        ctx.send_frame(&route.gw, app, &[did], frame).await;
+    }
+
+    async fn on_ack(&mut self, message: &async_nats::Message) {
+        self.ctx.metrics.acks.inc();
+        let mut tokens = message.subject.as_str().split('.');
+        let (Some(app), Some(did)) = (tokens.nth(1), tokens.nth(2)) else {
+            return;
+        };
+        let Some(Frame::DownAck(ack)) =
+            RawFrame::from_bytes(message.payload.clone(), limits::MAX_FRAME_LEN_CAP)
+                .ok()
+                .and_then(|raw| Frame::decode(&raw).ok())
+        else {
+            return;
+        };
+        let device = self.load(app, did).await;
+        if ack.seq <= device.cursor.acked {
+            return;
+        }
+        device.cursor.acked = ack.seq;
+        let still = device.inflight.split_off(&(ack.seq + 1));
+        if let Some(last) = device.inflight.values().next_back() {
+            device.cursor.stream_seq = device.cursor.stream_seq.max(last.stream_seq);
+        }
+        device.inflight = still;
+        device.cursor_dirty = true;
+        if device.inflight.is_empty() {
+            device.retransmit_at = None;
+        }
+    }
+
+    async fn on_uplink_done(&mut self, done: UplinkDone) {
+        let gw = self
+            .devices
+            .get(&(done.app.clone(), done.did.clone()))
+            .and_then(|d| d.route.as_ref().map(|r| r.gw.clone()))
+            .unwrap_or(done.gw);
+        self.ctx
+            .send_frame(&gw, &done.app, &[done.did.as_str()], done.frame)
+            .await;
+    }
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        let ctx = self.ctx.clone();
+        let retransmit = Duration::from_millis(ctx.config.retransmit_ms);
+        let mut expired = Vec::new();
+        for ((app, did), device) in self.devices.iter_mut() {
+            if let (Some(at), Some(route)) = (device.retransmit_at, device.route.as_ref())
+                && at <= now
+            {
+                for message in device.inflight.values() {
+                    ctx.metrics.retransmits.inc();
+                    ctx.send_frame(&route.gw, app, &[did], message.frame.clone())
+                        .await;
+                }
+                device.retransmit_at = (!device.inflight.is_empty()).then_some(now + retransmit);
+            }
+            if device.offline_at.is_some_and(|at| at <= now) {
+                expired.push((app.clone(), did.clone()));
+            }
+        }
+        self.flush_cursors().await;
+        for key in expired {
+            if let Some(device) = self.devices.remove(&key) {
+                ctx.metrics.devices.dec();
+                let event = PresenceEvent {
+                    app: key.0.clone(),
+                    uid: device.uid.clone(),
+                    did: key.1.clone(),
+                    gw: String::new(),
+                    conn: 0,
+                    online: false,
+                    at_ms: tether_auth::unix_now_ms(),
+                };
+                ctx.presence(&event).await;
+            }
+        }
+    }
+
+    async fn flush_cursors(&mut self) {
+        for ((app, did), device) in self.devices.iter_mut() {
+            if device.cursor_dirty {
+                match self.ctx.store.put_cursor(app, did, device.cursor).await {
+                    Ok(()) => device.cursor_dirty = false,
+                    Err(error) => tracing::warn!(did, %error, "cursor not saved"),
+                }
+            }
+        }
+    }
+}
+
+fn presence(event: &ConnEventIn, online: bool) -> PresenceEvent {
+    PresenceEvent {
+        app: event.app.clone(),
+        uid: event.uid.clone(),
+        did: event.did.clone(),
+        gw: event.gw.clone(),
+        conn: event.conn,
+        online,
+        at_ms: tether_auth::unix_now_ms(),
+    }
+}

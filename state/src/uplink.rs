@@ -1,0 +1,186 @@
+//! Uplink with receipts: forward an UP to the app's business services and turn their answer
+//! into an UP_ACK. No answer is retried with backoff; the device gets `timeout`, never a
+//! false "stored".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{AckKind, Message};
+use bytes::Bytes;
+use tether_nats::subjects::{self, headers};
+use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
+
+use crate::context::StateCtx;
+use crate::wire::UplinkReply;
+
+/// An UP_ACK to deliver to a device.
+#[derive(Debug)]
+pub struct UplinkDone {
+    /// App id.
+    pub app: String,
+    /// Device id.
+    pub did: String,
+    /// Gateway the UP came through (used if the device's route is unknown).
+    pub gw: String,
+    /// The encoded UP_ACK frame.
+    pub frame: Bytes,
+}
+
+fn header(message: &Message, name: &str) -> String {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default()
+}
+
+/// Processes one uplink stream message; acks it once the outcome is known.
+pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone> {
+    let (app, uid, did) = (
+        header(&message, headers::APP),
+        header(&message, headers::UID),
+        header(&message, headers::DID),
+    );
+    let (gw, conn) = (
+        header(&message, headers::GATEWAY),
+        header(&message, headers::CONN),
+    );
+    let up = RawFrame::from_bytes(message.payload.clone(), limits::MAX_FRAME_LEN_CAP)
+        .ok()
+        .and_then(|raw| Frame::decode(&raw).ok());
+    let Some(Frame::Up { header: up, body }) = up else {
+        tracing::warn!(%app, %did, "uplink stream message is not an UP frame, dropped");
+        let _ = message.ack().await;
+        return None;
+    };
+    let mut map = HeaderMap::new();
+    map.insert(headers::APP, app.as_str());
+    map.insert(headers::UID, uid.as_str());
+    map.insert(headers::DID, did.as_str());
+    map.insert(
+        headers::MSG_ID_CLIENT,
+        up.client_msg_id.to_string().as_str(),
+    );
+    if !up.session.is_empty() {
+        map.insert(headers::SESSION, up.session.as_str());
+    }
+    map.insert(headers::GATEWAY, gw.as_str());
+    map.insert(headers::CONN, conn.as_str());
+
+    let (code, text, server_id) = ask_business(&ctx, &message, &app, map, body).await;
+    let result = match code {
+        ErrorCode::Ok => "stored",
+        ErrorCode::Timeout => "timeout",
+        _ => "error",
+    };
+    ctx.metrics
+        .uplinks
+        .get_or_create(&[("result", result)])
+        .inc();
+    let frame = Frame::UpAck(pb::UpAck {
+        client_msg_id: up.client_msg_id,
+        code: u32::from(code.as_u16()),
+        message: text,
+        server_msg_id: server_id,
+    })
+    .encode();
+    if let Err(error) = message.ack().await {
+        tracing::warn!(%app, %did, %error, "uplink ack failed");
+    }
+    Some(UplinkDone {
+        app,
+        did,
+        gw,
+        frame,
+    })
+}
+
+/// Requests the business service, retrying unanswered requests with backoff.
+async fn ask_business(
+    ctx: &StateCtx,
+    message: &Message,
+    app: &str,
+    map: HeaderMap,
+    body: Bytes,
+) -> (ErrorCode, String, String) {
+    let timeout = Duration::from_millis(ctx.config.business_timeout_ms);
+    let mut backoff = Duration::from_millis(200);
+    for attempt in 0..=ctx.config.business_retries {
+        let request = async_nats::Request::new()
+            .headers(map.clone())
+            .payload(body.clone())
+            .timeout(Some(timeout));
+        match ctx
+            .client
+            .send_request(subjects::business_up(app), request)
+            .await
+        {
+            Ok(reply) => return interpret(&reply.payload),
+            Err(error) => {
+                tracing::debug!(app, attempt, %error, "business did not answer");
+                // Keep the stream message ours while we wait.
+                let _ = message.ack_with(AckKind::Progress).await;
+                if attempt < ctx.config.business_retries {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
+    }
+    (
+        ErrorCode::Timeout,
+        "no business service answered".into(),
+        String::new(),
+    )
+}
+
+fn interpret(payload: &[u8]) -> (ErrorCode, String, String) {
+    match serde_json::from_slice::<UplinkReply>(payload) {
+        Ok(reply) if reply.status == "stored" => {
+            (ErrorCode::Ok, String::new(), reply.id.unwrap_or_default())
+        }
+        Ok(reply) => {
+            let code = reply
+                .code
+                .as_deref()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(ErrorCode::Rejected);
+            let code = if code == ErrorCode::Ok {
+                ErrorCode::Rejected
+            } else {
+                code
+            };
+            (code, reply.message.unwrap_or_default(), String::new())
+        }
+        Err(error) => (
+            ErrorCode::Internal,
+            format!("business reply is not valid json: {error}"),
+            String::new(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_map_to_codes() {
+        assert_eq!(
+            interpret(br#"{"status":"stored","id":"m1"}"#),
+            (ErrorCode::Ok, String::new(), "m1".into())
+        );
+        assert_eq!(
+            interpret(br#"{"status":"error","code":"forbidden","message":"no"}"#).0,
+            ErrorCode::Forbidden
+        );
+        assert_eq!(interpret(br#"{"status":"error"}"#).0, ErrorCode::Rejected);
+        assert_eq!(
+            interpret(br#"{"status":"error","code":"ok"}"#).0,
+            ErrorCode::Rejected
+        );
+        assert_eq!(interpret(b"nope").0, ErrorCode::Internal);
+    }
+}
