@@ -330,3 +330,5 @@ pub async fn read_stream(
     }
     found
 }
+
+pub mod stack;

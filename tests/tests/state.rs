@@ -1,0 +1,239 @@
+//! The state service end to end: real nats-server, gateway, state, device SDK, business SDK.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::stack::{Proxy, device, next_message, start_state};
+use support::{APP, Fixture, TestResult, WAIT};
+use tether_business::{Business, Push, Stored};
+use tether_client::ClientError;
+use tether_schemas::ErrorCode;
+use tokio_util::sync::CancellationToken;
+
+/// Waits until `check` holds, polling.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn cursor_acked(fixture: &Fixture, did: &str) -> u64 {
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    let Ok(kv) = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await else {
+        return 0;
+    };
+    let Ok(Some(value)) = kv.get(tether_nats::keys::cursor(APP, did)).await else {
+        return 0;
+    };
+    serde_json::from_slice::<serde_json::Value>(&value)
+        .ok()
+        .and_then(|v| v["acked"].as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn chat_round_trip_with_receipts_after_store() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let stored: Arc<Mutex<Vec<(String, u64, Vec<u8>)>>> = Arc::default();
+    let serving = business.clone();
+    let log = stored.clone();
+    tokio::spawn(async move {
+        let pusher = serving.clone();
+        let _ = serving
+            .serve_uplinks("tether-biz", move |uplink| {
+                let (log, pusher) = (log.clone(), pusher.clone());
+                async move {
+                    log.lock().expect("lock").push((
+                        uplink.did.clone(),
+                        uplink.msg_id,
+                        uplink.body.to_vec(),
+                    ));
+                    let to = Push::to_uids(["u-bob1"], uplink.body.clone());
+                    match pusher.push(to).await {
+                        Ok(_) => Stored::stored(Some(format!("m{}", uplink.msg_id))),
+                        Err(error) => Stored::error(ErrorCode::Unavailable, error.to_string()),
+                    }
+                }
+            })
+            .await;
+    });
+    // bob1's two devices share the uid u-bob1 when their token says so.
+    let (b1, mut b1_events) = device(&fixture, fixture.tcp, "bob1").await;
+    let mut b2_config = tether_client::ClientConfig::new(
+        vec![tether_client::Endpoint::tcp(fixture.tcp)],
+        APP,
+        "bob1-tablet",
+        fixture
+            .signer
+            .issue(APP, "u-bob1", "bob1-tablet", Duration::from_secs(3600))?,
+    );
+    b2_config.reconnect.min = Duration::from_millis(50);
+    let (_b2, mut b2_events) = tether_client::Client::connect(b2_config).await?;
+    let (alice, _alice_events) = device(&fixture, fixture.tcp, "alice").await;
+    // Both of bob's devices are known to state before alice writes.
+    eventually("bob's devices indexed", async || {
+        let js = async_nats::jetstream::new(fixture.nats_client.clone());
+        let Ok(kv) = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await else {
+            return false;
+        };
+        let Ok(Some(value)) = kv.get(tether_nats::keys::user(APP, "u-bob1")).await else {
+            return false;
+        };
+        serde_json::from_slice::<Vec<String>>(&value)
+            .map(|d| d.len() == 2)
+            .unwrap_or(false)
+    })
+    .await;
+
+    let ack = alice.send(Bytes::from_static(b"hello bob")).await?;
+    assert_eq!(ack.server_msg_id, format!("m{}", ack.client_msg_id));
+    assert_eq!(
+        stored.lock().expect("lock").len(),
+        1,
+        "UP_ACK came after the business stored it"
+    );
+    assert_eq!(
+        next_message(&mut b1_events).await,
+        (1, b"hello bob".to_vec())
+    );
+    assert_eq!(
+        next_message(&mut b2_events).await,
+        (1, b"hello bob".to_vec())
+    );
+    // Their acks clear the in-flight set and move the cursors.
+    eventually("bob1 acked", async || {
+        cursor_acked(&fixture, "bob1").await == 1
+    })
+    .await;
+    eventually("bob1-tablet acked", async || {
+        cursor_acked(&fixture, "bob1-tablet").await == 1
+    })
+    .await;
+    drop(b1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn thousand_qos1_messages_survive_three_connection_losses() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let proxy = Proxy::start(fixture.tcp).await;
+    let (_client, mut events) = device(&fixture, proxy.addr, "d1").await;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let pushing = tokio::spawn(async move {
+        for i in 1..=1000u32 {
+            business
+                .push(Push::to_dids(["d1"], i.to_string().into_bytes()))
+                .await
+                .expect("push accepted");
+        }
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 1000 {
+        let (seq, body) = next_message(&mut events).await;
+        assert_eq!(body, seq.to_string().into_bytes());
+        seen.push(seq);
+        if [250, 500, 750].contains(&seen.len()) {
+            proxy.cut();
+        }
+    }
+    pushing.await?;
+    assert_eq!(
+        seen,
+        (1..=1000).collect::<Vec<u64>>(),
+        "each message once, in order"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn messages_pushed_while_offline_arrive_in_order_at_login() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    for i in 1..=5u64 {
+        let reply = business
+            .push(Push::to_dids(["later"], format!("m{i}").into_bytes()))
+            .await?;
+        assert_eq!(reply.accepted.len(), 1);
+        assert_eq!(reply.accepted[0].seq, i);
+    }
+    let (_client, mut events) = device(&fixture, fixture.tcp, "later").await;
+    for i in 1..=5u64 {
+        assert_eq!(
+            next_message(&mut events).await,
+            (i, format!("m{i}").into_bytes())
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn uplink_without_business_times_out_and_without_right_is_refused() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let (client, _events) = device(&fixture, fixture.tcp, "lonely").await;
+    match client.send(Bytes::from_static(b"anyone?")).await {
+        Err(ClientError::Rejected(code, _)) => assert_eq!(code, ErrorCode::Timeout),
+        Err(ClientError::Timeout) => {}
+        other => panic!("expected a timeout, never a false stored: {other:?}"),
+    }
+    // A receive-only token: UP is refused with forbidden.
+    let mut claims = tether_auth::Claims::new(
+        APP,
+        "u-ro",
+        "ro",
+        tether_auth::unix_now(),
+        Duration::from_secs(600),
+    );
+    claims.rights = claims.rights.without(tether_auth::Right::Up);
+    let config = tether_client::ClientConfig::new(
+        vec![tether_client::Endpoint::tcp(fixture.tcp)],
+        APP,
+        "ro",
+        fixture.signer.sign(&claims)?,
+    );
+    let (readonly, _events) = tether_client::Client::connect(config).await?;
+    match readonly.send(Bytes::from_static(b"not allowed")).await {
+        Err(ClientError::Rejected(code, _)) => assert_eq!(code, ErrorCode::Forbidden),
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    // A push with an invalid target is refused with bad_request.
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let refused = business
+        .push(Push::to_dids(["not.valid"], Bytes::from_static(b"x")))
+        .await;
+    assert!(refused.is_err(), "invalid did refused: {refused:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn restarted_state_rebuilds_routes_and_keeps_delivering() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let first = CancellationToken::new();
+    let state = start_state(&fixture, first.clone()).await;
+    let (_client, mut events) = device(&fixture, fixture.tcp, "steady").await;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    business
+        .push(Push::to_dids(["steady"], Bytes::from_static(b"before")))
+        .await?;
+    assert_eq!(next_message(&mut events).await, (1, b"before".to_vec()));
+    first.cancel();
+    state.wait().await;
+    let _again = start_state(&fixture, CancellationToken::new()).await;
+    business
+        .push(Push::to_dids(["steady"], Bytes::from_static(b"after")))
+        .await?;
+    assert_eq!(next_message(&mut events).await, (2, b"after".to_vec()));
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! A whole stack for state tests: nats-server, gateway, state instance(s), device SDK
+//! clients (optionally through a cuttable TCP proxy), business SDK.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tether_client::{Client, ClientConfig, Endpoint, Event};
+use tether_state::{RunningState, StateConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{APP, Fixture, WAIT};
+
+/// State settings that make tests fast: short leases, quick retransmission.
+pub fn fast_state(nats_url: &str) -> StateConfig {
+    StateConfig {
+        nats_url: nats_url.to_string(),
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        lease_ttl_ms: 1_000,
+        retransmit_ms: 500,
+        reconnect_window_ms: 1_000,
+        business_timeout_ms: 1_000,
+        business_retries: 1,
+        ..Default::default()
+    }
+}
+
+/// Starts a state instance; it stops when `stop` fires.
+pub async fn start_state(fixture: &Fixture, stop: CancellationToken) -> RunningState {
+    tether_state::start(fast_state(&fixture.nats.client_url()), stop)
+        .await
+        .expect("state starts")
+}
+
+/// A device SDK client of `did` (user `u-<did>`).
+pub async fn device(
+    fixture: &Fixture,
+    endpoint: SocketAddr,
+    did: &str,
+) -> (Client, mpsc::Receiver<Event>) {
+    let mut config = ClientConfig::new(vec![Endpoint::tcp(endpoint)], APP, did, fixture.token(did));
+    config.reconnect.min = Duration::from_millis(50);
+    config.reconnect.max = Duration::from_millis(500);
+    let (client, mut events) = Client::connect(config).await.expect("device connects");
+    match tokio::time::timeout(WAIT, events.recv()).await {
+        Ok(Some(Event::Connected { .. })) => {}
+        other => panic!("expected Connected, got {other:?}"),
+    }
+    (client, events)
+}
+
+/// The next message event's `(seq, body)`, skipping connection events.
+pub async fn next_message(events: &mut mpsc::Receiver<Event>) -> (u64, Vec<u8>) {
+    loop {
+        match tokio::time::timeout(WAIT, events.recv()).await {
+            Ok(Some(Event::Message { seq, body, .. })) => return (seq, body.to_vec()),
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("client stopped"),
+            Err(_) => panic!("no message within {WAIT:?}"),
+        }
+    }
+}
+
+/// A TCP proxy in front of the gateway whose connections can be cut, as a network would.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    live: Arc<Mutex<Vec<CancellationToken>>>,
+}
+
+impl Proxy {
+    /// Proxies to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let live: Arc<Mutex<Vec<CancellationToken>>> = Arc::default();
+        let tracked = live.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let cut = CancellationToken::new();
+                tracked.lock().expect("lock").push(cut.clone());
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, live }
+    }
+
+    /// Drops every connection through the proxy.
+    pub fn cut(&self) {
+        for token in self.live.lock().expect("lock").drain(..) {
+            token.cancel();
+        }
+    }
+}
