@@ -237,3 +237,82 @@ async fn restarted_state_rebuilds_routes_and_keeps_delivering() -> TestResult {
     assert_eq!(next_message(&mut events).await, (2, b"after".to_vec()));
     Ok(())
 }
+
+#[tokio::test]
+async fn presence_online_offline_without_flapping_on_quick_reconnects() -> TestResult {
+    use futures::StreamExt;
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let mut presence = fixture
+        .nats_client
+        .subscribe(tether_nats::subjects::presence(APP))
+        .await?;
+    fixture.nats_client.flush().await?;
+    let proxy = Proxy::start(fixture.tcp).await;
+    let (client, mut events) = device(&fixture, proxy.addr, "flappy").await;
+    let next = async |presence: &mut async_nats::Subscriber| -> serde_json::Value {
+        let message = tokio::time::timeout(WAIT, presence.next())
+            .await
+            .expect("presence in time")
+            .expect("message");
+        serde_json::from_slice(&message.payload).expect("json")
+    };
+    let online = next(&mut presence).await;
+    assert_eq!(
+        (online["did"].as_str(), online["online"].as_bool()),
+        (Some("flappy"), Some(true))
+    );
+    assert_eq!(online["uid"], "u-flappy");
+    // A cut and an automatic reconnect inside the window: no offline, no second online.
+    proxy.cut();
+    loop {
+        match tokio::time::timeout(WAIT, events.recv()).await? {
+            Some(tether_client::Event::Connected { .. }) => break,
+            Some(_) => continue,
+            None => panic!("client stopped"),
+        }
+    }
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), presence.next()).await;
+    assert!(
+        quiet.is_err(),
+        "no presence change for a quick reconnect: {quiet:?}"
+    );
+    // Leaving for good: offline once the reconnect window (1 s here) has passed.
+    client.close().await;
+    let offline = next(&mut presence).await;
+    assert_eq!(
+        (offline["did"].as_str(), offline["online"].as_bool()),
+        (Some("flappy"), Some(false))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn apps_are_isolated_a_push_never_reaches_another_apps_device() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let (_client, mut events) = device(&fixture, fixture.tcp, "shared-name").await;
+    // Another app pushes to a device id that exists in app "demo": it lands in the other
+    // app's namespace only.
+    let other = Business::new(fixture.nats_client.clone(), "other-app");
+    other
+        .push(Push::to_dids(
+            ["shared-name"],
+            Bytes::from_static(b"wrong app"),
+        ))
+        .await?;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    business
+        .push(Push::to_dids(
+            ["shared-name"],
+            Bytes::from_static(b"right app"),
+        ))
+        .await?;
+    assert_eq!(next_message(&mut events).await, (1, b"right app".to_vec()));
+    let nothing = tokio::time::timeout(Duration::from_millis(700), events.recv()).await;
+    assert!(
+        !matches!(nothing, Ok(Some(tether_client::Event::Message { .. }))),
+        "got {nothing:?}"
+    );
+    Ok(())
+}
