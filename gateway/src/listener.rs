@@ -97,7 +97,7 @@ async fn open(
             Err(_) => return,
         }
     }
-    driver::run(ctx, stream, transport, is_tls, remote.to_string(), input).await;
+    driver::run(ctx, stream, transport, is_tls, remote, input).await;
 }
 
 /// Reads and answers the HTTP upgrade; leaves any bytes after it in `input`.

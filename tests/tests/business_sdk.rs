@@ -158,11 +158,10 @@ async fn sdk_serves_uplinks() -> TestResult {
 #[tokio::test]
 async fn sdk_pushes_and_reads_presence() -> TestResult {
     let node = harness::single()?;
-    let nats = tether_nats::connect(&node.client_url(), "biz-test-state").await?;
-    let biz = Business::new(
-        tether_nats::connect(&node.client_url(), "biz-test-service").await?,
-        APP,
-    );
+    let nats = tether_nats::connect(&node.client_url(), "biz-test").await?;
+    // One connection for both roles: the server handles a connection's SUB before its
+    // later PUBs, so no push or presence event can race ahead of the test's subscriptions.
+    let biz = Business::new(nats.clone(), APP);
     let mut pushes = nats.subscribe(subjects::push(APP)).await?;
     nats.flush().await?;
 
@@ -239,7 +238,6 @@ async fn sdk_pushes_and_reads_presence() -> TestResult {
 
     // Presence: what state publishes comes out as typed events.
     let mut presence = biz.presence().await?;
-    biz.client().flush().await?;
     nats.publish(subjects::presence(APP), Bytes::from_static(b"not json"))
         .await?;
     nats.publish(

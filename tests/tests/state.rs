@@ -13,6 +13,9 @@ use tether_client::ClientError;
 use tether_schemas::ErrorCode;
 use tokio_util::sync::CancellationToken;
 
+/// What the test's business service stored: (did, client msg id, body).
+type StoredUplink = (String, u64, Vec<u8>);
+
 /// Waits until `check` holds, polling.
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -44,7 +47,7 @@ async fn chat_round_trip_with_receipts_after_store() -> TestResult {
     let fixture = Fixture::start(|_| {}).await;
     let _state = start_state(&fixture, CancellationToken::new()).await;
     let business = Business::new(fixture.nats_client.clone(), APP);
-    let stored: Arc<Mutex<Vec<(String, u64, Vec<u8>)>>> = Arc::default();
+    let stored: Arc<Mutex<Vec<StoredUplink>>> = Arc::default();
     let serving = business.clone();
     let log = stored.clone();
     tokio::spawn(async move {

@@ -25,14 +25,14 @@ pub async fn run(
     stream: Stream,
     transport: Transport,
     tls: bool,
-    remote: String,
+    remote: std::net::SocketAddr,
     input: BytesMut,
 ) {
     let shared = Arc::new(ConnShared::new(ctx.next_conn_id(), ctx.clock.now()));
     ctx.timers.track(&shared);
     ctx.metrics.connections.inc();
     let span =
-        tracing::info_span!("conn", conn = shared.id, %remote, transport = transport.as_str());
+        tracing::debug_span!("conn", conn = shared.id, %remote, transport = transport.as_str());
     let burst = ctx
         .config
         .max_frames_per_sec
@@ -411,6 +411,7 @@ impl Driver {
         let Some(identity) = self.shared.identity() else {
             return;
         };
+        let remote = self.state.remote.to_string();
         let event = ConnEvent {
             kind,
             app: &identity.app,
@@ -419,7 +420,7 @@ impl Driver {
             gw: &self.ctx.config.id,
             region: &self.ctx.config.region,
             conn: self.shared.id,
-            remote: &self.state.remote,
+            remote: &remote,
             resume_seq: (kind == "conn.up").then_some(self.state.resume_seq),
             reason,
             at_ms: tether_auth::unix_now_ms(),

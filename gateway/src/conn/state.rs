@@ -34,7 +34,7 @@ pub struct ConnState {
     /// Whether TLS is used.
     pub tls: bool,
     /// Peer address.
-    pub remote: String,
+    pub remote: std::net::SocketAddr,
     /// Highest cumulative DOWN_ACK seen from the client.
     pub acked_seq: u64,
     /// Resume point the client sent at LOGIN.
