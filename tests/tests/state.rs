@@ -319,3 +319,58 @@ async fn apps_are_isolated_a_push_never_reaches_another_apps_device() -> TestRes
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn chat_through_the_python_business_service() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let _service = support::python::PythonService::start(&fixture.nats.client_url()).await?;
+    // Bob has two devices (one user id), Alice one.
+    let bob_device = |did: &'static str| {
+        let mut config = tether_client::ClientConfig::new(
+            vec![tether_client::Endpoint::tcp(fixture.tcp)],
+            APP,
+            did,
+            fixture
+                .signer
+                .issue(APP, "bob", did, Duration::from_secs(3600))
+                .expect("token"),
+        );
+        config.reconnect.min = Duration::from_millis(50);
+        tether_client::Client::connect(config)
+    };
+    let (_phone, mut phone_events) = bob_device("bob-phone").await?;
+    let (_laptop, mut laptop_events) = bob_device("bob-laptop").await?;
+    let (alice, _alice_events) = device(&fixture, fixture.tcp, "alice").await;
+    eventually("bob's devices indexed", async || {
+        let js = async_nats::jetstream::new(fixture.nats_client.clone());
+        let Ok(kv) = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await else {
+            return false;
+        };
+        let Ok(Some(value)) = kv.get(tether_nats::keys::user(APP, "bob")).await else {
+            return false;
+        };
+        serde_json::from_slice::<Vec<String>>(&value)
+            .map(|d| d.len() == 2)
+            .unwrap_or(false)
+    })
+    .await;
+
+    let ack = alice
+        .send(Bytes::from_static(br#"{"to_uid":"bob","text":"hi bob"}"#))
+        .await?;
+    assert!(ack.client_msg_id > 0);
+    for events in [&mut phone_events, &mut laptop_events] {
+        let (seq, body) = next_message(events).await;
+        assert_eq!(seq, 1);
+        let json: serde_json::Value = serde_json::from_slice(&body)?;
+        assert_eq!(json["from_uid"], "u-alice");
+        assert_eq!(json["text"], "hi bob");
+    }
+    eventually("bob's devices acked", async || {
+        cursor_acked(&fixture, "bob-phone").await == 1
+            && cursor_acked(&fixture, "bob-laptop").await == 1
+    })
+    .await;
+    Ok(())
+}

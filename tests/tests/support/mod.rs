@@ -331,4 +331,5 @@ pub async fn read_stream(
     found
 }
 
+pub mod python;
 pub mod stack;
