@@ -16,32 +16,22 @@ use tether_schemas::ErrorCode;
 /// The first six are the shared names from [`tether_nats::subjects::headers`], re-exported
 /// so that a business service needs one import; the rest exist only on business subjects.
 pub mod headers {
-    pub use tether_nats::subjects::headers::{APP, CONN, DID, GATEWAY, SESSION, UID};
-
     /// Uplink requests: the UP's `client_msg_id`, decimal u64. Business services dedupe on
     /// (app, did, this).
-    pub const MSG_ID: &str = "Tether-Msg-Id";
-    /// Pushes: `0` (best effort, online devices only) or `1` (stored, resent until acked).
-    /// Absent means `1`.
-    pub const QOS: &str = "Tether-Qos";
-    /// Pushes: `Tether-Meta-<name>: <value>` becomes `DOWN.meta[<name lowercased>]`.
-    pub const META_PREFIX: &str = "Tether-Meta-";
+    pub use tether_nats::subjects::headers::MSG_ID_CLIENT as MSG_ID;
+    pub use tether_nats::subjects::headers::{
+        APP, CONN, DID, GATEWAY, META_PREFIX, QOS, SESSION, UID,
+    };
 }
 
 /// Queue group the documentation suggests for uplink handlers (any name works).
 pub const DEFAULT_QUEUE_GROUP: &str = "tether-biz";
 
 /// Longest identifier (did, uid, session, meta name), in bytes.
-pub const MAX_ID_LEN: usize = 64;
-
+pub use tether_auth::MAX_ID_LEN;
 /// True when `s` is 1..=64 characters of `[A-Za-z0-9_-]`, the rule for every did, uid,
-/// session and meta name on the business API.
-pub fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_ID_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
+/// session and meta name on the business API (the same rule as in tokens).
+pub use tether_auth::valid_id;
 
 /// An error as carried in JSON: `{"code":"bad_request","message":"no target"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,8 +8,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tether_auth::TokenVerifier;
 use tether_schemas::ErrorCode;
-use tether_service::admin::{Health, nats_health};
-use tether_service::{AdminServer, Shutdown};
+use tether_service::{Shutdown, start_nats_role};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -33,9 +32,9 @@ pub enum GatewayError {
     /// TLS files could not be loaded.
     #[error("tls: {0}")]
     Tls(String),
-    /// NATS could not be reached or set up.
+    /// NATS could not be reached or set up, or the admin port not bound.
     #[error(transparent)]
-    Bus(#[from] tether_nats::BusError),
+    Role(#[from] tether_service::RoleError),
     /// A subscription failed.
     #[error("nats subscribe: {0}")]
     Subscribe(String),
@@ -88,17 +87,23 @@ pub async fn start(
     let verifier = TokenVerifier::from_file(&config.token_public_key)
         .map_err(|e| GatewayError::Key(e.to_string()))?;
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
-    let client =
-        tether_nats::connect(&config.nats_url, &format!("tether-gateway-{}", config.id)).await?;
-    let layout = tether_nats::BusLayout {
-        replicas: config.stream_replicas,
-        ..Default::default()
-    };
-    tether_nats::ensure_layout(&async_nats::jetstream::new(client.clone()), &layout).await?;
-
     let metrics = GatewayMetrics::default();
     let mut registry = MetricsRegistry::with_prefix("tether_gateway");
     metrics.register(&mut registry);
+    // Internal tasks (admin, downlink, timers) stop after the drain; accepting stops first.
+    let internal = Shutdown::new();
+    let accepting = Shutdown::new();
+    let role = start_nats_role(
+        "gateway",
+        &config.nats_url,
+        config.stream_replicas,
+        config.admin_listen,
+        registry,
+        axum::Router::new(),
+        internal.clone(),
+    )
+    .await?;
+    let (client, admin) = (role.client, role.admin);
     let bus = Bus::new(client.clone(), &config.id, metrics.clone());
     let ctx = Arc::new(GatewayCtx::new(config.clone(), verifier, bus, metrics));
 
@@ -113,9 +118,6 @@ pub async fn start(
     let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
     let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
 
-    // Internal tasks stop after the drain; accepting stops first.
-    let internal = Shutdown::new();
-    let accepting = Shutdown::new();
     downlink::run(ctx.clone(), internal.clone())
         .await
         .map_err(|e| GatewayError::Subscribe(e.to_string()))?;
@@ -135,27 +137,6 @@ pub async fn start(
             ));
         }
     }
-    let health_client = client.clone();
-    let health = Arc::new(move || {
-        let (ok, state) = nats_health(&health_client);
-        Health {
-            ok,
-            checks: vec![("nats".into(), state)],
-        }
-    });
-    let admin = AdminServer::start(
-        config.admin_listen,
-        "gateway",
-        Arc::new(registry),
-        health,
-        axum::Router::new(),
-        internal.clone(),
-    )
-    .await
-    .map_err(|error| GatewayError::Bind {
-        addr: config.admin_listen,
-        error,
-    })?;
     tracing::info!(gw = %config.id, tcp = ?tcp_addr, ws = ?ws_addr, admin = %admin.addr, "gateway started");
 
     let drain_ctx = ctx.clone();

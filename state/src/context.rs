@@ -8,7 +8,7 @@ use tether_nats::subjects::{self, headers};
 use crate::config::StateConfig;
 use crate::metrics::StateMetrics;
 use crate::store::Store;
-use crate::wire::PresenceEvent;
+use tether_business::wire::PresenceEvent;
 
 /// The shared context.
 pub struct StateCtx {

@@ -21,7 +21,8 @@ use tokio::time::Instant;
 use crate::context::StateCtx;
 use crate::store::{Cursor, InboxMessage, Route, seq_of};
 use crate::uplink::{self, UplinkDone};
-use crate::wire::{ConnEventIn, PresenceEvent};
+use crate::wire::ConnEventIn;
+use tether_business::wire::PresenceEvent;
 
 /// Messages resent or replayed for one device at once at most.
 const MAX_INFLIGHT: usize = 10_000;

@@ -12,7 +12,7 @@ use tether_nats::subjects::{self, headers};
 use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
 
 use crate::context::StateCtx;
-use crate::wire::UplinkReply;
+use tether_business::wire::UplinkReply;
 
 /// An UP_ACK to deliver to a device.
 #[derive(Debug)]
@@ -137,22 +137,15 @@ async fn ask_business(
 }
 
 fn interpret(payload: &[u8]) -> (ErrorCode, String, String) {
-    match serde_json::from_slice::<UplinkReply>(payload) {
-        Ok(reply) if reply.status == "stored" => {
-            (ErrorCode::Ok, String::new(), reply.id.unwrap_or_default())
-        }
-        Ok(reply) => {
-            let code = reply
-                .code
-                .as_deref()
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(ErrorCode::Rejected);
+    match UplinkReply::from_json(payload) {
+        Ok(UplinkReply::Stored { id }) => (ErrorCode::Ok, String::new(), id.unwrap_or_default()),
+        Ok(UplinkReply::Error { code, message }) => {
             let code = if code == ErrorCode::Ok {
                 ErrorCode::Rejected
             } else {
                 code
             };
-            (code, reply.message.unwrap_or_default(), String::new())
+            (code, message, String::new())
         }
         Err(error) => (
             ErrorCode::Internal,

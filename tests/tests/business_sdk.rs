@@ -5,27 +5,21 @@
 //! uplink requests on `tether.<app>.biz.up` and answering pushes on `tether.<app>.push`.
 //! Timeouts only guard against hangs.
 
-use std::path::PathBuf;
-use std::process::Stdio;
+mod support;
+
 use std::time::Duration;
 
 use async_nats::{HeaderMap, Message};
 use bytes::Bytes;
 use futures::StreamExt;
+use support::python::{PythonService, Res};
+use support::{APP, TestResult, WAIT};
 use tether_business::wire::headers;
 use tether_business::{Business, BusinessError, ErrorCode, Presence, Push, Stored, Uplink};
 use tether_nats::harness;
 use tether_nats::subjects;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
-
-type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-const APP: &str = "demo";
-const WAIT: Duration = Duration::from_secs(20);
 
 fn uplink_headers(uid: &str, did: &str, msg_id: u64, session: Option<&str>) -> HeaderMap {
     let mut map = HeaderMap::new();
@@ -263,61 +257,6 @@ async fn sdk_pushes_and_reads_presence() -> TestResult {
     Ok(())
 }
 
-/// The Python example service as a child process; killed when dropped.
-struct PythonService {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-}
-
-impl PythonService {
-    async fn start(nats_url: &str) -> Res<Self> {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let install = Command::new("bash")
-            .arg(root.join("examples/install.sh"))
-            .status()
-            .await?;
-        if !install.success() {
-            return Err(format!("examples/install.sh failed: {install}").into());
-        }
-        let mut child = Command::new(root.join(".tools/venv/bin/python"))
-            .arg(root.join("examples/chat_service.py"))
-            .args(["--nats", nats_url, "--app", APP])
-            .current_dir(&root)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                eprintln!("chat_service: {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut service = PythonService { child, lines };
-        service.expect("ready").await?;
-        Ok(service)
-    }
-
-    /// Waits for the next stdout line starting with `prefix` (earlier lines are skipped).
-    async fn expect(&mut self, prefix: &str) -> Res<String> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let line = tokio::time::timeout_at(deadline, self.lines.recv())
-                .await
-                .map_err(|_| format!("no {prefix:?} line from chat_service.py"))?
-                .ok_or_else(|| format!("chat_service.py exited before {prefix:?}"))?;
-            if line.starts_with(prefix) {
-                return Ok(line);
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn python_example_stores_idempotently_and_pushes() -> TestResult {
     let node = harness::single()?;
@@ -381,7 +320,7 @@ async fn python_example_stores_idempotently_and_pushes() -> TestResult {
 
     // SIGTERM: a clean exit.
     let pid = service.child.id().ok_or("child already gone")?;
-    let killed = Command::new("kill")
+    let killed = tokio::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
         .await?;

@@ -9,11 +9,13 @@ use tokio::sync::mpsc;
 
 use super::{APP, WAIT};
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+/// Result of the helpers here.
+pub type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// The running service; killed when dropped.
 pub struct PythonService {
-    _child: Child,
+    /// The process.
+    pub child: Child,
     lines: mpsc::UnboundedReceiver<String>,
 }
 
@@ -48,10 +50,7 @@ impl PythonService {
                 }
             }
         });
-        let mut service = PythonService {
-            _child: child,
-            lines,
-        };
+        let mut service = PythonService { child, lines };
         service.expect("ready").await?;
         Ok(service)
     }
