@@ -16,14 +16,15 @@ up: tools build
 build:
 	$(CARGO) build --release -p tether
 
-## The whole test suite: unit, end-to-end (real nats-server processes), doc tests.
+## The whole test suite: doc tests, unit, end-to-end (real nats-server processes).
+# Doc tests first, so the run ends with the main runner's summary line.
 test: tools
+	$(CARGO) test --workspace --doc
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
-	$(CARGO) test --workspace --doc
 
 ## Formatting and lints, as CI expects them.
 lint:

@@ -18,7 +18,7 @@ use crate::connect::BusError;
 use crate::server::{ClusterSpec, NatsServer, ServerSpec, free_port, locate_binary};
 
 const HOST: &str = "127.0.0.1";
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const START_ATTEMPTS: usize = 3;
 
 /// One JetStream node.

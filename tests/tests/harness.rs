@@ -47,14 +47,13 @@ async fn cluster_keeps_replicated_stream_when_a_node_dies() -> TestResult {
     let survivor_url = cluster.servers[1].client_url();
     let client = tether_nats::connect(&survivor_url, "test-after-kill").await?;
     let js = jetstream::new(client);
-    let mut stream = wait_for_stream(&js, "R3").await?;
-    let info = stream.info().await?;
+    // The survivors elect new leaders first; JetStream answers 503 meanwhile.
+    let (messages, last) = read_after_failover(&js, "R3", 50).await?;
     assert_eq!(
-        info.state.messages, 50,
+        messages, 50,
         "all acknowledged messages survive a node crash"
     );
-    let last = stream.get_raw_message(50).await?;
-    assert_eq!(&last.payload[..], b"49");
+    assert_eq!(&last[..], b"49");
     // The killed node comes back with its store and catches up.
     cluster.restart(0)?;
     Ok(())
@@ -94,22 +93,25 @@ async fn leaf_regions_carry_messages_between_regions() -> TestResult {
     Ok(())
 }
 
-async fn wait_for_stream(
+/// Reads a stream's message count and its message `seq`, retrying while the cluster
+/// recovers from a lost node (leader elections answer "temporarily unavailable").
+async fn read_after_failover(
     js: &jetstream::Context,
     name: &str,
-) -> Result<stream::Stream, async_nats::Error> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    seq: u64,
+) -> Result<(u64, bytes::Bytes), async_nats::Error> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let outcome = match js.get_stream(name).await {
-            Ok(mut stream) => match stream.info().await {
-                Ok(_) => return Ok(stream),
-                Err(error) => async_nats::Error::from(error),
-            },
-            Err(error) => error.into(),
+        let attempt = async {
+            let mut stream = js.get_stream(name).await?;
+            let messages = stream.info().await?.state.messages;
+            let message = stream.get_raw_message(seq).await?;
+            Ok::<_, async_nats::Error>((messages, message.payload))
         };
-        if tokio::time::Instant::now() > deadline {
-            return Err(outcome);
+        match attempt.await {
+            Ok(found) => return Ok(found),
+            Err(error) if tokio::time::Instant::now() > deadline => return Err(error),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
