@@ -30,8 +30,8 @@ pub async fn run(
     let bcast = client.subscribe(subjects::broadcast_all()).await?;
     // The server must know both subscriptions before the gateway accepts anyone, or the
     // first downlinks of its first clients would go nowhere.
-    if let Err(error) = client.flush().await {
-        tracing::warn!(%error, "flush after subscribing failed");
+    if let Err(error) = tether_nats::sync_with_server(&client).await {
+        tracing::warn!(%error, "cannot confirm the downlink subscriptions");
     }
     let mut messages = futures::stream::select(direct, bcast);
     tokio::spawn(async move {

@@ -68,3 +68,32 @@ fn log_event(name: &str, event: Event) {
         other => tracing::info!(client = name, event = %other, "nats event"),
     }
 }
+
+/// Waits until the server has processed everything `client` sent before (subscriptions in
+/// particular): the client sends itself a message and waits for it, which the server can
+/// only deliver after the commands that came before it on the same connection.
+///
+/// `Client::flush` only empties the client's write buffer; it does not prove the server
+/// has registered a subscription, so a message published right after by another
+/// connection can miss it.
+pub async fn sync_with_server(client: &Client) -> Result<(), BusError> {
+    use futures::StreamExt;
+    let fail = |reason: String| BusError::Connect {
+        url: "(connected)".into(),
+        reason,
+    };
+    let subject = client.new_inbox();
+    let mut probe = client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    client
+        .publish(subject, bytes::Bytes::new())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    client.flush().await.map_err(|e| fail(e.to_string()))?;
+    match tokio::time::timeout(Duration::from_secs(10), probe.next()).await {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(fail("no round trip to the server within 10 s".into())),
+    }
+}

@@ -17,5 +17,5 @@ pub mod layout;
 pub mod server;
 pub mod subjects;
 
-pub use connect::{BusError, connect};
+pub use connect::{BusError, connect, sync_with_server};
 pub use layout::{BusLayout, ensure_layout};

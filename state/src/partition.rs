@@ -133,6 +133,9 @@ impl Partition {
             .subscribe(subjects::ack_partition(p))
             .await
             .map_err(|e| e.to_string())?;
+        tether_nats::sync_with_server(&ctx.client)
+            .await
+            .map_err(|e| e.to_string())?;
         self.rebuild().await;
         tracing::info!(
             partition = p,

@@ -26,6 +26,10 @@ pub async fn serve(
         .client
         .queue_subscribe(format!("{}.*.push", subjects::PREFIX), QUEUE.into())
         .await?;
+    // Pushes sent right after start must find the subscription.
+    if let Err(error) = tether_nats::sync_with_server(&ctx.client).await {
+        tracing::warn!(%error, "cannot confirm the push subscription");
+    }
     tokio::spawn(async move {
         loop {
             tokio::select! {
