@@ -146,9 +146,37 @@ impl BusLayout {
     }
 }
 
-/// Creates or updates every stream and bucket of `layout`. Safe to call from every service
-/// at every start.
+/// Creates every stream and bucket of `layout` that is missing, leaving existing ones as
+/// they are. Every role calls this at start; the state service, which owns the settings,
+/// calls [`apply_layout`] to bring existing streams to its configured settings.
 pub async fn ensure_layout(js: &jetstream::Context, layout: &BusLayout) -> Result<(), BusError> {
+    for config in layout.streams() {
+        let name = config.name.clone();
+        js.get_or_create_stream(config)
+            .await
+            .map_err(|e| BusError::Layout {
+                what: name,
+                reason: e.to_string(),
+            })?;
+    }
+    for config in layout.buckets() {
+        if js.get_key_value(config.bucket.clone()).await.is_ok() {
+            continue;
+        }
+        let name = config.bucket.clone();
+        js.create_key_value(config)
+            .await
+            .map_err(|e| BusError::Layout {
+                what: name,
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+/// Creates or updates every stream and bucket of `layout` to its settings (retention,
+/// limits, replicas). Idempotent.
+pub async fn apply_layout(js: &jetstream::Context, layout: &BusLayout) -> Result<(), BusError> {
     for config in layout.streams() {
         let name = config.name.clone();
         js.create_or_update_stream(config)

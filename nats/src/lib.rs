@@ -18,4 +18,4 @@ pub mod server;
 pub mod subjects;
 
 pub use connect::{BusError, connect, sync_with_server};
-pub use layout::{BusLayout, ensure_layout};
+pub use layout::{BusLayout, apply_layout, ensure_layout};

@@ -28,6 +28,10 @@ pub struct StateConfig {
     pub reconnect_window_ms: u64,
     /// Uplinks processed at once per partition.
     pub uplink_concurrency: usize,
+    /// How long QoS1 messages stay in a device's inbox for resume (seconds).
+    pub inbox_max_age_secs: u64,
+    /// QoS1 messages kept per device inbox (older ones are dropped first).
+    pub inbox_max_per_device: i64,
 }
 
 impl Default for StateConfig {
@@ -43,6 +47,8 @@ impl Default for StateConfig {
             retransmit_ms: 5_000,
             reconnect_window_ms: 60_000,
             uplink_concurrency: 64,
+            inbox_max_age_secs: 24 * 3600,
+            inbox_max_per_device: 10_000,
         }
     }
 }
@@ -55,6 +61,9 @@ impl StateConfig {
         }
         if self.retransmit_ms == 0 || self.business_timeout_ms == 0 {
             return Err("retransmit_ms and business_timeout_ms must be positive".into());
+        }
+        if self.inbox_max_age_secs == 0 || self.inbox_max_per_device <= 0 {
+            return Err("inbox_max_age_secs and inbox_max_per_device must be positive".into());
         }
         if self.uplink_concurrency == 0 {
             return Err("uplink_concurrency must be positive".into());

@@ -89,6 +89,16 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
     )
     .await?;
     let js = async_nats::jetstream::new(role.client.clone());
+    // State owns the stream settings: bring them to this instance's configuration.
+    let layout = tether_nats::BusLayout {
+        replicas: config.stream_replicas,
+        inbox_max_age: Duration::from_secs(config.inbox_max_age_secs),
+        inbox_max_per_device: config.inbox_max_per_device,
+        ..Default::default()
+    };
+    tether_nats::apply_layout(&js, &layout)
+        .await
+        .map_err(|e| StateError::Bus(e.to_string()))?;
     let store = store::Store::open(js.clone())
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;

@@ -374,3 +374,34 @@ async fn chat_through_the_python_business_service() -> TestResult {
     .await;
     Ok(())
 }
+
+#[tokio::test]
+async fn inbox_retention_follows_the_state_configuration() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let mut config = support::stack::fast_state(&fixture.nats.client_url());
+    config.inbox_max_per_device = 3;
+    config.inbox_max_age_secs = 600;
+    let _state = tether_state::start(config, CancellationToken::new()).await?;
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    let mut inbox = js.get_stream(tether_nats::layout::INBOX_STREAM).await?;
+    let settings = inbox.info().await?.config.clone();
+    assert_eq!(settings.max_messages_per_subject, 3);
+    assert_eq!(settings.max_age, Duration::from_secs(600));
+    // Only the newest three stay for a device that never comes online.
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    for i in 1..=5u64 {
+        let reply = business
+            .push(Push::to_dids(["away"], format!("m{i}").into_bytes()))
+            .await?;
+        assert_eq!(
+            reply.accepted[0].seq, i,
+            "sequences keep counting past the retention limit"
+        );
+    }
+    assert_eq!(
+        inbox.info().await?.state.messages,
+        3,
+        "only this device's newest three remain"
+    );
+    Ok(())
+}
