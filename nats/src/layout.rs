@@ -150,50 +150,47 @@ impl BusLayout {
 /// they are. Every role calls this at start; the state service, which owns the settings,
 /// calls [`apply_layout`] to bring existing streams to its configured settings.
 pub async fn ensure_layout(js: &jetstream::Context, layout: &BusLayout) -> Result<(), BusError> {
-    for config in layout.streams() {
-        let name = config.name.clone();
-        js.get_or_create_stream(config)
-            .await
-            .map_err(|e| BusError::Layout {
-                what: name,
-                reason: e.to_string(),
-            })?;
-    }
-    for config in layout.buckets() {
-        if js.get_key_value(config.bucket.clone()).await.is_ok() {
-            continue;
-        }
-        let name = config.bucket.clone();
-        js.create_key_value(config)
-            .await
-            .map_err(|e| BusError::Layout {
-                what: name,
-                reason: e.to_string(),
-            })?;
-    }
-    Ok(())
+    converge(js, layout, false).await
 }
 
 /// Creates or updates every stream and bucket of `layout` to its settings (retention,
 /// limits, replicas). Idempotent.
 pub async fn apply_layout(js: &jetstream::Context, layout: &BusLayout) -> Result<(), BusError> {
+    converge(js, layout, true).await
+}
+
+async fn converge(
+    js: &jetstream::Context,
+    layout: &BusLayout,
+    update: bool,
+) -> Result<(), BusError> {
+    let failed = |what: String| {
+        move |e: &dyn std::fmt::Display| BusError::Layout {
+            what,
+            reason: e.to_string(),
+        }
+    };
     for config in layout.streams() {
-        let name = config.name.clone();
-        js.create_or_update_stream(config)
-            .await
-            .map_err(|e| BusError::Layout {
-                what: name,
-                reason: e.to_string(),
-            })?;
+        let fail = failed(config.name.clone());
+        if update {
+            js.create_or_update_stream(config)
+                .await
+                .map_err(|e| fail(&e))?;
+        } else {
+            js.get_or_create_stream(config)
+                .await
+                .map_err(|e| fail(&e))?;
+        }
     }
     for config in layout.buckets() {
-        let name = config.bucket.clone();
-        js.create_or_update_key_value(config)
-            .await
-            .map_err(|e| BusError::Layout {
-                what: name,
-                reason: e.to_string(),
-            })?;
+        let fail = failed(config.bucket.clone());
+        if update {
+            js.create_or_update_key_value(config)
+                .await
+                .map_err(|e| fail(&e))?;
+        } else if js.get_key_value(config.bucket.clone()).await.is_err() {
+            js.create_key_value(config).await.map_err(|e| fail(&e))?;
+        }
     }
     Ok(())
 }

@@ -376,35 +376,16 @@ impl Driver {
             Some(_) => frames.iter().map(|f| ws_binary_header(f.len())).collect(),
             None => Vec::new(),
         };
-        match tokio::time::timeout(timeout, self.stream.write_frames(frames, &headers)).await {
-            Ok(Ok(bytes)) => {
-                self.ctx.metrics.frames_out.inc_by(frames.len() as u64);
-                self.ctx.metrics.bytes_out.inc_by(bytes as u64);
-                Ok(())
-            }
-            Ok(Err(error)) => Err(CloseReason::silent(
-                ErrorCode::Ok,
-                format!("write failed: {error}"),
-            )),
-            Err(_) => Err(CloseReason::silent(
-                ErrorCode::SlowConsumer,
-                "write timed out",
-            )),
-        }
+        let bytes = written(
+            tokio::time::timeout(timeout, self.stream.write_frames(frames, &headers)).await,
+        )?;
+        self.ctx.metrics.frames_out.inc_by(frames.len() as u64);
+        self.ctx.metrics.bytes_out.inc_by(bytes as u64);
+        Ok(())
     }
 
     async fn write_raw(&mut self, bytes: &[u8]) -> Handled {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(CloseReason::silent(
-                ErrorCode::Ok,
-                format!("write failed: {error}"),
-            )),
-            Err(_) => Err(CloseReason::silent(
-                ErrorCode::SlowConsumer,
-                "write timed out",
-            )),
-        }
+        written(tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(bytes)).await)
     }
 
     async fn event(&self, kind: &'static str, reason: Option<&str>) {
@@ -473,6 +454,24 @@ fn ws_binary_header(len: usize) -> Bytes {
     let mut header = [0u8; 10];
     let n = ws::encode_frame_header(ws::opcode::BINARY, len, &mut header);
     Bytes::copy_from_slice(&header[..n])
+}
+
+/// The close reason of a failed or timed-out write (a write that takes too long means the
+/// client does not read: `slow_consumer`).
+fn written<T>(
+    result: Result<std::io::Result<T>, tokio::time::error::Elapsed>,
+) -> Result<T, CloseReason> {
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(CloseReason::silent(
+            ErrorCode::Ok,
+            format!("write failed: {error}"),
+        )),
+        Err(_) => Err(CloseReason::silent(
+            ErrorCode::SlowConsumer,
+            "write timed out",
+        )),
+    }
 }
 
 fn frame_error(error: &FrameError) -> CloseReason {
