@@ -1,49 +1,83 @@
-//! ipconfig: connection discovery, gateway scoring and tokens (DESIGN.md section 1).
+//! ipconfig: connection discovery, gateway scoring and tokens (DESIGN.md flow 1,
+//! PROTOCOL.md section 12).
 //!
-//! Today the role connects to NATS, makes sure the streams and buckets exist, and serves
-//! `/healthz` and `/metrics`; its behaviour is built on this start by its own issue.
+//! Gateways put heartbeats into the `tether_gateways` bucket; ipconfig follows them and
+//! the `tether_apps` bucket in memory and answers `GET /v1/endpoints`: a device presents a
+//! credential signed by its app's backend and gets at most 8 ranked endpoints and a
+//! short-lived gateway token. Instances share nothing but NATS, so run as many as needed.
+//!
+//! Layout:
+//! - [`config`]: the one configuration struct.
+//! - [`api`]: the HTTP handler, answers and error JSON.
+//! - [`credential`]: client credentials (HS256 / EdDSA JWTs) and their checks.
+//! - [`apps`]: app records, the app table and the `tether app` operations.
+//! - [`gateways`]: live gateways from their heartbeats.
+//! - [`score`]: eligibility, score and order of gateways for one request.
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod api;
+pub mod apps;
+pub mod config;
+pub mod credential;
+pub mod gateways;
+pub mod metrics;
+pub mod score;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
+use tether_auth::TokenSigner;
 use tether_service::{NatsRole, RoleError, Shutdown, start_nats_role};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
-/// Configuration of `tether ipconfig` (TOML file, `TETHER_IPCONFIG_<FIELD>`, flags).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct IpconfigConfig {
-    /// NATS server URL(s), comma separated.
-    pub nats_url: String,
-    /// Admin HTTP listener: `/healthz`, `/metrics`.
-    pub admin_listen: SocketAddr,
-    /// Replicas of the streams and buckets created if missing (3 on a cluster).
-    pub stream_replicas: usize,
-}
+pub use apps::{AppAdmin, AppRecord, AppTable};
+pub use config::IpconfigConfig;
+pub use credential::{CredentialClaims, sign_hs256};
 
-impl Default for IpconfigConfig {
-    fn default() -> Self {
-        Self {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7420)),
-            stream_replicas: 1,
-        }
-    }
+/// Why ipconfig could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IpconfigError {
+    /// The configuration is invalid.
+    #[error("invalid ipconfig configuration: {0}")]
+    Config(String),
+    /// The token signing key could not be read.
+    #[error("token signing key: {0}")]
+    Key(String),
+    /// NATS could not be reached or set up, or the admin port not bound.
+    #[error(transparent)]
+    Role(#[from] RoleError),
+    /// A KV bucket could not be opened or read.
+    #[error("{0}")]
+    Bucket(String),
+    /// The public listener could not be bound.
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        error: std::io::Error,
+    },
 }
 
 /// A running ipconfig role.
 pub struct RunningIpconfig {
-    /// Bound admin address.
+    /// Bound admin address (`/healthz`, `/metrics`).
     pub admin_addr: SocketAddr,
+    /// Bound public address (`GET /v1/endpoints`).
+    pub http_addr: SocketAddr,
     role: NatsRole,
+    http: JoinHandle<()>,
 }
 
 impl RunningIpconfig {
     /// Waits until the role has stopped (after its shutdown signal).
     pub async fn wait(self) {
+        let _ = self.http.await;
         let _ = self.role.admin.task.await;
-        let _ =
-            tokio::time::timeout(std::time::Duration::from_secs(2), self.role.client.flush()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.role.client.flush()).await;
     }
 }
 
@@ -51,8 +85,13 @@ impl RunningIpconfig {
 pub async fn start(
     config: IpconfigConfig,
     shutdown: Shutdown,
-) -> Result<RunningIpconfig, RoleError> {
-    let registry = Registry::with_prefix("tether_ipconfig");
+) -> Result<RunningIpconfig, IpconfigError> {
+    config.validate().map_err(IpconfigError::Config)?;
+    let signer =
+        TokenSigner::from_file(&config.token_key).map_err(|e| IpconfigError::Key(e.to_string()))?;
+    let metrics = metrics::IpconfigMetrics::default();
+    let mut registry = Registry::with_prefix("tether_ipconfig");
+    metrics.register(&mut registry);
     let role = start_nats_role(
         "ipconfig",
         &config.nats_url,
@@ -60,12 +99,86 @@ pub async fn start(
         config.admin_listen,
         registry,
         axum::Router::new(),
-        shutdown,
+        shutdown.clone(),
     )
     .await?;
-    tracing::info!(admin = %role.admin.addr, "ipconfig started");
+
+    let js = async_nats::jetstream::new(role.client.clone());
+    let bucket = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            js.get_key_value(name)
+                .await
+                .map_err(|e| IpconfigError::Bucket(format!("{name}: {e}")))
+        }
+    };
+    let apps = AppTable::new(&config.apps);
+    apps.follow(
+        bucket(tether_nats::layout::APPS_BUCKET).await?,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| IpconfigError::Bucket(e.to_string()))?;
+    let gateways = gateways::GatewayTable::new(Duration::from_millis(config.stale_after_ms));
+    gateways.follow(
+        bucket(tether_nats::layout::GATEWAYS_BUCKET).await?,
+        shutdown.clone(),
+    );
+    spawn_gauges(&metrics, &apps, &gateways, shutdown.clone());
+
+    let listener = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|error| IpconfigError::Bind {
+            addr: config.http_listen,
+            error,
+        })?;
+    let http_addr = listener.local_addr().map_err(|error| IpconfigError::Bind {
+        addr: config.http_listen,
+        error,
+    })?;
+    let app = api::router(api::ApiState {
+        config: Arc::new(config),
+        apps,
+        gateways,
+        signer,
+        metrics,
+    });
+    let stopped = shutdown.clone();
+    let http = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stopped.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "ipconfig http server failed");
+        }
+    });
+    tracing::info!(admin = %role.admin.addr, http = %http_addr, "ipconfig started");
     Ok(RunningIpconfig {
         admin_addr: role.admin.addr,
+        http_addr,
         role,
+        http,
     })
+}
+
+/// Keeps the `gateways_seen` and `apps` gauges current.
+fn spawn_gauges(
+    metrics: &metrics::IpconfigMetrics,
+    apps: &AppTable,
+    gateways: &gateways::GatewayTable,
+    shutdown: Shutdown,
+) {
+    let (metrics, apps, gateways) = (metrics.clone(), apps.clone(), gateways.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    metrics.gateways_seen.set(i64::try_from(gateways.live_count()).unwrap_or(i64::MAX));
+                    metrics.apps.set(i64::try_from(apps.len()).unwrap_or(i64::MAX));
+                }
+            }
+        }
+    });
 }

@@ -4,6 +4,7 @@
 //! - [`subjects`]: every subject name and header name (no subject literals elsewhere).
 //! - [`keys`]: key names in the KV buckets.
 //! - [`layout`]: JetStream streams and KV buckets with their settings, created idempotently.
+//! - [`discovery`]: the gateway heartbeat record that ipconfig ranks gateways by.
 //! - [`connect`]: how services connect (names, reconnect logging, timeouts).
 //! - [`server`]: running a real `nats-server` process (locating the pinned binary, config,
 //!   readiness, stop/restart); used by `tether up` and by the test harness.
@@ -11,6 +12,7 @@
 //!   3-node cluster, a hub with two leaf-node regions (each its own JetStream domain).
 
 pub mod connect;
+pub mod discovery;
 pub mod harness;
 pub mod keys;
 pub mod layout;

@@ -1,0 +1,284 @@
+//! The public HTTP API: `GET /v1/endpoints` (PROTOCOL.md section 12).
+//!
+//! One request: take the credential from `Authorization: Bearer`, find its app, verify
+//! it, rank the live gateways for the app's pool and the requester's region, sign a
+//! gateway token, answer. Every refusal is a JSON error with a code from the shared
+//! code table; nothing here blocks or touches NATS, so answers come from memory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use tether_auth::{Claims, TokenSigner};
+use tether_schemas::ErrorCode;
+
+use crate::apps::AppTable;
+use crate::config::IpconfigConfig;
+use crate::credential::{self, CredentialError};
+use crate::gateways::GatewayTable;
+use crate::metrics::IpconfigMetrics;
+use crate::score::{self, Policy, Want};
+
+/// Header that names the requester's region when the query does not.
+pub const REGION_HEADER: &str = "x-tether-region";
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The role's configuration.
+    pub config: Arc<IpconfigConfig>,
+    /// Known apps.
+    pub apps: AppTable,
+    /// Live gateways.
+    pub gateways: GatewayTable,
+    /// Signs gateway tokens.
+    pub signer: TokenSigner,
+    /// Metrics.
+    pub metrics: IpconfigMetrics,
+}
+
+/// Query parameters of `GET /v1/endpoints`.
+#[derive(Debug, Default, Deserialize)]
+pub struct EndpointsQuery {
+    /// Requester's region (overrides the `X-Tether-Region` header).
+    pub region: Option<String>,
+    /// App the client expects; when given it must match the credential's.
+    pub app: Option<String>,
+}
+
+/// One offered gateway.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointInfo {
+    /// Gateway id.
+    pub gw: String,
+    /// Its region.
+    pub region: String,
+    /// Raw TCP endpoint `host:port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+    /// WebSocket URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws: Option<String>,
+    /// Its score for this request (higher is better).
+    pub score: f64,
+    /// Present and true only for a draining gateway offered last.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}
+
+/// The answer of `GET /v1/endpoints`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointsAnswer {
+    /// App id (from the credential).
+    pub app: String,
+    /// User id.
+    pub uid: String,
+    /// Device id.
+    pub did: String,
+    /// The region the ranking preferred (empty = none).
+    pub region: String,
+    /// Gateways, best first, at most 8.
+    pub endpoints: Vec<EndpointInfo>,
+    /// Gateway token for LOGIN at any of them.
+    pub token: String,
+    /// The token's expiry, unix seconds.
+    pub token_exp: u64,
+}
+
+/// An error answer: `{"error":{"code":"bad_token","message":"..."}}` with the code's
+/// HTTP status.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiError {
+    /// Code name from the shared table.
+    pub code: ErrorCode,
+    /// Lowercase human-readable reason.
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<CredentialError> for ApiError {
+    fn from(error: CredentialError) -> ApiError {
+        ApiError::new(error.code(), error.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(serde_json::json!({ "error": self }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// The public router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/endpoints", get(endpoints))
+        .with_state(state)
+}
+
+async fn endpoints(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<Query<EndpointsQuery>, QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = match query {
+        Ok(Query(query)) => answer(&state, &headers, &query),
+        Err(rejection) => Err(ApiError::new(ErrorCode::BadRequest, rejection.body_text())),
+    };
+    let response = match result {
+        Ok(answer) => {
+            state.metrics.tokens_issued.inc();
+            let mut response = Json(answer).into_response();
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+        Err(error) => {
+            state
+                .metrics
+                .errors
+                .get_or_create(&[("code", error.code.as_str())])
+                .inc();
+            tracing::debug!(code = %error.code.as_str(), message = %error.message, "endpoint request refused");
+            error.into_response()
+        }
+    };
+    let class = match response.status().as_u16() {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    state
+        .metrics
+        .requests
+        .get_or_create(&[("status", class)])
+        .inc();
+    state
+        .metrics
+        .latency
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The credential from `Authorization: Bearer <jwt>`.
+fn bearer(headers: &HeaderMap) -> Result<&str, CredentialError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(CredentialError::Missing)?
+        .to_str()
+        .map_err(|_| CredentialError::Malformed("authorization header is not ascii"))?;
+    let (scheme, credential) = value.split_once(' ').ok_or(CredentialError::Malformed(
+        "expected authorization: bearer <jwt>",
+    ))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(CredentialError::Malformed(
+            "expected authorization: bearer <jwt>",
+        ));
+    }
+    Ok(credential.trim())
+}
+
+fn answer(
+    state: &ApiState,
+    headers: &HeaderMap,
+    query: &EndpointsQuery,
+) -> Result<EndpointsAnswer, ApiError> {
+    let unverified = credential::parse(bearer(headers)?)?;
+    let app = state
+        .apps
+        .get(&unverified.claims.app)
+        .ok_or(CredentialError::UnknownApp)?;
+    let now = tether_auth::unix_now();
+    let claims = unverified.verify(&app, now, state.config.credential_leeway_secs)?;
+    if query.app.as_deref().is_some_and(|a| a != claims.app) {
+        return Err(CredentialError::WrongApp.into());
+    }
+
+    let region = query
+        .region
+        .clone()
+        .or_else(|| {
+            headers
+                .get(REGION_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| state.config.default_region.clone());
+    let want = Want {
+        region: Some(region.as_str()).filter(|r| !r.is_empty()),
+        pool: app.dedicated_pool(),
+    };
+    let policy = Policy {
+        offer_draining: state.config.offer_draining,
+        tie_band: state.config.tie_band,
+        max: state.config.max_endpoints,
+    };
+    let endpoints: Vec<EndpointInfo> = state.gateways.with_live(|live| {
+        score::rank(live, &want, &policy, &mut rand::thread_rng())
+            .into_iter()
+            .map(|r| EndpointInfo {
+                gw: r.gateway.id.clone(),
+                region: r.gateway.region.clone(),
+                tcp: r.gateway.endpoints.tcp.clone(),
+                ws: r.gateway.endpoints.ws.clone(),
+                score: (r.score * 1000.0).round() / 1000.0,
+                draining: r.gateway.draining,
+            })
+            .collect()
+    });
+    if endpoints.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "no gateway available for this app",
+        ));
+    }
+
+    let ttl = match app.token_ttl_secs {
+        0 => state.config.token_ttl_secs,
+        ttl => ttl,
+    };
+    let token_claims = Claims::new(
+        claims.app.clone(),
+        claims.uid.clone(),
+        claims.did.clone(),
+        now,
+        Duration::from_secs(ttl),
+    );
+    let token = state.signer.sign(&token_claims).map_err(|error| {
+        tracing::error!(%error, "cannot sign a gateway token");
+        ApiError::new(ErrorCode::Internal, "cannot sign a token")
+    })?;
+    Ok(EndpointsAnswer {
+        app: claims.app,
+        uid: claims.uid,
+        did: claims.did,
+        region,
+        endpoints,
+        token,
+        token_exp: token_claims.exp,
+    })
+}

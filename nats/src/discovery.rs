@@ -1,0 +1,95 @@
+//! The gateway heartbeat: the JSON value a gateway keeps under its id in the
+//! [`GATEWAYS_BUCKET`](crate::layout::GATEWAYS_BUCKET) KV bucket, and that ipconfig reads to
+//! rank gateways (DESIGN.md flow 1, PROTOCOL.md section 12).
+//!
+//! A gateway puts a fresh record every few seconds; the bucket's TTL removes the record of
+//! a gateway that stopped putting, and a gateway that stops cleanly deletes its record.
+//! App records live in [`APPS_BUCKET`](crate::layout::APPS_BUCKET) under [`app_key`].
+
+use serde::{Deserialize, Serialize};
+
+/// A gateway's heartbeat key in `tether_gateways`: the gateway id itself.
+pub fn gateway_key(id: &str) -> String {
+    id.to_string()
+}
+
+/// An app's record key in `tether_apps`: `app.<app>` (JSON app record, see ipconfig).
+pub fn app_key(app: &str) -> String {
+    format!("app.{app}")
+}
+
+/// Every app record (for a watch): `app.>`.
+pub const APP_KEYS: &str = "app.>";
+
+/// Where clients reach a gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertisedEndpoints {
+    /// Raw TCP endpoint, `host:port`; absent when the gateway has no TCP listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+    /// WebSocket URL, `ws://host:port/ws` (or `wss://`); absent without a WebSocket listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ws: Option<String>,
+}
+
+/// One gateway's live figures, as JSON in `tether_gateways` under the gateway id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GatewayHeartbeat {
+    /// Gateway id (also the KV key).
+    pub id: String,
+    /// Tether version of the gateway binary.
+    pub version: String,
+    /// Region the gateway serves.
+    pub region: String,
+    /// Dedicated pools the gateway belongs to; empty means the shared pool.
+    pub pools: Vec<String>,
+    /// Where clients connect.
+    pub endpoints: AdvertisedEndpoints,
+    /// Open client connections.
+    pub connections: u64,
+    /// Connections the gateway accepts at most.
+    pub capacity: u64,
+    /// CPU used by the gateway process, as a share of the whole machine (0.0 to 1.0).
+    pub cpu: f64,
+    /// Resident memory of the gateway process, in bytes.
+    pub mem_bytes: u64,
+    /// Uplink messages per second from clients (over the last interval).
+    pub msgs_in_per_sec: f64,
+    /// Frames per second written to clients (over the last interval).
+    pub msgs_out_per_sec: f64,
+    /// True while the gateway drains: it must not be offered to new clients.
+    pub draining: bool,
+    /// When the gateway started, unix milliseconds.
+    pub started_ms: u64,
+    /// When this record was written, unix milliseconds (informational: readers judge
+    /// freshness by when they received it, so clocks need not agree).
+    pub at_ms: u64,
+    /// Milliseconds between heartbeats.
+    pub interval_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_defaults() -> Result<(), serde_json::Error> {
+        let hb = GatewayHeartbeat {
+            id: "gw1".into(),
+            endpoints: AdvertisedEndpoints {
+                tcp: Some("127.0.0.1:7400".into()),
+                ws: None,
+            },
+            capacity: 10,
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&hb)?;
+        assert!(json.contains(r#""endpoints":{"tcp":"127.0.0.1:7400"}"#));
+        assert_eq!(serde_json::from_str::<GatewayHeartbeat>(&json)?, hb);
+        let minimal: GatewayHeartbeat = serde_json::from_str(r#"{"id":"x","future":1}"#)?;
+        assert_eq!(minimal.id, "x");
+        assert!(!minimal.draining);
+        Ok(())
+    }
+}
