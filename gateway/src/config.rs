@@ -28,8 +28,21 @@ pub struct GatewayConfig {
     pub nats_url: String,
     /// Replicas of the streams and buckets this gateway creates if missing (3 on a cluster).
     pub stream_replicas: usize,
-    /// Region this gateway serves (reported in events and heartbeats).
+    /// Region this gateway serves (reported in events and heartbeats; ipconfig prefers
+    /// gateways in the requester's region).
     pub region: String,
+    /// Dedicated gateway pools this gateway belongs to (ipconfig offers it only to apps of
+    /// these pools); empty means the shared pool.
+    pub pools: Vec<String>,
+    /// Connections ipconfig may fill this gateway up to; 0 means `max_connections`.
+    pub capacity: usize,
+    /// TCP endpoint advertised to clients (`host:port`); default: the bound TCP address.
+    pub advertise_tcp: Option<String>,
+    /// WebSocket URL advertised to clients; default: `ws://<bound ws address>/ws`.
+    pub advertise_ws: Option<String>,
+    /// Milliseconds between discovery heartbeats into the `tether_gateways` bucket (keep
+    /// well below the bucket's 15 s TTL).
+    pub heartbeat_interval_ms: u64,
     /// Raw TCP listener for clients; `None` disables it.
     pub tcp_listen: Option<SocketAddr>,
     /// WebSocket listener (path `/ws`); `None` disables it.
@@ -71,6 +84,11 @@ impl Default for GatewayConfig {
             nats_url: "nats://127.0.0.1:4222".into(),
             stream_replicas: 1,
             region: "local".into(),
+            pools: Vec::new(),
+            capacity: 0,
+            advertise_tcp: None,
+            advertise_ws: None,
+            heartbeat_interval_ms: 2_000,
             tcp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
             ws_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7402)),
@@ -92,6 +110,14 @@ impl Default for GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// Connections ipconfig may fill this gateway up to (`capacity`, else `max_connections`).
+    pub fn capacity(&self) -> usize {
+        match self.capacity {
+            0 => self.max_connections,
+            n => n.min(self.max_connections),
+        }
+    }
+
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), String> {
         if !tether_auth::valid_id(&self.id) {
@@ -117,6 +143,14 @@ impl GatewayConfig {
         }
         if self.max_queued_frames == 0 {
             return Err("max_queued_frames must be positive".into());
+        }
+        if let Some(pool) = self.pools.iter().find(|p| !tether_auth::valid_id(p)) {
+            return Err(format!(
+                "pool {pool:?} must be 1-64 characters of [A-Za-z0-9_-]"
+            ));
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return Err("heartbeat_interval_ms must be positive".into());
         }
         if let Some(app) = self.apps.iter().find(|a| !tether_auth::valid_id(a)) {
             return Err(format!(

@@ -10,6 +10,7 @@
 //! - [`timers`]: the one timer wheel for login and idle deadlines.
 //! - [`bus`]: what the gateway writes to NATS (uplink, acks, events).
 //! - [`downlink`]: what it receives from NATS and delivers.
+//! - [`heartbeat`]: live figures into the `tether_gateways` bucket for ipconfig; drain flag.
 //! - [`ws`]: the WebSocket server codec (RFC 6455), pure and allocation-free when idle.
 //! - [`tls`]: rustls acceptor from PEM files.
 //! - [`metrics`]: Prometheus metrics.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod conn;
 pub mod context;
 pub mod downlink;
+pub mod heartbeat;
 pub mod listener;
 pub mod metrics;
 pub mod registry;

@@ -93,13 +93,14 @@ pub async fn start(
     // Internal tasks (admin, downlink, timers) stop after the drain; accepting stops first.
     let internal = Shutdown::new();
     let accepting = Shutdown::new();
+    let heartbeat = crate::heartbeat::Heartbeat::new(&config);
     let role = start_nats_role(
         "gateway",
         &config.nats_url,
         config.stream_replicas,
         config.admin_listen,
         registry,
-        axum::Router::new(),
+        crate::heartbeat::router(heartbeat.clone()),
         internal.clone(),
     )
     .await?;
@@ -137,6 +138,13 @@ pub async fn start(
             ));
         }
     }
+    let beat = heartbeat.spawn(
+        ctx.clone(),
+        tcp_addr,
+        ws_addr,
+        shutdown.clone(),
+        internal.clone(),
+    );
     tracing::info!(gw = %config.id, tcp = ?tcp_addr, ws = ?ws_addr, admin = %admin.addr, "gateway started");
 
     let drain_ctx = ctx.clone();
@@ -145,6 +153,7 @@ pub async fn start(
         accepting.cancel();
         drain(&drain_ctx).await;
         internal.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), beat).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
         let _ = admin.task.await;
         tracing::info!(gw = %drain_ctx.config.id, "gateway stopped");
