@@ -11,7 +11,10 @@
 //! - **pushes**: [`Business::push`] (request, with a [`PushReply`]) and
 //!   [`Business::push_nowait`] (publish) send a [`Push`] on `tether.<app>.push`.
 //! - **presence**: [`Business::presence`] streams [`Presence`] events from
-//!   `tether.<app>.presence`.
+//!   `tether.<app>.presence`; [`Business::memberships`] streams the joined/left
+//!   [`MembershipEvent`]s sent on the same subject.
+//! - **sessions**: [`Business::sessions`] binds, unbinds and replaces devices' sessions
+//!   and marks rooms recoverable, on `tether.<app>.session`.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,6 +38,7 @@
 //!
 //! The JSON shapes and header codecs live in [`wire`], shared with the state service.
 
+pub mod session;
 pub mod wire;
 
 use std::future::Future;
@@ -47,6 +51,7 @@ use tether_nats::subjects;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+pub use session::{MembershipChange, MembershipEvent, SessionOp, SessionReply, SessionRequest};
 pub use tether_schemas::ErrorCode;
 pub use wire::{
     Accepted, PresenceEvent as Presence, Push, PushReply, Uplink, UplinkReply as Stored,
@@ -198,8 +203,33 @@ impl Business {
         Ok(())
     }
 
-    /// Presence events of the app (every subscriber gets every event). Malformed events
-    /// are logged and skipped. The stream ends when the connection closes.
+    /// Sends a session request (bind, unbind, replace, configure) and waits for state's
+    /// answer: the change is in the event log once this returns `Ok`; gateways apply it
+    /// moments later.
+    pub async fn sessions(&self, request: SessionRequest) -> Result<SessionReply, BusinessError> {
+        request.validate()?;
+        let reply = self
+            .client
+            .request(subjects::session(&self.app), request.to_json())
+            .await?;
+        match session::SessionReplyWire::from_json(&reply.payload)? {
+            session::SessionReplyWire::Ok(reply) => Ok(reply),
+            session::SessionReplyWire::Error { error } => Err(error.into()),
+        }
+    }
+
+    /// Membership events (joined/left) of the app, for apps whose state configuration
+    /// turns them on (`membership_events`). The stream ends when the connection closes.
+    pub async fn memberships(
+        &self,
+    ) -> Result<impl Stream<Item = MembershipEvent> + Send + Unpin + 'static, BusinessError> {
+        let subscriber = self.client.subscribe(subjects::presence(&self.app)).await?;
+        Ok(subscriber
+            .filter_map(|message| future::ready(MembershipEvent::from_json(&message.payload).ok())))
+    }
+
+    /// Presence events of the app (every subscriber gets every event). Membership events
+    /// on the same subject are skipped; other malformed events are logged and skipped. The stream ends when the connection closes.
     pub async fn presence(
         &self,
     ) -> Result<impl Stream<Item = Presence> + Send + Unpin + 'static, BusinessError> {
@@ -226,6 +256,7 @@ fn presence_stream(
     subscriber.filter_map(|message| {
         future::ready(match Presence::from_json(&message.payload) {
             Ok(event) => Some(event),
+            Err(_) if MembershipEvent::from_json(&message.payload).is_ok() => None,
             Err(error) => {
                 warn!(%error, "malformed presence event; skipped");
                 None

@@ -261,6 +261,23 @@ impl Push {
         self
     }
 
+    /// A push of `body` to every member of a session (no `Tether-Did`/`Tether-Uid`
+    /// header): state delivers it per member (small sessions) or as one broadcast that
+    /// every gateway fans out to its local members (sessions above the app's threshold,
+    /// and recoverable rooms). QoS1 by default; large sessions are delivered QoS0, and
+    /// recoverable rooms through the room stream (section 11.5).
+    pub fn to_session(session: impl Into<String>, body: impl Into<Bytes>) -> Self {
+        Push {
+            session: Some(session.into()),
+            ..Push::to_dids(Vec::<String>::new(), body)
+        }
+    }
+
+    /// Whether the session itself is the target (no dids and no uids).
+    pub fn is_session_push(&self) -> bool {
+        self.dids.is_empty() && self.uids.is_empty() && self.session.is_some()
+    }
+
     /// Sets `DOWN.session`.
     pub fn session(mut self, session: impl Into<String>) -> Self {
         self.session = Some(session.into());
@@ -273,10 +290,11 @@ impl Push {
         self
     }
 
-    /// Checks the rules of section 11.2: at least one target, every did/uid/session a
-    /// valid id, meta names valid ids, meta values without CR/LF.
+    /// Checks the rules of section 11.2: at least one target (dids, uids, or a session
+    /// alone), every did/uid/session a valid id, meta names valid ids, meta values without
+    /// CR/LF.
     pub fn validate(&self) -> Result<(), WireError> {
-        if self.dids.is_empty() && self.uids.is_empty() {
+        if self.dids.is_empty() && self.uids.is_empty() && self.session.is_none() {
             return Err(WireError::bad_request("no target"));
         }
         for did in &self.dids {
@@ -391,6 +409,17 @@ pub struct PushReply {
     /// QoS0 only: targets not connected right now (the message was dropped for them).
     #[serde(default)]
     pub offline: Vec<String>,
+    /// How it was delivered: `direct` (per device, through each device's gateway),
+    /// `broadcast` (one message every gateway fans out to its local targets) or `room`
+    /// (stored in a recoverable room, then fanned out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Session pushes: the session's member count when the push was handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<usize>,
+    /// Recoverable rooms: the broadcast's room sequence (`DOWN.room_seq`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_seq: Option<u64>,
 }
 
 /// One accepted target of a push.
@@ -562,6 +591,7 @@ mod tests {
                 seq: 12,
             }],
             offline: vec!["d9".into()],
+            ..Default::default()
         });
         let json = ok.to_json();
         assert_eq!(

@@ -38,6 +38,9 @@ pub struct ConnEvent<'a> {
     /// Close reason (`conn.down` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'a str>,
+    /// Sessions the token joins (`conn.up` only; state binds them).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub sessions: &'a [String],
     /// Unix milliseconds.
     pub at_ms: u64,
 }
@@ -66,6 +69,11 @@ impl Bus {
     /// The NATS client.
     pub fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    /// JetStream (room recovery reads the room stream through it).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
     }
 
     fn identity_headers(&self, id: &Identity, conn: u64) -> HeaderMap {

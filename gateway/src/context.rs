@@ -9,6 +9,7 @@ use crate::bus::Bus;
 use crate::config::GatewayConfig;
 use crate::metrics::GatewayMetrics;
 use crate::registry::Registry;
+use crate::sessions::Sessions;
 use crate::timers::{Clock, Timers};
 
 /// The gateway's shared context.
@@ -19,6 +20,8 @@ pub struct GatewayCtx {
     pub verifier: TokenVerifier,
     /// Logged-in connections by device.
     pub registry: Registry,
+    /// Session → local members.
+    pub sessions: Sessions,
     /// Login and idle deadlines.
     pub timers: Arc<Timers>,
     /// The gateway's second clock.
@@ -51,6 +54,7 @@ impl GatewayCtx {
             config,
             verifier,
             registry: Registry::default(),
+            sessions: Sessions::default(),
             timers,
             clock,
             bus,

@@ -1,11 +1,13 @@
 //! Downlink: frames from NATS to local connections.
 //!
-//! Two subscriptions: this gateway's own subject `tether.gw.<id>.down` (state addresses
-//! devices it knows are here) and `tether.*.bcast` (app-wide broadcasts). Each message
-//! carries one complete client frame as its payload, encoded once and shared by every
-//! connection it is written to; `Tether-Did` headers (repeatable, or comma separated)
-//! name the target devices; `Tether-App` names the app on the gateway subject. A broadcast
-//! without `Tether-Did` goes to every local connection of the app.
+//! Three subscriptions: this gateway's own subject `tether.gw.<id>.down` (state addresses
+//! devices it knows are here), `tether.*.bcast` (broadcasts) and `tether.*.room.*`
+//! (recoverable room broadcasts, as stored in the room stream). Each message carries one
+//! complete client frame as its payload, encoded once and shared by every connection it
+//! is written to; `Tether-Did` headers (repeatable, or comma separated) name the target
+//! devices; `Tether-App` names the app on the gateway subject. A broadcast with
+//! `Tether-Session` goes to the local members of that session (only those named by
+//! `Tether-Did`, if present); one with neither goes to every local connection of the app.
 
 use std::sync::Arc;
 
@@ -28,12 +30,13 @@ pub async fn run(
         .subscribe(subjects::gateway_down(&ctx.config.id))
         .await?;
     let bcast = client.subscribe(subjects::broadcast_all()).await?;
+    let rooms = client.subscribe(subjects::room_all()).await?;
     // The server must know both subscriptions before the gateway accepts anyone, or the
     // first downlinks of its first clients would go nowhere.
     if let Err(error) = tether_nats::sync_with_server(&client).await {
         tracing::warn!(%error, "cannot confirm the downlink subscriptions");
     }
-    let mut messages = futures::stream::select(direct, bcast);
+    let mut messages = futures::stream::select(futures::stream::select(direct, bcast), rooms);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -90,6 +93,26 @@ pub fn deliver(ctx: &GatewayCtx, message: &Message) {
         })
         .unwrap_or_default();
     let is_broadcast = message.subject.ends_with(".bcast");
+    if let Some(session) = room_of(&message.subject) {
+        let room_seq = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::SEQ))
+            .and_then(|v| v.as_str().parse().ok())
+            .unwrap_or(0);
+        deliver_to_session(ctx, app, session, frame, room_seq, &dids);
+        return;
+    }
+    let session = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::SESSION))
+        .map(|v| v.as_str())
+        .filter(|s| !s.is_empty());
+    if let (true, Some(session)) = (is_broadcast, session) {
+        deliver_to_session(ctx, app, session, frame, 0, &dids);
+        return;
+    }
     let targets = if dids.is_empty() && is_broadcast {
         ctx.registry.app_connections(app)
     } else {
@@ -121,5 +144,59 @@ pub fn deliver(ctx: &GatewayCtx, message: &Message) {
             }
             Enqueued::Closing => {}
         }
+    }
+}
+
+/// The session of a room subject `tether.<app>.room.<session>`.
+fn room_of(subject: &str) -> Option<&str> {
+    let mut tokens = subject.split('.');
+    match (
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+    ) {
+        (Some(subjects::PREFIX), Some(_), Some("room"), Some(session), None) => Some(session),
+        _ => None,
+    }
+}
+
+/// A session broadcast: one lookup, one queue push per local member.
+fn deliver_to_session(
+    ctx: &GatewayCtx,
+    app: &str,
+    session: &str,
+    frame: &bytes::Bytes,
+    room_seq: u64,
+    dids: &[&str],
+) {
+    let only: Option<std::collections::HashSet<&str>> =
+        (!dids.is_empty()).then(|| dids.iter().copied().collect());
+    let delivered = ctx.sessions.deliver(
+        app,
+        session,
+        frame,
+        room_seq,
+        only.as_ref(),
+        ctx.config.max_queued_frames,
+    );
+    let metrics = &ctx.metrics;
+    metrics.session_broadcasts.inc();
+    metrics.session_deliveries.inc_by(delivered.queued as u64);
+    metrics.downlink_delivered.inc_by(delivered.queued as u64);
+    metrics.dropped_qos0.inc_by(delivered.dropped as u64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::room_of;
+
+    #[test]
+    fn room_subjects_name_their_session() {
+        assert_eq!(room_of("tether.demo.room.r-1"), Some("r-1"));
+        assert_eq!(room_of("tether.demo.bcast"), None);
+        assert_eq!(room_of("tether.demo.room.r-1.x"), None);
+        assert_eq!(room_of("other.demo.room.r-1"), None);
     }
 }

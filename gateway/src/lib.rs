@@ -15,16 +15,20 @@
 //! - [`tls`]: rustls acceptor from PEM files.
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod admin;
 pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod context;
+pub mod control;
 pub mod downlink;
 pub mod heartbeat;
 pub mod listener;
 pub mod metrics;
 pub mod registry;
+pub mod rooms;
 pub mod server;
+pub mod sessions;
 pub mod timers;
 pub mod tls;
 pub mod ws;

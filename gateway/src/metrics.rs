@@ -48,6 +48,16 @@ pub struct GatewayMetrics {
     pub downlink_no_route: Counter,
     /// Malformed downlink messages dropped.
     pub downlink_invalid: Counter,
+    /// Session broadcasts received (one per broadcast, however many local members).
+    pub session_broadcasts: Counter,
+    /// Session broadcast frames queued to local members.
+    pub session_deliveries: Counter,
+    /// Session control messages (membership syncs from state) applied.
+    pub session_syncs: Counter,
+    /// Room recoveries by result (`complete`, `gap`, `current`, `empty`, `failed`).
+    pub room_recoveries: Family<Label, Counter>,
+    /// Room messages replayed to recovering devices.
+    pub room_replayed: Counter,
 }
 
 impl GatewayMetrics {
@@ -124,6 +134,31 @@ impl GatewayMetrics {
             "downlink_delivered",
             "downlink frames queued to clients",
             self.downlink_delivered.clone(),
+        );
+        registry.register(
+            "session_broadcasts",
+            "session broadcasts received",
+            self.session_broadcasts.clone(),
+        );
+        registry.register(
+            "session_deliveries",
+            "session broadcast frames queued to local members",
+            self.session_deliveries.clone(),
+        );
+        registry.register(
+            "session_syncs",
+            "membership syncs from state applied",
+            self.session_syncs.clone(),
+        );
+        registry.register(
+            "room_recoveries",
+            "room recoveries by result",
+            self.room_recoveries.clone(),
+        );
+        registry.register(
+            "room_replayed",
+            "room messages replayed to recovering devices",
+            self.room_replayed.clone(),
         );
         registry.register(
             "downlink_no_route",

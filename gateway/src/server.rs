@@ -18,7 +18,7 @@ use crate::config::GatewayConfig;
 use crate::conn::{CloseReason, Transport};
 use crate::context::GatewayCtx;
 use crate::metrics::GatewayMetrics;
-use crate::{downlink, listener, tls};
+use crate::{control, downlink, listener, tls};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,19 +94,21 @@ pub async fn start(
     let internal = Shutdown::new();
     let accepting = Shutdown::new();
     let heartbeat = crate::heartbeat::Heartbeat::new(&config);
+    let ctx_cell = crate::admin::CtxCell::default();
     let role = start_nats_role(
         "gateway",
         &config.nats_url,
         config.stream_replicas,
         config.admin_listen,
         registry,
-        crate::heartbeat::router(heartbeat.clone()),
+        crate::admin::router(ctx_cell.clone()).merge(crate::heartbeat::router(heartbeat.clone())),
         internal.clone(),
     )
     .await?;
     let (client, admin) = (role.client, role.admin);
     let bus = Bus::new(client.clone(), &config.id, metrics.clone());
     let ctx = Arc::new(GatewayCtx::new(config.clone(), verifier, bus, metrics));
+    let _ = ctx_cell.set(ctx.clone());
 
     let tcp = match config.tcp_listen {
         Some(addr) => Some(bind(addr).await?),
@@ -119,6 +121,9 @@ pub async fn start(
     let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
     let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
 
+    control::run(ctx.clone(), internal.clone())
+        .await
+        .map_err(|e| GatewayError::Subscribe(e.to_string()))?;
     downlink::run(ctx.clone(), internal.clone())
         .await
         .map_err(|e| GatewayError::Subscribe(e.to_string()))?;

@@ -1,4 +1,5 @@
-//! Key names in the KV buckets (`tether_routes` holds routes, user indexes and cursors).
+//! Key names in the KV buckets (`tether_routes` holds routes, user indexes and cursors;
+//! `tether_sessions` holds session memberships, the session index and room settings).
 //!
 //! Keys are dot-separated like subjects, so one partition's keys can be listed with a
 //! wildcard watch (`r.<partition>.>`).
@@ -24,3 +25,30 @@ pub fn user(app: &str, uid: &str) -> String {
 pub fn cursor(app: &str, did: &str) -> String {
     format!("c.{}.{app}.{did}", partition(did))
 }
+
+/// The sessions a device is bound to: `m.<partition>.<app>.<did>` → JSON membership
+/// (bucket `tether_sessions`, written by the device's partition owner).
+pub fn membership(app: &str, did: &str) -> String {
+    format!("m.{}.{app}.{did}", partition(did))
+}
+
+/// Every membership of one partition (for a watch): `m.<partition>.>`.
+pub fn memberships_of_partition(partition: u16) -> String {
+    format!("m.{partition}.>")
+}
+
+/// One entry of the session → devices index: `i.<app>.<session>.<did>` (value empty).
+pub fn session_member(app: &str, session: &str, did: &str) -> String {
+    format!("i.{app}.{session}.{did}")
+}
+
+/// The whole session index (for a watch): `i.>`.
+pub const SESSION_INDEX: &str = "i.>";
+
+/// Settings of one session (room): `s.<app>.<session>` → JSON (`{"recoverable":true}`).
+pub fn session_settings(app: &str, session: &str) -> String {
+    format!("s.{app}.{session}")
+}
+
+/// Every session's settings (for a watch): `s.>`.
+pub const SESSION_SETTINGS: &str = "s.>";

@@ -22,6 +22,9 @@ pub const ROOMS_STREAM: &str = "TETHER_ROOMS";
 pub const ROUTES_BUCKET: &str = "tether_routes";
 /// KV bucket: gateway heartbeats, expiring after [`BusLayout::gateway_ttl`].
 pub const GATEWAYS_BUCKET: &str = "tether_gateways";
+/// KV bucket: session memberships per device, the session → devices index and room
+/// settings.
+pub const SESSIONS_BUCKET: &str = "tether_sessions";
 /// KV bucket: app configuration and secrets.
 pub const APPS_BUCKET: &str = "tether_apps";
 
@@ -134,6 +137,11 @@ impl BusLayout {
                 description: "gateway heartbeats (expire after the TTL)".into(),
                 max_age: self.gateway_ttl,
                 storage: stream::StorageType::Memory,
+                ..base.clone()
+            },
+            kv::Config {
+                bucket: SESSIONS_BUCKET.into(),
+                description: "session memberships, session index, room settings".into(),
                 ..base.clone()
             },
             kv::Config {

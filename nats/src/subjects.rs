@@ -39,6 +39,13 @@ pub fn conn_events(app: &str, did: &str) -> String {
     format!("{PREFIX}.{app}.evt.conn.{}", partition(did))
 }
 
+/// Session binding events (`sess.bind`, `sess.unbind`, `sess.replace`) of a device's
+/// partition: `tether.<app>.evt.sess.<partition>` (stream EVENTS). The partition owner
+/// reads them in order with the device's connection events.
+pub fn session_events(app: &str, did: &str) -> String {
+    format!("{PREFIX}.{app}.evt.sess.{}", partition(did))
+}
+
 /// Events of one partition, every app and kind: `tether.*.evt.*.<partition>`.
 pub fn events_partition(partition: u16) -> String {
     format!("{PREFIX}.*.evt.*.{partition}")
@@ -62,6 +69,12 @@ pub fn ack_partition(partition: u16) -> String {
 /// Recoverable room broadcasts: `tether.<app>.room.<session>` (stream ROOMS).
 pub fn room(app: &str, session: &str) -> String {
     format!("{PREFIX}.{app}.room.{session}")
+}
+
+/// Recoverable room broadcasts of every app and room, as one wildcard subscription:
+/// `tether.*.room.*` (gateways receive every stored room message this way).
+pub fn room_all() -> String {
+    format!("{PREFIX}.*.room.*")
 }
 
 /// Downlink for one gateway: `tether.gw.<gw>.down` (core NATS).

@@ -1,5 +1,6 @@
 //! The state service's configuration.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,29 @@ pub struct StateConfig {
     pub inbox_max_age_secs: u64,
     /// QoS1 messages kept per device inbox (older ones are dropped first).
     pub inbox_max_per_device: i64,
+    /// How long recoverable room broadcasts are kept for recovery (seconds).
+    pub rooms_max_age_secs: u64,
+    /// Broadcasts kept per recoverable room (older ones are dropped first).
+    pub rooms_max_per_room: i64,
+    /// Session pushes to sessions with more members than this go out as one broadcast
+    /// that every gateway fans out (throughput first); smaller sessions get one downlink
+    /// per member's gateway (latency first, QoS1 possible). Per-app value in `apps`.
+    pub broadcast_threshold: usize,
+    /// Publish joined/left membership events on `tether.<app>.presence` (per-app value in
+    /// `apps`).
+    pub membership_events: bool,
+    /// Per-app pipeline settings, overriding the defaults above: `[apps.demo]`.
+    pub apps: BTreeMap<String, AppPipeline>,
+}
+
+/// Per-app overrides of the session pipeline (`[apps.<app>]` in the TOML file).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppPipeline {
+    /// Overrides [`StateConfig::broadcast_threshold`].
+    pub broadcast_threshold: Option<usize>,
+    /// Overrides [`StateConfig::membership_events`].
+    pub membership_events: Option<bool>,
 }
 
 impl Default for StateConfig {
@@ -49,11 +73,32 @@ impl Default for StateConfig {
             uplink_concurrency: 64,
             inbox_max_age_secs: 24 * 3600,
             inbox_max_per_device: 10_000,
+            rooms_max_age_secs: 3600,
+            rooms_max_per_room: 10_000,
+            broadcast_threshold: 100,
+            membership_events: false,
+            apps: BTreeMap::new(),
         }
     }
 }
 
 impl StateConfig {
+    /// The broadcast threshold of `app`.
+    pub fn broadcast_threshold(&self, app: &str) -> usize {
+        self.apps
+            .get(app)
+            .and_then(|a| a.broadcast_threshold)
+            .unwrap_or(self.broadcast_threshold)
+    }
+
+    /// Whether `app` gets membership events.
+    pub fn membership_events(&self, app: &str) -> bool {
+        self.apps
+            .get(app)
+            .and_then(|a| a.membership_events)
+            .unwrap_or(self.membership_events)
+    }
+
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), String> {
         if self.lease_ttl_ms < 300 {
@@ -64,6 +109,9 @@ impl StateConfig {
         }
         if self.inbox_max_age_secs == 0 || self.inbox_max_per_device <= 0 {
             return Err("inbox_max_age_secs and inbox_max_per_device must be positive".into());
+        }
+        if self.rooms_max_age_secs == 0 || self.rooms_max_per_room <= 0 {
+            return Err("rooms_max_age_secs and rooms_max_per_room must be positive".into());
         }
         if self.uplink_concurrency == 0 {
             return Err("uplink_concurrency must be positive".into());

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use tether_nats::subjects::{self, headers};
 
 use crate::config::StateConfig;
+use crate::index::SessionIndex;
 use crate::metrics::StateMetrics;
 use crate::store::Store;
 use tether_business::wire::PresenceEvent;
@@ -20,8 +21,10 @@ pub struct StateCtx {
     pub client: async_nats::Client,
     /// JetStream.
     pub js: jetstream::Context,
-    /// Routes, cursors, inboxes.
+    /// Routes, cursors, inboxes, memberships, rooms.
     pub store: Store,
+    /// The session → devices index and room settings (every instance holds all of it).
+    pub index: std::sync::Arc<SessionIndex>,
     /// Metrics.
     pub metrics: StateMetrics,
 }
@@ -40,6 +43,33 @@ impl StateCtx {
             .await
         {
             tracing::warn!(gw, app, %error, "downlink publish failed");
+        }
+        self.metrics.frames_sent.inc();
+    }
+
+    /// Publishes one frame on the app's broadcast subject: every gateway delivers it to
+    /// its local members of `session` (if given), restricted to `dids` (if any).
+    pub async fn broadcast_frame(
+        &self,
+        app: &str,
+        session: Option<&str>,
+        dids: &[&str],
+        frame: Bytes,
+    ) {
+        let mut map = HeaderMap::new();
+        map.insert(headers::APP, app);
+        if let Some(session) = session {
+            map.insert(headers::SESSION, session);
+        }
+        if !dids.is_empty() {
+            map.insert(headers::DID, dids.join(",").as_str());
+        }
+        if let Err(error) = self
+            .client
+            .publish_with_headers(subjects::broadcast(app), map, frame)
+            .await
+        {
+            tracing::warn!(app, %error, "broadcast publish failed");
         }
         self.metrics.frames_sent.inc();
     }

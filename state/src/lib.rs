@@ -7,16 +7,20 @@
 //! - [`partition`]: the owner of one partition — events, uplinks, inbox delivery, acks,
 //!   retransmission, recycling; rebuilt from streams and KV on takeover.
 //! - [`uplink`]: business requests with retries and UP_ACK receipts.
-//! - [`push`]: business pushes: QoS1 to inboxes with per-device sequences, QoS0 direct.
+//! - [`push`]: business pushes: QoS1 to inboxes with per-device sequences, QoS0 direct,
+//!   session pushes per member, as one broadcast, or through a recoverable room.
+//! - [`sessions`]: the session binding API; [`index`]: the session → devices index.
 //! - [`store`]: routes, user index, cursors (KV) and inboxes (stream).
 //! - [`wire`]: JSON bodies; [`context`]: shared handles; [`metrics`].
 
 pub mod config;
 pub mod context;
+pub mod index;
 pub mod leases;
 pub mod metrics;
 pub mod partition;
 pub mod push;
+pub mod sessions;
 pub mod store;
 pub mod uplink;
 pub mod wire;
@@ -94,6 +98,8 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         replicas: config.stream_replicas,
         inbox_max_age: Duration::from_secs(config.inbox_max_age_secs),
         inbox_max_per_device: config.inbox_max_per_device,
+        rooms_max_age: Duration::from_secs(config.rooms_max_age_secs),
+        rooms_max_per_room: config.rooms_max_per_room,
         ..Default::default()
     };
     tether_nats::apply_layout(&js, &layout)
@@ -102,15 +108,26 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
     let store = store::Store::open(js.clone())
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
+    let index = Arc::new(index::SessionIndex::default());
+    index::spawn_watchers(
+        store.sessions_bucket().clone(),
+        index.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
     let ctx = Arc::new(StateCtx {
         config: config.clone(),
         instance_id: instance_id.clone(),
         client: role.client.clone(),
         js: js.clone(),
         store,
+        index,
         metrics,
     });
     push::serve(ctx.clone(), shutdown.clone())
+        .await
+        .map_err(|e| StateError::Bus(e.to_string()))?;
+    sessions::serve(ctx.clone(), shutdown.clone())
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
     let lease_config = leases::LeaseConfig {

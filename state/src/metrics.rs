@@ -29,6 +29,14 @@ pub struct StateMetrics {
     pub acks: Counter,
     /// Presence notifications published.
     pub presence: Counter,
+    /// Session requests answered, by result (`ok`, `error`).
+    pub session_requests: Family<Label, Counter>,
+    /// Membership changes applied (one per device and event).
+    pub membership_changes: Counter,
+    /// Session pushes by delivery mode (`direct`, `broadcast`, `room`).
+    pub session_pushes: Family<Label, Counter>,
+    /// Session index entries held in memory (device-in-session pairs).
+    pub session_index: Gauge,
 }
 
 impl StateMetrics {
@@ -42,6 +50,26 @@ impl StateMetrics {
             self.uplinks.clone(),
         );
         registry.register("pushes", "pushes received", self.pushes.clone());
+        registry.register(
+            "session_requests",
+            "session requests by result",
+            self.session_requests.clone(),
+        );
+        registry.register(
+            "membership_changes",
+            "membership changes applied",
+            self.membership_changes.clone(),
+        );
+        registry.register(
+            "session_pushes",
+            "session pushes by delivery mode",
+            self.session_pushes.clone(),
+        );
+        registry.register(
+            "session_index",
+            "device-in-session pairs in the session index",
+            self.session_index.clone(),
+        );
         registry.register(
             "inbox_appended",
             "qos1 messages stored",

@@ -5,7 +5,7 @@
 //! retransmission timer of its devices. Everything it holds is rebuilt from the streams and
 //! KV when another instance takes the partition over.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,10 +19,19 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::context::StateCtx;
-use crate::store::{Cursor, InboxMessage, Route, seq_of};
+use crate::store::{Cursor, InboxMessage, Membership, Route, seq_of};
 use crate::uplink::{self, UplinkDone};
-use crate::wire::ConnEventIn;
+use crate::wire::{ConnEventIn, EventKind, GatewaySessions, SessionEvent};
+use tether_business::session::{MembershipChange, MembershipEvent};
 use tether_business::wire::PresenceEvent;
+
+/// How a membership changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Add,
+    Remove,
+    Replace,
+}
 
 /// Messages resent or replayed for one device at once at most.
 const MAX_INFLIGHT: usize = 10_000;
@@ -203,6 +212,25 @@ impl Partition {
             self.devices.insert((app.clone(), did.clone()), device);
             self.replay(&app, &did).await;
         }
+        // The previous owner may have died between writing a membership and telling the
+        // gateway: send every online device's sessions to its gateway again (idempotent).
+        match self
+            .ctx
+            .store
+            .memberships_of_partition(self.partition)
+            .await
+        {
+            Ok(memberships) => {
+                for (app, did, membership) in memberships {
+                    if !membership.sessions.is_empty() {
+                        self.sync_gateway(&app, &did, &membership.sessions).await;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(partition = self.partition, %error, "cannot list memberships");
+            }
+        }
     }
 
     async fn load(&mut self, app: &str, did: &str) -> &mut Device {
@@ -222,14 +250,138 @@ impl Partition {
     }
 
     async fn on_event(&mut self, message: &Message) {
-        let Ok(event) = serde_json::from_slice::<ConnEventIn>(&message.payload) else {
-            tracing::warn!(subject = %message.subject, "unreadable event, skipped");
+        let unreadable = || tracing::warn!(subject = %message.subject, "unreadable event, skipped");
+        let Ok(EventKind { kind }) = serde_json::from_slice::<EventKind>(&message.payload) else {
+            return unreadable();
+        };
+        if kind.starts_with("conn.") {
+            let Ok(event) = serde_json::from_slice::<ConnEventIn>(&message.payload) else {
+                return unreadable();
+            };
+            match kind.as_str() {
+                "conn.up" => self.on_conn_up(event).await,
+                "conn.down" => self.on_conn_down(event).await,
+                _ => {}
+            }
+        } else if kind.starts_with("sess.") {
+            let Ok(event) = serde_json::from_slice::<SessionEvent>(&message.payload) else {
+                return unreadable();
+            };
+            let change = match kind.as_str() {
+                "sess.bind" => Change::Add,
+                "sess.unbind" => Change::Remove,
+                "sess.replace" => Change::Replace,
+                _ => return unreadable(),
+            };
+            if let Some((sessions, true)) = self
+                .change_membership(&event.app, &event.did, change, &event.sessions)
+                .await
+            {
+                self.sync_gateway(&event.app, &event.did, &sessions).await;
+            }
+        }
+    }
+
+    /// Applies a membership change of one device: its membership record (compare-and-set),
+    /// the session index, membership events. Returns the device's sessions now and whether
+    /// they changed; `None` when the store failed.
+    async fn change_membership(
+        &mut self,
+        app: &str,
+        did: &str,
+        change: Change,
+        sessions: &[String],
+    ) -> Option<(Vec<String>, bool)> {
+        let store = &self.ctx.store;
+        for _ in 0..10 {
+            let (current, revision) = match store.membership(app, did).await {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::warn!(did, %error, "membership not readable");
+                    return None;
+                }
+            };
+            let before: BTreeSet<String> = current.sessions.iter().cloned().collect();
+            let mut after = before.clone();
+            match change {
+                Change::Add => after.extend(sessions.iter().cloned()),
+                Change::Remove => after.retain(|s| !sessions.contains(s)),
+                Change::Replace => after = sessions.iter().cloned().collect(),
+            }
+            if after == before {
+                return Some((current.sessions, false));
+            }
+            let next = Membership {
+                sessions: after.iter().cloned().collect(),
+            };
+            match store.put_membership(app, did, &next, revision).await {
+                Ok(true) => {}
+                Ok(false) => continue, // changed under us: read again
+                Err(error) => {
+                    tracing::warn!(did, %error, "membership not written");
+                    return None;
+                }
+            }
+            let joined: Vec<&String> = after.difference(&before).collect();
+            let left: Vec<&String> = before.difference(&after).collect();
+            let events = self.ctx.config.membership_events(app);
+            for (sessions, member) in [(&joined, true), (&left, false)] {
+                for session in sessions.iter() {
+                    if let Err(error) = store.index_member(app, session, did, member).await {
+                        tracing::warn!(did, session = %session, %error, "session index not updated");
+                    }
+                    self.ctx.metrics.membership_changes.inc();
+                    if events {
+                        let event = MembershipEvent {
+                            event: if member {
+                                MembershipChange::Joined
+                            } else {
+                                MembershipChange::Left
+                            },
+                            app: app.to_string(),
+                            did: did.to_string(),
+                            session: session.to_string(),
+                            at_ms: tether_auth::unix_now_ms(),
+                        };
+                        let _ = self
+                            .ctx
+                            .client
+                            .publish(subjects::presence(app), event.to_json())
+                            .await;
+                    }
+                }
+            }
+            return Some((next.sessions, true));
+        }
+        tracing::warn!(did, "membership kept changing; change dropped");
+        None
+    }
+
+    /// Tells the gateway holding `did` (if online) its complete set of sessions.
+    async fn sync_gateway(&self, app: &str, did: &str, sessions: &[String]) {
+        let Some(gw) = self
+            .devices
+            .get(&(app.to_string(), did.to_string()))
+            .and_then(|d| d.route.as_ref().map(|r| r.gw.clone()))
+        else {
             return;
         };
-        match event.kind.as_str() {
-            "conn.up" => self.on_conn_up(event).await,
-            "conn.down" => self.on_conn_down(event).await,
-            _ => {}
+        let message = GatewaySessions {
+            op: "sessions".into(),
+            app: app.to_string(),
+            did: did.to_string(),
+            sessions: sessions.to_vec(),
+        };
+        let Ok(body) = serde_json::to_vec(&message) else {
+            return;
+        };
+        if let Err(error) = self
+            .ctx
+            .client
+            .publish(subjects::gateway_ctl(&gw), body.into())
+            .await
+        {
+            tracing::warn!(gw, did, %error, "gateway session sync not sent");
         }
     }
 
@@ -265,6 +417,15 @@ impl Partition {
             ctx.presence(&presence(&event, true)).await;
         }
         self.replay(&event.app, &event.did).await;
+        // Sessions in the token are bound like a business bind; the gateway then learns
+        // every session of the device (it only knows the token's from the login).
+        if let Some((sessions, _)) = self
+            .change_membership(&event.app, &event.did, Change::Add, &event.sessions)
+            .await
+            && !sessions.is_empty()
+        {
+            self.sync_gateway(&event.app, &event.did, &sessions).await;
+        }
     }
 
     async fn on_conn_down(&mut self, event: ConnEventIn) {

@@ -65,6 +65,92 @@ async fn handle(ctx: &StateCtx, message: Message) {
 }
 
 async fn deliver(ctx: &StateCtx, app: &str, push: Push) -> Result<PushReply, (ErrorCode, String)> {
+    if let (true, Some(session)) = (push.is_session_push(), push.session.clone()) {
+        return deliver_to_session(ctx, app, &session, push).await;
+    }
+    deliver_to_devices(ctx, app, push).await
+}
+
+/// A push to a session: through its recoverable room, as one broadcast (more members
+/// than the app's threshold), or per member like a push to their dids.
+async fn deliver_to_session(
+    ctx: &StateCtx,
+    app: &str,
+    session: &str,
+    mut push: Push,
+) -> Result<PushReply, (ErrorCode, String)> {
+    let members = ctx.index.size(app, session);
+    let sent_at_ms = tether_auth::unix_now_ms();
+    let encode = |room_seq: u64| -> Bytes {
+        Frame::Down {
+            header: pb::Down {
+                seq: 0,
+                session: session.to_string(),
+                room_seq,
+                sent_at_ms,
+                meta: push.meta.clone(),
+            },
+            qos1: false,
+            body: push.body.clone(),
+        }
+        .encode()
+    };
+    let mode = |mode: &'static str| {
+        ctx.metrics
+            .session_pushes
+            .get_or_create(&[("mode", mode)])
+            .inc();
+        Some(mode.to_string())
+    };
+    if ctx.index.settings(app, session).recoverable {
+        // Stored with the next room sequence; gateways receive the stored message on the
+        // room subject and deliver it to their members.
+        let room_seq = ctx
+            .store
+            .append_room(app, session, encode)
+            .await
+            .map_err(|e| (ErrorCode::Unavailable, format!("room {session}: {e}")))?;
+        return Ok(PushReply {
+            mode: mode("room"),
+            members: Some(members),
+            room_seq: Some(room_seq),
+            ..Default::default()
+        });
+    }
+    if members > ctx.config.broadcast_threshold(app) {
+        ctx.broadcast_frame(app, Some(session), &[], encode(0))
+            .await;
+        return Ok(PushReply {
+            mode: mode("broadcast"),
+            members: Some(members),
+            ..Default::default()
+        });
+    }
+    push.dids = ctx.index.members(app, session);
+    let mut reply = if push.dids.is_empty() {
+        mode("direct");
+        PushReply::default()
+    } else {
+        let reply = deliver_to_devices(ctx, app, push).await?;
+        ctx.metrics
+            .session_pushes
+            .get_or_create(&[("mode", "direct")])
+            .inc();
+        reply
+    };
+    reply.mode = Some("direct".into());
+    reply.members = Some(members);
+    Ok(reply)
+}
+
+/// A push to devices (and users' devices): QoS1 to each inbox, QoS0 through each
+/// device's gateway, or, for QoS0 to more devices than the threshold, one broadcast
+/// carrying the did list (each gateway delivers to the listed devices it holds).
+async fn deliver_to_devices(
+    ctx: &StateCtx,
+    app: &str,
+    push: Push,
+) -> Result<PushReply, (ErrorCode, String)> {
     let mut dids = push.dids.clone();
     for uid in &push.uids {
         let devices = ctx
@@ -109,6 +195,16 @@ async fn deliver(ctx: &StateCtx, app: &str, push: Push) -> Result<PushReply, (Er
     }
     // QoS0: one frame, grouped by gateway.
     let frame = encode(0);
+    if dids.len() > ctx.config.broadcast_threshold(app) {
+        let targets: Vec<&str> = dids.iter().map(String::as_str).collect();
+        ctx.broadcast_frame(app, None, &targets, frame).await;
+        reply.mode = Some("broadcast".into());
+        reply.accepted = dids
+            .into_iter()
+            .map(|did| Accepted { did, seq: 0 })
+            .collect();
+        return Ok(reply);
+    }
     let mut by_gateway: HashMap<String, Vec<&str>> = HashMap::new();
     for did in &dids {
         match ctx

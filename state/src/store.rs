@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tether_nats::keys;
-use tether_nats::layout::{INBOX_STREAM, ROUTES_BUCKET};
+use tether_nats::layout::{INBOX_STREAM, ROOMS_STREAM, ROUTES_BUCKET, SESSIONS_BUCKET};
 use tether_nats::subjects::{self, headers};
 
 /// Errors talking to the store.
@@ -55,20 +55,151 @@ pub struct InboxMessage {
     pub frame: Bytes,
 }
 
-/// Handles to the KV bucket and the inbox stream.
+/// The sessions a device is bound to (`m.<p>.<app>.<did>` in `tether_sessions`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// Session ids, sorted.
+    pub sessions: Vec<String>,
+}
+
+/// Settings of one session (`s.<app>.<session>` in `tether_sessions`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSettings {
+    /// Broadcasts go to the room stream and carry a room sequence.
+    #[serde(default)]
+    pub recoverable: bool,
+}
+
+/// Handles to the KV buckets and the inbox and room streams.
 #[derive(Clone)]
 pub struct Store {
     js: jetstream::Context,
     routes: kv::Store,
+    sessions: kv::Store,
     inbox: stream::Stream,
+    rooms: stream::Stream,
 }
 
 impl Store {
-    /// Opens the bucket and stream (they must exist: see `ensure_layout`).
+    /// Opens the buckets and streams (they must exist: see `ensure_layout`).
     pub async fn open(js: jetstream::Context) -> Result<Self, StoreError> {
         let routes = js.get_key_value(ROUTES_BUCKET).await.map_err(err)?;
+        let sessions = js.get_key_value(SESSIONS_BUCKET).await.map_err(err)?;
         let inbox = js.get_stream(INBOX_STREAM).await.map_err(err)?;
-        Ok(Self { js, routes, inbox })
+        let rooms = js.get_stream(ROOMS_STREAM).await.map_err(err)?;
+        Ok(Self {
+            js,
+            routes,
+            sessions,
+            inbox,
+            rooms,
+        })
+    }
+
+    /// The sessions bucket (memberships, index, settings).
+    pub fn sessions_bucket(&self) -> &kv::Store {
+        &self.sessions
+    }
+
+    /// A device's membership and the KV revision it was read at (`None` if never written).
+    pub async fn membership(
+        &self,
+        app: &str,
+        did: &str,
+    ) -> Result<(Membership, Option<u64>), StoreError> {
+        let entry = self
+            .sessions
+            .entry(keys::membership(app, did))
+            .await
+            .map_err(err)?;
+        Ok(match entry {
+            Some(e) if e.operation == kv::Operation::Put => (
+                serde_json::from_slice(&e.value).unwrap_or_default(),
+                Some(e.revision),
+            ),
+            Some(e) => (Membership::default(), Some(e.revision)),
+            None => (Membership::default(), None),
+        })
+    }
+
+    /// Writes a device's membership if it is still at `revision` (compare-and-set); false
+    /// when someone else changed it first.
+    pub async fn put_membership(
+        &self,
+        app: &str,
+        did: &str,
+        membership: &Membership,
+        revision: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let key = keys::membership(app, did);
+        let value: Bytes = serde_json::to_vec(membership).map_err(err)?.into();
+        let written = match revision {
+            Some(revision) => self.sessions.update(&key, value, revision).await.is_ok(),
+            None => self.sessions.create(&key, value).await.is_ok(),
+        };
+        Ok(written)
+    }
+
+    /// Adds (`true`) or removes a device from a session's index entry.
+    pub async fn index_member(
+        &self,
+        app: &str,
+        session: &str,
+        did: &str,
+        member: bool,
+    ) -> Result<(), StoreError> {
+        let key = keys::session_member(app, session, did);
+        if member {
+            self.sessions.put(key, Bytes::new()).await.map_err(err)?;
+        } else {
+            self.sessions.delete(key).await.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a session's settings.
+    pub async fn put_session_settings(
+        &self,
+        app: &str,
+        session: &str,
+        settings: SessionSettings,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(&settings).map_err(err)?;
+        self.sessions
+            .put(keys::session_settings(app, session), value.into())
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Every membership of one partition: `(app, did, membership)`.
+    pub async fn memberships_of_partition(
+        &self,
+        partition: u16,
+    ) -> Result<Vec<(String, String, Membership)>, StoreError> {
+        let entries = snapshot(&self.sessions, keys::memberships_of_partition(partition)).await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let mut parts = key.splitn(4, '.');
+                let (_, _, app, did) = (parts.next(), parts.next(), parts.next()?, parts.next()?);
+                let membership = serde_json::from_slice(&value).ok()?;
+                Some((app.to_string(), did.to_string(), membership))
+            })
+            .collect())
+    }
+
+    /// Appends a broadcast to a recoverable room with the next room sequence (gap-free
+    /// from 1, arbitrated like inbox appends). Gateways receive the stored message on the
+    /// room subject.
+    pub async fn append_room(
+        &self,
+        app: &str,
+        session: &str,
+        encode: impl Fn(u64) -> Bytes,
+    ) -> Result<u64, StoreError> {
+        self.append_next(&self.rooms, subjects::room(app, session), 0, encode)
+            .await
     }
 
     /// The route of a device, if connected.
@@ -97,30 +228,16 @@ impl Store {
         &self,
         partition: u16,
     ) -> Result<Vec<(String, String, Route)>, StoreError> {
-        use futures::StreamExt;
-        let mut watch = self
-            .routes
-            .watch_with_history(keys::routes_of_partition(partition))
-            .await
-            .map_err(err)?;
-        let mut found = Vec::new();
-        loop {
-            let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
-            let Ok(Some(Ok(entry))) = next else { break };
-            if entry.operation == kv::Operation::Put {
-                let mut parts = entry.key.splitn(4, '.');
-                let (_, _, app, did) = (parts.next(), parts.next(), parts.next(), parts.next());
-                if let (Some(app), Some(did), Ok(route)) =
-                    (app, did, serde_json::from_slice::<Route>(&entry.value))
-                {
-                    found.push((app.to_string(), did.to_string(), route));
-                }
-            }
-            if entry.delta == 0 {
-                break;
-            }
-        }
-        Ok(found)
+        let entries = snapshot(&self.routes, keys::routes_of_partition(partition)).await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let mut parts = key.splitn(4, '.');
+                let (_, _, app, did) = (parts.next(), parts.next(), parts.next()?, parts.next()?);
+                let route = serde_json::from_slice::<Route>(&value).ok()?;
+                Some((app.to_string(), did.to_string(), route))
+            })
+            .collect())
     }
 
     /// The devices of a user.
@@ -211,12 +328,29 @@ impl Store {
         did: &str,
         encode: impl Fn(u64) -> Bytes,
     ) -> Result<u64, StoreError> {
-        let subject = subjects::inbox(app, did);
         let cursor = self.cursor(app, did).await?;
+        self.append_next(&self.inbox, subjects::inbox(app, did), cursor.acked, encode)
+            .await
+    }
+
+    /// Appends `encode(seq)` to `subject` in `stream`, where `seq` is the last `Tether-Seq`
+    /// on the subject (or `floor`, if higher) plus one. The append states the subject's
+    /// last stream sequence, so of two racing writers only one wins; the other retries.
+    async fn append_next(
+        &self,
+        stream: &stream::Stream,
+        subject: String,
+        floor: u64,
+        encode: impl Fn(u64) -> Bytes,
+    ) -> Result<u64, StoreError> {
         for _ in 0..20 {
-            let last = self.last_inbox(app, did).await?;
-            let (last_seq, last_stream_seq) = last.unwrap_or((0, 0));
-            let seq = last_seq.max(cursor.acked) + 1;
+            let (last_seq, last_stream_seq) =
+                match stream.direct_get_last_for_subject(subject.clone()).await {
+                    Ok(message) => (seq_of(&message.headers), message.sequence),
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => (0, 0),
+                    Err(e) => return Err(err(e)),
+                };
+            let seq = last_seq.max(floor) + 1;
             let mut map = HeaderMap::new();
             map.insert(headers::SEQ, seq.to_string().as_str());
             map.insert(
@@ -234,7 +368,7 @@ impl Store {
                 Err(e) => return Err(err(e)),
             }
         }
-        Err(StoreError(format!("inbox {subject} kept changing")))
+        Err(StoreError(format!("{subject} kept changing")))
     }
 
     /// Inbox messages of a device after stream sequence `after`, in order, at most `limit`.
@@ -268,6 +402,25 @@ impl Store {
         }
         Ok(found)
     }
+}
+
+/// The current entries under `filter` (a key wildcard): `(key, value)` of every put.
+async fn snapshot(bucket: &kv::Store, filter: String) -> Result<Vec<(String, Bytes)>, StoreError> {
+    use futures::StreamExt;
+    let mut watch = bucket.watch_with_history(filter).await.map_err(err)?;
+    let mut found = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
+        let Ok(Some(Ok(entry))) = next else { break };
+        let last = entry.delta == 0;
+        if entry.operation == kv::Operation::Put {
+            found.push((entry.key, entry.value));
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(found)
 }
 
 /// The `Tether-Seq` header of an inbox message (0 if missing).

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::{APP, Fixture, GW, RawClient, TestResult, Transport, read_stream};
+use support::{APP, Fixture, GW, RawClient, TestResult, Transport, http_get, read_stream};
 use tether_nats::layout::{EVENTS_STREAM, UPLINK_STREAM};
 use tether_nats::subjects;
 use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
@@ -351,14 +351,4 @@ async fn graceful_stop_tells_clients_to_go_away() -> TestResult {
         "no longer accepting"
     );
     Ok(())
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("admin");
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.expect("response");
-    body
 }

@@ -277,7 +277,40 @@ impl Driver {
             server_time_ms: tether_auth::unix_now_ms(),
             last_acked_seq: 0,
         }));
+        // After LOGIN_ACK is queued (so no DOWN can precede it): join the token's sessions
+        // here at once (state syncs the rest after conn.up) and replay the recoverable
+        // rooms the client has cursors for.
+        self.join_sessions(&claims, &login);
         Ok(())
+    }
+
+    fn join_sessions(&self, claims: &tether_auth::Claims, login: &pb::Login) {
+        let may_recover = claims.may_use_rooms();
+        if !login.rooms.is_empty() && !may_recover {
+            self.reply_error(
+                ErrorCode::Forbidden,
+                "room cursors ignored: the token lacks the rooms right",
+            );
+        }
+        if claims.sess.is_empty() && (!may_recover || login.rooms.is_empty()) {
+            return;
+        }
+        let cursors: Vec<(String, u64)> = login
+            .rooms
+            .iter()
+            .filter(|_| may_recover)
+            .map(|c| (c.session.clone(), c.room_seq))
+            .collect();
+        if let Some(identity) = self.shared.identity() {
+            let recoveries = self.ctx.sessions.login(
+                &self.shared,
+                &identity.app,
+                &identity.did,
+                &claims.sess,
+                &cursors,
+            );
+            crate::rooms::start(&self.ctx, recoveries);
+        }
     }
 
     async fn uplink(&mut self, raw: RawFrame) -> Handled {
@@ -403,6 +436,11 @@ impl Driver {
             conn: self.shared.id,
             remote: &remote,
             resume_seq: (kind == "conn.up").then_some(self.state.resume_seq),
+            sessions: if kind == "conn.up" {
+                &self.state.sessions
+            } else {
+                &[]
+            },
             reason,
             at_ms: tether_auth::unix_now_ms(),
         };
@@ -441,7 +479,9 @@ impl Driver {
             .get_or_create(&[("reason", reason.label())])
             .inc();
         if let Some(identity) = self.shared.identity() {
-            self.ctx.registry.remove(&self.shared);
+            if self.ctx.registry.remove(&self.shared) {
+                self.ctx.sessions.leave_device(&identity.app, &identity.did);
+            }
             self.ctx.registry.release_app(&identity.app);
             self.ctx.metrics.sessions.dec();
             tracing::debug!(did = %identity.did, reason = reason.label(), text = %reason.text, "connection closed");

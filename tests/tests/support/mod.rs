@@ -126,6 +126,20 @@ impl Fixture {
         self.nats_client.flush().await.expect("flush");
     }
 
+    /// A gateway configuration like the fixture's (same NATS, same token key, free ports),
+    /// for starting more gateways or restarting one.
+    pub fn gateway_config(&self, id: &str) -> GatewayConfig {
+        GatewayConfig {
+            id: id.into(),
+            nats_url: self.nats.client_url(),
+            tcp_listen: Some("127.0.0.1:0".parse().expect("addr")),
+            ws_listen: Some("127.0.0.1:0".parse().expect("addr")),
+            admin_listen: "127.0.0.1:0".parse().expect("addr"),
+            token_public_key: self._key_dir.path().join("token.pub"),
+            ..Default::default()
+        }
+    }
+
     /// Stops the gateway gracefully and waits for it.
     pub async fn stop_gateway(&mut self) {
         self.shutdown.cancel();
@@ -333,3 +347,14 @@ pub async fn read_stream(
 
 pub mod python;
 pub mod stack;
+
+/// `GET path` on an HTTP/1.0 server (the admin endpoints); the whole response, head
+/// included.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("admin");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    body
+}

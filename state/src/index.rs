@@ -1,0 +1,187 @@
+//! The session → devices index and room settings, held in memory by every state instance.
+//!
+//! Partition owners write the index into the `tether_sessions` bucket (`i.<app>.<session>.<did>`)
+//! as they apply membership events; every instance watches the bucket and keeps the whole
+//! index here, so a session push handled by any instance knows the session's size (for the
+//! broadcast threshold) and, for small sessions, its members. A restarted instance rebuilds
+//! it from the bucket's history.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{PoisonError, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use tether_nats::keys;
+
+use crate::metrics::StateMetrics;
+use crate::store::SessionSettings;
+
+type SessionKey = (String, String);
+
+/// The in-memory index.
+#[derive(Default)]
+pub struct SessionIndex {
+    members: RwLock<HashMap<SessionKey, HashSet<String>>>,
+    settings: RwLock<HashMap<SessionKey, SessionSettings>>,
+}
+
+impl SessionIndex {
+    /// The members of a session (empty if unknown).
+    pub fn members(&self, app: &str, session: &str) -> Vec<String> {
+        let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
+        members
+            .get(&(app.to_string(), session.to_string()))
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many devices are bound to a session.
+    pub fn size(&self, app: &str, session: &str) -> usize {
+        let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
+        members
+            .get(&(app.to_string(), session.to_string()))
+            .map_or(0, HashSet::len)
+    }
+
+    /// A session's settings (defaults if never configured).
+    pub fn settings(&self, app: &str, session: &str) -> SessionSettings {
+        let settings = self.settings.read().unwrap_or_else(PoisonError::into_inner);
+        settings
+            .get(&(app.to_string(), session.to_string()))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn apply_member(&self, key: &str, present: bool) -> Option<bool> {
+        // i.<app>.<session>.<did>
+        let mut parts = key.splitn(4, '.');
+        let (_, app, session, did) = (parts.next(), parts.next()?, parts.next()?, parts.next()?);
+        let mut members = self.members.write().unwrap_or_else(PoisonError::into_inner);
+        let session_key = (app.to_string(), session.to_string());
+        if present {
+            Some(
+                members
+                    .entry(session_key)
+                    .or_default()
+                    .insert(did.to_string()),
+            )
+        } else {
+            let set = members.get_mut(&session_key)?;
+            let removed = set.remove(did);
+            if set.is_empty() {
+                members.remove(&session_key);
+            }
+            Some(removed)
+        }
+    }
+
+    fn apply_settings(&self, key: &str, value: Option<&[u8]>) {
+        // s.<app>.<session>
+        let mut parts = key.splitn(3, '.');
+        let (Some(_), Some(app), Some(session)) = (parts.next(), parts.next(), parts.next()) else {
+            return;
+        };
+        let mut settings = self
+            .settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let session_key = (app.to_string(), session.to_string());
+        match value.and_then(|v| serde_json::from_slice::<SessionSettings>(v).ok()) {
+            Some(value) => {
+                settings.insert(session_key, value);
+            }
+            None => {
+                settings.remove(&session_key);
+            }
+        }
+    }
+}
+
+/// Watches the bucket and keeps `index` current until `shutdown`; restarts the watch
+/// after an error (a NATS reconnect, a leader change).
+pub fn spawn_watchers(
+    bucket: kv::Store,
+    index: std::sync::Arc<SessionIndex>,
+    metrics: StateMetrics,
+    shutdown: tether_service::Shutdown,
+) {
+    let (members_bucket, members_index, members_shutdown) =
+        (bucket.clone(), index.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        watch_forever(
+            members_bucket,
+            keys::SESSION_INDEX,
+            members_shutdown,
+            |entry| {
+                let present = entry.operation == kv::Operation::Put;
+                match members_index.apply_member(&entry.key, present) {
+                    Some(true) if present => metrics.session_index.inc(),
+                    Some(true) => metrics.session_index.dec(),
+                    _ => 0,
+                };
+            },
+        )
+        .await;
+    });
+    tokio::spawn(async move {
+        watch_forever(bucket, keys::SESSION_SETTINGS, shutdown, |entry| {
+            let value = (entry.operation == kv::Operation::Put).then_some(&entry.value[..]);
+            index.apply_settings(&entry.key, value);
+        })
+        .await;
+    });
+}
+
+async fn watch_forever(
+    bucket: kv::Store,
+    filter: &'static str,
+    shutdown: tether_service::Shutdown,
+    mut apply: impl FnMut(kv::Entry),
+) {
+    // After a restart of the watch, the history is replayed: applying an entry twice is
+    // harmless (sets), so no revision bookkeeping is needed.
+    loop {
+        match bucket.watch_with_history(filter).await {
+            Ok(mut watch) => loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    next = watch.next() => match next {
+                        Some(Ok(entry)) => apply(entry),
+                        Some(Err(error)) => {
+                            tracing::warn!(filter, %error, "session index watch failed; restarting");
+                            break;
+                        }
+                        None => break,
+                    },
+                }
+            },
+            Err(error) => tracing::warn!(filter, %error, "cannot watch the session index"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_and_settings_follow_the_keys() {
+        let index = SessionIndex::default();
+        assert_eq!(index.apply_member("i.demo.room.d1", true), Some(true));
+        assert_eq!(index.apply_member("i.demo.room.d2", true), Some(true));
+        assert_eq!(index.apply_member("i.demo.room.d1", true), Some(false));
+        assert_eq!(index.size("demo", "room"), 2);
+        assert_eq!(index.apply_member("i.demo.room.d1", false), Some(true));
+        assert_eq!(index.members("demo", "room"), ["d2"]);
+        assert_eq!(index.apply_member("i.bad", true), None);
+        index.apply_settings("s.demo.room", Some(br#"{"recoverable":true}"#));
+        assert!(index.settings("demo", "room").recoverable);
+        index.apply_settings("s.demo.room", None);
+        assert!(!index.settings("demo", "room").recoverable);
+    }
+}
