@@ -124,7 +124,10 @@ impl TokenSource {
             TokenSource::Static(token) => Ok(token.clone()),
             TokenSource::Provider(provider) => provider()
                 .await
-                .map_err(|e| ClientError::Token(e.to_string())),
+                .map_err(|e| match e.downcast::<ClientError>() {
+                    Ok(error) => *error,
+                    Err(e) => ClientError::Token(e.to_string()),
+                }),
         }
     }
 }
@@ -169,6 +172,9 @@ pub struct ClientConfig {
     pub did: String,
     /// The LOGIN token, or a provider of fresh ones.
     pub token: TokenSource,
+    /// Discovery through ipconfig: when set, the endpoints to try come from its last
+    /// answer, with `endpoints` as seeds after them (see [`ClientConfig::with_discovery`]).
+    pub discovery: Option<crate::discovery::Discovery>,
     /// PING interval; `None` uses LOGIN_ACK `heartbeat_secs` (300 s if the gateway says 0).
     pub heartbeat: Option<Duration>,
     /// Random ± jitter on each PING interval; `None` is a tenth of the interval, at most
@@ -208,6 +214,7 @@ impl Default for ClientConfig {
             app: String::new(),
             did: String::new(),
             token: TokenSource::default(),
+            discovery: None,
             heartbeat: None,
             heartbeat_jitter: None,
             connect_timeout: Duration::from_secs(10),
@@ -242,10 +249,30 @@ impl ClientConfig {
         }
     }
 
+    /// A configuration that finds gateways and tokens through ipconfig (`discovery`), with
+    /// `seeds` tried after the discovered endpoints (and alone when ipconfig was never
+    /// reached).
+    pub fn with_discovery(
+        discovery: crate::discovery::Discovery,
+        seeds: Vec<Endpoint>,
+        app: impl Into<String>,
+        did: impl Into<String>,
+    ) -> Self {
+        let app = app.into();
+        Self {
+            endpoints: seeds,
+            token: discovery.token_source(&app),
+            discovery: Some(discovery),
+            app,
+            did: did.into(),
+            ..Self::default()
+        }
+    }
+
     /// Checks values that cannot work.
     pub fn validate(&self) -> Result<(), ClientError> {
         let bad = |msg: &str| Err(ClientError::Config(msg.to_string()));
-        if self.endpoints.is_empty() {
+        if self.endpoints.is_empty() && self.discovery.is_none() {
             return bad("at least one endpoint is needed");
         }
         if let Some(ep) = self.endpoints.iter().find(|e| e.is_tls()) {

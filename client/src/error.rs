@@ -45,6 +45,15 @@ pub enum ClientError {
     /// The connection broke or the peer broke the protocol.
     #[error("connection: {0}")]
     Transport(String),
+    /// ipconfig refused the discovery request (credential refused, no gateway, …).
+    #[error("ipconfig refused: {code}: {message}")]
+    Discovery {
+        /// The code of ipconfig's error answer (`bad_token`, `token_expired`, `wrong_app`,
+        /// `unavailable`, …).
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
     /// The token provider failed.
     #[error("token provider: {0}")]
     Token(String),
@@ -61,7 +70,9 @@ impl ClientError {
             ClientError::Connect { .. } | ClientError::Closed | ClientError::Transport(_) => {
                 ErrorCode::Unavailable
             }
-            ClientError::Login { code, .. } | ClientError::Rejected(code, _) => *code,
+            ClientError::Login { code, .. }
+            | ClientError::Rejected(code, _)
+            | ClientError::Discovery { code, .. } => *code,
             ClientError::Timeout => ErrorCode::Timeout,
             ClientError::Frame(error) => error.code(),
             ClientError::Token(_) => ErrorCode::BadToken,
@@ -74,7 +85,9 @@ impl ClientError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Connect { .. } | ClientError::Timeout | ClientError::Transport(_) => true,
-            ClientError::Login { code, .. } | ClientError::Rejected(code, _) => code.is_retryable(),
+            ClientError::Login { code, .. }
+            | ClientError::Rejected(code, _)
+            | ClientError::Discovery { code, .. } => code.is_retryable(),
             _ => false,
         }
     }

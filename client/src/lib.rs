@@ -21,6 +21,7 @@
 //!
 //! - [`config`]: [`ClientConfig`], [`Endpoint`], [`TokenSource`].
 //! - [`client`]: [`Client`], the cloneable handle (send, close).
+//! - [`discovery`]: endpoints and tokens from ipconfig, cached for when it is unreachable.
 //! - [`event`]: [`Event`]s for the app and [`UpAck`] receipts.
 //! - [`error`]: the error type, [`ClientError`].
 //! - [`backoff`]: reconnect delays.
@@ -36,6 +37,7 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 mod connection;
+pub mod discovery;
 pub mod dedupe;
 pub mod error;
 pub mod event;
@@ -47,6 +49,7 @@ pub mod transport;
 pub use backoff::Backoff;
 pub use client::Client;
 pub use config::{BoxError, ClientConfig, Endpoint, TokenProvider, TokenSource};
+pub use discovery::{Discovery, DiscoveryConfig};
 pub use error::ClientError;
 pub use event::{Event, UpAck};
 pub use tether_schemas::ErrorCode;

@@ -22,7 +22,10 @@ impl Session {
     /// A session with its first token (calls the provider, if there is one).
     pub async fn new(config: ClientConfig) -> Result<Session, ClientError> {
         let token = config.token.fetch().await?;
-        let endpoints = config.endpoints.clone();
+        let endpoints = match &config.discovery {
+            Some(discovery) => discovery.endpoints(&config.endpoints),
+            None => config.endpoints.clone(),
+        };
         Ok(Session {
             config,
             token,
@@ -65,6 +68,13 @@ impl Session {
     /// a second refusal ends the round with that error. Returns the last error if no
     /// endpoint let us in.
     pub async fn connect_round(&mut self, resume_seq: u64) -> Result<Link, ClientError> {
+        if let Some(discovery) = self.config.discovery.clone()
+            && let Some((endpoints, token)) = discovery.refresh(&self.config).await
+        {
+            self.endpoints = endpoints;
+            self.token = token;
+            self.current = 0;
+        }
         let n = self.endpoints.len();
         let mut refreshed = false;
         let mut last = ClientError::Config("no endpoint".into());
