@@ -29,6 +29,7 @@ struct Inner {
     max_up_frame_len: usize,
     did: String,
     app: String,
+    rooms: crate::session::RoomCursors,
 }
 
 impl std::fmt::Debug for Client {
@@ -61,7 +62,9 @@ impl Client {
                 .duration_since(UNIX_EPOCH)
                 .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
         });
+        let session = Session::new(config.clone()).await?;
         let inner = Inner {
+            rooms: session.rooms.clone(),
             commands: command_tx,
             next_msg_id: AtomicU64::new(first_msg_id.max(1)),
             ack_timeout: config.ack_timeout,
@@ -69,7 +72,6 @@ impl Client {
             did: config.did.clone(),
             app: config.app.clone(),
         };
-        let session = Session::new(config).await?;
         let mut task = Task::new(session, command_rx, event_tx);
         let link = task.first_link().await?;
         tokio::spawn(task.run(link));
@@ -89,6 +91,16 @@ impl Client {
     /// The app id.
     pub fn app(&self) -> &str {
         &self.inner.app
+    }
+
+    /// The room cursors to persist (session → highest `room_seq` delivered); give them
+    /// back in [`crate::ClientConfig::room_cursors`] after a restart.
+    pub fn room_cursors(&self) -> std::collections::BTreeMap<String, u64> {
+        self.inner
+            .rooms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether the client has stopped (closed, replaced, or gave up reconnecting).

@@ -122,12 +122,14 @@ impl TokenSource {
     pub(crate) async fn fetch(&self) -> Result<String, ClientError> {
         match self {
             TokenSource::Static(token) => Ok(token.clone()),
-            TokenSource::Provider(provider) => provider()
-                .await
-                .map_err(|e| match e.downcast::<ClientError>() {
-                    Ok(error) => *error,
-                    Err(e) => ClientError::Token(e.to_string()),
-                }),
+            TokenSource::Provider(provider) => {
+                provider()
+                    .await
+                    .map_err(|e| match e.downcast::<ClientError>() {
+                        Ok(error) => *error,
+                        Err(e) => ClientError::Token(e.to_string()),
+                    })
+            }
         }
     }
 }
@@ -191,6 +193,10 @@ pub struct ClientConfig {
     /// Highest contiguous QoS1 seq the app already processed (persisted by the app across
     /// restarts, 0 on a fresh install); sent as LOGIN `resume_seq`.
     pub resume_seq: u64,
+    /// Room cursors the app persisted (session → highest `room_seq` processed), sent in
+    /// LOGIN `rooms` so recoverable rooms replay what was missed. The client keeps them
+    /// current itself while it runs ([`crate::Client::room_cursors`]).
+    pub room_cursors: std::collections::BTreeMap<String, u64>,
     /// First `client_msg_id`; `None` takes the current Unix time in microseconds, so ids
     /// keep growing across restarts without being persisted.
     pub first_msg_id: Option<u64>,
@@ -222,6 +228,7 @@ impl Default for ClientConfig {
             reconnect: Backoff::default(),
             auto_reconnect: true,
             resume_seq: 0,
+            room_cursors: std::collections::BTreeMap::new(),
             first_msg_id: None,
             max_frame_len: limits::MAX_FRAME_LEN_CAP,
             max_up_frame_len: limits::DEFAULT_MAX_FRAME_LEN,

@@ -17,6 +17,8 @@ pub(crate) struct LoginParams {
     pub sdk: String,
     pub token: String,
     pub resume_seq: u64,
+    /// Room cursors: (session, highest room_seq processed).
+    pub rooms: Vec<(String, u64)>,
     /// For connect, handshake and LOGIN → LOGIN_ACK together.
     pub timeout: Duration,
     pub max_frame_len: usize,
@@ -39,7 +41,11 @@ pub(crate) async fn login(endpoint: Endpoint, params: LoginParams) -> Result<Lin
         did: params.did,
         app: params.app,
         resume_seq: params.resume_seq,
-        rooms: Vec::new(),
+        rooms: params
+            .rooms
+            .into_iter()
+            .map(|(session, room_seq)| pb::RoomCursor { session, room_seq })
+            .collect(),
         sdk: params.sdk,
     });
     let handshake = async {

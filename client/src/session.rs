@@ -16,7 +16,14 @@ pub(crate) struct Session {
     endpoints: Vec<Endpoint>,
     /// Index of the endpoint last logged in to (where the next round starts).
     current: usize,
+    /// Room cursors (session → highest room_seq delivered), shared with the handles.
+    pub rooms: RoomCursors,
 }
+
+/// Room cursors shared by the connection task (which advances them) and the
+/// [`crate::Client`] handles (which read them).
+pub(crate) type RoomCursors =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>;
 
 impl Session {
     /// A session with its first token (calls the provider, if there is one).
@@ -26,11 +33,13 @@ impl Session {
             Some(discovery) => discovery.endpoints(&config.endpoints),
             None => config.endpoints.clone(),
         };
+        let rooms = std::sync::Arc::new(std::sync::Mutex::new(config.room_cursors.clone()));
         Ok(Session {
             config,
             token,
             endpoints,
             current: 0,
+            rooms,
         })
     }
 
@@ -42,6 +51,13 @@ impl Session {
             sdk: self.config.sdk.clone(),
             token,
             resume_seq,
+            rooms: self
+                .rooms
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .map(|(session, seq)| (session.clone(), *seq))
+                .collect(),
             timeout: self.config.connect_timeout,
             max_frame_len: self.config.max_frame_len,
         }

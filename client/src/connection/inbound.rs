@@ -55,6 +55,30 @@ impl Task {
                     meta: header.meta.into_iter().collect(),
                     body,
                 };
+                if let Event::Message {
+                    session, room_seq, ..
+                } = &event
+                    && *room_seq > 0
+                    && !session.is_empty()
+                {
+                    // Recoverable room: deliver each room_seq once, advancing the cursor
+                    // the next LOGIN sends.
+                    let fresh = {
+                        let mut rooms = self
+                            .session
+                            .rooms
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let cursor = rooms.entry(session.clone()).or_insert(0);
+                        let fresh = *room_seq > *cursor;
+                        *cursor = (*cursor).max(*room_seq);
+                        fresh
+                    };
+                    if !fresh {
+                        tracing::debug!(room_seq, "duplicate room message dropped");
+                        return Flow::Continue;
+                    }
+                }
                 if !qos1 || seq == 0 {
                     self.emit(event).await;
                     return Flow::Continue;
