@@ -104,6 +104,7 @@ impl Sessions {
         sessions: &[String],
         cursors: &[(String, u64)],
     ) -> Vec<Recovery> {
+        let mut all: Vec<String> = sessions.to_vec();
         {
             let mut devices = lock(&self.devices);
             let device = devices.entry((app.clone(), did.clone())).or_default();
@@ -112,8 +113,13 @@ impl Sessions {
                 .filter(|(session, _)| !session.is_empty())
                 .map(|(session, seq)| (Arc::from(session.as_str()), *seq))
                 .collect();
+            // A device logging in again here (its old connection replaced) keeps its
+            // sessions, now on the new connection.
+            all.extend(device.sessions.iter().map(|s| s.to_string()));
         }
-        self.join(conn, app, did, sessions)
+        all.sort();
+        all.dedup();
+        self.join(conn, app, did, &all)
     }
 
     /// Adds the device to `sessions` (keeping the ones it has). A member already present
@@ -197,16 +203,13 @@ impl Sessions {
         for session in leaving {
             self.remove_member(app, &session, did);
         }
-        let known: HashSet<Arc<str>> = lock(&self.devices)
-            .get(&(app.clone(), did.clone()))
-            .map(|d| d.sessions.clone())
-            .unwrap_or_default();
-        let new: Vec<String> = sessions
-            .iter()
-            .filter(|s| !known.contains(s.as_str()))
-            .cloned()
-            .collect();
-        self.join(conn, app, did, &new)
+        // Joining a session the device is in already just points it at `conn`.
+        self.join(conn, app, did, sessions)
+    }
+
+    /// Whether the device has sessions or pending cursors here.
+    pub fn knows(&self, app: &str, did: &str) -> bool {
+        lock(&self.devices).contains_key(&(Arc::from(app), Arc::from(did)))
     }
 
     /// The device's connection is gone: it leaves every session.
@@ -301,5 +304,85 @@ impl Sessions {
     /// Whether no session has a local member.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: u64) -> Arc<ConnShared> {
+        Arc::new(ConnShared::new(id, 0))
+    }
+
+    fn ids(app: &str, did: &str) -> (Arc<str>, Arc<str>) {
+        (Arc::from(app), Arc::from(did))
+    }
+
+    #[test]
+    fn join_set_leave_and_deliver() {
+        let sessions = Sessions::default();
+        let (app, a) = ids("demo", "a");
+        let (_, b) = ids("demo", "b");
+        let (ca, cb) = (conn(1), conn(2));
+        assert!(
+            sessions
+                .login(&ca, &app, &a, &["r1".into()], &[])
+                .is_empty()
+        );
+        sessions.set(&cb, &app, &b, &["r1".into(), "r2".into()]);
+        assert_eq!(sessions.members("demo", "r1"), 2);
+        assert_eq!(sessions.members("demo", "r2"), 1);
+        let frame = Bytes::from_static(b"x");
+        let delivered = sessions.deliver("demo", "r1", &frame, 0, None, 8);
+        assert_eq!(delivered.queued, 2);
+        let only: HashSet<&str> = ["b"].into();
+        let delivered = sessions.deliver("demo", "r1", &frame, 0, Some(&only), 8);
+        assert_eq!(delivered.queued, 1);
+        sessions.set(&cb, &app, &b, &["r2".into()]);
+        assert_eq!(sessions.members("demo", "r1"), 1);
+        sessions.leave_device(&app, &a);
+        assert_eq!(sessions.members("demo", "r1"), 0);
+        assert!(!sessions.knows("demo", "a"));
+        assert_eq!(sessions.len(), 1);
+    }
+
+    #[test]
+    fn a_new_connection_of_the_device_takes_over_its_sessions() {
+        let sessions = Sessions::default();
+        let (app, a) = ids("demo", "a");
+        let (old, new) = (conn(1), conn(2));
+        sessions.set(&old, &app, &a, &["r1".into()]);
+        sessions.login(&new, &app, &a, &[], &[]);
+        let frame = Bytes::from_static(b"x");
+        sessions.deliver("demo", "r1", &frame, 0, None, 8);
+        assert_eq!(new.take().0.len(), 1, "delivered to the new connection");
+        assert!(old.take().0.is_empty());
+    }
+
+    #[test]
+    fn recovering_members_hold_live_room_frames_until_replayed() {
+        let sessions = Sessions::default();
+        let (app, a) = ids("demo", "a");
+        let ca = conn(1);
+        // The cursor waits for the join (state's sync), then starts a recovery.
+        assert!(
+            sessions
+                .login(&ca, &app, &a, &[], &[("room".into(), 4)])
+                .is_empty()
+        );
+        let recoveries = sessions.set(&ca, &app, &a, &["room".into()]);
+        assert_eq!(recoveries.len(), 1);
+        assert_eq!(recoveries[0].after, 4);
+        for seq in [7u64, 6, 8] {
+            let frame = Bytes::from(seq.to_string());
+            let delivered = sessions.deliver("demo", "room", &frame, seq, None, 8);
+            assert_eq!(delivered.held, 1);
+        }
+        // The replay sent up to 6: only 7 and 8 remain, in order.
+        let rest = sessions.finish_recovery(&recoveries[0], 6);
+        assert_eq!(rest, [Bytes::from("7"), Bytes::from("8")]);
+        let delivered = sessions.deliver("demo", "room", &Bytes::from("9"), 9, None, 8);
+        assert_eq!(delivered.queued, 1);
     }
 }

@@ -292,7 +292,8 @@ impl Driver {
                 "room cursors ignored: the token lacks the rooms right",
             );
         }
-        if claims.sess.is_empty() && (!may_recover || login.rooms.is_empty()) {
+        let rejoining = self.ctx.sessions.knows(&claims.app, &claims.did);
+        if claims.sess.is_empty() && (!may_recover || login.rooms.is_empty()) && !rejoining {
             return;
         }
         let cursors: Vec<(String, u64)> = login
