@@ -1,11 +1,36 @@
-//! tether-bench: load scenarios against a real Tether stack, run by `tether bench`.
+//! tether-bench: load scenarios against a real Tether stack and its peers (nats-server
+//! alone, Mosquitto), measured in the same invocation; run by `tether bench`.
 //!
-//! - [`conns`]: open many idle, logged-in client connections at a paced rate and measure
-//!   login latency, gateway RSS per connection and kernel socket memory.
-//! - [`procfs`]: the few `/proc` readings the scenarios report.
+//! Scenarios (each prints a live progress bar, a human summary, and with `--json` one
+//! JSON object on the last line):
+//! - [`conns`]: N idle logged-in connections: connect rate, login latency, server RSS
+//!   per connection, kernel socket memory, load-generator RSS; several load processes
+//!   ([`worker`]) and several gateway processes for large N.
+//! - [`fanout`]: N members of one session, M broadcasts: deliveries/s and latency.
+//! - [`p2p`]: device pairs through an echo service at an open-loop rate.
+//! - [`uplink`]: the highest uplink rate with store receipts.
+//! - [`suite`]: the table of BENCHMARKS.md (`make bench`), with [`chart`]s.
+//!
+//! Plumbing: [`wire`] (raw Tether/NATS/MQTT clients), [`fleet`] (opening many
+//! connections at a rate), [`reader`] (per-connection readers), [`stats`] (HDR
+//! histograms), [`stack`] (starting and stopping the processes), [`compare`] (ratios
+//! Tether/peer), [`progress`], [`procfs`].
 
+pub mod chart;
+pub mod compare;
 pub mod conns;
+pub mod fanout;
+pub mod fleet;
+pub mod p2p;
 pub mod procfs;
+pub mod progress;
+pub mod reader;
+pub mod stack;
+pub mod stats;
+pub mod suite;
+pub mod uplink;
+pub mod wire;
+pub mod worker;
 
 /// Why a bench scenario could not run.
 #[derive(Debug, thiserror::Error)]
@@ -13,18 +38,18 @@ pub enum BenchError {
     /// Invalid arguments.
     #[error("invalid arguments: {0}")]
     Args(String),
-    /// More connections than one load-generator process can hold.
+    /// More connections than the load-generator processes can hold.
     #[error(
-        "{requested} connections need more file descriptors than one process may hold \
-         (at most {max} here); the multi-process load generator is not built yet"
+        "{requested} connections need more file descriptors than allowed here (at most {max} \
+         with these processes; add --workers)"
     )]
     TooManyConnections {
         /// Requested connections.
         requested: usize,
-        /// Most this process can open.
+        /// Most that can be opened.
         max: usize,
     },
-    /// Starting the stack (nats-server, gateway, keys) failed.
+    /// Starting the stack (nats-server, gateway, keys) or a peer failed.
     #[error("setup: {0}")]
     Setup(String),
     /// An I/O error, with what was being done.

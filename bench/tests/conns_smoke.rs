@@ -30,7 +30,7 @@ async fn fifty_connections_in_process() -> Result<(), Box<dyn std::error::Error>
     let gateway = tether_gateway::start(config, shutdown.clone()).await?;
     let endpoint = gateway.tcp_addr.ok_or("no tcp address")?;
 
-    let report = conns::run(ConnsArgs {
+    let (comparison, report) = conns::run(ConnsArgs {
         gateway_pid: Some(std::process::id()),
         endpoint: Some(endpoint),
         connections: 50,
@@ -46,6 +46,7 @@ async fn fifty_connections_in_process() -> Result<(), Box<dyn std::error::Error>
     assert!(report.gateway_rss_after_kb.is_some_and(|kb| kb > 0));
     assert!(report.loadgen_rss_kb.is_some_and(|kb| kb > 0));
     assert!(report.login_p50_us > 0);
+    assert!(comparison.get("tether").is_some());
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(15), gateway.wait()).await?;

@@ -1,9 +1,11 @@
-//! `tether bench …`: load scenarios with figures (see BENCHMARKS.md).
+//! `tether bench …`: load scenarios with figures, Tether beside its peers (see
+//! BENCHMARKS.md).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use tether_bench::wire::Proto;
 
 /// `tether bench …`
 #[derive(Args)]
@@ -16,17 +18,60 @@ pub struct BenchArgs {
 enum Scenario {
     /// Open N logged-in idle connections; report connect rate, login latency and memory.
     Conns(ConnsFlags),
+    /// N members of one session, M broadcasts; report deliveries/s and latency.
+    Fanout(FanoutFlags),
+    /// Device pairs through an echo service at a fixed open-loop rate; report latency.
+    P2p(P2pFlags),
+    /// Highest uplink rate with store receipts (closed loop, W in flight per device).
+    Uplink(UplinkFlags),
+    /// Every scenario at the sizes of BENCHMARKS.md: results.json, table.md, charts.
+    Suite(SuiteFlags),
+    /// Internal: one load-generator process of a multi-process `conns` run.
+    #[command(hide = true)]
+    ConnsWorker {
+        /// The worker's spec (JSON).
+        spec: String,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// Peers measured in the same run: nats, mosquitto (repeat or comma separate).
+    #[arg(long = "peer", value_delimiter = ',', value_parser = parse_peer)]
+    peers: Vec<Proto>,
+    /// Client source addresses (comma separated 127.0.0.x; peers take the next ones).
+    #[arg(long, value_delimiter = ',')]
+    source: Vec<IpAddr>,
+    /// App id of the bench devices.
+    #[arg(long, default_value = "bench")]
+    app: String,
+    /// Print one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_peer(s: &str) -> Result<Proto, String> {
+    match Proto::parse(s) {
+        Some(Proto::Tether) | None => Err(format!("unknown peer {s:?} (nats, mosquitto)")),
+        Some(p) => Ok(p),
+    }
 }
 
 #[derive(Args)]
 struct ConnsFlags {
-    /// Connections to open (one process holds at most 19,000).
+    /// Connections to open (more than 19,000 spread over worker processes).
     #[arg(long, short = 'n', default_value_t = 10_000)]
     connections: usize,
     /// Target connects per second.
     #[arg(long, default_value_t = 5_000)]
     rate: u32,
-    /// Gateway to target (default: start nats-server and a gateway for the run).
+    /// Gateway processes to start.
+    #[arg(long, default_value_t = 1)]
+    gateways: usize,
+    /// Load-generator processes (default: one per 19,000 connections).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Gateway to target (default: start nats-server and gateways for the run).
     #[arg(long)]
     endpoint: Option<SocketAddr>,
     /// Process id of the targeted gateway, for its RSS.
@@ -35,40 +80,157 @@ struct ConnsFlags {
     /// Token signing key of the targeted gateway (PEM).
     #[arg(long)]
     key: Option<PathBuf>,
-    /// Client source addresses (comma separated; default 127.0.0.2-127.0.0.9).
-    #[arg(long, value_delimiter = ',')]
-    source: Vec<IpAddr>,
-    /// App id of the bench devices.
-    #[arg(long, default_value = "bench")]
-    app: String,
     /// Seconds to hold the connections idle before measuring.
     #[arg(long, default_value_t = 5)]
     hold: u64,
-    /// Print one JSON object on the last line.
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct FanoutFlags {
+    /// Members of the room.
+    #[arg(long, short = 'n', default_value_t = 1_000)]
+    members: usize,
+    /// Broadcasts.
+    #[arg(long, short = 'm', default_value_t = 100)]
+    messages: usize,
+    /// Broadcasts per second.
+    #[arg(long, default_value_t = 10)]
+    rate: u32,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct P2pFlags {
+    /// Sender/receiver pairs.
+    #[arg(long, default_value_t = 100)]
+    pairs: usize,
+    /// Messages per second offered (all pairs).
+    #[arg(long, default_value_t = 10_000)]
+    rate: u32,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// The echo pushes QoS1 (stored in the device inbox) instead of QoS0.
     #[arg(long)]
-    json: bool,
+    qos1: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct UplinkFlags {
+    /// Sending devices.
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    /// Messages in flight per device.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct SuiteFlags {
+    /// Output folder (results.json, table.md, PNG charts).
+    #[arg(long, default_value = "docs/bench")]
+    out: PathBuf,
+    /// Tiny sizes: checks that everything runs.
+    #[arg(long)]
+    quick: bool,
+    /// Peers (default nats and mosquitto).
+    #[arg(long = "peer", value_delimiter = ',', value_parser = parse_peer, default_values = ["nats", "mosquitto"])]
+    peers: Vec<Proto>,
+    /// First 127.0.0.x source address (each run takes fresh ones after it).
+    #[arg(long, default_value_t = 100)]
+    first_source: u16,
 }
 
 /// Runs a scenario.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    use tether_bench::{conns, fanout, p2p, suite, uplink, worker};
     match args.scenario {
-        Scenario::Conns(flags) => {
-            let mut conns = tether_bench::conns::ConnsArgs {
-                gateway_pid: flags.gateway_pid,
-                endpoint: flags.endpoint,
-                connections: flags.connections,
-                rate: flags.rate,
-                key: flags.key,
-                app: flags.app,
-                hold_secs: flags.hold,
-                json: flags.json,
+        Scenario::Conns(f) => {
+            let mut a = conns::ConnsArgs {
+                gateway_pid: f.gateway_pid,
+                endpoint: f.endpoint,
+                connections: f.connections,
+                rate: f.rate,
+                key: f.key,
+                app: f.common.app,
+                hold_secs: f.hold,
+                gateways: f.gateways,
+                workers: f.workers,
+                peers: f.common.peers,
+                json: f.common.json,
                 ..Default::default()
             };
-            if !flags.source.is_empty() {
-                conns.source_addrs = flags.source;
+            if !f.common.source.is_empty() {
+                a.source_addrs = f.common.source;
             }
-            tether_bench::conns::run(conns).await?;
-            Ok(())
+            conns::run(a).await?;
         }
+        Scenario::Fanout(f) => {
+            let mut a = fanout::FanoutArgs {
+                members: f.members,
+                messages: f.messages,
+                rate: f.rate,
+                app: f.common.app,
+                peers: f.common.peers,
+                json: f.common.json,
+                ..Default::default()
+            };
+            if !f.common.source.is_empty() {
+                a.source_addrs = f.common.source;
+            }
+            fanout::run(a).await?;
+        }
+        Scenario::P2p(f) => {
+            let mut a = p2p::P2pArgs {
+                pairs: f.pairs,
+                rate: f.rate,
+                duration_secs: f.duration,
+                qos1: f.qos1,
+                app: f.common.app,
+                peers: f.common.peers,
+                json: f.common.json,
+                ..Default::default()
+            };
+            if !f.common.source.is_empty() {
+                a.source_addrs = f.common.source;
+            }
+            p2p::run(a).await?;
+        }
+        Scenario::Uplink(f) => {
+            let mut a = uplink::UplinkArgs {
+                devices: f.devices,
+                window: f.window,
+                duration_secs: f.duration,
+                app: f.common.app,
+                peers: f.common.peers,
+                json: f.common.json,
+                ..Default::default()
+            };
+            if !f.common.source.is_empty() {
+                a.source_addrs = f.common.source;
+            }
+            uplink::run(a).await?;
+        }
+        Scenario::Suite(f) => {
+            suite::run(suite::SuiteArgs {
+                out: f.out,
+                quick: f.quick,
+                peers: f.peers,
+                first_source: f.first_source,
+            })
+            .await?;
+        }
+        Scenario::ConnsWorker { spec } => worker::worker_main(&spec).await?,
     }
+    Ok(())
 }

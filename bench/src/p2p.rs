@@ -1,0 +1,457 @@
+//! The `p2p` scenario: pairs of devices messaging through an echo service at a fixed
+//! open-loop rate. Device 2k sends, device 2k+1 receives; latency runs from the
+//! *intended* send time (stamped by a pacer thread, so a late sender counts against the
+//! system: coordinated omission) to the arrival at the receiver.
+//!
+//! - Tether: UP → gateway → uplink stream → state → business request → the echo (a
+//!   [`Business`] service in this process) pushes a DOWN to the receiver (QoS0, or QoS1
+//!   with `qos1`) and answers Stored → UP_ACK to the sender.
+//! - nats: NATS request/reply: the sender publishes on `p.echo` with the receiver's
+//!   subject as reply-to; an echo service (async-nats) answers to it.
+//! - mosquitto: the sender publishes on `p/up`; an echo client republishes to
+//!   `p/<receiver>`, which the receiver subscribed.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::json;
+use tether_business::{Business, Push, Stored};
+use tether_schemas::{Frame, pb};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+
+use crate::compare::{Comparison, Figure, Outcome};
+use crate::fleet::{self, Plan};
+use crate::progress::Progress;
+use crate::reader::{self, Counters};
+use crate::stack::{PeerServer, Stack, StackSpec};
+use crate::stats::{Percentiles, Sink};
+use crate::wire::{self, Incoming, Proto, now_ns};
+use crate::BenchError;
+
+/// Arguments of the `p2p` scenario.
+#[derive(Debug, Clone)]
+pub struct P2pArgs {
+    /// Sender/receiver pairs.
+    pub pairs: usize,
+    /// Messages per second offered, all pairs together.
+    pub rate: u32,
+    /// Seconds of sending.
+    pub duration_secs: f64,
+    /// Tether echo pushes QoS1 (stored, acknowledged) instead of QoS0.
+    pub qos1: bool,
+    /// Client source addresses.
+    pub source_addrs: Vec<IpAddr>,
+    /// App id.
+    pub app: String,
+    /// Peers measured after Tether.
+    pub peers: Vec<Proto>,
+    /// Print the JSON line.
+    pub json: bool,
+}
+
+impl Default for P2pArgs {
+    fn default() -> Self {
+        P2pArgs {
+            pairs: 100,
+            rate: 10_000,
+            duration_secs: 10.0,
+            qos1: false,
+            source_addrs: crate::conns::source_range(40, 2),
+            app: "bench".into(),
+            peers: Vec::new(),
+            json: false,
+        }
+    }
+}
+
+/// Results of one p2p run.
+#[derive(Debug, Clone, Serialize)]
+pub struct P2pReport {
+    /// `tether`, `nats` or `mosquitto`.
+    pub target: String,
+    /// Pairs.
+    pub pairs: usize,
+    /// Offered messages per second.
+    pub offered_rate: u32,
+    /// Messages sent.
+    pub sent: u64,
+    /// Messages that reached their receiver.
+    pub delivered: u64,
+    /// Receipts the senders got (Tether UP_ACK).
+    pub receipts: u64,
+    /// Delivered per second (first intended send → last arrival).
+    pub achieved_rate: f64,
+    /// Intended send → arrival at the receiver.
+    pub latency: Percentiles,
+}
+
+impl std::fmt::Display for P2pReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "p2p [{}]: {} pairs at {}/s offered: {}/{} delivered ({} receipts), {:.0}/s achieved",
+            self.target,
+            self.pairs,
+            self.offered_rate,
+            self.delivered,
+            self.sent,
+            self.receipts,
+            self.achieved_rate
+        )?;
+        write!(f, "  end-to-end latency (from intended send): {}", self.latency)
+    }
+}
+
+impl P2pReport {
+    /// Figures compared with peers.
+    pub fn outcome(&self) -> Outcome {
+        Outcome {
+            target: self.target.clone(),
+            figures: vec![
+                Figure::new("achieved_rate", self.achieved_rate, "/s"),
+                Figure::new("p50", self.latency.p50_us as f64, "µs"),
+                Figure::new("p99", self.latency.p99_us as f64, "µs"),
+                Figure::new("p999", self.latency.p999_us as f64, "µs"),
+            ],
+            detail: serde_json::to_value(self).unwrap_or_default(),
+        }
+    }
+}
+
+/// Runs Tether and the peers, prints and returns the comparison.
+pub async fn run(args: P2pArgs) -> Result<Comparison, BenchError> {
+    let mut outcomes = Vec::new();
+    for (k, proto) in std::iter::once(Proto::Tether)
+        .chain(args.peers.iter().copied())
+        .enumerate()
+    {
+        let mut a = args.clone();
+        a.source_addrs = crate::conns::shift_sources(&args.source_addrs, k);
+        let report = measure(&a, proto).await?;
+        println!("{report}");
+        outcomes.push(report.outcome());
+    }
+    let comparison = Comparison {
+        scenario: "p2p".into(),
+        params: json!({
+            "pairs": args.pairs,
+            "rate": args.rate,
+            "duration_secs": args.duration_secs,
+            "qos1": args.qos1,
+            "payload_bytes": wire::PAYLOAD_LEN,
+        }),
+        outcomes,
+    };
+    comparison.print(args.json);
+    Ok(comparison)
+}
+
+/// The server side of a run and its echo service; stopped on drop.
+pub(crate) struct Target {
+    pub(crate) endpoint: std::net::SocketAddr,
+    pub(crate) signer: Option<tether_auth::TokenSigner>,
+    pub(crate) nats_url: Option<String>,
+    _stack: Option<Stack>,
+    _peer: Option<PeerServer>,
+}
+
+impl Target {
+    pub(crate) async fn start(proto: Proto) -> Result<Target, BenchError> {
+        Ok(match proto {
+            Proto::Tether => {
+                let stack = Stack::start(&StackSpec {
+                    gateways: 1,
+                    state: true,
+                    key: None,
+                })
+                .await?;
+                Target {
+                    endpoint: stack.tcp_endpoints()[0],
+                    signer: Some(stack.signer.clone()),
+                    nats_url: Some(stack.nats_url.clone()),
+                    _stack: Some(stack),
+                    _peer: None,
+                }
+            }
+            Proto::Nats | Proto::Mqtt => {
+                let peer = if proto == Proto::Nats {
+                    PeerServer::nats()?
+                } else {
+                    PeerServer::mosquitto().await?
+                };
+                Target {
+                    endpoint: peer.addr,
+                    signer: None,
+                    nats_url: (proto == Proto::Nats).then(|| peer.nats_url()),
+                    _stack: None,
+                    _peer: Some(peer),
+                }
+            }
+        })
+    }
+}
+
+pub(crate) async fn nats_client(url: &str) -> Result<async_nats::Client, BenchError> {
+    async_nats::connect(url)
+        .await
+        .map_err(|e| BenchError::Setup(format!("nats connection: {e}")))
+}
+
+/// Starts the echo service of `proto`; it runs until the target stops.
+async fn start_echo(target: &Target, proto: Proto, app: &str, qos1: bool) -> Result<(), BenchError> {
+    match proto {
+        Proto::Tether => {
+            let url = target.nats_url.as_deref().unwrap_or_default();
+            let business = Business::new(nats_client(url).await?, app).with_concurrency(1024);
+            let pusher = business.clone();
+            tokio::spawn(async move {
+                let _ = business
+                    .serve_uplinks("bench-echo", move |up| {
+                        let pusher = pusher.clone();
+                        async move {
+                            if let Some((_, to)) = wire::read_payload(&up.body) {
+                                let push = Push::to_dids([format!("p{to}")], up.body);
+                                let push = if qos1 { push } else { push.qos0() };
+                                let _ = pusher.push_nowait(push).await;
+                            }
+                            Stored::stored(None)
+                        }
+                    })
+                    .await;
+            });
+        }
+        Proto::Nats => {
+            let url = target.nats_url.as_deref().unwrap_or_default();
+            let client = nats_client(url).await?;
+            let mut requests = client
+                .subscribe("p.echo")
+                .await
+                .map_err(|e| BenchError::Setup(format!("echo subscribe: {e}")))?;
+            client
+                .flush()
+                .await
+                .map_err(|e| BenchError::Setup(format!("echo flush: {e}")))?;
+            tokio::spawn(async move {
+                while let Some(message) = requests.next().await {
+                    if let Some(reply) = message.reply {
+                        let _ = client.publish(reply, message.payload).await;
+                    }
+                }
+            });
+        }
+        Proto::Mqtt => {
+            let mut stream = TcpStream::connect(target.endpoint)
+                .await
+                .map_err(BenchError::io("echo connect"))?;
+            let _ = stream.set_nodelay(true);
+            let hello = wire::mqtt_hello("echo", Some("p/up"));
+            let mut buf = wire::handshake(&mut stream, proto, &hello, 2, Duration::from_secs(10))
+                .await
+                .map_err(BenchError::Setup)?;
+            tokio::spawn(async move {
+                let mut out = BytesMut::with_capacity(4096);
+                loop {
+                    while let Ok(Some(item)) = wire::decode(Proto::Mqtt, &mut buf) {
+                        if let Incoming::Payload(p) = item
+                            && let Some((_, to)) = wire::read_payload(&p)
+                        {
+                            wire::mqtt_publish(&mut out, &format!("p/{to}"), &p, None);
+                        }
+                    }
+                    if !out.is_empty() && stream.write_all(&out).await.is_err() {
+                        break;
+                    }
+                    out.clear();
+                    match stream.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One sender: writes a message per intended time received, batching what is queued.
+async fn sender(
+    proto: Proto,
+    index: usize,
+    mut writer: OwnedWriteHalf,
+    mut stamps: mpsc::UnboundedReceiver<u64>,
+) {
+    let to = (index + 1) as u64;
+    let mut msg_id = 0u64;
+    let mut out = BytesMut::with_capacity(4096);
+    while let Some(stamp) = stamps.recv().await {
+        let mut next = Some(stamp);
+        while let Some(stamp) = next {
+            msg_id += 1;
+            let body = wire::payload(stamp, to);
+            match proto {
+                Proto::Tether => out.extend_from_slice(&up_frame(msg_id, body)),
+                Proto::Nats => {
+                    out.extend_from_slice(format!("PUB p.echo p.{to} {}\r\n", body.len()).as_bytes());
+                    out.extend_from_slice(&body);
+                    out.extend_from_slice(b"\r\n");
+                }
+                Proto::Mqtt => wire::mqtt_publish(&mut out, "p/up", &body, None),
+            }
+            next = stamps.try_recv().ok();
+        }
+        if writer.write_all(&out).await.is_err() {
+            break;
+        }
+        out.clear();
+    }
+}
+
+pub(crate) fn up_frame(client_msg_id: u64, body: Bytes) -> Bytes {
+    Frame::Up {
+        header: pb::Up {
+            client_msg_id,
+            session: String::new(),
+        },
+        body,
+    }
+    .encode()
+}
+
+/// Measures one target.
+pub async fn measure(args: &P2pArgs, proto: Proto) -> Result<P2pReport, BenchError> {
+    if args.pairs == 0 || args.rate == 0 || args.duration_secs <= 0.0 {
+        return Err(BenchError::Args("pairs, rate and duration must be positive".into()));
+    }
+    let target = Target::start(proto).await?;
+    start_echo(&target, proto, &args.app, args.qos1).await?;
+    let plan = Plan {
+        proto,
+        endpoints: vec![target.endpoint],
+        sources: args.source_addrs.clone(),
+        app: args.app.clone(),
+        did_prefix: "p".into(),
+        subscribe: match proto {
+            Proto::Tether => None,
+            Proto::Nats => Some("p.{i}".into()),
+            Proto::Mqtt => Some("p/{i}".into()),
+        },
+        rate: 5_000,
+    };
+    let opened = fleet::open(&plan, target.signer.as_ref(), 0..2 * args.pairs, |_, _| {}).await?;
+    if opened.failed > 0 {
+        return Err(BenchError::Setup(format!(
+            "{} devices failed to connect: {}",
+            opened.failed,
+            opened.first_error.unwrap_or_default()
+        )));
+    }
+    let sink = Arc::new(Sink::default());
+    let counters = Arc::new(Counters::default());
+    let mut senders = vec![None; args.pairs];
+    let mut tasks = Vec::new();
+    for (i, stream, rest) in opened.conns {
+        let (r, w) = stream.into_split();
+        if i % 2 == 0 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders[i / 2] = Some(tx);
+            tasks.push(tokio::spawn(sender(proto, i, w, rx)));
+            let w: Option<OwnedWriteHalf> = None;
+            let (sink, counters) = (Arc::new(Sink::default()), counters.clone());
+            tasks.push(tokio::spawn(reader::read_loop(i, proto, r, w, rest, sink, counters)));
+        } else {
+            let (sink, counters) = (sink.clone(), counters.clone());
+            tasks.push(tokio::spawn(reader::read_loop(i, proto, r, Some(w), rest, sink, counters)));
+        }
+    }
+    let senders: Vec<_> = senders.into_iter().flatten().collect();
+
+    // Warm-up: a round of one message per pair until a round fully arrives (state
+    // partitions leased, subscriptions settled), then a second of traffic at the rate.
+    let mut warm = false;
+    for _ in 0..15 {
+        sink.reset();
+        for tx in &senders {
+            let _ = tx.send(now_ns());
+        }
+        let (s, n) = (sink.clone(), senders.len() as u64);
+        if reader::wait_until(|| s.count() >= n, || s.count(), Duration::from_secs(2), Duration::from_secs(4)).await {
+            warm = true;
+            break;
+        }
+    }
+    if !warm {
+        return Err(BenchError::Setup(format!(
+            "warm-up: {} of {} echoes arrived",
+            sink.count(),
+            senders.len()
+        )));
+    }
+    pace(&senders, args.rate, 1.0, None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sink.reset();
+    counters.receipts.store(0, Ordering::Relaxed);
+
+    let total = (f64::from(args.rate) * args.duration_secs).round() as u64;
+    let progress = Progress::start(format!("p2p [{}]", proto.target_name()), total);
+    let start_ns = now_ns();
+    pace(&senders, args.rate, args.duration_secs, Some(&progress)).await;
+    let s = sink.clone();
+    reader::wait_until(|| s.count() >= total, || s.count(), Duration::from_secs(3), Duration::from_secs(60)).await;
+    progress.set(sink.count());
+    progress.finish();
+    let delivered = sink.count();
+    let last = sink.span_ns().map_or(start_ns, |(_, last)| last);
+    let report = P2pReport {
+        target: proto.target_name().into(),
+        pairs: senders.len(),
+        offered_rate: args.rate,
+        sent: total,
+        delivered,
+        receipts: counters.receipts.load(Ordering::Relaxed),
+        achieved_rate: delivered as f64 / ((last.saturating_sub(start_ns)) as f64 / 1e9).max(1e-9),
+        latency: Percentiles::of(&sink.merged()),
+    };
+    drop(senders);
+    for t in tasks {
+        t.abort();
+    }
+    drop(target);
+    Ok(report)
+}
+
+/// Sends `rate × secs` messages round-robin over `senders` from a pacer thread: message
+/// k is due at start + k/rate and carries that intended time as its stamp.
+async fn pace(senders: &[mpsc::UnboundedSender<u64>], rate: u32, secs: f64, progress: Option<&Progress>) {
+    let total = (f64::from(rate) * secs).round() as u64;
+    let senders = senders.to_vec();
+    let progress = progress.cloned();
+    let pacer = std::thread::spawn(move || {
+        let interval_ns = 1e9 / f64::from(rate);
+        let start = Instant::now();
+        let start_ns = now_ns();
+        for k in 0..total {
+            let offset = Duration::from_nanos((k as f64 * interval_ns) as u64);
+            let due = start + offset;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let stamp = start_ns + u64::try_from(offset.as_nanos()).unwrap_or(0);
+            let _ = senders[(k as usize) % senders.len()].send(stamp);
+            if let Some(p) = &progress
+                && k % 256 == 0
+            {
+                p.set(k);
+            }
+        }
+    });
+    let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
+}

@@ -1,0 +1,414 @@
+//! The processes a scenario starts and stops: nats-server, K `tether gateway` children,
+//! a `tether state` child, and the peers (nats-server alone, Mosquitto). Everything
+//! started here is stopped on drop; a scenario that targets running processes by URL
+//! starts nothing.
+
+use std::fs::File;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tether_auth::TokenSigner;
+use tether_nats::server::{NatsServer, ServerSpec, free_port, locate_binary};
+use tokio::net::TcpStream;
+
+use crate::{BenchError, procfs};
+
+/// The address every started process listens on.
+pub const HOST: &str = "127.0.0.1";
+
+/// A free loopback port.
+pub fn port() -> Result<u16, BenchError> {
+    free_port(HOST).map_err(|e| BenchError::Setup(e.to_string()))
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+}
+
+/// Kills and reaps its child on drop.
+pub struct ChildGuard(Child);
+
+impl ChildGuard {
+    /// Process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The `tether` binary: `$TETHER_BIN`, this executable if it is `tether`, else
+/// `target/{release,debug}/tether` of the workspace (or of `$CARGO_TARGET_DIR`).
+pub fn locate_tether() -> Result<PathBuf, BenchError> {
+    if let Some(path) = std::env::var_os("TETHER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && exe.file_stem().is_some_and(|s| s == "tether")
+    {
+        return Ok(exe);
+    }
+    let mut roots = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")];
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        roots.insert(0, PathBuf::from(dir));
+    }
+    roots
+        .iter()
+        .flat_map(|root| ["release", "debug"].map(|p| root.join(p).join("tether")))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            BenchError::Setup(
+                "tether binary not found (build it: cargo build --release -p tether, or set TETHER_BIN)"
+                    .into(),
+            )
+        })
+}
+
+/// Starts `tether <args>` with its output in `log`, and waits until `ready` accepts TCP.
+async fn spawn_role(
+    tether: &Path,
+    args: &[String],
+    envs: &[(&str, &str)],
+    log_path: &Path,
+    ready: SocketAddr,
+) -> Result<ChildGuard, BenchError> {
+    let log = File::create(log_path).map_err(BenchError::io("role log"))?;
+    let log_err = log.try_clone().map_err(BenchError::io("role log"))?;
+    let child = Command::new(tether)
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(BenchError::io(format!("start {}", tether.display())))?;
+    let mut guard = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = guard.0.try_wait() {
+            return Err(BenchError::Setup(format!(
+                "tether {} exited ({status}): {}",
+                args.first().map_or("", String::as_str),
+                tail(log_path)
+            )));
+        }
+        if TcpStream::connect(ready).await.is_ok() {
+            return Ok(guard);
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Setup(format!(
+                "tether {} not listening on {ready} after 30 s: {}",
+                args.first().map_or("", String::as_str),
+                tail(log_path)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One gateway child.
+pub struct Gateway {
+    child: ChildGuard,
+    /// TCP client listener.
+    pub tcp: SocketAddr,
+    /// WebSocket client listener (`/ws`).
+    pub ws: SocketAddr,
+    /// Admin HTTP listener.
+    pub admin: SocketAddr,
+}
+
+impl Gateway {
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone, Default)]
+pub struct StackSpec {
+    /// Gateway processes (at least 1).
+    pub gateways: usize,
+    /// Also start a `tether state` process (needed for uplinks and pushes).
+    pub state: bool,
+    /// Token signing key (private PEM); a fresh one is generated when `None`.
+    pub key: Option<PathBuf>,
+}
+
+/// nats-server, gateways and maybe state, started for one run; stopped on drop (gateways
+/// and state first, then nats-server).
+pub struct Stack {
+    /// The gateway children.
+    pub gateways: Vec<Gateway>,
+    /// The `tether state` child.
+    state: Option<ChildGuard>,
+    /// Signs device tokens.
+    pub signer: TokenSigner,
+    /// The private key file (for worker processes).
+    pub key_path: PathBuf,
+    /// NATS client URL.
+    pub nats_url: String,
+    nats: Option<NatsServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.gateways.clear();
+        self.state = None;
+        if let Some(mut nats) = self.nats.take() {
+            nats.stop();
+        }
+    }
+}
+
+impl Stack {
+    /// Starts nats-server (JetStream, in a temp dir), then the roles of `spec`.
+    pub async fn start(spec: &StackSpec) -> Result<Stack, BenchError> {
+        let tether = locate_tether()?;
+        let dir = tempfile::tempdir().map_err(BenchError::io("temp dir"))?;
+        let signer = match &spec.key {
+            Some(path) => TokenSigner::from_file(path)
+                .map_err(|e| BenchError::Setup(format!("signing key: {e}")))?,
+            None => TokenSigner::generate(),
+        };
+        let key_path = dir.path().join("token.key");
+        let pub_path = dir.path().join("token.pub");
+        let setup = |e: tether_auth::AuthError| BenchError::Setup(format!("key: {e}"));
+        std::fs::write(&key_path, signer.to_pem().map_err(setup)?)
+            .map_err(BenchError::io("write key"))?;
+        std::fs::write(&pub_path, signer.verifier().to_pem().map_err(setup)?)
+            .map_err(BenchError::io("write public key"))?;
+
+        let nats = start_nats(dir.path().join("nats"))?;
+        let nats_url = nats.client_url();
+        let mut stack = Stack {
+            gateways: Vec::new(),
+            state: None,
+            signer,
+            key_path,
+            nats_url: nats_url.clone(),
+            nats: Some(nats),
+            _dir: dir,
+        };
+        let dir = stack._dir.path().to_path_buf();
+        let envs = [("TETHER_GATEWAY_MAX_FRAMES_PER_SEC", "0")];
+        for i in 0..spec.gateways.max(1) {
+            let (tcp, ws, admin) = (loopback(port()?), loopback(port()?), loopback(port()?));
+            let args: Vec<String> = [
+                "gateway",
+                "--nats",
+                &nats_url,
+                "--id",
+                &format!("bench{i}"),
+                "--tcp",
+                &tcp.to_string(),
+                "--ws",
+                &ws.to_string(),
+                "--admin",
+                &admin.to_string(),
+                "--token-public-key",
+                &pub_path.display().to_string(),
+            ]
+            .map(String::from)
+            .to_vec();
+            let log = dir.join(format!("gateway{i}.log"));
+            let child = spawn_role(&tether, &args, &envs, &log, tcp).await?;
+            stack.gateways.push(Gateway {
+                child,
+                tcp,
+                ws,
+                admin,
+            });
+        }
+        if spec.state {
+            let admin = loopback(port()?);
+            let args: Vec<String> = ["state", "--nats", &nats_url, "--admin", &admin.to_string()]
+                .map(String::from)
+                .to_vec();
+            let log = dir.join("state.log");
+            stack.state = Some(spawn_role(&tether, &args, &[], &log, admin).await?);
+        }
+        eprintln!(
+            "started nats-server {nats_url}, {} gateway(s) (pids {:?}){} from {}",
+            stack.gateways.len(),
+            stack.gateway_pids(),
+            if spec.state { " and state" } else { "" },
+            tether.display()
+        );
+        Ok(stack)
+    }
+
+    /// Process ids of the gateways.
+    pub fn gateway_pids(&self) -> Vec<u32> {
+        self.gateways.iter().map(Gateway::pid).collect()
+    }
+
+    /// TCP client endpoints of the gateways.
+    pub fn tcp_endpoints(&self) -> Vec<SocketAddr> {
+        self.gateways.iter().map(|g| g.tcp).collect()
+    }
+
+    /// WebSocket endpoints of the gateways.
+    pub fn ws_endpoints(&self) -> Vec<SocketAddr> {
+        self.gateways.iter().map(|g| g.ws).collect()
+    }
+}
+
+/// Sum of the RSS of `pids`, KiB (`None` if any cannot be read).
+pub fn rss_sum_kb(pids: &[u32]) -> Option<u64> {
+    pids.iter().map(|&pid| procfs::rss_kb(pid)).sum()
+}
+
+/// Starts the pinned nats-server with JetStream, its store in `store`.
+pub fn start_nats(store: PathBuf) -> Result<NatsServer, BenchError> {
+    let bin = locate_binary().map_err(|e| BenchError::Setup(e.to_string()))?;
+    let spec = ServerSpec::single("bench", HOST, port()?, port()?, store);
+    NatsServer::start(spec, &bin, Duration::from_secs(30))
+        .map_err(|e| BenchError::Setup(format!("nats-server: {e}")))
+}
+
+/// A peer server started for one run: nats-server alone or Mosquitto.
+pub struct PeerServer {
+    /// Client address.
+    pub addr: SocketAddr,
+    /// Process id (for RSS).
+    pub pid: u32,
+    nats: Option<NatsServer>,
+    _mosquitto: Option<ChildGuard>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        if let Some(mut nats) = self.nats.take() {
+            nats.stop();
+        }
+    }
+}
+
+impl PeerServer {
+    /// NATS client URL of a nats peer.
+    pub fn nats_url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    /// Starts nats-server alone (JetStream on, for the uplink peer).
+    pub fn nats() -> Result<PeerServer, BenchError> {
+        let dir = tempfile::tempdir().map_err(BenchError::io("temp dir"))?;
+        let server = start_nats(dir.path().join("nats"))?;
+        let addr: SocketAddr = server
+            .client_url()
+            .trim_start_matches("nats://")
+            .parse()
+            .map_err(|e| BenchError::Setup(format!("nats url: {e}")))?;
+        let pid = server
+            .pid()
+            .ok_or_else(|| BenchError::Setup("nats-server has no pid".into()))?;
+        eprintln!("started peer nats-server {addr} (pid {pid})");
+        Ok(PeerServer {
+            addr,
+            pid,
+            nats: Some(server),
+            _mosquitto: None,
+            _dir: dir,
+        })
+    }
+
+    /// Starts Mosquitto on a free port: no persistence, anonymous, no connection limit,
+    /// `allow_duplicate_messages true` (its default duplicate check is quadratic in
+    /// subscribers, see the field notes).
+    pub async fn mosquitto() -> Result<PeerServer, BenchError> {
+        let bin = locate_mosquitto()?;
+        let dir = tempfile::tempdir().map_err(BenchError::io("temp dir"))?;
+        let addr = loopback(port()?);
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} {HOST}\nallow_anonymous true\npersistence false\n\
+                 max_connections -1\nallow_duplicate_messages true\nlog_dest stderr\n\
+                 log_type error\nlog_type warning\n",
+                addr.port()
+            ),
+        )
+        .map_err(BenchError::io("write mosquitto.conf"))?;
+        let log_path = dir.path().join("mosquitto.log");
+        let log = File::create(&log_path).map_err(BenchError::io("mosquitto log"))?;
+        let log_err = log.try_clone().map_err(BenchError::io("mosquitto log"))?;
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(BenchError::io(format!("start {}", bin.display())))?;
+        let mut guard = ChildGuard(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(addr).await.is_err() {
+            if let Ok(Some(status)) = guard.0.try_wait() {
+                return Err(BenchError::Setup(format!(
+                    "mosquitto exited ({status}): {}",
+                    tail(&log_path)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Setup(format!(
+                    "mosquitto not listening on {addr}: {}",
+                    tail(&log_path)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pid = guard.id();
+        eprintln!("started peer mosquitto {addr} (pid {pid})");
+        Ok(PeerServer {
+            addr,
+            pid,
+            nats: None,
+            _mosquitto: Some(guard),
+            _dir: dir,
+        })
+    }
+}
+
+/// The `mosquitto` broker: `$MOSQUITTO_BIN`, else `mosquitto` in PATH or `/usr/sbin`.
+pub fn locate_mosquitto() -> Result<PathBuf, BenchError> {
+    if let Some(path) = std::env::var_os("MOSQUITTO_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+        .map(|dir| dir.join("mosquitto"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            BenchError::Setup(
+                "mosquitto not found (make bench-tools installs it: apt-get install mosquitto)"
+                    .into(),
+            )
+        })
+}
+
+/// The last 2,000 characters of a log file.
+pub fn tail(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    let start = text.len().saturating_sub(2000);
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    text[start..].to_string()
+}
