@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: tools up build test lint fmt fuzz clean-tools
+.PHONY: tools up build test lint fmt fuzz clean-tools bench-tools bench
 
 ## Install the pinned nats-server into .tools/ (no-op when present).
 tools:
@@ -25,6 +25,15 @@ test: tools
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
+
+## Tools of `make bench`: the pinned nats-server and Mosquitto (apt-get, as root).
+bench-tools:
+	@scripts/install-tools.sh bench
+
+## The table of BENCHMARKS.md (~10 min on 2 cores): release build, every scenario with
+## the nats and mosquitto peers; writes docs/bench/{results.json,table.md,*.png}.
+bench: bench-tools
+	$(CARGO) run --release -p tether -- bench suite --out docs/bench
 
 ## Formatting and lints, as CI expects them.
 lint:

@@ -1,9 +1,25 @@
 #!/usr/bin/env bash
 # Installs the tools Tether's build, tests and `tether up` need into .tools/ (ignored by git).
 # Idempotent: does nothing when the pinned versions are already there.
+# `install-tools.sh bench` also installs what `make bench` needs: Mosquitto (the MQTT peer
+# of the bench tool), with apt-get as root (Debian's mosquitto package).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+
+have_mosquitto() {
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]
+}
+
+if [ "${1:-}" = bench ] && ! have_mosquitto; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "tools: installing mosquitto with apt-get (bench peer)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+  fi
+  have_mosquitto || { echo "tools: mosquitto missing (apt-get install mosquitto, as root)" >&2; exit 1; }
+fi
+
 NATS_VERSION=2.15.1
 TOOLS=.tools
 VENV=$TOOLS/venv

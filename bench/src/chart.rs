@@ -107,7 +107,11 @@ impl BarChart {
             .filter(|v| v.is_finite() && *v > 0.0)
             .collect();
         let max = values.iter().copied().fold(0.0, f64::max).max(1e-9);
-        let min = values.iter().copied().fold(f64::INFINITY, f64::min).min(max);
+        let min = values
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .min(max);
         let (plot_h, plot_w) = (H as i32 - TOP - BOTTOM, W as i32 - LEFT - RIGHT);
         let (lo, hi) = if self.log {
             let lo = min.max(1e-9).log10().floor();
@@ -135,10 +139,21 @@ impl BarChart {
             root.draw(&PathElement::new(vec![(LEFT, y), (LEFT + plot_w, y)], grey))
                 .map_err(err)?;
             let label = short(t);
-            text(&root, LEFT - 8 - text_width(&label, 1), y - 4, &label, 1, &BLACK)?;
+            text(
+                &root,
+                LEFT - 8 - text_width(&label, 1),
+                y - 4,
+                &label,
+                1,
+                &BLACK,
+            )?;
         }
         root.draw(&PathElement::new(
-            vec![(LEFT, TOP), (LEFT, TOP + plot_h), (LEFT + plot_w, TOP + plot_h)],
+            vec![
+                (LEFT, TOP),
+                (LEFT, TOP + plot_h),
+                (LEFT + plot_w, TOP + plot_h),
+            ],
             BLACK,
         ))
         .map_err(err)?;
@@ -182,8 +197,11 @@ impl BarChart {
         for (si, name) in series.iter().enumerate() {
             let color = PALETTE[si % PALETTE.len()];
             let y = H as i32 - 28;
-            root.draw(&Rectangle::new([(lx, y), (lx + 12, y + 10)], color.filled()))
-                .map_err(err)?;
+            root.draw(&Rectangle::new(
+                [(lx, y), (lx + 12, y + 10)],
+                color.filled(),
+            ))
+            .map_err(err)?;
             text(&root, lx + 18, y + 1, name, 1, &BLACK)?;
             lx += 40 + text_width(name, 1);
         }

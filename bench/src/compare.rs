@@ -147,24 +147,24 @@ impl fmt::Display for Comparison {
         }
         write!(f, "{:<24}", format!("{} figure", self.scenario))?;
         for o in &self.outcomes {
-            write!(f, "{:>16}", o.target)?;
+            write!(f, " {:>17}", o.target)?;
         }
         if self.outcomes.is_empty() {
             return writeln!(f, " (no outcome)");
         }
         for peer in ratios.keys() {
-            write!(f, "{:>16}", format!("tether/{peer}"))?;
+            write!(f, " {:>17}", format!("tether/{peer}"))?;
         }
         writeln!(f)?;
         for (key, unit) in keys {
             write!(f, "{:<24}", format!("{key} ({unit})"))?;
             for o in &self.outcomes {
                 let v = o.figures.iter().find(|x| x.key == key);
-                write!(f, "{:>16}", v.map_or("-".into(), |v| fmt_num(v.value)))?;
+                write!(f, " {:>17}", v.map_or("-".into(), |v| fmt_num(v.value)))?;
             }
             for r in ratios.values() {
                 let v = r.get(key);
-                write!(f, "{:>16}", v.map_or("-".into(), |v| format!("{v:.2}×")))?;
+                write!(f, " {:>17}", v.map_or("-".into(), |v| format!("{v:.2}×")))?;
             }
             writeln!(f)?;
         }

@@ -72,7 +72,9 @@ impl ConnsArgs {
 /// `count` addresses from 127.0.0.`first` on (127.0.0.255 is followed by 127.0.1.0; all
 /// of 127/8 answers on `lo`).
 pub fn source_range(first: u16, count: u16) -> Vec<IpAddr> {
-    (0..count).map(|i| nth_loopback(u32::from(first) + u32::from(i))).collect()
+    (0..count)
+        .map(|i| nth_loopback(u32::from(first) + u32::from(i)))
+        .collect()
 }
 
 fn nth_loopback(n: u32) -> IpAddr {
@@ -275,9 +277,10 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
     let fd_limit =
         rlimit::increase_nofile_limit(u64::MAX).map_err(BenchError::io("raise RLIMIT_NOFILE"))?;
     // An in-process gateway holds the server end of every connection too.
-    let per_process = usize::try_from(fd_limit.saturating_sub(FD_MARGIN) / if in_process { 2 } else { 1 })
-        .unwrap_or(usize::MAX)
-        .min(MAX_CONNECTIONS_PER_PROCESS);
+    let per_process =
+        usize::try_from(fd_limit.saturating_sub(FD_MARGIN) / if in_process { 2 } else { 1 })
+            .unwrap_or(usize::MAX)
+            .min(MAX_CONNECTIONS_PER_PROCESS);
     let workers = args
         .workers
         .unwrap_or_else(|| args.connections.div_ceil(per_process))
@@ -285,7 +288,11 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
     if args.connections.div_ceil(workers) > per_process || (in_process && workers > 1) {
         return Err(BenchError::TooManyConnections {
             requested: args.connections,
-            max: if in_process { per_process } else { per_process * workers },
+            max: if in_process {
+                per_process
+            } else {
+                per_process * workers
+            },
         });
     }
 
@@ -297,7 +304,13 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
             let signer = TokenSigner::from_file(&key)
                 .map_err(|e| BenchError::Setup(format!("signing key: {e}")))?;
             let pids = args.gateway_pid.into_iter().collect();
-            (Server::default(), vec![endpoint], pids, Some(signer), Some(key))
+            (
+                Server::default(),
+                vec![endpoint],
+                pids,
+                Some(signer),
+                Some(key),
+            )
         }
         (Proto::Tether, None) => {
             let stack = Stack::start(&StackSpec {
@@ -308,7 +321,16 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
             .await?;
             let (endpoints, pids) = (stack.tcp_endpoints(), stack.gateway_pids());
             let (signer, key) = (stack.signer.clone(), stack.key_path.clone());
-            (Server { _stack: Some(stack), _peer: None }, endpoints, pids, Some(signer), Some(key))
+            (
+                Server {
+                    _stack: Some(stack),
+                    _peer: None,
+                },
+                endpoints,
+                pids,
+                Some(signer),
+                Some(key),
+            )
         }
         (peer, _) => {
             let server = match peer {
@@ -316,7 +338,16 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
                 _ => PeerServer::nats()?,
             };
             let (addr, pid) = (server.addr, server.pid);
-            (Server { _stack: None, _peer: Some(server) }, vec![addr], vec![pid], None, None)
+            (
+                Server {
+                    _stack: None,
+                    _peer: Some(server),
+                },
+                vec![addr],
+                vec![pid],
+                None,
+                None,
+            )
         }
     };
     let servers = endpoints.len();
@@ -347,7 +378,16 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
         .await?;
         Held::Local(opened)
     } else {
-        Held::Workers(worker::spawn_all(&plan, key_path.as_deref(), args.connections, workers, &progress).await?)
+        Held::Workers(
+            worker::spawn_all(
+                &plan,
+                key_path.as_deref(),
+                args.connections,
+                workers,
+                &progress,
+            )
+            .await?,
+        )
     };
     progress.finish();
     let (held, failed, first_error, latency, elapsed, loadgen_extra) = opened.summary();

@@ -18,6 +18,7 @@ use tether_business::{Business, Push};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::BenchError;
 use crate::compare::{Comparison, Figure, Outcome};
 use crate::fleet::{self, Plan};
 use crate::progress::Progress;
@@ -25,7 +26,6 @@ use crate::reader::{self, Counters};
 use crate::stack::{PeerServer, Stack, StackSpec};
 use crate::stats::{Percentiles, Sink};
 use crate::wire::{self, Proto, now_ns};
-use crate::BenchError;
 
 /// Arguments of the `fanout` scenario.
 #[derive(Debug, Clone)]
@@ -162,14 +162,7 @@ impl Publisher {
         let body = wire::payload(now_ns(), seq);
         match self {
             Publisher::Tether(business, room) => {
-                let push = Push {
-                    dids: vec![],
-                    uids: vec![],
-                    qos1: false,
-                    session: Some(room.clone()),
-                    meta: Default::default(),
-                    body,
-                };
+                let push = Push::to_session(room.as_str(), body).qos0();
                 business
                     .push_nowait(push)
                     .await
@@ -195,7 +188,9 @@ const ROOM: &str = "room1";
 /// Measures one target.
 pub async fn measure(args: &FanoutArgs, proto: Proto) -> Result<FanoutReport, BenchError> {
     if args.members == 0 || args.messages == 0 || args.rate == 0 {
-        return Err(BenchError::Args("members, messages and rate must be positive".into()));
+        return Err(BenchError::Args(
+            "members, messages and rate must be positive".into(),
+        ));
     }
     let mut stack = None;
     let mut peer = None;
@@ -244,7 +239,9 @@ pub async fn measure(args: &FanoutArgs, proto: Proto) -> Result<FanoutReport, Be
     .await?;
     progress.finish();
     if opened.conns.is_empty() {
-        return Err(BenchError::NoConnections(opened.first_error.unwrap_or_default()));
+        return Err(BenchError::NoConnections(
+            opened.first_error.unwrap_or_default(),
+        ));
     }
     let members = opened.conns.len();
     let sink = Arc::new(Sink::default());

@@ -74,7 +74,10 @@ pub fn hellos(
     range
         .map(|i| {
             let did = format!("{}{i}", plan.did_prefix);
-            let subscribe = plan.subscribe.as_ref().map(|s| s.replace("{i}", &i.to_string()));
+            let subscribe = plan
+                .subscribe
+                .as_ref()
+                .map(|s| s.replace("{i}", &i.to_string()));
             Ok(match plan.proto {
                 Proto::Tether => {
                     let signer = signer.ok_or_else(|| {

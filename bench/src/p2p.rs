@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
+use crate::BenchError;
 use crate::compare::{Comparison, Figure, Outcome};
 use crate::fleet::{self, Plan};
 use crate::progress::Progress;
@@ -34,7 +35,6 @@ use crate::reader::{self, Counters};
 use crate::stack::{PeerServer, Stack, StackSpec};
 use crate::stats::{Percentiles, Sink};
 use crate::wire::{self, Incoming, Proto, now_ns};
-use crate::BenchError;
 
 /// Arguments of the `p2p` scenario.
 #[derive(Debug, Clone)]
@@ -106,7 +106,11 @@ impl std::fmt::Display for P2pReport {
             self.receipts,
             self.achieved_rate
         )?;
-        write!(f, "  end-to-end latency (from intended send): {}", self.latency)
+        write!(
+            f,
+            "  end-to-end latency (from intended send): {}",
+            self.latency
+        )
     }
 }
 
@@ -206,7 +210,12 @@ pub(crate) async fn nats_client(url: &str) -> Result<async_nats::Client, BenchEr
 }
 
 /// Starts the echo service of `proto`; it runs until the target stops.
-async fn start_echo(target: &Target, proto: Proto, app: &str, qos1: bool) -> Result<(), BenchError> {
+async fn start_echo(
+    target: &Target,
+    proto: Proto,
+    app: &str,
+    qos1: bool,
+) -> Result<(), BenchError> {
     match proto {
         Proto::Tether => {
             let url = target.nats_url.as_deref().unwrap_or_default();
@@ -299,7 +308,9 @@ async fn sender(
             match proto {
                 Proto::Tether => out.extend_from_slice(&up_frame(msg_id, body)),
                 Proto::Nats => {
-                    out.extend_from_slice(format!("PUB p.echo p.{to} {}\r\n", body.len()).as_bytes());
+                    out.extend_from_slice(
+                        format!("PUB p.echo p.{to} {}\r\n", body.len()).as_bytes(),
+                    );
                     out.extend_from_slice(&body);
                     out.extend_from_slice(b"\r\n");
                 }
@@ -328,7 +339,9 @@ pub(crate) fn up_frame(client_msg_id: u64, body: Bytes) -> Bytes {
 /// Measures one target.
 pub async fn measure(args: &P2pArgs, proto: Proto) -> Result<P2pReport, BenchError> {
     if args.pairs == 0 || args.rate == 0 || args.duration_secs <= 0.0 {
-        return Err(BenchError::Args("pairs, rate and duration must be positive".into()));
+        return Err(BenchError::Args(
+            "pairs, rate and duration must be positive".into(),
+        ));
     }
     let target = Target::start(proto).await?;
     start_echo(&target, proto, &args.app, args.qos1).await?;
@@ -365,10 +378,20 @@ pub async fn measure(args: &P2pArgs, proto: Proto) -> Result<P2pReport, BenchErr
             tasks.push(tokio::spawn(sender(proto, i, w, rx)));
             let w: Option<OwnedWriteHalf> = None;
             let (sink, counters) = (Arc::new(Sink::default()), counters.clone());
-            tasks.push(tokio::spawn(reader::read_loop(i, proto, r, w, rest, sink, counters)));
+            tasks.push(tokio::spawn(reader::read_loop(
+                i, proto, r, w, rest, sink, counters,
+            )));
         } else {
             let (sink, counters) = (sink.clone(), counters.clone());
-            tasks.push(tokio::spawn(reader::read_loop(i, proto, r, Some(w), rest, sink, counters)));
+            tasks.push(tokio::spawn(reader::read_loop(
+                i,
+                proto,
+                r,
+                Some(w),
+                rest,
+                sink,
+                counters,
+            )));
         }
     }
     let senders: Vec<_> = senders.into_iter().flatten().collect();
@@ -382,7 +405,14 @@ pub async fn measure(args: &P2pArgs, proto: Proto) -> Result<P2pReport, BenchErr
             let _ = tx.send(now_ns());
         }
         let (s, n) = (sink.clone(), senders.len() as u64);
-        if reader::wait_until(|| s.count() >= n, || s.count(), Duration::from_secs(2), Duration::from_secs(4)).await {
+        if reader::wait_until(
+            || s.count() >= n,
+            || s.count(),
+            Duration::from_secs(2),
+            Duration::from_secs(4),
+        )
+        .await
+        {
             warm = true;
             break;
         }
@@ -404,7 +434,13 @@ pub async fn measure(args: &P2pArgs, proto: Proto) -> Result<P2pReport, BenchErr
     let start_ns = now_ns();
     pace(&senders, args.rate, args.duration_secs, Some(&progress)).await;
     let s = sink.clone();
-    reader::wait_until(|| s.count() >= total, || s.count(), Duration::from_secs(3), Duration::from_secs(60)).await;
+    reader::wait_until(
+        || s.count() >= total,
+        || s.count(),
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    )
+    .await;
     progress.set(sink.count());
     progress.finish();
     let delivered = sink.count();
@@ -429,7 +465,12 @@ pub async fn measure(args: &P2pArgs, proto: Proto) -> Result<P2pReport, BenchErr
 
 /// Sends `rate × secs` messages round-robin over `senders` from a pacer thread: message
 /// k is due at start + k/rate and carries that intended time as its stamp.
-async fn pace(senders: &[mpsc::UnboundedSender<u64>], rate: u32, secs: f64, progress: Option<&Progress>) {
+async fn pace(
+    senders: &[mpsc::UnboundedSender<u64>],
+    rate: u32,
+    secs: f64,
+    progress: Option<&Progress>,
+) {
     let total = (f64::from(rate) * secs).round() as u64;
     let senders = senders.to_vec();
     let progress = progress.cloned();

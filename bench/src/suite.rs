@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
+use crate::BenchError;
 use crate::chart::{BarChart, Group};
 use crate::compare::{self, Comparison};
 use crate::conns::{self, ConnsArgs, source_range};
@@ -13,7 +14,6 @@ use crate::fanout::{self, FanoutArgs};
 use crate::p2p::{self, P2pArgs};
 use crate::uplink::{self, UplinkArgs};
 use crate::wire::Proto;
-use crate::BenchError;
 
 /// Arguments of the suite.
 #[derive(Debug, Clone)]
@@ -131,19 +131,20 @@ fn write_outputs(args: &SuiteArgs, results: &[Comparison]) -> Result<(), BenchEr
     std::fs::write(args.out.join("table.md"), &table).map_err(BenchError::io("table.md"))?;
     println!("\n{table}");
     charts(args, results)?;
-    eprintln!("suite: wrote {}/results.json, table.md and charts", args.out.display());
+    eprintln!(
+        "suite: wrote {}/results.json, table.md and charts",
+        args.out.display()
+    );
     Ok(())
 }
 
 fn machine() -> Value {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_kb = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
-        });
+    let mem_kb = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+    });
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     json!({ "cpus": cpus, "mem_kb": mem_kb, "kernel": kernel.trim() })
 }
@@ -152,7 +153,11 @@ fn machine() -> Value {
 pub fn markdown_table(results: &[Comparison], peers: &[Proto]) -> String {
     let mut out = String::from("| scenario | figure | tether |");
     for p in peers {
-        out.push_str(&format!(" {} | tether/{} |", p.target_name(), p.target_name()));
+        out.push_str(&format!(
+            " {} | tether/{} |",
+            p.target_name(),
+            p.target_name()
+        ));
     }
     out.push_str("\n|---|---|---:|");
     for _ in peers {
@@ -161,10 +166,16 @@ pub fn markdown_table(results: &[Comparison], peers: &[Proto]) -> String {
     out.push('\n');
     for c in results {
         let ratios = c.ratios();
-        let Some(tether) = c.get("tether") else { continue };
+        let Some(tether) = c.get("tether") else {
+            continue;
+        };
         if tether.figures.is_empty() {
             let error = tether.detail["error"].as_str().unwrap_or("no figures");
-            out.push_str(&format!("| {} | failed: {} | | \n", c.scenario, error.replace('|', "/")));
+            out.push_str(&format!(
+                "| {} | failed: {} | | \n",
+                c.scenario,
+                error.replace('|', "/")
+            ));
         }
         let keys: Vec<_> = c
             .outcomes
@@ -182,7 +193,11 @@ pub fn markdown_table(results: &[Comparison], peers: &[Proto]) -> String {
                     .and_then(|o| o.figures.iter().find(|f| f.key == key))
                     .map_or("–".to_string(), |f| compare::fmt_num(f.value))
             };
-            out.push_str(&format!("| {} | {key} ({unit}) | {} |", c.scenario, value("tether")));
+            out.push_str(&format!(
+                "| {} | {key} ({unit}) | {} |",
+                c.scenario,
+                value("tether")
+            ));
             for p in peers {
                 let name = p.target_name();
                 let ratio = ratios
@@ -211,7 +226,10 @@ fn charts(args: &SuiteArgs, results: &[Comparison]) -> Result<(), BenchError> {
         .chain(args.peers.iter().map(|p| p.target_name()))
         .collect();
     let bars = |c: Option<&Comparison>, key: &str| -> Vec<(String, Option<f64>)> {
-        targets.iter().map(|t| (t.to_string(), figure(c, t, key))).collect()
+        targets
+            .iter()
+            .map(|t| (t.to_string(), figure(c, t, key)))
+            .collect()
     };
     let mut latency = Vec::new();
     for scenario in ["fanout", "p2p"] {
@@ -236,7 +254,10 @@ fn charts(args: &SuiteArgs, results: &[Comparison]) -> Result<(), BenchError> {
     }];
     memory.push(Group {
         label: "several gateways".into(),
-        bars: vec![("tether".into(), figure(find("conns_multi"), "tether", "rss_per_conn"))],
+        bars: vec![(
+            "tether".into(),
+            figure(find("conns_multi"), "tether", "rss_per_conn"),
+        )],
     });
     BarChart {
         title: "Server RSS per idle connection (lower is better)".into(),
@@ -247,10 +268,22 @@ fn charts(args: &SuiteArgs, results: &[Comparison]) -> Result<(), BenchError> {
     .draw(&args.out.join("memory.png"))?;
 
     let rates = vec![
-        Group { label: "logins/s".into(), bars: bars(find("conns"), "connect_rate") },
-        Group { label: "fan-out deliveries/s".into(), bars: bars(find("fanout"), "deliveries_per_sec") },
-        Group { label: "p2p msgs/s".into(), bars: bars(find("p2p"), "achieved_rate") },
-        Group { label: "uplink receipts/s".into(), bars: bars(find("uplink"), "receipts_per_sec") },
+        Group {
+            label: "logins/s".into(),
+            bars: bars(find("conns"), "connect_rate"),
+        },
+        Group {
+            label: "fan-out deliveries/s".into(),
+            bars: bars(find("fanout"), "deliveries_per_sec"),
+        },
+        Group {
+            label: "p2p msgs/s".into(),
+            bars: bars(find("p2p"), "achieved_rate"),
+        },
+        Group {
+            label: "uplink receipts/s".into(),
+            bars: bars(find("uplink"), "receipts_per_sec"),
+        },
     ];
     BarChart {
         title: "Rates (higher is better)".into(),

@@ -20,13 +20,13 @@ use tether_business::{Business, Stored};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::BenchError;
 use crate::compare::{Comparison, Figure, Outcome};
 use crate::fleet::{self, Plan};
 use crate::p2p::{Target, nats_client, up_frame};
 use crate::progress::Progress;
 use crate::stats::{Percentiles, Sink, since_us};
 use crate::wire::{self, Incoming, Proto, now_ns};
-use crate::BenchError;
 
 /// Arguments of the `uplink` scenario.
 #[derive(Debug, Clone)]
@@ -134,7 +134,9 @@ pub async fn run(args: UplinkArgs) -> Result<Comparison, BenchError> {
 /// Measures one target.
 pub async fn measure(args: &UplinkArgs, proto: Proto) -> Result<UplinkReport, BenchError> {
     if args.devices == 0 || args.window == 0 || args.duration_secs <= 0.0 {
-        return Err(BenchError::Args("devices, window and duration must be positive".into()));
+        return Err(BenchError::Args(
+            "devices, window and duration must be positive".into(),
+        ));
     }
     let window = args.window.min(60_000);
     let target = Target::start(proto).await?;
@@ -161,7 +163,11 @@ pub async fn measure(args: &UplinkArgs, proto: Proto) -> Result<UplinkReport, Be
                 let mut tasks = Vec::new();
                 for d in 0..args.devices {
                     let js = async_nats::jetstream::new(nats_client(&url).await?);
-                    let sink = if measured { sink.clone() } else { Arc::new(Sink::default()) };
+                    let sink = if measured {
+                        sink.clone()
+                    } else {
+                        Arc::new(Sink::default())
+                    };
                     tasks.push(tokio::spawn(js_device(js, d, window, secs, sink)));
                 }
                 tick_progress(&progress, measured, secs, tasks).await;
@@ -170,7 +176,8 @@ pub async fn measure(args: &UplinkArgs, proto: Proto) -> Result<UplinkReport, Be
         Proto::Tether | Proto::Mqtt => {
             if proto == Proto::Tether {
                 let url = target.nats_url.as_deref().unwrap_or_default();
-                let business = Business::new(nats_client(url).await?, &args.app).with_concurrency(1024);
+                let business =
+                    Business::new(nats_client(url).await?, &args.app).with_concurrency(1024);
                 tokio::spawn(async move {
                     let _ = business
                         .serve_uplinks("bench-store", |_| async { Stored::stored(None) })
@@ -186,7 +193,8 @@ pub async fn measure(args: &UplinkArgs, proto: Proto) -> Result<UplinkReport, Be
                 subscribe: None,
                 rate: 5_000,
             };
-            let opened = fleet::open(&plan, target.signer.as_ref(), 0..args.devices, |_, _| {}).await?;
+            let opened =
+                fleet::open(&plan, target.signer.as_ref(), 0..args.devices, |_, _| {}).await?;
             if opened.failed > 0 {
                 return Err(BenchError::Setup(format!(
                     "{} devices failed to connect: {}",
@@ -194,15 +202,28 @@ pub async fn measure(args: &UplinkArgs, proto: Proto) -> Result<UplinkReport, Be
                     opened.first_error.unwrap_or_default()
                 )));
             }
-            let mut devices: Vec<(TcpStream, BytesMut, u64)> =
-                opened.conns.into_iter().map(|(_, s, b)| (s, b, 0)).collect();
+            let mut devices: Vec<(TcpStream, BytesMut, u64)> = opened
+                .conns
+                .into_iter()
+                .map(|(_, s, b)| (s, b, 0))
+                .collect();
             for (secs, measured) in phases {
                 let mut tasks = Vec::new();
                 for (d, (stream, buf, next_id)) in devices.drain(..).enumerate() {
-                    let sink = if measured { sink.clone() } else { Arc::new(Sink::default()) };
-                    tasks.push(tokio::spawn(raw_device(proto, d, stream, buf, next_id, window, secs, sink)));
+                    let sink = if measured {
+                        sink.clone()
+                    } else {
+                        Arc::new(Sink::default())
+                    };
+                    tasks.push(tokio::spawn(raw_device(
+                        proto, d, stream, buf, next_id, window, secs, sink,
+                    )));
                 }
-                devices = tick_progress(&progress, measured, secs, tasks).await.into_iter().flatten().collect();
+                devices = tick_progress(&progress, measured, secs, tasks)
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect();
             }
         }
     }
@@ -324,7 +345,10 @@ async fn js_device(
     loop {
         while Instant::now() < deadline && acks.len() < window {
             let stamp = now_ns();
-            match js.publish(subject.clone(), wire::payload(stamp, d as u64)).await {
+            match js
+                .publish(subject.clone(), wire::payload(stamp, d as u64))
+                .await
+            {
                 Ok(ack) => acks.push(async move { (ack.await.is_ok(), stamp) }),
                 Err(_) => return,
             }

@@ -380,12 +380,18 @@ mod tests {
     #[test]
     fn nats_msg_decodes() {
         let mut buf = BytesMut::from(&b"INFO {}\r\nMSG room 1 3\r\nabc\r\nPING\r\nMSG r"[..]);
-        assert!(matches!(decode(Proto::Nats, &mut buf), Ok(Some(Incoming::Other))));
+        assert!(matches!(
+            decode(Proto::Nats, &mut buf),
+            Ok(Some(Incoming::Other))
+        ));
         match decode(Proto::Nats, &mut buf) {
             Ok(Some(Incoming::Payload(p))) => assert_eq!(&p[..], b"abc"),
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(decode(Proto::Nats, &mut buf), Ok(Some(Incoming::Ping))));
+        assert!(matches!(
+            decode(Proto::Nats, &mut buf),
+            Ok(Some(Incoming::Ping))
+        ));
         assert!(matches!(decode(Proto::Nats, &mut buf), Ok(None)));
     }
 
@@ -405,8 +411,17 @@ mod tests {
         }
         assert!(out.is_empty());
         let mut acks = BytesMut::from(&[0x20u8, 2, 0, 0, 0x90, 3, 0, 1, 0, 0x40, 2, 0, 5][..]);
-        assert!(matches!(decode(Proto::Mqtt, &mut acks), Ok(Some(Incoming::Ready))));
-        assert!(matches!(decode(Proto::Mqtt, &mut acks), Ok(Some(Incoming::Ready))));
-        assert!(matches!(decode(Proto::Mqtt, &mut acks), Ok(Some(Incoming::Receipt(5)))));
+        assert!(matches!(
+            decode(Proto::Mqtt, &mut acks),
+            Ok(Some(Incoming::Ready))
+        ));
+        assert!(matches!(
+            decode(Proto::Mqtt, &mut acks),
+            Ok(Some(Incoming::Ready))
+        ));
+        assert!(matches!(
+            decode(Proto::Mqtt, &mut acks),
+            Ok(Some(Incoming::Receipt(5)))
+        ));
     }
 }

@@ -66,14 +66,19 @@ pub async fn worker_main(spec_json: &str) -> Result<(), BenchError> {
         .transpose()
         .map_err(|e| BenchError::Setup(format!("signing key: {e}")))?;
     let last = std::sync::Mutex::new(Instant::now());
-    let opened = fleet::open(&spec.plan, signer.as_ref(), spec.start..spec.end, |ok, failed| {
-        if let Ok(mut last) = last.lock()
-            && last.elapsed() > Duration::from_millis(200)
-        {
-            *last = Instant::now();
-            println!("P {ok} {failed}");
-        }
-    })
+    let opened = fleet::open(
+        &spec.plan,
+        signer.as_ref(),
+        spec.start..spec.end,
+        |ok, failed| {
+            if let Ok(mut last) = last.lock()
+                && last.elapsed() > Duration::from_millis(200)
+            {
+                *last = Instant::now();
+                println!("P {ok} {failed}");
+            }
+        },
+    )
     .await?;
     let result = WorkerResult {
         ok: opened.conns.len(),
@@ -103,16 +108,7 @@ pub struct Workers {
 
 impl Workers {
     /// (held, failed, first error, merged latency, slowest elapsed, summed RSS KiB)
-    pub fn summary(
-        &self,
-    ) -> (
-        usize,
-        usize,
-        Option<String>,
-        Histogram<u64>,
-        Duration,
-        u64,
-    ) {
+    pub fn summary(&self) -> (usize, usize, Option<String>, Histogram<u64>, Duration, u64) {
         let mut latency = stats::histogram();
         for r in &self.results {
             if let Some(h) = stats::decode(&r.latency) {
@@ -124,12 +120,7 @@ impl Workers {
             self.results.iter().map(|r| r.failed).sum(),
             self.results.iter().find_map(|r| r.first_error.clone()),
             latency,
-            Duration::from_secs_f64(
-                self.results
-                    .iter()
-                    .map(|r| r.elapsed_s)
-                    .fold(0.0, f64::max),
-            ),
+            Duration::from_secs_f64(self.results.iter().map(|r| r.elapsed_s).fold(0.0, f64::max)),
             self.results.iter().map(|r| r.rss_kb).sum(),
         )
     }
@@ -178,10 +169,7 @@ pub async fn spawn_all(
             let mut tx = Some(tx);
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(rest) = line.strip_prefix("P ") {
-                    let n: u64 = rest
-                        .split(' ')
-                        .filter_map(|x| x.parse::<u64>().ok())
-                        .sum();
+                    let n: u64 = rest.split(' ').filter_map(|x| x.parse::<u64>().ok()).sum();
                     done[w].store(n, Ordering::Relaxed);
                     progress.set(done.iter().map(|d| d.load(Ordering::Relaxed)).sum());
                 } else if let Some(json) = line.strip_prefix("R ")
@@ -201,7 +189,11 @@ pub async fn spawn_all(
             Ok(Err(e)) => {
                 return Err(BenchError::Setup(format!("worker {w}: bad report: {e}")));
             }
-            Err(_) => return Err(BenchError::Setup(format!("worker {w} ended without a report"))),
+            Err(_) => {
+                return Err(BenchError::Setup(format!(
+                    "worker {w} ended without a report"
+                )));
+            }
         }
     }
     Ok(Workers {

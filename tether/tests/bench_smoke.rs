@@ -1,0 +1,146 @@
+//! Smoke runs of the bench tool at tiny sizes, through the real `tether` binary: every
+//! scenario against a stack the tool starts (nats-server, gateway and state processes)
+//! and against the nats peer, checking that figures and ratios come out. Never timing
+//! thresholds. Mosquitto is not needed here (`make bench` covers it).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn tether(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run tether")
+}
+
+fn check(output: &Output) {
+    assert!(
+        output.status.success(),
+        "tether bench failed: {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn positive(v: &Value, what: &str) {
+    assert!(v.as_f64().is_some_and(|x| x > 0.0), "{what} = {v}");
+}
+
+/// Every scenario of the suite at tiny sizes with the nats peer: results.json with
+/// figures for both targets and their ratios, the table and the PNG charts.
+#[test]
+fn suite_quick_with_nats_peer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().display().to_string();
+    let output = tether(&[
+        "bench",
+        "suite",
+        "--quick",
+        "--peer",
+        "nats",
+        "--out",
+        &out,
+        "--first-source",
+        "1200",
+    ]);
+    check(&output);
+    let results: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("results.json")).expect("results.json"),
+    )
+    .expect("json");
+    let scenarios = results["results"].as_array().expect("results array");
+    let names: Vec<&str> = scenarios
+        .iter()
+        .filter_map(|s| s["scenario"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["conns", "conns_multi", "fanout", "p2p", "uplink"],
+        "{results}"
+    );
+    for s in scenarios {
+        let name = s["scenario"].as_str().unwrap_or_default();
+        let figures = &s["tether"]["figures"];
+        assert!(
+            figures.as_object().is_some_and(|f| !f.is_empty()),
+            "{name}: no tether figures: {s}"
+        );
+        if name != "conns_multi" {
+            assert!(
+                s["ratios"]["nats"]
+                    .as_object()
+                    .is_some_and(|r| !r.is_empty()),
+                "{name}: no ratios: {s}"
+            );
+        }
+    }
+    let conns = &scenarios[0];
+    positive(
+        &conns["tether"]["figures"]["rss_per_conn"],
+        "tether rss per conn",
+    );
+    positive(
+        &conns["nats"]["figures"]["connect_rate"],
+        "nats connect rate",
+    );
+    assert_eq!(
+        scenarios[1]["tether"]["detail"]["workers"], 2,
+        "{}",
+        scenarios[1]
+    );
+    assert_eq!(
+        scenarios[1]["tether"]["detail"]["servers"], 2,
+        "{}",
+        scenarios[1]
+    );
+    positive(
+        &scenarios[2]["tether"]["figures"]["deliveries_per_sec"],
+        "fanout rate",
+    );
+    positive(&scenarios[3]["tether"]["figures"]["p50"], "p2p p50");
+    positive(
+        &scenarios[4]["nats"]["figures"]["receipts_per_sec"],
+        "uplink nats",
+    );
+    for file in ["table.md", "latency.png", "memory.png", "rates.png"] {
+        let path = Path::new(&out).join(file);
+        assert!(
+            path.metadata().is_ok_and(|m| m.len() > 100),
+            "{file} missing"
+        );
+    }
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("| p2p | p50 (µs) |"), "{table}");
+}
+
+/// A scenario run from the command line ends with one JSON object on the last line.
+#[test]
+fn p2p_prints_json_on_the_last_line() {
+    let output = tether(&[
+        "bench",
+        "p2p",
+        "--pairs",
+        "2",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+        "--peer",
+        "nats",
+        "--json",
+        "--source",
+        "127.0.5.10",
+    ]);
+    check(&output);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let json: Value = serde_json::from_str(last).expect("last line is JSON");
+    assert_eq!(json["scenario"], "p2p");
+    positive(&json["tether"]["detail"]["delivered"], "delivered");
+    positive(&json["ratios"]["nats"]["p99"], "p99 ratio");
+    assert!(stdout.contains("p2p [tether]"), "{stdout}");
+}
