@@ -56,6 +56,8 @@ pub struct ConnsArgs {
     pub gateways: usize,
     /// Load-generator processes; `None`: one per 19,000 connections.
     pub workers: Option<usize>,
+    /// Tether clients connect over WebSocket (`/ws`) instead of TCP.
+    pub ws: bool,
     /// Peers measured in the same run, after Tether.
     pub peers: Vec<Proto>,
     /// Print one JSON line after the human summary.
@@ -94,6 +96,7 @@ impl Default for ConnsArgs {
             hold_secs: 5,
             gateways: 1,
             workers: None,
+            ws: false,
             peers: Vec::new(),
             json: false,
         }
@@ -105,6 +108,8 @@ impl Default for ConnsArgs {
 pub struct ConnsReport {
     /// `tether`, `nats` or `mosquitto`.
     pub target: String,
+    /// `tcp` or `ws`.
+    pub transport: &'static str,
     /// Server processes measured (gateways).
     pub servers: usize,
     /// Load-generator processes.
@@ -151,9 +156,10 @@ impl fmt::Display for ConnsReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "conns [{}]: {} connections held ({} failed) on {} server process(es) from {} \
+            "conns [{} {}]: {} connections held ({} failed) on {} server process(es) from {} \
              load process(es), {:.0} logins/s",
             self.target,
+            self.transport,
             self.connections,
             self.failed,
             self.servers,
@@ -215,7 +221,12 @@ impl ConnsReport {
 /// Runs Tether and then every peer of `args`, prints each summary and the comparison
 /// (and JSON), and returns the comparison and the Tether report.
 pub async fn run(args: ConnsArgs) -> Result<(Comparison, ConnsReport), BenchError> {
-    let tether = measure(&args, Proto::Tether).await?;
+    let proto = if args.ws {
+        Proto::TetherWs
+    } else {
+        Proto::Tether
+    };
+    let tether = measure(&args, proto).await?;
     println!("{tether}");
     let mut outcomes = vec![tether.outcome()];
     for (k, &peer) in args.peers.iter().enumerate() {
@@ -232,6 +243,7 @@ pub async fn run(args: ConnsArgs) -> Result<(Comparison, ConnsReport), BenchErro
             "connections": args.connections,
             "rate": args.rate,
             "gateways": args.gateways,
+            "transport": if args.ws { "ws" } else { "tcp" },
             "hold_secs": args.hold_secs,
         }),
         outcomes,
@@ -297,7 +309,7 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
     }
 
     let (server, endpoints, pids, signer, key_path) = match (proto, args.endpoint) {
-        (Proto::Tether, Some(endpoint)) => {
+        (Proto::Tether | Proto::TetherWs, Some(endpoint)) => {
             let key = args.key.clone().ok_or_else(|| {
                 BenchError::Args("--key (token signing key) is required with --endpoint".into())
             })?;
@@ -312,14 +324,19 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
                 Some(key),
             )
         }
-        (Proto::Tether, None) => {
+        (Proto::Tether | Proto::TetherWs, None) => {
             let stack = Stack::start(&StackSpec {
                 gateways: args.gateways.max(1),
                 state: false,
                 key: args.key.clone(),
             })
             .await?;
-            let (endpoints, pids) = (stack.tcp_endpoints(), stack.gateway_pids());
+            let endpoints = if proto == Proto::TetherWs {
+                stack.ws_endpoints()
+            } else {
+                stack.tcp_endpoints()
+            };
+            let pids = stack.gateway_pids();
             let (signer, key) = (stack.signer.clone(), stack.key_path.clone());
             (
                 Server {
@@ -409,6 +426,11 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
     let login = Percentiles::of(&latency);
     let report = ConnsReport {
         target: proto.target_name().into(),
+        transport: if proto == Proto::TetherWs {
+            "ws"
+        } else {
+            "tcp"
+        },
         servers,
         workers,
         connections: held,
@@ -478,6 +500,7 @@ mod tests {
         let login = Percentiles::of(&h);
         let report = ConnsReport {
             target: "tether".into(),
+            transport: "tcp",
             servers: 1,
             workers: 1,
             connections: 1,

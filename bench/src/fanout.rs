@@ -195,7 +195,7 @@ pub async fn measure(args: &FanoutArgs, proto: Proto) -> Result<FanoutReport, Be
     let mut stack = None;
     let mut peer = None;
     let (endpoint, signer) = match proto {
-        Proto::Tether => {
+        Proto::Tether | Proto::TetherWs => {
             let s = Stack::start(&StackSpec {
                 gateways: 1,
                 state: true,

@@ -79,7 +79,7 @@ pub fn hellos(
                 .as_ref()
                 .map(|s| s.replace("{i}", &i.to_string()));
             Ok(match plan.proto {
-                Proto::Tether => {
+                Proto::Tether | Proto::TetherWs => {
                     let signer = signer.ok_or_else(|| {
                         BenchError::Args("a token signing key is needed for tether".into())
                     })?;
@@ -88,7 +88,12 @@ pub fn hellos(
                     let token = signer
                         .sign(&claims)
                         .map_err(|e| BenchError::Setup(format!("issue token: {e}")))?;
-                    wire::tether_login(&plan.app, &did, token)
+                    let login = wire::tether_login(&plan.app, &did, token);
+                    if plan.proto == Proto::TetherWs {
+                        wire::ws_hello(&login)
+                    } else {
+                        login
+                    }
                 }
                 Proto::Nats => wire::nats_hello(subscribe.as_deref()),
                 Proto::Mqtt => wire::mqtt_hello(&did, subscribe.as_deref()),

@@ -170,7 +170,7 @@ pub(crate) struct Target {
 impl Target {
     pub(crate) async fn start(proto: Proto) -> Result<Target, BenchError> {
         Ok(match proto {
-            Proto::Tether => {
+            Proto::Tether | Proto::TetherWs => {
                 let stack = Stack::start(&StackSpec {
                     gateways: 1,
                     state: true,
@@ -217,7 +217,7 @@ async fn start_echo(
     qos1: bool,
 ) -> Result<(), BenchError> {
     match proto {
-        Proto::Tether => {
+        Proto::Tether | Proto::TetherWs => {
             let url = target.nats_url.as_deref().unwrap_or_default();
             let business = Business::new(nats_client(url).await?, app).with_concurrency(1024);
             let pusher = business.clone();
@@ -307,6 +307,7 @@ async fn sender(
             let body = wire::payload(stamp, to);
             match proto {
                 Proto::Tether => out.extend_from_slice(&up_frame(msg_id, body)),
+                Proto::TetherWs => wire::ws_binary(&mut out, &up_frame(msg_id, body)),
                 Proto::Nats => {
                     out.extend_from_slice(
                         format!("PUB p.echo p.{to} {}\r\n", body.len()).as_bytes(),
@@ -352,7 +353,7 @@ pub async fn measure(args: &P2pArgs, proto: Proto) -> Result<P2pReport, BenchErr
         app: args.app.clone(),
         did_prefix: "p".into(),
         subscribe: match proto {
-            Proto::Tether => None,
+            Proto::Tether | Proto::TetherWs => None,
             Proto::Nats => Some("p.{i}".into()),
             Proto::Mqtt => Some("p/{i}".into()),
         },

@@ -68,6 +68,22 @@ pub async fn run(args: SuiteArgs) -> Result<Vec<Comparison>, BenchError> {
     };
     record("conns", conns::run(one).await.map(|(c, _)| c));
 
+    let ws = ConnsArgs {
+        connections: if q { 50 } else { 19_500 },
+        rate: if q { 1_000 } else { 10_000 },
+        hold_secs: if q { 2 } else { 5 },
+        ws: true,
+        source_addrs: src.take(4, 1),
+        ..ConnsArgs::default()
+    };
+    record(
+        "conns_ws",
+        conns::run(ws).await.map(|(mut c, _)| {
+            c.scenario = "conns_ws".into();
+            c
+        }),
+    );
+
     let many = ConnsArgs {
         connections: if q { 200 } else { 100_000 },
         rate: if q { 1_000 } else { 20_000 },
@@ -252,6 +268,13 @@ fn charts(args: &SuiteArgs, results: &[Comparison]) -> Result<(), BenchError> {
         label: "1 server process".into(),
         bars: bars(find("conns"), "rss_per_conn"),
     }];
+    memory.push(Group {
+        label: "WebSocket".into(),
+        bars: vec![(
+            "tether".into(),
+            figure(find("conns_ws"), "tether", "rss_per_conn"),
+        )],
+    });
     memory.push(Group {
         label: "several gateways".into(),
         bars: vec![(

@@ -173,8 +173,8 @@ pub async fn measure(args: &UplinkArgs, proto: Proto) -> Result<UplinkReport, Be
                 tick_progress(&progress, measured, secs, tasks).await;
             }
         }
-        Proto::Tether | Proto::Mqtt => {
-            if proto == Proto::Tether {
+        Proto::Tether | Proto::TetherWs | Proto::Mqtt => {
+            if proto != Proto::Mqtt {
                 let url = target.nats_url.as_deref().unwrap_or_default();
                 let business =
                     Business::new(nats_client(url).await?, &args.app).with_concurrency(1024);
@@ -298,6 +298,10 @@ async fn raw_device(
                     let id = (next_id % 65_535 + 1) as u16;
                     wire::mqtt_publish(&mut out, &topic, &body, Some(id));
                     u64::from(id)
+                }
+                Proto::TetherWs => {
+                    wire::ws_binary(&mut out, &up_frame(next_id, body));
+                    next_id
                 }
                 _ => {
                     out.extend_from_slice(&up_frame(next_id, body));

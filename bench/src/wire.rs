@@ -22,6 +22,8 @@ use tokio::net::{TcpSocket, TcpStream};
 pub enum Proto {
     /// A Tether gateway (binary frames).
     Tether,
+    /// A Tether gateway over WebSocket (`/ws`, one frame per binary message).
+    TetherWs,
     /// nats-server alone (text protocol).
     Nats,
     /// Mosquitto (MQTT 3.1.1).
@@ -32,7 +34,7 @@ impl Proto {
     /// The name used in reports: `tether`, `nats` or `mosquitto`.
     pub fn target_name(self) -> &'static str {
         match self {
-            Proto::Tether => "tether",
+            Proto::Tether | Proto::TetherWs => "tether",
             Proto::Nats => "nats",
             Proto::Mqtt => "mosquitto",
         }
@@ -187,6 +189,38 @@ pub fn mqtt_publish(out: &mut BytesMut, topic: &str, payload: &[u8], packet_id: 
     out.put_slice(payload);
 }
 
+/// A WebSocket upgrade request for `/ws` followed by `frame` in one masked binary
+/// message (the gateway reads frame data that follows the request).
+pub fn ws_hello(frame: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(200 + frame.len());
+    out.put_slice(
+        b"GET /ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Protocol: tether.v1\r\n\r\n",
+    );
+    ws_binary(&mut out, frame);
+    out.freeze()
+}
+
+/// One masked binary WebSocket message carrying `payload` (client → server).
+pub fn ws_binary(out: &mut BytesMut, payload: &[u8]) {
+    const MASK: [u8; 4] = [0x5a, 0x17, 0xc3, 0x99];
+    out.put_u8(0x82);
+    match payload.len() {
+        n @ 0..126 => out.put_u8(0x80 | n as u8),
+        n @ 126..65_536 => {
+            out.put_u8(0x80 | 126);
+            out.put_u16(n as u16);
+        }
+        n => {
+            out.put_u8(0x80 | 127);
+            out.put_u64(n as u64);
+        }
+    }
+    out.put_slice(&MASK);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+}
+
 // ---------------------------------------------------------------- decoding
 
 /// One thing that arrived from the server.
@@ -210,6 +244,7 @@ pub enum Incoming {
 pub fn decode(proto: Proto, buf: &mut BytesMut) -> Result<Option<Incoming>, String> {
     match proto {
         Proto::Tether => decode_tether(buf),
+        Proto::TetherWs => decode_ws(buf),
         Proto::Nats => decode_nats(buf),
         Proto::Mqtt => decode_mqtt(buf),
     }
@@ -232,6 +267,51 @@ fn decode_tether(buf: &mut BytesMut) -> Result<Option<Incoming>, String> {
             _ => Incoming::Other,
         },
     ))
+}
+
+fn decode_ws(buf: &mut BytesMut) -> Result<Option<Incoming>, String> {
+    if buf.starts_with(b"HTTP/") {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Ok(None);
+        };
+        let ok = buf.starts_with(b"HTTP/1.1 101");
+        let head = String::from_utf8_lossy(&buf[..end.min(80)]).into_owned();
+        buf.advance(end + 4);
+        return Ok(Some(if ok {
+            Incoming::Other
+        } else {
+            Incoming::Error(format!("upgrade refused: {head}"))
+        }));
+    }
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (opcode, short) = (buf[0] & 0x0f, buf[1] & 0x7f);
+    let (len, header) = match short {
+        126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() >= 10 => {
+            let mut b = &buf[2..10];
+            (
+                usize::try_from(b.get_u64()).map_err(|_| "ws: huge frame")?,
+                10,
+            )
+        }
+        126 | 127 => return Ok(None),
+        n => (usize::from(n), 2),
+    };
+    if buf[1] & 0x80 != 0 {
+        return Err("ws: masked frame from the server".into());
+    }
+    if buf.len() < header + len {
+        return Ok(None);
+    }
+    buf.advance(header);
+    let mut payload = buf.split_to(len);
+    Ok(Some(match opcode {
+        0x2 => decode_tether(&mut payload)?.unwrap_or(Incoming::Other),
+        0x8 => Incoming::Error("ws: closed by the server".into()),
+        _ => Incoming::Other,
+    }))
 }
 
 fn decode_nats(buf: &mut BytesMut) -> Result<Option<Incoming>, String> {

@@ -59,7 +59,14 @@ fn suite_quick_with_nats_peer() {
         .collect();
     assert_eq!(
         names,
-        ["conns", "conns_multi", "fanout", "p2p", "uplink"],
+        [
+            "conns",
+            "conns_ws",
+            "conns_multi",
+            "fanout",
+            "p2p",
+            "uplink"
+        ],
         "{results}"
     );
     for s in scenarios {
@@ -69,7 +76,7 @@ fn suite_quick_with_nats_peer() {
             figures.as_object().is_some_and(|f| !f.is_empty()),
             "{name}: no tether figures: {s}"
         );
-        if name != "conns_multi" {
+        if !name.starts_with("conns_") {
             assert!(
                 s["ratios"]["nats"]
                     .as_object()
@@ -87,25 +94,22 @@ fn suite_quick_with_nats_peer() {
         &conns["nats"]["figures"]["connect_rate"],
         "nats connect rate",
     );
-    assert_eq!(
-        scenarios[1]["tether"]["detail"]["workers"], 2,
-        "{}",
-        scenarios[1]
-    );
-    assert_eq!(
-        scenarios[1]["tether"]["detail"]["servers"], 2,
-        "{}",
-        scenarios[1]
-    );
-    positive(
-        &scenarios[2]["tether"]["figures"]["deliveries_per_sec"],
-        "fanout rate",
-    );
-    positive(&scenarios[3]["tether"]["figures"]["p50"], "p2p p50");
-    positive(
-        &scenarios[4]["nats"]["figures"]["receipts_per_sec"],
-        "uplink nats",
-    );
+    let by_name = |name: &str| {
+        scenarios
+            .iter()
+            .find(|s| s["scenario"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {results}"))
+    };
+    let ws = &by_name("conns_ws")["tether"]["detail"];
+    assert_eq!(ws["transport"], "ws", "{ws}");
+    let multi = &by_name("conns_multi")["tether"]["detail"];
+    assert_eq!(multi["workers"], 2, "{multi}");
+    assert_eq!(multi["servers"], 2, "{multi}");
+    let fanout = &by_name("fanout")["tether"]["figures"];
+    positive(&fanout["deliveries_per_sec"], "fanout rate");
+    positive(&by_name("p2p")["tether"]["figures"]["p50"], "p2p p50");
+    let uplink = &by_name("uplink")["nats"]["figures"];
+    positive(&uplink["receipts_per_sec"], "uplink nats");
     for file in ["table.md", "latency.png", "memory.png", "rates.png"] {
         let path = Path::new(&out).join(file);
         assert!(

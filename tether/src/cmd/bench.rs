@@ -68,6 +68,9 @@ struct ConnsFlags {
     /// Gateway processes to start.
     #[arg(long, default_value_t = 1)]
     gateways: usize,
+    /// Tether clients use WebSocket (`/ws`) instead of TCP.
+    #[arg(long)]
+    ws: bool,
     /// Load-generator processes (default: one per 19,000 connections).
     #[arg(long)]
     workers: Option<usize>,
@@ -166,6 +169,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 hold_secs: f.hold,
                 gateways: f.gateways,
                 workers: f.workers,
+                ws: f.ws,
                 peers: f.common.peers,
                 json: f.common.json,
                 ..Default::default()
