@@ -394,7 +394,7 @@ async fn get_endpoints(
         let driver = tokio::spawn(connection);
         let request = Request::get(path)
             .header(HOST, &authority)
-            .header(AUTHORIZATION, format!("Bearer {credential}"))
+            .header(AUTHORIZATION, format!("Bearer {}", credential.trim()))
             .body(Empty::<Bytes>::new())
             .map_err(|e| ClientError::Config(format!("ipconfig request: {e}")))?;
         let response = sender

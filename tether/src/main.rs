@@ -3,6 +3,7 @@
 //! - `tether up`: the whole stack in one process (with an embedded nats-server by default).
 //! - `tether gateway|state|ipconfig|ops`: one role, for production (one process per role).
 //! - `tether token`: make signing keys and gateway tokens.
+//! - `tether app`: apps and their secrets (what ipconfig verifies client credentials with).
 //! - `tether client`: a device on the command line; `tether bench`: load scenarios.
 
 mod cmd;
@@ -26,9 +27,11 @@ enum Command {
     /// Run the state service.
     State(cmd::role::RoleArgs),
     /// Run the ipconfig service.
-    Ipconfig(cmd::role::RoleArgs),
+    Ipconfig(cmd::role::IpconfigArgs),
     /// Run the ops service.
     Ops(cmd::role::RoleArgs),
+    /// Apps (tenants) and their secrets in the tether_apps bucket.
+    App(cmd::app::AppArgs),
     /// Signing keys and gateway tokens.
     Token(cmd::token::TokenArgs),
     /// Connect as a device: each stdin line is sent as UP, arriving messages are printed.
@@ -39,7 +42,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tether_service::telemetry::init();
+    // `tether app` prints secrets and credentials for scripts: keep its output clean.
+    if !matches!(cli.command, Command::App(_)) {
+        tether_service::telemetry::init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -57,6 +63,7 @@ fn main() -> std::process::ExitCode {
             Command::State(args) => cmd::role::state(args).await,
             Command::Ipconfig(args) => cmd::role::ipconfig(args).await,
             Command::Ops(args) => cmd::role::ops(args).await,
+            Command::App(args) => cmd::app::run(args).await,
             Command::Token(args) => cmd::token::run(args),
             Command::Client(args) => cmd::client::run(args).await,
             Command::Bench(args) => cmd::bench::run(args).await,

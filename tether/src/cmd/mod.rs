@@ -1,5 +1,6 @@
 //! Subcommands.
 
+pub mod app;
 pub mod bench;
 pub mod client;
 pub mod role;

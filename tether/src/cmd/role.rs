@@ -43,10 +43,30 @@ pub struct GatewayArgs {
     #[arg(long = "ws")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ws_listen: Option<SocketAddr>,
+    /// Region this gateway serves (ipconfig prefers gateways in the requester's region).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     /// Ed25519 public key (PEM) that verifies gateway tokens.
     #[arg(long = "token-public-key")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_public_key: Option<PathBuf>,
+}
+
+/// Flags of `tether ipconfig`.
+#[derive(Args, Serialize)]
+pub struct IpconfigArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: RoleArgs,
+    /// Public HTTP address (`GET /v1/endpoints`).
+    #[arg(long = "http")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<SocketAddr>,
+    /// Ed25519 private key (PEM) that signs gateway tokens.
+    #[arg(long = "token-key")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_key: Option<PathBuf>,
 }
 
 fn signal_shutdown() -> Shutdown {
@@ -79,9 +99,9 @@ pub async fn state(args: RoleArgs) -> anyhow::Result<()> {
 }
 
 /// Runs the ipconfig role until SIGINT/SIGTERM.
-pub async fn ipconfig(args: RoleArgs) -> anyhow::Result<()> {
+pub async fn ipconfig(args: IpconfigArgs) -> anyhow::Result<()> {
     let config: tether_ipconfig::IpconfigConfig =
-        load_config(args.config.as_deref(), "TETHER_IPCONFIG_", &args)?;
+        load_config(args.common.config.as_deref(), "TETHER_IPCONFIG_", &args)?;
     let running = tether_ipconfig::start(config, signal_shutdown())
         .await
         .context("ipconfig failed to start")?;

@@ -33,7 +33,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
     /// First port of the Tether listeners: gateway TCP +0, WebSocket +1, gateway admin +2,
-    /// state admin +10, ipconfig +20, ops +30.
+    /// state admin +10, ipconfig admin +20, ipconfig public HTTP +21, ops +30.
     #[arg(long, default_value_t = 7400)]
     base_port: u16,
 }
@@ -100,12 +100,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         tether_ipconfig::IpconfigConfig {
             nats_url: nats_url.clone(),
             admin_listen: at(20),
+            http_listen: at(21),
+            token_key: key_path.clone(),
             ..Default::default()
         },
         stop.clone(),
     )
     .await
     .context("ipconfig failed to start")?;
+    let demo_app = super::app::ensure_demo_app(&nats_url)
+        .await
+        .context("cannot set up the demo app")?;
     let ops = tether_ops::start(
         tether_ops::OpsConfig {
             nats_url: nats_url.clone(),
@@ -144,7 +149,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         state.admin_addr
     );
     banner += &format!(
-        "  ipconfig        http://{}/healthz  http://{0}/metrics\n",
+        "  ipconfig        http://{}/v1/endpoints\n",
+        ipconfig.http_addr
+    );
+    banner += &format!(
+        "  ipconfig admin  http://{}/healthz  http://{0}/metrics\n",
         ipconfig.admin_addr
     );
     banner += &format!(
@@ -166,6 +175,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "  target/release/tether client --endpoint tcp://{addr} --app demo --did phone1 --token \"$TOKEN\"\n"
         );
     }
+    banner += &format!(
+        "\nOr through ipconfig (app {demo_app} is in the tether_apps bucket; see `tether app list`):\n  CRED=$(target/release/tether app credential {demo_app} --nats {nats_url} --uid alice --did phone1)\n  target/release/tether client --ipconfig http://{} --credential \"$CRED\" --app {demo_app} --did phone1\n",
+        ipconfig.http_addr
+    );
     banner += "\nCtrl-C stops everything.\n";
     println!("{banner}");
 
