@@ -621,3 +621,105 @@ async fn sdk_logs_in_through_ipconfig_and_reconnects_without_it() -> TestResult 
     client.close().await;
     Ok(())
 }
+
+/// Bench figure for `/v1/endpoints` with 100 gateways registered (their heartbeats are
+/// re-put every 2 s during the run, as live gateways would), measured with `wrk` on
+/// loopback. Run with
+/// `cargo test --release -p tether-tests --test ipconfig -- --ignored --nocapture bench`;
+/// `WRK_ARGS` overrides the load (default `-t1 -c32 -d10s`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+#[ignore = "bench: needs wrk, run in release"]
+async fn bench_endpoints_100_gateways() -> TestResult {
+    use tether_nats::discovery::{AdvertisedEndpoints, GatewayHeartbeat, gateway_key};
+    let stack = Stack::start();
+    let nats = tether_nats::connect(&stack.nats.client_url(), "bench").await?;
+    tether_nats::ensure_layout(
+        &async_nats::jetstream::new(nats.clone()),
+        &tether_nats::BusLayout::default(),
+    )
+    .await?;
+    let store = async_nats::jetstream::new(nats)
+        .get_key_value(tether_nats::layout::GATEWAYS_BUCKET)
+        .await?;
+    let regions = ["eu", "us", "ap"];
+    let records: Vec<GatewayHeartbeat> = (0..100u64)
+        .map(|i| GatewayHeartbeat {
+            id: format!("gw-{i:03}"),
+            version: "bench".into(),
+            region: regions[(i % 3) as usize].into(),
+            pools: Vec::new(),
+            endpoints: AdvertisedEndpoints {
+                tcp: Some(format!("10.0.{}.{}:7400", i / 250, i % 250)),
+                ws: Some(format!("ws://10.0.{}.{}:7401/ws", i / 250, i % 250)),
+            },
+            connections: (i * 7_919) % 90_000,
+            capacity: 100_000,
+            cpu: (i % 10) as f64 / 20.0,
+            interval_ms: 2_000,
+            ..Default::default()
+        })
+        .collect();
+    let stop = CancellationToken::new();
+    let writer = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                for record in &records {
+                    let json = serde_json::to_vec(record).unwrap();
+                    let _ = store.put(gateway_key(&record.id), json.into()).await;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        })
+    };
+    // Staleness as in production (15 s): the fleet re-puts every 2 s.
+    let ipconfig = stack
+        .ipconfig_with(IpconfigConfig {
+            stale_after_ms: 15_000,
+            ..stack.ipconfig_config()
+        })
+        .await;
+    let answer = until(&ipconfig, "?region=eu", &[], "100 gateways", |ids| {
+        ids.len() == 8
+    })
+    .await;
+    println!("sample answer: {answer}");
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // one gauge update
+    let (_, metrics) = http_text(ipconfig.admin, "GET", "/metrics", &[]).await;
+    let seen = metrics
+        .lines()
+        .find(|l| l.starts_with("tether_ipconfig_gateways_seen"))
+        .unwrap_or_default()
+        .to_string();
+    println!("{seen}");
+
+    let bearer = format!("Authorization: Bearer {}", credential("demo", SECRET, 3600));
+    let url = format!("http://{}/v1/endpoints?region=eu", ipconfig.http);
+    let load = std::env::var("WRK_ARGS").unwrap_or_else(|_| "-t1 -c32 -d10s".into());
+    let mut args: Vec<String> = load.split_whitespace().map(str::to_string).collect();
+    args.extend(["--latency".into(), "-H".into(), bearer, url]);
+    println!(
+        "wrk {}",
+        args.join(" ")
+            .replace(&credential("demo", SECRET, 3600), "<credential>")
+    );
+    let output = tokio::process::Command::new("wrk")
+        .args(&args)
+        .output()
+        .await?;
+    println!("{}", String::from_utf8_lossy(&output.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    let (_, metrics) = http_text(ipconfig.admin, "GET", "/metrics", &[]).await;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("tether_ipconfig_requests_total") || l.starts_with("tether_ipconfig_errors")
+    }) {
+        println!("{line}");
+    }
+    stop.cancel();
+    writer.await?;
+    assert!(output.status.success(), "wrk failed");
+    Ok(())
+}
