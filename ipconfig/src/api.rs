@@ -282,3 +282,103 @@ fn answer(
         token_exp: token_claims.exp,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apps::AppRecord;
+    use crate::credential::{CredentialClaims, sign_hs256};
+    use axum::body::Body;
+    use axum::http::Request;
+    use tether_nats::discovery::{AdvertisedEndpoints, GatewayHeartbeat};
+    use tower::ServiceExt as _;
+
+    const SECRET: &str = "in-process-secret-01";
+
+    fn state() -> ApiState {
+        let config = IpconfigConfig {
+            apps: vec![AppRecord {
+                id: "demo".into(),
+                secrets: vec![SECRET.into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let gateways = GatewayTable::new(Duration::from_secs(60));
+        gateways.put(
+            GatewayHeartbeat {
+                id: "gw1".into(),
+                region: "eu".into(),
+                endpoints: AdvertisedEndpoints {
+                    tcp: Some("10.0.0.1:7400".into()),
+                    ws: None,
+                },
+                capacity: 10,
+                ..Default::default()
+            },
+            Instant::now(),
+        );
+        ApiState {
+            apps: AppTable::new(&config.apps),
+            config: Arc::new(config),
+            gateways,
+            signer: TokenSigner::generate(),
+            metrics: IpconfigMetrics::default(),
+        }
+    }
+
+    async fn call(state: ApiState, credential: Option<&str>) -> (StatusCode, serde_json::Value) {
+        let mut request = Request::get("/v1/endpoints?region=eu");
+        if let Some(credential) = credential {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {credential}"));
+        }
+        let response = router(state)
+            .oneshot(request.body(Body::empty()).unwrap_or_default())
+            .await
+            .unwrap_or_else(|never| match never {});
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    fn credential(exp_in: i64) -> String {
+        let claims = CredentialClaims {
+            app: "demo".into(),
+            uid: "u1".into(),
+            did: "d1".into(),
+            exp: (tether_auth::unix_now() as i64 + exp_in) as u64,
+            iat: None,
+        };
+        sign_hs256(SECRET, &claims).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn answers_endpoints_and_a_verifiable_token() {
+        let state = state();
+        let verifier = state.signer.verifier();
+        let (status, body) = call(state, Some(&credential(60))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["endpoints"][0]["gw"], "gw1");
+        assert_eq!(body["endpoints"][0]["tcp"], "10.0.0.1:7400");
+        let token = body["token"].as_str().unwrap_or_default();
+        let claims = verifier.verify(token, tether_auth::unix_now());
+        assert!(claims.is_ok_and(|c| c.did == "d1" && c.app == "demo"));
+    }
+
+    #[tokio::test]
+    async fn refusals_are_json_errors() {
+        let (status, body) = call(state(), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"]["code"], "bad_token");
+        let (status, body) = call(state(), Some(&credential(-1))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"]["code"], "token_expired");
+        let empty = state();
+        empty.gateways.remove("gw1");
+        let (status, body) = call(empty, Some(&credential(60))).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["error"]["code"], "unavailable");
+    }
+}
