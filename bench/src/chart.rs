@@ -31,7 +31,7 @@ pub struct BarChart {
     pub groups: Vec<Group>,
 }
 
-const W: u32 = 900;
+const W: u32 = 1100;
 const H: u32 = 480;
 const LEFT: i32 = 90;
 const RIGHT: i32 = 20;
@@ -66,11 +66,11 @@ fn text<DB: DrawingBackend>(
             for col in 0..8 {
                 if bits & (1 << col) != 0 {
                     let (px, py) = (x + (k as i32 * 8 + col) * scale, y + row as i32 * scale);
-                    area.draw(&Rectangle::new(
-                        [(px, py), (px + scale - 1, py + scale - 1)],
-                        color.filled(),
-                    ))
-                    .map_err(err)?;
+                    for dx in 0..scale {
+                        for dy in 0..scale {
+                            area.draw_pixel((px + dx, py + dy), color).map_err(err)?;
+                        }
+                    }
                 }
             }
         }

@@ -76,6 +76,18 @@ impl Comparison {
             .collect()
     }
 
+    /// Peers with ratios, in the order they ran.
+    fn peer_names<'a>(
+        &'a self,
+        ratios: &BTreeMap<String, BTreeMap<&'static str, f64>>,
+    ) -> Vec<&'a str> {
+        self.outcomes
+            .iter()
+            .map(|o| o.target.as_str())
+            .filter(|t| ratios.contains_key(*t))
+            .collect()
+    }
+
     /// The JSON object printed on the last line.
     pub fn to_json(&self) -> Value {
         let mut object = json!({
@@ -128,7 +140,7 @@ pub fn fmt_num(v: f64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -152,7 +164,7 @@ impl fmt::Display for Comparison {
         if self.outcomes.is_empty() {
             return writeln!(f, " (no outcome)");
         }
-        for peer in ratios.keys() {
+        for peer in self.peer_names(&ratios) {
             write!(f, " {:>17}", format!("tether/{peer}"))?;
         }
         writeln!(f)?;
@@ -162,7 +174,11 @@ impl fmt::Display for Comparison {
                 let v = o.figures.iter().find(|x| x.key == key);
                 write!(f, " {:>17}", v.map_or("-".into(), |v| fmt_num(v.value)))?;
             }
-            for r in ratios.values() {
+            for r in self
+                .peer_names(&ratios)
+                .iter()
+                .filter_map(|p| ratios.get(*p))
+            {
                 let v = r.get(key);
                 write!(f, " {:>17}", v.map_or("-".into(), |v| format!("{v:.2}×")))?;
             }

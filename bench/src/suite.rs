@@ -26,6 +26,9 @@ pub struct SuiteArgs {
     pub peers: Vec<Proto>,
     /// First 127.0.0.x source address used (each run takes fresh ones after it).
     pub first_source: u16,
+    /// Run only these scenarios (`conns`, `conns_ws`, `conns_multi`, `fanout`, `p2p`,
+    /// `p2p_1k`, `uplink`); all when empty.
+    pub only: Vec<String>,
 }
 
 /// Hands out fresh source addresses run after run.
@@ -58,6 +61,8 @@ pub async fn run(args: SuiteArgs) -> Result<Vec<Comparison>, BenchError> {
         }
     };
 
+    let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+
     let one = ConnsArgs {
         connections: if q { 50 } else { 19_500 },
         rate: if q { 1_000 } else { 10_000 },
@@ -66,7 +71,9 @@ pub async fn run(args: SuiteArgs) -> Result<Vec<Comparison>, BenchError> {
         peers: args.peers.clone(),
         ..ConnsArgs::default()
     };
-    record("conns", conns::run(one).await.map(|(c, _)| c));
+    if want("conns") {
+        record("conns", conns::run(one).await.map(|(c, _)| c));
+    }
 
     let ws = ConnsArgs {
         connections: if q { 50 } else { 19_500 },
@@ -76,13 +83,15 @@ pub async fn run(args: SuiteArgs) -> Result<Vec<Comparison>, BenchError> {
         source_addrs: src.take(4, 1),
         ..ConnsArgs::default()
     };
-    record(
-        "conns_ws",
-        conns::run(ws).await.map(|(mut c, _)| {
-            c.scenario = "conns_ws".into();
-            c
-        }),
-    );
+    if want("conns_ws") {
+        record(
+            "conns_ws",
+            conns::run(ws).await.map(|(mut c, _)| {
+                c.scenario = "conns_ws".into();
+                c
+            }),
+        );
+    }
 
     let many = ConnsArgs {
         connections: if q { 200 } else { 100_000 },
@@ -93,13 +102,15 @@ pub async fn run(args: SuiteArgs) -> Result<Vec<Comparison>, BenchError> {
         source_addrs: src.take(8, 1),
         ..ConnsArgs::default()
     };
-    record(
-        "conns_multi",
-        conns::run(many).await.map(|(mut c, _)| {
-            c.scenario = "conns_multi".into();
-            c
-        }),
-    );
+    if want("conns_multi") {
+        record(
+            "conns_multi",
+            conns::run(many).await.map(|(mut c, _)| {
+                c.scenario = "conns_multi".into();
+                c
+            }),
+        );
+    }
 
     let fan = FanoutArgs {
         members: if q { 20 } else { 10_000 },
@@ -109,17 +120,40 @@ pub async fn run(args: SuiteArgs) -> Result<Vec<Comparison>, BenchError> {
         peers: args.peers.clone(),
         ..FanoutArgs::default()
     };
-    record("fanout", fanout::run(fan).await);
+    if want("fanout") {
+        record("fanout", fanout::run(fan).await);
+    }
 
     let pp = P2pArgs {
         pairs: if q { 4 } else { 100 },
         rate: if q { 200 } else { 10_000 },
-        duration_secs: if q { 1.0 } else { 20.0 },
+        duration_secs: if q { 1.0 } else { 10.0 },
         source_addrs: src.take(1, runs),
         peers: args.peers.clone(),
         ..P2pArgs::default()
     };
-    record("p2p", p2p::run(pp).await);
+    if want("p2p") {
+        record("p2p", p2p::run(pp).await);
+    }
+
+    // The same at a rate Tether sustains on this box, for its latency without a backlog.
+    let slow = P2pArgs {
+        pairs: if q { 2 } else { 100 },
+        rate: if q { 100 } else { 1_000 },
+        duration_secs: if q { 1.0 } else { 10.0 },
+        source_addrs: src.take(1, runs),
+        peers: args.peers.clone(),
+        ..P2pArgs::default()
+    };
+    if want("p2p_1k") && !q {
+        record(
+            "p2p_1k",
+            p2p::run(slow).await.map(|mut c| {
+                c.scenario = "p2p_1k".into();
+                c
+            }),
+        );
+    }
 
     let up = UplinkArgs {
         devices: if q { 4 } else { 50 },
@@ -129,7 +163,9 @@ pub async fn run(args: SuiteArgs) -> Result<Vec<Comparison>, BenchError> {
         peers: args.peers.clone(),
         ..UplinkArgs::default()
     };
-    record("uplink", uplink::run(up).await);
+    if want("uplink") {
+        record("uplink", uplink::run(up).await);
+    }
 
     write_outputs(&args, &results)?;
     Ok(results)
@@ -248,7 +284,7 @@ fn charts(args: &SuiteArgs, results: &[Comparison]) -> Result<(), BenchError> {
             .collect()
     };
     let mut latency = Vec::new();
-    for scenario in ["fanout", "p2p"] {
+    for scenario in ["fanout", "p2p", "p2p_1k"] {
         for key in ["p50", "p99", "p999"] {
             latency.push(Group {
                 label: format!("{scenario} {key}"),

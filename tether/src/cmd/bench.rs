@@ -152,6 +152,9 @@ struct SuiteFlags {
     /// First 127.0.0.x source address (each run takes fresh ones after it).
     #[arg(long, default_value_t = 100)]
     first_source: u16,
+    /// Only these scenarios (conns, conns_ws, conns_multi, fanout, p2p, p2p_1k, uplink).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// Runs a scenario.
@@ -231,6 +234,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 quick: f.quick,
                 peers: f.peers,
                 first_source: f.first_source,
+                only: f.only,
             })
             .await?;
         }
