@@ -1,4 +1,5 @@
-//! Logs through `tracing`, filtered by `RUST_LOG` (default `info,async_nats=warn`).
+//! Logs through `tracing`, filtered by `RUST_LOG` (default `info,async_nats=warn`), written
+//! to stderr so that commands' own output on stdout (banners, JSON, tokens) stays clean.
 
 use tracing_subscriber::EnvFilter;
 
@@ -9,5 +10,6 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .try_init();
 }
