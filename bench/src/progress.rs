@@ -2,7 +2,7 @@
 //! five times a second by a background task until [`Progress::finish`].
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ struct Inner {
     done: AtomicU64,
     extra: Mutex<String>,
     started: Instant,
-    stop: tokio::sync::Notify,
+    stopped: AtomicBool,
 }
 
 const WIDTH: u64 = 30;
@@ -33,17 +33,21 @@ impl Progress {
                 done: AtomicU64::new(0),
                 extra: Mutex::new(String::new()),
                 started: Instant::now(),
-                stop: tokio::sync::Notify::new(),
+                stopped: AtomicBool::new(false),
             }),
         };
-        let drawer = progress.clone();
+        // The drawer holds a weak reference: a bar dropped without `finish` (an error
+        // path) stops drawing too.
+        let drawer = Arc::downgrade(&progress.inner);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
-                tokio::select! {
-                    _ = tick.tick() => drawer.draw(),
-                    _ = drawer.inner.stop.notified() => break,
+                tick.tick().await;
+                let Some(inner) = drawer.upgrade() else { break };
+                if inner.stopped.load(Ordering::Relaxed) {
+                    break;
                 }
+                Progress { inner }.draw();
             }
         });
         progress
@@ -88,7 +92,7 @@ impl Progress {
 
     /// Draws the final state, ends the line and stops redrawing.
     pub fn finish(&self) {
-        self.inner.stop.notify_one();
+        self.inner.stopped.store(true, Ordering::Relaxed);
         self.draw();
         eprintln!();
     }
