@@ -23,7 +23,7 @@ use crate::compare::{Comparison, Figure, Outcome};
 use crate::fleet::{self, Plan};
 use crate::progress::Progress;
 use crate::reader::{self, Counters};
-use crate::stack::{PeerServer, Stack, StackSpec};
+use crate::stack::{Running, Target};
 use crate::stats::{Percentiles, Sink};
 use crate::wire::{self, Proto, now_ns};
 
@@ -42,6 +42,8 @@ pub struct FanoutArgs {
     pub source_addrs: Vec<IpAddr>,
     /// App id.
     pub app: String,
+    /// A running Tether stack to target instead of starting one.
+    pub running: Option<Running>,
     /// Peers measured after Tether.
     pub peers: Vec<Proto>,
     /// Print the JSON line.
@@ -57,6 +59,7 @@ impl Default for FanoutArgs {
             connect_rate: 5_000,
             source_addrs: crate::conns::source_range(20, 4),
             app: "bench".into(),
+            running: None,
             peers: Vec::new(),
             json: false,
         }
@@ -192,33 +195,8 @@ pub async fn measure(args: &FanoutArgs, proto: Proto) -> Result<FanoutReport, Be
             "members, messages and rate must be positive".into(),
         ));
     }
-    let mut stack = None;
-    let mut peer = None;
-    let (endpoint, signer) = match proto {
-        Proto::Tether | Proto::TetherWs => {
-            let s = Stack::start(&StackSpec {
-                gateways: 1,
-                state: true,
-                key: None,
-            })
-            .await?;
-            let out = (s.tcp_endpoints()[0], Some(s.signer.clone()));
-            stack = Some(s);
-            out
-        }
-        Proto::Nats => {
-            let p = PeerServer::nats()?;
-            let addr = p.addr;
-            peer = Some(p);
-            (addr, None)
-        }
-        Proto::Mqtt => {
-            let p = PeerServer::mosquitto().await?;
-            let addr = p.addr;
-            peer = Some(p);
-            (addr, None)
-        }
-    };
+    let target = Target::start(proto, args.running.as_ref()).await?;
+    let (endpoint, signer) = (target.endpoint, target.signer.clone());
     let plan = Plan {
         proto,
         endpoints: vec![endpoint],
@@ -258,14 +236,14 @@ pub async fn measure(args: &FanoutArgs, proto: Proto) -> Result<FanoutReport, Be
         )));
     }
 
-    let mut publisher = match (&stack, proto) {
-        (Some(s), _) => {
-            let client = async_nats::connect(&s.nats_url)
+    let mut publisher = match (&target.nats_url, proto) {
+        (Some(url), Proto::Tether | Proto::TetherWs) => {
+            let client = async_nats::connect(url.as_str())
                 .await
                 .map_err(|e| BenchError::Setup(format!("business nats connection: {e}")))?;
             Publisher::Tether(Business::new(client, &args.app), ROOM.to_string())
         }
-        (None, _) => {
+        _ => {
             let mut stream = TcpStream::connect(endpoint)
                 .await
                 .map_err(BenchError::io("publisher connect"))?;
@@ -363,7 +341,6 @@ pub async fn measure(args: &FanoutArgs, proto: Proto) -> Result<FanoutReport, Be
         r.abort();
     }
     drop(publisher);
-    drop(stack);
-    drop(peer);
+    drop(target);
     Ok(report)
 }

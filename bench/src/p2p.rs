@@ -32,7 +32,7 @@ use crate::compare::{Comparison, Figure, Outcome};
 use crate::fleet::{self, Plan};
 use crate::progress::Progress;
 use crate::reader::{self, Counters};
-use crate::stack::{PeerServer, Stack, StackSpec};
+use crate::stack::{Running, Target};
 use crate::stats::{Percentiles, Sink};
 use crate::wire::{self, Incoming, Proto, now_ns};
 
@@ -51,6 +51,8 @@ pub struct P2pArgs {
     pub source_addrs: Vec<IpAddr>,
     /// App id.
     pub app: String,
+    /// A running Tether stack to target instead of starting one.
+    pub running: Option<Running>,
     /// Peers measured after Tether.
     pub peers: Vec<Proto>,
     /// Print the JSON line.
@@ -66,6 +68,7 @@ impl Default for P2pArgs {
             qos1: false,
             source_addrs: crate::conns::source_range(40, 2),
             app: "bench".into(),
+            running: None,
             peers: Vec::new(),
             json: false,
         }
@@ -156,51 +159,6 @@ pub async fn run(args: P2pArgs) -> Result<Comparison, BenchError> {
     };
     comparison.print(args.json);
     Ok(comparison)
-}
-
-/// The server side of a run and its echo service; stopped on drop.
-pub(crate) struct Target {
-    pub(crate) endpoint: std::net::SocketAddr,
-    pub(crate) signer: Option<tether_auth::TokenSigner>,
-    pub(crate) nats_url: Option<String>,
-    _stack: Option<Stack>,
-    _peer: Option<PeerServer>,
-}
-
-impl Target {
-    pub(crate) async fn start(proto: Proto) -> Result<Target, BenchError> {
-        Ok(match proto {
-            Proto::Tether | Proto::TetherWs => {
-                let stack = Stack::start(&StackSpec {
-                    gateways: 1,
-                    state: true,
-                    key: None,
-                })
-                .await?;
-                Target {
-                    endpoint: stack.tcp_endpoints()[0],
-                    signer: Some(stack.signer.clone()),
-                    nats_url: Some(stack.nats_url.clone()),
-                    _stack: Some(stack),
-                    _peer: None,
-                }
-            }
-            Proto::Nats | Proto::Mqtt => {
-                let peer = if proto == Proto::Nats {
-                    PeerServer::nats()?
-                } else {
-                    PeerServer::mosquitto().await?
-                };
-                Target {
-                    endpoint: peer.addr,
-                    signer: None,
-                    nats_url: (proto == Proto::Nats).then(|| peer.nats_url()),
-                    _stack: None,
-                    _peer: Some(peer),
-                }
-            }
-        })
-    }
 }
 
 pub(crate) async fn nats_client(url: &str) -> Result<async_nats::Client, BenchError> {
@@ -298,7 +256,9 @@ async fn sender(
     mut stamps: mpsc::UnboundedReceiver<u64>,
 ) {
     let to = (index + 1) as u64;
-    let mut msg_id = 0u64;
+    // Ids keep growing across runs against a running stack (its dedupe window would
+    // swallow reused ids), like the SDK's.
+    let mut msg_id = now_ns() / 1_000;
     let mut out = BytesMut::with_capacity(4096);
     while let Some(stamp) = stamps.recv().await {
         let mut next = Some(stamp);
@@ -344,7 +304,7 @@ pub async fn measure(args: &P2pArgs, proto: Proto) -> Result<P2pReport, BenchErr
             "pairs, rate and duration must be positive".into(),
         ));
     }
-    let target = Target::start(proto).await?;
+    let target = Target::start(proto, args.running.as_ref()).await?;
     start_echo(&target, proto, &args.app, args.qos1).await?;
     let plan = Plan {
         proto,

@@ -14,6 +14,7 @@ use tether_auth::TokenSigner;
 use tether_nats::server::{NatsServer, ServerSpec, free_port, locate_binary};
 use tokio::net::TcpStream;
 
+use crate::wire::Proto;
 use crate::{BenchError, procfs};
 
 /// The address every started process listens on.
@@ -411,4 +412,76 @@ pub fn tail(path: &Path) -> String {
         .find(|&i| text.is_char_boundary(i))
         .unwrap_or(text.len());
     text[start..].to_string()
+}
+
+/// A running Tether stack to target by URL instead of starting one.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// NATS URL of the stack (the business side of the scenario connects there).
+    pub nats_url: String,
+    /// A gateway's TCP client address.
+    pub endpoint: SocketAddr,
+    /// The gateways' token signing key (private PEM).
+    pub key: PathBuf,
+}
+
+/// The server side of one run (a started stack or peer, or a running stack); what was
+/// started is stopped on drop.
+pub struct Target {
+    /// Client address.
+    pub endpoint: SocketAddr,
+    /// Signs Tether tokens (`None` for peers).
+    pub signer: Option<TokenSigner>,
+    /// NATS URL (Tether's bus, or the nats peer itself).
+    pub nats_url: Option<String>,
+    _stack: Option<Stack>,
+    _peer: Option<PeerServer>,
+}
+
+impl Target {
+    /// Starts what `proto` needs (for Tether: nats-server, one gateway and state), or
+    /// uses `running` for Tether when given.
+    pub async fn start(proto: Proto, running: Option<&Running>) -> Result<Target, BenchError> {
+        Ok(match (proto, running) {
+            (Proto::Tether | Proto::TetherWs, Some(r)) => Target {
+                endpoint: r.endpoint,
+                signer: Some(
+                    TokenSigner::from_file(&r.key)
+                        .map_err(|e| BenchError::Setup(format!("signing key: {e}")))?,
+                ),
+                nats_url: Some(r.nats_url.clone()),
+                _stack: None,
+                _peer: None,
+            },
+            (Proto::Tether | Proto::TetherWs, None) => {
+                let stack = Stack::start(&StackSpec {
+                    gateways: 1,
+                    state: true,
+                    key: None,
+                })
+                .await?;
+                Target {
+                    endpoint: stack.tcp_endpoints()[0],
+                    signer: Some(stack.signer.clone()),
+                    nats_url: Some(stack.nats_url.clone()),
+                    _stack: Some(stack),
+                    _peer: None,
+                }
+            }
+            (Proto::Nats | Proto::Mqtt, _) => {
+                let peer = if proto == Proto::Nats {
+                    PeerServer::nats()?
+                } else {
+                    PeerServer::mosquitto().await?
+                };
+                Target {
+                    endpoint: peer.addr,
+                    signer: None,
+                    nats_url: (proto == Proto::Nats).then(|| peer.nats_url()),
+                    _stack: None,
+                    _peer: Some(peer),
+                }
+            }
+        })
+    }
 }

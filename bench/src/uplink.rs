@@ -23,8 +23,9 @@ use tokio::net::TcpStream;
 use crate::BenchError;
 use crate::compare::{Comparison, Figure, Outcome};
 use crate::fleet::{self, Plan};
-use crate::p2p::{Target, nats_client, up_frame};
+use crate::p2p::{nats_client, up_frame};
 use crate::progress::Progress;
+use crate::stack::{Running, Target};
 use crate::stats::{Percentiles, Sink, since_us};
 use crate::wire::{self, Incoming, Proto, now_ns};
 
@@ -41,6 +42,8 @@ pub struct UplinkArgs {
     pub source_addrs: Vec<IpAddr>,
     /// App id.
     pub app: String,
+    /// A running Tether stack to target instead of starting one.
+    pub running: Option<Running>,
     /// Peers measured after Tether.
     pub peers: Vec<Proto>,
     /// Print the JSON line.
@@ -55,6 +58,7 @@ impl Default for UplinkArgs {
             duration_secs: 10.0,
             source_addrs: crate::conns::source_range(60, 2),
             app: "bench".into(),
+            running: None,
             peers: Vec::new(),
             json: false,
         }
@@ -139,7 +143,7 @@ pub async fn measure(args: &UplinkArgs, proto: Proto) -> Result<UplinkReport, Be
         ));
     }
     let window = args.window.min(60_000);
-    let target = Target::start(proto).await?;
+    let target = Target::start(proto, args.running.as_ref()).await?;
     let sink = Arc::new(Sink::default());
     let progress = Progress::start(
         format!("uplink [{}] seconds×10", proto.target_name()),
@@ -205,7 +209,9 @@ pub async fn measure(args: &UplinkArgs, proto: Proto) -> Result<UplinkReport, Be
             let mut devices: Vec<(TcpStream, BytesMut, u64)> = opened
                 .conns
                 .into_iter()
-                .map(|(_, s, b)| (s, b, 0))
+                // Ids keep growing across runs against a running stack (its dedupe window
+                // would swallow reused ids), like the SDK's.
+                .map(|(_, s, b)| (s, b, now_ns() / 1_000))
                 .collect();
             for (secs, measured) in phases {
                 let mut tasks = Vec::new();
@@ -219,11 +225,16 @@ pub async fn measure(args: &UplinkArgs, proto: Proto) -> Result<UplinkReport, Be
                         proto, d, stream, buf, next_id, window, secs, sink,
                     )));
                 }
-                devices = tick_progress(&progress, measured, secs, tasks)
-                    .await
-                    .into_iter()
-                    .flatten()
-                    .collect();
+                let outcomes = tick_progress(&progress, measured, secs, tasks).await;
+                let failed = outcomes.iter().filter(|o| o.is_err()).count();
+                if let Some(Err(first)) = outcomes.iter().find(|o| o.is_err()) {
+                    return Err(BenchError::Setup(format!(
+                        "{failed} of {} devices failed: {first} (a running gateway needs \
+                         max_frames_per_sec = 0 for this scenario)",
+                        args.devices
+                    )));
+                }
+                devices = outcomes.into_iter().flatten().collect();
             }
         }
     }
@@ -270,7 +281,7 @@ async fn tick_progress<T>(
 }
 
 /// A Tether or MQTT device: keeps `window` messages in flight for `secs`, records
-/// send → receipt; returns its connection for the next phase (None if it failed).
+/// send → receipt; returns its connection for the next phase, or why it failed.
 #[allow(clippy::too_many_arguments)]
 async fn raw_device(
     proto: Proto,
@@ -281,7 +292,7 @@ async fn raw_device(
     window: usize,
     secs: f64,
     sink: Arc<Sink>,
-) -> Option<(TcpStream, BytesMut, u64)> {
+) -> Result<(TcpStream, BytesMut, u64), String> {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut in_flight: HashMap<u64, u64> = HashMap::with_capacity(window);
     let mut out = BytesMut::with_capacity(4096);
@@ -311,23 +322,32 @@ async fn raw_device(
             in_flight.insert(key, stamp);
         }
         if !out.is_empty() {
-            stream.write_all(&out).await.ok()?;
+            stream
+                .write_all(&out)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
             out.clear();
         }
         if !sending && in_flight.is_empty() {
-            return Some((stream, buf, next_id));
+            return Ok((stream, buf, next_id));
         }
         let read = tokio::time::timeout(Duration::from_secs(5), stream.read_buf(&mut buf)).await;
         match read {
             Ok(Ok(n)) if n > 0 => {}
-            _ => return None,
+            Ok(Ok(_)) => return Err("connection closed".into()),
+            Ok(Err(e)) => return Err(format!("read: {e}")),
+            Err(_) => return Err("no receipt for 5 s".into()),
         }
         let now = now_ns();
-        while let Ok(Some(item)) = wire::decode(proto, &mut buf) {
-            if let Incoming::Receipt(id) = item
-                && let Some(stamp) = in_flight.remove(&id)
-            {
-                latencies.push(since_us(stamp, now));
+        while let Some(item) = wire::decode(proto, &mut buf)? {
+            match item {
+                Incoming::Receipt(id) => {
+                    if let Some(stamp) = in_flight.remove(&id) {
+                        latencies.push(since_us(stamp, now));
+                    }
+                }
+                Incoming::Error(e) => return Err(e),
+                _ => {}
             }
         }
         sink.record_batch(d, now, &latencies);

@@ -50,6 +50,30 @@ struct Common {
     json: bool,
 }
 
+/// A running Tether stack to target instead of starting one.
+#[derive(Args)]
+struct RunningFlags {
+    /// NATS URL of a running stack (with --endpoint and --key; default: start one).
+    #[arg(long = "nats", requires_all = ["endpoint", "key"])]
+    nats_url: Option<String>,
+    /// A running gateway's TCP client address.
+    #[arg(long, requires = "nats_url")]
+    endpoint: Option<SocketAddr>,
+    /// The running gateways' token signing key (private PEM).
+    #[arg(long, requires = "nats_url")]
+    key: Option<PathBuf>,
+}
+
+impl RunningFlags {
+    fn running(self) -> Option<tether_bench::stack::Running> {
+        Some(tether_bench::stack::Running {
+            nats_url: self.nats_url?,
+            endpoint: self.endpoint?,
+            key: self.key?,
+        })
+    }
+}
+
 fn parse_peer(s: &str) -> Result<Proto, String> {
     match Proto::parse(s) {
         Some(Proto::Tether) | None => Err(format!("unknown peer {s:?} (nats, mosquitto)")),
@@ -102,6 +126,8 @@ struct FanoutFlags {
     #[arg(long, default_value_t = 10)]
     rate: u32,
     #[command(flatten)]
+    running: RunningFlags,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -120,6 +146,8 @@ struct P2pFlags {
     #[arg(long)]
     qos1: bool,
     #[command(flatten)]
+    running: RunningFlags,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -134,6 +162,8 @@ struct UplinkFlags {
     /// Seconds of sending.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    #[command(flatten)]
+    running: RunningFlags,
     #[command(flatten)]
     common: Common,
 }
@@ -187,6 +217,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 members: f.members,
                 messages: f.messages,
                 rate: f.rate,
+                running: f.running.running(),
                 app: f.common.app,
                 peers: f.common.peers,
                 json: f.common.json,
@@ -203,6 +234,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 rate: f.rate,
                 duration_secs: f.duration,
                 qos1: f.qos1,
+                running: f.running.running(),
                 app: f.common.app,
                 peers: f.common.peers,
                 json: f.common.json,
@@ -218,6 +250,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 devices: f.devices,
                 window: f.window,
                 duration_secs: f.duration,
+                running: f.running.running(),
                 app: f.common.app,
                 peers: f.common.peers,
                 json: f.common.json,
