@@ -187,8 +187,18 @@ struct SuiteFlags {
     only: Vec<String>,
 }
 
-/// Runs a scenario.
+/// Runs a scenario. SIGINT or SIGTERM drops it, which stops every process it started
+/// (gateways, state, peers, nats-server, load workers) before the error is returned.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = scenario(args) => result,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; stopped what the bench started"),
+        _ = term.recv() => anyhow::bail!("terminated; stopped what the bench started"),
+    }
+}
+
+async fn scenario(args: BenchArgs) -> anyhow::Result<()> {
     use tether_bench::{conns, fanout, p2p, suite, uplink, worker};
     match args.scenario {
         Scenario::Conns(f) => {
