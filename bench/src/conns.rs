@@ -140,6 +140,9 @@ pub struct ConnsReport {
     pub kernel_sockstat_mem_pages_after: Option<u64>,
     /// Kernel TCP memory delta per connection (both ends), bytes.
     pub kernel_mem_per_conn_bytes: Option<i64>,
+    /// Kernel slab memory delta per connection (`/proc/meminfo` `Slab:`, system-wide:
+    /// socket structures of both ends, and anything else the machine did meanwhile), bytes.
+    pub kernel_slab_per_conn_bytes: Option<i64>,
     /// Load generator RSS after the hold, KiB (sum over its processes).
     pub loadgen_rss_kb: Option<u64>,
     /// Seconds the connections were held idle before the "after" readings.
@@ -185,10 +188,12 @@ impl fmt::Display for ConnsReport {
         )?;
         writeln!(
             f,
-            "  kernel TCP mem: {} -> {} pages = {} B per connection (both ends)",
+            "  kernel: sockstat TCP mem {} -> {} pages = {} B per connection (socket buffers), \
+             slab {} B per connection (both ends, system-wide)",
             opt(&self.kernel_sockstat_mem_pages_before),
             opt(&self.kernel_sockstat_mem_pages_after),
-            opt(&self.kernel_mem_per_conn_bytes)
+            opt(&self.kernel_mem_per_conn_bytes),
+            opt(&self.kernel_slab_per_conn_bytes)
         )?;
         write!(f, "  load generator RSS: {} KiB", opt(&self.loadgen_rss_kb))
     }
@@ -381,6 +386,7 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss_sum_kb(&pids);
     let mem_before = procfs::tcp_mem_pages();
+    let slab_before = procfs::slab_kb();
     let label = format!("conns [{}]", proto.target_name());
     let progress = Progress::start(label, args.connections as u64);
 
@@ -417,6 +423,7 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
     tokio::time::sleep(Duration::from_secs(hold_secs)).await;
     let rss_after = rss_sum_kb(&pids);
     let mem_after = procfs::tcp_mem_pages();
+    let slab_after = procfs::slab_kb();
     let loadgen_rss = procfs::self_rss_kb().map(|kb| kb + loadgen_extra);
 
     let per_conn = |before: Option<u64>, after: Option<u64>, unit: i64| {
@@ -446,6 +453,7 @@ pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, Benc
         kernel_sockstat_mem_pages_before: mem_before,
         kernel_sockstat_mem_pages_after: mem_after,
         kernel_mem_per_conn_bytes: per_conn(mem_before, mem_after, 4096),
+        kernel_slab_per_conn_bytes: per_conn(slab_before, slab_after, 1024),
         loadgen_rss_kb: loadgen_rss,
         hold_secs,
         gateway_in_process: in_process,
@@ -516,6 +524,7 @@ mod tests {
             kernel_sockstat_mem_pages_before: None,
             kernel_sockstat_mem_pages_after: None,
             kernel_mem_per_conn_bytes: None,
+            kernel_slab_per_conn_bytes: None,
             loadgen_rss_kb: Some(5),
             hold_secs: 2,
             gateway_in_process: false,

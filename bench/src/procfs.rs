@@ -23,6 +23,21 @@ pub fn parse_sockstat_tcp_mem_pages(sockstat: &str) -> Option<u64> {
     None
 }
 
+/// The `Slab:` line of a `/proc/meminfo` text, KiB.
+pub fn parse_meminfo_slab_kb(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("Slab:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Kernel slab memory (system-wide, KiB): where socket structures live; noisy when
+/// other work runs on the machine.
+pub fn slab_kb() -> Option<u64> {
+    parse_meminfo_slab_kb(&fs::read_to_string("/proc/meminfo").ok()?)
+}
+
 /// RSS of process `pid` in KiB, `None` if it cannot be read.
 pub fn rss_kb(pid: u32) -> Option<u64> {
     parse_vm_rss_kb(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
@@ -55,6 +70,14 @@ mod tests {
             "sockets: used 230\nTCP: inuse 5 orphan 0 tw 2 alloc 7 mem 42\nUDP: inuse 1 mem 3\n";
         assert_eq!(parse_sockstat_tcp_mem_pages(sockstat), Some(42));
         assert_eq!(parse_sockstat_tcp_mem_pages("UDP: inuse 1 mem 3\n"), None);
+    }
+
+    #[test]
+    fn parses_meminfo_slab() {
+        assert_eq!(
+            parse_meminfo_slab_kb("MemTotal: 10 kB\nSlab:   4321 kB\n"),
+            Some(4321)
+        );
     }
 
     #[test]
