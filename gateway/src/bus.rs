@@ -109,14 +109,25 @@ impl Bus {
         let metrics = self.metrics.clone();
         let conn = conn.clone();
         let did = id.did.clone();
+        let receipt = tether_nats::keys::receipt(&id.app, &id.did, client_msg_id);
+        let js = self.js.clone();
         tokio::spawn(async move {
             let stored = match sent {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Ok(ack) => ack.await.map(|a| a.duplicate).map_err(|e| e.to_string()),
                 Err(error) => Err(error.to_string()),
             };
             match stored {
-                Ok(()) => {
+                Ok(false) => {
                     metrics.uplink_stored.inc();
+                }
+                Ok(true) => {
+                    // A resend: the first copy's UP_ACK may have gone to a connection
+                    // that is gone. If state has answered it, answer again from its copy;
+                    // if not yet, state's UP_ACK will follow the device's route here.
+                    metrics.uplink_duplicates.inc();
+                    if let Some(frame) = stored_receipt(&js, &receipt).await {
+                        conn.push(frame, true, queue_limit);
+                    }
                 }
                 Err(error) => {
                     metrics.uplink_failed.inc();
@@ -178,4 +189,13 @@ impl Bus {
             }
         });
     }
+}
+
+/// The UP_ACK state kept for a processed uplink, if any.
+async fn stored_receipt(js: &jetstream::Context, key: &str) -> Option<Bytes> {
+    let bucket = js
+        .get_key_value(tether_nats::layout::RECEIPTS_BUCKET)
+        .await
+        .ok()?;
+    bucket.get(key).await.ok().flatten()
 }

@@ -48,6 +48,8 @@ pub struct GatewayMetrics {
     pub downlink_no_route: Counter,
     /// Malformed downlink messages dropped.
     pub downlink_invalid: Counter,
+    /// Uplinks the stream had already (resends, answered from the kept receipt).
+    pub uplink_duplicates: Counter,
     /// Session broadcasts received (one per broadcast, however many local members).
     pub session_broadcasts: Counter,
     /// Session broadcast frames queued to local members.
@@ -134,6 +136,11 @@ impl GatewayMetrics {
             "downlink_delivered",
             "downlink frames queued to clients",
             self.downlink_delivered.clone(),
+        );
+        registry.register(
+            "uplink_duplicates",
+            "resent uplinks the stream already had",
+            self.uplink_duplicates.clone(),
         );
         registry.register(
             "session_broadcasts",

@@ -26,6 +26,12 @@ pub fn cursor(app: &str, did: &str) -> String {
     format!("c.{}.{app}.{did}", partition(did))
 }
 
+/// The UP_ACK of one processed uplink: `<app>.<did>.<client_msg_id>` (bucket
+/// `tether_receipts`), kept as long as JetStream de-duplicates the uplink.
+pub fn receipt(app: &str, did: &str, client_msg_id: u64) -> String {
+    format!("{app}.{did}.{client_msg_id}")
+}
+
 /// The sessions a device is bound to: `m.<partition>.<app>.<did>` → JSON membership
 /// (bucket `tether_sessions`, written by the device's partition owner).
 pub fn membership(app: &str, did: &str) -> String {

@@ -25,6 +25,9 @@ pub const GATEWAYS_BUCKET: &str = "tether_gateways";
 /// KV bucket: session memberships per device, the session → devices index and room
 /// settings.
 pub const SESSIONS_BUCKET: &str = "tether_sessions";
+/// KV bucket: UP_ACK frames of processed uplinks, kept for the de-duplication window so a
+/// resent UP whose first receipt was lost gets it again.
+pub const RECEIPTS_BUCKET: &str = "tether_receipts";
 /// KV bucket: app configuration and secrets.
 pub const APPS_BUCKET: &str = "tether_apps";
 
@@ -142,6 +145,13 @@ impl BusLayout {
             kv::Config {
                 bucket: SESSIONS_BUCKET.into(),
                 description: "session memberships, session index, room settings".into(),
+                ..base.clone()
+            },
+            kv::Config {
+                bucket: RECEIPTS_BUCKET.into(),
+                description: "receipts of processed uplinks, for resends".into(),
+                max_age: self.uplink_duplicate_window,
+                storage: stream::StorageType::Memory,
                 ..base.clone()
             },
             kv::Config {

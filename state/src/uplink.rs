@@ -86,6 +86,18 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         server_msg_id: server_id,
     })
     .encode();
+    // A resend of this UP is dropped by JetStream's de-duplication; its gateway then
+    // answers from this copy, in case the first UP_ACK was lost with its connection. Kept
+    // before the UP_ACK goes out, so no resend can miss both. Timeouts are not kept:
+    // nothing was stored.
+    if code != ErrorCode::Timeout
+        && let Err(error) = ctx
+            .store
+            .put_receipt(&app, &did, up.client_msg_id, frame.clone())
+            .await
+    {
+        tracing::warn!(%app, %did, %error, "receipt not kept");
+    }
     if let Err(error) = message.ack().await {
         tracing::warn!(%app, %did, %error, "uplink ack failed");
     }

@@ -405,3 +405,48 @@ async fn inbox_retention_follows_the_state_configuration() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_resent_uplink_whose_receipt_was_lost_gets_it_again() -> TestResult {
+    use support::{RawClient, Transport};
+    use tether_schemas::{Frame, pb};
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let calls = Arc::new(Mutex::new(0u32));
+    let counted = calls.clone();
+    tokio::spawn(async move {
+        let _ = business
+            .serve_uplinks("tether-biz", move |uplink| {
+                let counted = counted.clone();
+                async move {
+                    *counted.lock().expect("lock") += 1;
+                    Stored::stored(Some(format!("m{}", uplink.msg_id)))
+                }
+            })
+            .await;
+    });
+    let up = Frame::Up {
+        header: pb::Up {
+            client_msg_id: 77,
+            session: String::new(),
+        },
+        body: Bytes::from_static(b"once"),
+    }
+    .encode();
+    let receipt = |frame: Option<Frame>| match frame {
+        Some(Frame::UpAck(ack)) => (ack.client_msg_id, ack.code, ack.server_msg_id),
+        other => panic!("expected UP_ACK, got {other:?}"),
+    };
+    let (mut first, _) = fixture.login(Transport::Tcp, "resender").await;
+    first.send(&up).await;
+    assert_eq!(receipt(first.next_frame().await), (77, 0, "m77".into()));
+    // The connection is lost before the app saw the receipt; after reconnecting it
+    // resends the same UP. The stream drops the copy, the receipt comes again.
+    drop(first);
+    let (mut second, _): (RawClient, _) = fixture.login(Transport::Tcp, "resender").await;
+    second.send(&up).await;
+    assert_eq!(receipt(second.next_frame().await), (77, 0, "m77".into()));
+    assert_eq!(*calls.lock().expect("lock"), 1, "stored once");
+    Ok(())
+}
