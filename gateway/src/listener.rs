@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tether_schemas::{ErrorCode, Frame};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::conn::Transport;
@@ -55,22 +55,23 @@ pub async fn accept_loop(
         let tls = tls.clone();
         let permit = limit.clone().try_acquire_owned();
         tokio::spawn(async move {
-            let Ok(_permit) = permit else {
+            let Ok(permit) = permit else {
                 refuse_full(&ctx, socket, transport).await;
                 return;
             };
-            open(ctx, socket, remote, transport, tls).await;
+            open(ctx, socket, remote, transport, tls, permit).await;
         });
     }
 }
 
-/// TLS and WebSocket handshakes, then the connection's life.
+/// TLS and WebSocket handshakes, then the connection's own task.
 async fn open(
     ctx: Arc<GatewayCtx>,
     socket: TcpStream,
     remote: SocketAddr,
     transport: Transport,
     tls: Option<TlsAcceptor>,
+    permit: OwnedSemaphorePermit,
 ) {
     let deadline = Duration::from_secs(ctx.config.login_timeout_secs);
     let is_tls = tls.is_some();
@@ -97,7 +98,7 @@ async fn open(
             Err(_) => return,
         }
     }
-    driver::run(ctx, stream, transport, is_tls, remote, input).await;
+    driver::spawn(ctx, stream, transport, is_tls, remote, input, permit);
 }
 
 /// Reads and answers the HTTP upgrade; leaves any bytes after it in `input`.

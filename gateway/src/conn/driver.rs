@@ -2,10 +2,12 @@
 //! a reason. One task per connection, holding no buffer while the connection is idle.
 
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tether_schemas::{ErrorCode, Frame, FrameError, FrameType, RawFrame, pb, split_frame};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::io::Stream;
@@ -18,15 +20,22 @@ use crate::ws::{self, WsDecoder, WsEvent};
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Runs a connection until it closes. `input` holds bytes already read (after a WebSocket
-/// handshake).
-pub async fn run(
+/// Starts the task of a connection, which runs until it closes. `input` holds bytes
+/// already read (after a WebSocket handshake); `permit` is its slot under the gateway's
+/// connection limit, given back when the task ends.
+///
+/// The task is spawned here, from a function rather than from the handshake's future, so
+/// that its future holds the connection's state once and nothing else: an idle task's
+/// future is the [`Driver`] and the one small wait of [`Driver::serve`] (see the size
+/// test below).
+pub fn spawn(
     ctx: Arc<GatewayCtx>,
     stream: Stream,
     transport: Transport,
     tls: bool,
     remote: std::net::SocketAddr,
     input: BytesMut,
+    permit: OwnedSemaphorePermit,
 ) {
     let shared = Arc::new(ConnShared::new(ctx.next_conn_id(), ctx.clock.now()));
     ctx.timers.track(&shared);
@@ -57,13 +66,17 @@ pub async fn run(
         stream,
         ws,
         state,
+        _permit: permit,
     };
-    async move {
-        let reason = driver.serve().await;
-        driver.finish(reason).await;
-    }
-    .instrument(span)
-    .await;
+    // An async block uses its captured driver in place (an `async fn (self)` would hold
+    // a second copy of it).
+    tokio::spawn(
+        async move {
+            let reason = driver.serve().await;
+            Box::pin(driver.finish(reason)).await;
+        }
+        .instrument(span),
+    );
 }
 
 struct Driver {
@@ -72,43 +85,69 @@ struct Driver {
     stream: Stream,
     ws: Option<WsDecoder>,
     state: ConnState,
+    _permit: OwnedSemaphorePermit,
 }
 
 type Handled = Result<(), CloseReason>;
 
+/// What woke an idle connection.
+enum Wake {
+    /// Frames were queued or a close was requested.
+    Queued,
+    /// Input was appended to the buffer (`Ok(0)`: the peer closed).
+    Read(std::io::Result<usize>),
+}
+
 impl Driver {
     async fn serve(&mut self) -> CloseReason {
-        let shared = self.shared.clone();
-        let mut input = std::mem::take(&mut self.state.input);
-        if !input.is_empty()
-            && let Err(reason) = self.process(&mut input).await
+        if !self.state.input.is_empty()
+            && let Err(reason) = Box::pin(self.process_input()).await
         {
             return reason;
         }
         loop {
-            tokio::select! {
-                biased;
-                _ = shared.woken() => {
-                    if let Some(reason) = self.flush().await {
+            // The one await of an idle connection polls the queue wake-up and the socket
+            // directly: no nested future, no buffer. Handling is boxed, so its (large,
+            // NATS-publishing) state exists only while a frame is being handled.
+            match std::future::poll_fn(|cx| self.poll_wake(cx)).await {
+                Wake::Queued => {
+                    if let Some(reason) = Box::pin(self.flush()).await {
                         return reason;
                     }
                 }
-                read = self.stream.read_into(&mut input) => match read {
-                    Ok(0) => return CloseReason::silent(ErrorCode::Ok, "peer closed"),
-                    Ok(n) => {
-                        self.ctx.metrics.bytes_in.inc_by(n as u64);
-                        if let Err(reason) = self.process(&mut input).await {
-                            return reason;
-                        }
-                        if input.is_empty() {
-                            // Give the allocation back: an idle connection holds no buffer.
-                            input = BytesMut::new();
-                        }
+                Wake::Read(Ok(0)) => return CloseReason::silent(ErrorCode::Ok, "peer closed"),
+                Wake::Read(Ok(n)) => {
+                    self.ctx.metrics.bytes_in.inc_by(n as u64);
+                    if let Err(reason) = Box::pin(self.process_input()).await {
+                        return reason;
                     }
-                    Err(error) => return CloseReason::silent(ErrorCode::Ok, format!("read failed: {error}")),
-                },
+                }
+                Wake::Read(Err(error)) => {
+                    return CloseReason::silent(ErrorCode::Ok, format!("read failed: {error}"));
+                }
             }
         }
+    }
+
+    /// Queue wake-up first (replies and closes before more input), then socket input.
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        if self.shared.poll_woken(cx).is_ready() {
+            return Poll::Ready(Wake::Queued);
+        }
+        self.stream
+            .poll_read_into(cx, &mut self.state.input)
+            .map(Wake::Read)
+    }
+
+    /// Handles the complete frames of the input buffer.
+    async fn process_input(&mut self) -> Handled {
+        let mut input = std::mem::take(&mut self.state.input);
+        let handled = self.process(&mut input).await;
+        // An empty buffer is dropped: an idle connection holds no allocation.
+        if !input.is_empty() {
+            self.state.input = input;
+        }
+        handled
     }
 
     /// Handles every complete frame in `input`.
@@ -517,4 +556,28 @@ fn written<T>(
 
 fn frame_error(error: &FrameError) -> CloseReason {
     CloseReason::error(error.code(), error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<T, F: Future>(_: impl FnOnce(T) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// An idle connection costs its task, and the task is mostly this future: keep it
+    /// small (frame handling is boxed, so it does not count here).
+    #[test]
+    fn idle_connection_future_is_small() {
+        let size = future_size(|mut driver: Driver| {
+            async move {
+                let reason = driver.serve().await;
+                Box::pin(driver.finish(reason)).await;
+            }
+            .instrument(tracing::Span::none())
+        });
+        eprintln!("connection task future: {size} bytes");
+        assert!(size <= 336, "connection task future grew to {size} bytes");
+    }
 }

@@ -3,9 +3,11 @@
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -13,7 +15,7 @@ const SCRATCH_LEN: usize = 16 * 1024;
 const MAX_SLICES: usize = 64;
 
 thread_local! {
-    /// One read buffer per worker thread, shared by every plain-TCP connection on it.
+    /// One read buffer per worker thread, shared by every connection on it.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
 }
 
@@ -27,13 +29,22 @@ pub enum Stream {
 
 impl Stream {
     /// Waits for input and appends it to `input`; `Ok(0)` means the peer closed.
-    ///
-    /// Plain TCP waits for readiness without a buffer and reads into the thread's scratch
-    /// buffer, so an idle connection pins no read buffer.
     pub async fn read_into(&mut self, input: &mut BytesMut) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read_into(cx, input)).await
+    }
+
+    /// Polls for input and appends it to `input`; `Ok(0)` means the peer closed.
+    ///
+    /// Waits for readiness without a buffer and reads into the thread's scratch buffer, so
+    /// an idle connection pins no read buffer (TLS: rustls keeps its own).
+    pub fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        input: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
         match self {
             Stream::Plain(stream) => loop {
-                stream.readable().await?;
+                ready!(stream.poll_read_ready(cx))?;
                 let read = SCRATCH.with(|scratch| {
                     let mut scratch = scratch.borrow_mut();
                     let n = stream.try_read(&mut scratch)?;
@@ -42,13 +53,16 @@ impl Stream {
                 });
                 match read {
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                    other => return other,
+                    other => return Poll::Ready(other),
                 }
             },
-            Stream::Tls(stream) => {
-                input.reserve(4096);
-                stream.read_buf(input).await
-            }
+            Stream::Tls(stream) => SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let mut buf = ReadBuf::new(&mut scratch);
+                ready!(Pin::new(&mut **stream).poll_read(cx, &mut buf))?;
+                input.extend_from_slice(buf.filled());
+                Poll::Ready(Ok(buf.filled().len()))
+            }),
         }
     }
 

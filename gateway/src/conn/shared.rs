@@ -3,12 +3,13 @@
 //! entries and its task, nothing more.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use tether_schemas::ErrorCode;
-use tokio::sync::Notify;
 
 /// Who a logged-in connection is.
 #[derive(Debug)]
@@ -96,7 +97,11 @@ pub struct ConnShared {
     identity: OnceLock<Identity>,
     last_seen: AtomicU32,
     outbound: Mutex<Outbound>,
-    wake: Notify,
+    /// Set when frames were queued or a close requested since the task last looked.
+    woken: AtomicBool,
+    /// The connection task, polled directly by its idle loop (no waiter node, unlike
+    /// `Notify`, so the idle task's future stays small).
+    waker: AtomicWaker,
 }
 
 impl ConnShared {
@@ -108,7 +113,8 @@ impl ConnShared {
             identity: OnceLock::new(),
             last_seen: AtomicU32::new(now),
             outbound: Mutex::new(Outbound::default()),
-            wake: Notify::new(),
+            woken: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
         }
     }
 
@@ -152,7 +158,7 @@ impl ConnShared {
             }
         };
         if matches!(outcome, Enqueued::Queued | Enqueued::Overflow) {
-            self.wake.notify_one();
+            self.wake();
         }
         outcome
     }
@@ -166,7 +172,13 @@ impl ConnShared {
             }
             out.close = Some(reason);
         }
-        self.wake.notify_one();
+        self.wake();
+    }
+
+    /// Wakes the connection task (a wake-up before it waits is kept, like a permit).
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Whether a close was requested.
@@ -180,9 +192,23 @@ impl ConnShared {
         (std::mem::take(&mut out.frames), out.close.clone())
     }
 
+    /// Ready once frames were queued or a close requested since the last ready poll.
+    /// Only the connection's own task polls this.
+    pub fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.woken.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     /// Waits until frames are queued or a close is requested.
     pub async fn woken(&self) {
-        self.wake.notified().await;
+        std::future::poll_fn(|cx| self.poll_woken(cx)).await;
     }
 }
 
