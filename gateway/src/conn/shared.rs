@@ -84,7 +84,8 @@ pub enum Enqueued {
 #[derive(Debug, Default)]
 struct Outbound {
     frames: VecDeque<Bytes>,
-    close: Option<CloseReason>,
+    /// Boxed: a pointer while no close is pending, which is almost always.
+    close: Option<Box<CloseReason>>,
 }
 
 /// Shared state of one connection.
@@ -148,10 +149,10 @@ impl ConnShared {
                 out.frames.push_back(frame);
                 Enqueued::Queued
             } else if qos1 {
-                out.close = Some(CloseReason::error(
+                out.close = Some(Box::new(CloseReason::error(
                     ErrorCode::SlowConsumer,
                     "outbound queue full",
-                ));
+                )));
                 Enqueued::Overflow
             } else {
                 Enqueued::DroppedQos0
@@ -170,7 +171,7 @@ impl ConnShared {
             if out.close.is_some() {
                 return;
             }
-            out.close = Some(reason);
+            out.close = Some(Box::new(reason));
         }
         self.wake();
     }
@@ -189,7 +190,10 @@ impl ConnShared {
     /// Takes everything queued and the close request, if any.
     pub fn take(&self) -> (VecDeque<Bytes>, Option<CloseReason>) {
         let mut out = lock(&self.outbound);
-        (std::mem::take(&mut out.frames), out.close.clone())
+        (
+            std::mem::take(&mut out.frames),
+            out.close.as_deref().cloned(),
+        )
     }
 
     /// Ready once frames were queued or a close requested since the last ready poll.
