@@ -1,8 +1,12 @@
 //! What every task of one state instance shares.
 
+use std::future::Future;
+use std::sync::Arc;
+
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
+use futures::StreamExt;
 use tether_nats::subjects::{self, headers};
 
 use crate::config::StateConfig;
@@ -10,6 +14,45 @@ use crate::index::SessionIndex;
 use crate::metrics::StateMetrics;
 use crate::store::Store;
 use tether_business::wire::PresenceEvent;
+
+/// The queue group all state instances share for the business API (pushes, sessions).
+pub const QUEUE: &str = "tether-state";
+
+/// Serves requests on `subject` in the [`QUEUE`] group until `shutdown`, one task per
+/// message. The subscription is confirmed with the server before this returns, so requests
+/// sent right after start find it.
+pub async fn serve_queue<F, Fut>(
+    ctx: Arc<StateCtx>,
+    subject: String,
+    shutdown: tether_service::Shutdown,
+    handle: F,
+) -> Result<(), async_nats::SubscribeError>
+where
+    F: Fn(Arc<StateCtx>, async_nats::Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut subscription = ctx
+        .client
+        .queue_subscribe(subject.clone(), QUEUE.into())
+        .await?;
+    if let Err(error) = tether_nats::sync_with_server(&ctx.client).await {
+        tracing::warn!(%subject, %error, "cannot confirm the subscription");
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                message = subscription.next() => match message {
+                    Some(message) => {
+                        tokio::spawn(handle(ctx.clone(), message));
+                    }
+                    None => return,
+                },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+    Ok(())
+}
 
 /// The shared context.
 pub struct StateCtx {

@@ -7,44 +7,22 @@ use std::sync::Arc;
 
 use async_nats::Message;
 use bytes::Bytes;
-use futures::StreamExt;
 use tether_business::wire::{Accepted, Push, PushReply, PushReplyWire};
 use tether_nats::subjects;
 use tether_schemas::{ErrorCode, Frame, pb};
 
-use crate::context::StateCtx;
-
-/// The queue group all state instances share for pushes.
-pub const QUEUE: &str = "tether-state";
+use crate::context::{StateCtx, serve_queue};
 
 /// Serves pushes until `shutdown`.
 pub async fn serve(
     ctx: Arc<StateCtx>,
     shutdown: tether_service::Shutdown,
 ) -> Result<(), async_nats::SubscribeError> {
-    let mut subscription = ctx
-        .client
-        .queue_subscribe(format!("{}.*.push", subjects::PREFIX), QUEUE.into())
-        .await?;
-    // Pushes sent right after start must find the subscription.
-    if let Err(error) = tether_nats::sync_with_server(&ctx.client).await {
-        tracing::warn!(%error, "cannot confirm the push subscription");
-    }
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                message = subscription.next() => match message {
-                    Some(message) => {
-                        let ctx = ctx.clone();
-                        tokio::spawn(async move { handle(&ctx, message).await });
-                    }
-                    None => return,
-                },
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    });
-    Ok(())
+    let subject = format!("{}.*.push", subjects::PREFIX);
+    serve_queue(ctx, subject, shutdown, |ctx, message| async move {
+        handle(&ctx, message).await
+    })
+    .await
 }
 
 async fn handle(ctx: &StateCtx, message: Message) {

@@ -8,13 +8,11 @@
 use std::sync::Arc;
 
 use async_nats::Message;
-use futures::StreamExt;
 use tether_business::session::{SessionOp, SessionReply, SessionReplyWire, SessionRequest};
 use tether_nats::subjects;
 use tether_schemas::ErrorCode;
 
-use crate::context::StateCtx;
-use crate::push::QUEUE;
+use crate::context::{StateCtx, serve_queue};
 use crate::store::SessionSettings;
 use crate::wire::SessionEvent;
 
@@ -23,28 +21,11 @@ pub async fn serve(
     ctx: Arc<StateCtx>,
     shutdown: tether_service::Shutdown,
 ) -> Result<(), async_nats::SubscribeError> {
-    let mut subscription = ctx
-        .client
-        .queue_subscribe(format!("{}.*.session", subjects::PREFIX), QUEUE.into())
-        .await?;
-    if let Err(error) = tether_nats::sync_with_server(&ctx.client).await {
-        tracing::warn!(%error, "cannot confirm the session subscription");
-    }
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                message = subscription.next() => match message {
-                    Some(message) => {
-                        let ctx = ctx.clone();
-                        tokio::spawn(async move { handle(&ctx, message).await });
-                    }
-                    None => return,
-                },
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    });
-    Ok(())
+    let subject = format!("{}.*.session", subjects::PREFIX);
+    serve_queue(ctx, subject, shutdown, |ctx, message| async move {
+        handle(&ctx, message).await
+    })
+    .await
 }
 
 async fn handle(ctx: &StateCtx, message: Message) {
