@@ -288,11 +288,21 @@ async fn until(
     what: &str,
     done: impl Fn(&[String]) -> bool,
 ) -> Value {
+    until_answer(ipconfig, query, headers, what, |answer| done(&ids(answer))).await
+}
+
+/// Like [`until`], with a condition on the whole answer.
+async fn until_answer(
+    ipconfig: &Ipconfig,
+    query: &str,
+    headers: &[(&str, &str)],
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let (status, answer) = endpoints(ipconfig, query, headers).await;
-        let got = ids(&answer);
-        if status == 200 && done(&got) {
+        if status == 200 && done(&answer) {
             return answer;
         }
         assert!(
@@ -393,8 +403,9 @@ async fn draining_and_stopped_gateways_are_not_offered() -> TestResult {
         })
         .await;
     http(a.admin, "POST", "/v1/drain", &[]).await;
-    let answer = until(&lenient, "", &[], "draining last", |ids| {
-        ids == ["gw-b", "gw-a"]
+    // (gw-b may rank first by chance before the drain is seen: wait for the flag too.)
+    let answer = until_answer(&lenient, "", &[], "draining last", |answer| {
+        ids(answer) == ["gw-b", "gw-a"] && answer["endpoints"][1]["draining"] == true
     })
     .await;
     assert_eq!(answer["endpoints"][1]["draining"], true);

@@ -165,7 +165,14 @@ async fn one_broadcast_reaches_5000_devices_on_two_gateways_exactly_once() -> Te
     assert_eq!(body, b"marker", "an unbound device still got the broadcast");
 
     // One NATS message per gateway per broadcast: three publishes on the broadcast
-    // subject, none per member, and each gateway received each broadcast once.
+    // subject, none per member, and each gateway received each broadcast once. (The
+    // counting subscriber may still be catching up with the marker: wait for it.)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while (directs.load(Ordering::SeqCst) < 1 || broadcasts.load(Ordering::SeqCst) < 3)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(broadcasts.load(Ordering::SeqCst), 3);
     assert_eq!(
         directs.load(Ordering::SeqCst),
