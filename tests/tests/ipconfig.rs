@@ -328,8 +328,13 @@ async fn least_loaded_first_killed_gateway_gone_two_instances_agree() -> TestRes
     }
     let first = stack.ipconfig().await;
     let second = stack.ipconfig().await;
-    let answer = until(&first, "", &[], "ranked by load", |ids| {
-        ids == ["gw-b", "gw-c", "gw-a"]
+    // The order must come from the load (clearly separated scores), not from shuffled
+    // ties before the loads reach the heartbeats.
+    let answer = until_answer(&first, "", &[], "ranked by load", |answer| {
+        let score = |i: usize| answer["endpoints"][i]["score"].as_f64().unwrap_or(0.0);
+        ids(answer) == ["gw-b", "gw-c", "gw-a"]
+            && score(0) > score(1) + 0.05
+            && score(1) > score(2) + 0.05
     })
     .await;
     // The answer is complete: endpoints of both transports and a token the gateways take.
@@ -594,8 +599,10 @@ async fn sdk_logs_in_through_ipconfig_and_reconnects_without_it() -> TestResult 
     // Load gw-b a little, so gw-a ranks first.
     let _load = stack.load(&b, "load-1").await;
     let mut ipconfig = stack.ipconfig().await;
-    until(&ipconfig, "", &[], "gw-a first", |ids| {
-        ids == ["gw-a", "gw-b"]
+    // Wait for the load to reach the scores (not a chance order of tied scores).
+    until_answer(&ipconfig, "", &[], "gw-a first", |answer| {
+        let score = |i: usize| answer["endpoints"][i]["score"].as_f64().unwrap_or(0.0);
+        ids(answer) == ["gw-a", "gw-b"] && score(0) > score(1) + 0.05
     })
     .await;
 
