@@ -109,12 +109,14 @@ impl FanoutReport {
     pub fn outcome(&self) -> Outcome {
         Outcome {
             target: self.target.clone(),
-            figures: vec![
-                Figure::new("deliveries_per_sec", self.deliveries_per_sec, "/s"),
-                Figure::new("p50", self.latency.p50_us as f64, "µs"),
-                Figure::new("p99", self.latency.p99_us as f64, "µs"),
-                Figure::new("p999", self.latency.p999_us as f64, "µs"),
-            ],
+            figures: vec![Figure::new(
+                "deliveries_per_sec",
+                self.deliveries_per_sec,
+                "/s",
+            )]
+            .into_iter()
+            .chain(self.latency.figures(true))
+            .collect(),
             detail: serde_json::to_value(self).unwrap_or_default(),
         }
     }
@@ -123,12 +125,9 @@ impl FanoutReport {
 /// Runs Tether and the peers, prints and returns the comparison.
 pub async fn run(args: FanoutArgs) -> Result<Comparison, BenchError> {
     let mut outcomes = Vec::new();
-    for (k, proto) in std::iter::once(Proto::Tether)
-        .chain(args.peers.iter().copied())
-        .enumerate()
-    {
+    for (proto, sources) in crate::compare::targets(&args.peers, &args.source_addrs) {
         let mut a = args.clone();
-        a.source_addrs = crate::conns::shift_sources(&args.source_addrs, k);
+        a.source_addrs = sources;
         match measure(&a, proto).await {
             Ok(report) => {
                 println!("{report}");

@@ -122,12 +122,10 @@ impl P2pReport {
     pub fn outcome(&self) -> Outcome {
         Outcome {
             target: self.target.clone(),
-            figures: vec![
-                Figure::new("achieved_rate", self.achieved_rate, "/s"),
-                Figure::new("p50", self.latency.p50_us as f64, "µs"),
-                Figure::new("p99", self.latency.p99_us as f64, "µs"),
-                Figure::new("p999", self.latency.p999_us as f64, "µs"),
-            ],
+            figures: vec![Figure::new("achieved_rate", self.achieved_rate, "/s")]
+                .into_iter()
+                .chain(self.latency.figures(true))
+                .collect(),
             detail: serde_json::to_value(self).unwrap_or_default(),
         }
     }
@@ -136,12 +134,9 @@ impl P2pReport {
 /// Runs Tether and the peers, prints and returns the comparison.
 pub async fn run(args: P2pArgs) -> Result<Comparison, BenchError> {
     let mut outcomes = Vec::new();
-    for (k, proto) in std::iter::once(Proto::Tether)
-        .chain(args.peers.iter().copied())
-        .enumerate()
-    {
+    for (proto, sources) in crate::compare::targets(&args.peers, &args.source_addrs) {
         let mut a = args.clone();
-        a.source_addrs = crate::conns::shift_sources(&args.source_addrs, k);
+        a.source_addrs = sources;
         let report = measure(&a, proto).await?;
         println!("{report}");
         outcomes.push(report.outcome());

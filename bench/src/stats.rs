@@ -55,6 +55,21 @@ impl Percentiles {
     }
 }
 
+impl Percentiles {
+    /// The compared latency figures: p50, p99 and (with `p999`) p99.9, in µs.
+    pub fn figures(&self, p999: bool) -> Vec<crate::compare::Figure> {
+        use crate::compare::Figure;
+        let mut figures = vec![
+            Figure::new("p50", self.p50_us as f64, "µs"),
+            Figure::new("p99", self.p99_us as f64, "µs"),
+        ];
+        if p999 {
+            figures.push(Figure::new("p999", self.p999_us as f64, "µs"));
+        }
+        figures
+    }
+}
+
 impl std::fmt::Display for Percentiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -98,11 +98,10 @@ impl UplinkReport {
     pub fn outcome(&self) -> Outcome {
         Outcome {
             target: self.target.clone(),
-            figures: vec![
-                Figure::new("receipts_per_sec", self.receipts_per_sec, "/s"),
-                Figure::new("p50", self.latency.p50_us as f64, "µs"),
-                Figure::new("p99", self.latency.p99_us as f64, "µs"),
-            ],
+            figures: vec![Figure::new("receipts_per_sec", self.receipts_per_sec, "/s")]
+                .into_iter()
+                .chain(self.latency.figures(false))
+                .collect(),
             detail: serde_json::to_value(self).unwrap_or_default(),
         }
     }
@@ -111,12 +110,9 @@ impl UplinkReport {
 /// Runs Tether and the peers, prints and returns the comparison.
 pub async fn run(args: UplinkArgs) -> Result<Comparison, BenchError> {
     let mut outcomes = Vec::new();
-    for (k, proto) in std::iter::once(Proto::Tether)
-        .chain(args.peers.iter().copied())
-        .enumerate()
-    {
+    for (proto, sources) in crate::compare::targets(&args.peers, &args.source_addrs) {
         let mut a = args.clone();
-        a.source_addrs = crate::conns::shift_sources(&args.source_addrs, k);
+        a.source_addrs = sources;
         let report = measure(&a, proto).await?;
         println!("{report}");
         outcomes.push(report.outcome());

@@ -187,10 +187,7 @@ impl Business {
             .client
             .request_with_headers(subjects::push(&self.app), headers, push.body)
             .await?;
-        match wire::PushReplyWire::from_json(&reply.payload)? {
-            wire::PushReplyWire::Ok(reply) => Ok(reply),
-            wire::PushReplyWire::Error { error } => Err(error.into()),
-        }
+        Ok(wire::PushReplyWire::from_json(&reply.payload)?.into_result()?)
     }
 
     /// Publishes a push without waiting for an answer (fire and forget: a refusal or a
@@ -212,10 +209,7 @@ impl Business {
             .client
             .request(subjects::session(&self.app), request.to_json())
             .await?;
-        match session::SessionReplyWire::from_json(&reply.payload)? {
-            session::SessionReplyWire::Ok(reply) => Ok(reply),
-            session::SessionReplyWire::Error { error } => Err(error.into()),
-        }
+        Ok(session::SessionReplyWire::from_json(&reply.payload)?.into_result()?)
     }
 
     /// Membership events (joined/left) of the app, for apps whose state configuration

@@ -10,7 +10,6 @@ use std::collections::BTreeSet;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tether_schemas::ErrorCode;
 
 use crate::wire::{WireError, valid_id};
 
@@ -224,40 +223,7 @@ pub struct SessionReply {
 }
 
 /// The reply body to a session request: success or `{"error":{…}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum SessionReplyWire {
-    /// Refused (nothing changed).
-    Error {
-        /// Why.
-        error: WireError,
-    },
-    /// Done.
-    Ok(SessionReply),
-}
-
-impl SessionReplyWire {
-    /// A refusal with `code` and detail.
-    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
-        SessionReplyWire::Error {
-            error: WireError::new(code, message),
-        }
-    }
-
-    /// The JSON body.
-    pub fn to_json(&self) -> Bytes {
-        serde_json::to_vec(self)
-            .map(Bytes::from)
-            .unwrap_or_else(|_| {
-                Bytes::from_static(br#"{"error":{"code":"internal","message":"encode"}}"#)
-            })
-    }
-
-    /// Parses a reply body.
-    pub fn from_json(body: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(body)
-    }
-}
+pub type SessionReplyWire = crate::wire::ReplyWire<SessionReply>;
 
 /// Joined or left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

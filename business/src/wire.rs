@@ -432,23 +432,27 @@ pub struct Accepted {
     pub seq: u64,
 }
 
-/// The reply body to a push request: success or `{"error":{…}}`.
+/// The reply body to a request of the business API (push, session): the success value
+/// or `{"error":{…}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
-pub enum PushReplyWire {
-    /// The push was refused (nothing was delivered or stored).
+pub enum ReplyWire<T> {
+    /// Refused (nothing was delivered, stored or changed).
     Error {
         /// Why.
         error: WireError,
     },
-    /// The push was handled.
-    Ok(PushReply),
+    /// Handled.
+    Ok(T),
 }
 
-impl PushReplyWire {
+/// The reply body to a push request.
+pub type PushReplyWire = ReplyWire<PushReply>;
+
+impl<T: Serialize + serde::de::DeserializeOwned> ReplyWire<T> {
     /// A refusal with `code` and detail.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
-        PushReplyWire::Error {
+        ReplyWire::Error {
             error: WireError::new(code, message),
         }
     }
@@ -466,13 +470,21 @@ impl PushReplyWire {
     pub fn from_json(body: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(body)
     }
+
+    /// The success value, or the refusal as an error.
+    pub fn into_result(self) -> Result<T, WireError> {
+        match self {
+            ReplyWire::Ok(value) => Ok(value),
+            ReplyWire::Error { error } => Err(error),
+        }
+    }
 }
 
-impl From<Result<PushReply, WireError>> for PushReplyWire {
-    fn from(result: Result<PushReply, WireError>) -> Self {
+impl<T> From<Result<T, WireError>> for ReplyWire<T> {
+    fn from(result: Result<T, WireError>) -> Self {
         match result {
-            Ok(reply) => PushReplyWire::Ok(reply),
-            Err(error) => PushReplyWire::Error { error },
+            Ok(value) => ReplyWire::Ok(value),
+            Err(error) => ReplyWire::Error { error },
         }
     }
 }

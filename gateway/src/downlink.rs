@@ -94,12 +94,7 @@ pub fn deliver(ctx: &GatewayCtx, message: &Message) {
         .unwrap_or_default();
     let is_broadcast = message.subject.ends_with(".bcast");
     if let Some(session) = room_of(&message.subject) {
-        let room_seq = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::SEQ))
-            .and_then(|v| v.as_str().parse().ok())
-            .unwrap_or(0);
+        let room_seq = message.headers.as_ref().map_or(0, subjects::seq_header);
         deliver_to_session(ctx, app, session, frame, room_seq, &dids);
         return;
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream::stream::{self, DirectGetErrorKind};
 use bytes::Bytes;
 use tether_nats::layout::ROOMS_STREAM;
-use tether_nats::subjects::{self, headers};
+use tether_nats::subjects;
 use tether_schemas::{ErrorCode, Frame, pb};
 
 use crate::conn::Enqueued;
@@ -197,11 +197,7 @@ async fn next(stream: &stream::Stream, subject: &str, from: u64) -> Result<Optio
 }
 
 fn stored(message: async_nats::jetstream::message::StreamMessage) -> Stored {
-    let room_seq = message
-        .headers
-        .get(headers::SEQ)
-        .and_then(|v| v.as_str().parse().ok())
-        .unwrap_or(0);
+    let room_seq = subjects::seq_header(&message.headers);
     Stored {
         stream_seq: message.sequence,
         room_seq,

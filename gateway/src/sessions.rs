@@ -146,25 +146,13 @@ impl Sessions {
         for (session, after) in joined {
             let mut shard = self.shard(app, &session);
             let members = shard.entry((app.clone(), session.clone())).or_default();
-            let recovering = after.is_some();
-            match members.get_mut(did) {
-                Some(member) => {
-                    member.conn = conn.clone();
-                    if recovering {
-                        member.backlog.get_or_insert_with(Vec::new);
-                    }
-                }
-                None => {
-                    members.insert(
-                        did.clone(),
-                        Member {
-                            conn: conn.clone(),
-                            backlog: recovering.then(Vec::new),
-                        },
-                    );
-                }
-            }
+            let member = members.entry(did.clone()).or_insert_with(|| Member {
+                conn: conn.clone(),
+                backlog: None,
+            });
+            member.conn = conn.clone();
             if let Some(after) = after {
+                member.backlog.get_or_insert_with(Vec::new);
                 recoveries.push(Recovery {
                     app: app.clone(),
                     did: did.clone(),
@@ -186,20 +174,12 @@ impl Sessions {
         sessions: &[String],
     ) -> Vec<Recovery> {
         let wanted: HashSet<&str> = sessions.iter().map(String::as_str).collect();
-        let leaving: Vec<Arc<str>> = {
-            let mut devices = lock(&self.devices);
-            let device = devices.entry((app.clone(), did.clone())).or_default();
-            let leaving: Vec<Arc<str>> = device
-                .sessions
-                .iter()
-                .filter(|s| !wanted.contains(&***s))
-                .cloned()
-                .collect();
-            for session in &leaving {
-                device.sessions.remove(session);
-            }
-            leaving
-        };
+        let leaving: Vec<Arc<str>> = lock(&self.devices)
+            .entry((app.clone(), did.clone()))
+            .or_default()
+            .sessions
+            .extract_if(|s| !wanted.contains(&**s))
+            .collect();
         for session in leaving {
             self.remove_member(app, &session, did);
         }
@@ -208,8 +188,8 @@ impl Sessions {
     }
 
     /// Whether the device has sessions or pending cursors here.
-    pub fn knows(&self, app: &str, did: &str) -> bool {
-        lock(&self.devices).contains_key(&(Arc::from(app), Arc::from(did)))
+    pub fn knows(&self, app: &Arc<str>, did: &Arc<str>) -> bool {
+        lock(&self.devices).contains_key(&(app.clone(), did.clone()))
     }
 
     /// The device's connection is gone: it leaves every session.
@@ -343,7 +323,7 @@ mod tests {
         assert_eq!(sessions.members("demo", "r1"), 1);
         sessions.leave_device(&app, &a);
         assert_eq!(sessions.members("demo", "r1"), 0);
-        assert!(!sessions.knows("demo", "a"));
+        assert!(!sessions.knows(&app, &a));
         assert_eq!(sessions.len(), 1);
     }
 

@@ -123,6 +123,13 @@ pub fn app_of(subject: &str) -> Option<&str> {
     rest.split('.').next().filter(|app| !app.is_empty())
 }
 
+/// The `Tether-Seq` header of an inbox or room message (0 when missing or malformed).
+pub fn seq_header(map: &async_nats::HeaderMap) -> u64 {
+    map.get(headers::SEQ)
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Names of the NATS headers Tether sets on data-plane messages.
 pub mod headers {
     /// JetStream de-duplication id (`<did>:<client_msg_id>` on uplinks).

@@ -324,19 +324,6 @@ impl Store {
         Ok(())
     }
 
-    /// The newest inbox message of a device: `(seq, stream_seq)`.
-    pub async fn last_inbox(&self, app: &str, did: &str) -> Result<Option<(u64, u64)>, StoreError> {
-        match self
-            .inbox
-            .direct_get_last_for_subject(subjects::inbox(app, did))
-            .await
-        {
-            Ok(message) => Ok(Some((seq_of(&message.headers), message.sequence))),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(err(e)),
-        }
-    }
-
     /// Appends a QoS1 message to a device's inbox with the next per-device sequence.
     ///
     /// The sequence is the last one in the inbox (or the acked cursor, when retention
@@ -444,8 +431,4 @@ async fn snapshot(bucket: &kv::Store, filter: String) -> Result<Vec<(String, Byt
 }
 
 /// The `Tether-Seq` header of an inbox message (0 if missing).
-pub fn seq_of(map: &HeaderMap) -> u64 {
-    map.get(headers::SEQ)
-        .and_then(|v| v.as_str().parse().ok())
-        .unwrap_or(0)
-}
+pub use tether_nats::subjects::seq_header as seq_of;

@@ -343,8 +343,12 @@ impl Driver {
                 "room cursors ignored: the token lacks the rooms right",
             );
         }
-        let rejoining = self.ctx.sessions.knows(&claims.app, &claims.did);
-        if claims.sess.is_empty() && (!may_recover || login.rooms.is_empty()) && !rejoining {
+        let Some(identity) = self.shared.identity() else {
+            return;
+        };
+        let (app, did) = (&identity.app, &identity.did);
+        let recovering = may_recover && !login.rooms.is_empty();
+        if claims.sess.is_empty() && !recovering && !self.ctx.sessions.knows(app, did) {
             return;
         }
         let cursors: Vec<(String, u64)> = login
@@ -353,16 +357,11 @@ impl Driver {
             .filter(|_| may_recover)
             .map(|c| (c.session.clone(), c.room_seq))
             .collect();
-        if let Some(identity) = self.shared.identity() {
-            let recoveries = self.ctx.sessions.login(
-                &self.shared,
-                &identity.app,
-                &identity.did,
-                &claims.sess,
-                &cursors,
-            );
-            crate::rooms::start(&self.ctx, recoveries);
-        }
+        let recoveries = self
+            .ctx
+            .sessions
+            .login(&self.shared, app, did, &claims.sess, &cursors);
+        crate::rooms::start(&self.ctx, recoveries);
     }
 
     async fn uplink(&mut self, raw: RawFrame) -> Handled {

@@ -50,6 +50,13 @@ struct Common {
     json: bool,
 }
 
+/// `--source`, when given, replaces the scenario's default source addresses.
+fn override_sources(given: Vec<IpAddr>, sources: &mut Vec<IpAddr>) {
+    if !given.is_empty() {
+        *sources = given;
+    }
+}
+
 /// A running Tether stack to target instead of starting one.
 #[derive(Args)]
 struct RunningFlags {
@@ -217,9 +224,7 @@ async fn scenario(args: BenchArgs) -> anyhow::Result<()> {
                 json: f.common.json,
                 ..Default::default()
             };
-            if !f.common.source.is_empty() {
-                a.source_addrs = f.common.source;
-            }
+            override_sources(f.common.source, &mut a.source_addrs);
             conns::run(a).await?;
         }
         Scenario::Fanout(f) => {
@@ -233,9 +238,7 @@ async fn scenario(args: BenchArgs) -> anyhow::Result<()> {
                 json: f.common.json,
                 ..Default::default()
             };
-            if !f.common.source.is_empty() {
-                a.source_addrs = f.common.source;
-            }
+            override_sources(f.common.source, &mut a.source_addrs);
             fanout::run(a).await?;
         }
         Scenario::P2p(f) => {
@@ -250,9 +253,7 @@ async fn scenario(args: BenchArgs) -> anyhow::Result<()> {
                 json: f.common.json,
                 ..Default::default()
             };
-            if !f.common.source.is_empty() {
-                a.source_addrs = f.common.source;
-            }
+            override_sources(f.common.source, &mut a.source_addrs);
             p2p::run(a).await?;
         }
         Scenario::Uplink(f) => {
@@ -266,9 +267,7 @@ async fn scenario(args: BenchArgs) -> anyhow::Result<()> {
                 json: f.common.json,
                 ..Default::default()
             };
-            if !f.common.source.is_empty() {
-                a.source_addrs = f.common.source;
-            }
+            override_sources(f.common.source, &mut a.source_addrs);
             uplink::run(a).await?;
         }
         Scenario::Suite(f) => {
