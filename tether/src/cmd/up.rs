@@ -33,9 +33,12 @@ pub struct UpArgs {
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
     /// First port of the Tether listeners: gateway TCP +0, WebSocket +1, gateway admin +2,
-    /// state admin +10, ipconfig admin +20, ipconfig public HTTP +21, ops +30.
+    /// state admin +10, ipconfig admin +20, ipconfig public HTTP +21, ops +30, demo chat
+    /// page +40.
     #[arg(long, default_value_t = 7400)]
     base_port: u16,
+    #[command(flatten)]
+    demo: super::demo::DemoArgs,
 }
 
 /// Runs the stack until a signal.
@@ -121,6 +124,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await
     .context("ops failed to start")?;
+    let demo = super::demo::start(&args.demo, &nats_url, demo_app, at(40), ipconfig.http_addr, stop.clone()).await?;
 
     let mut banner = String::from("\nTether is up.\n");
     match &local_nats {
@@ -160,6 +164,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "  ops             http://{}/healthz  http://{0}/metrics\n",
         ops.admin_addr
     );
+    banner += &demo.as_ref().map(|d| d.banner()).unwrap_or_default();
     banner += &format!(
         "  token key       {} (public {})\n",
         key_path.display(),
@@ -187,6 +192,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     state.wait().await;
     ipconfig.wait().await;
     ops.wait().await;
+    if let Some(demo) = demo {
+        demo.wait().await;
+    }
     if let Some(server) = local_nats.as_mut() {
         server.stop();
     }
