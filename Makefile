@@ -2,28 +2,58 @@
 # Both install what they need (the pinned nats-server) into .tools/ first.
 
 CARGO ?= cargo
+NPM ?= npm
+SDK := sdk/ts
 
-.PHONY: tools up build test lint fmt fuzz clean-tools bench-tools bench
+.PHONY: tools up build test test-ts test-browser sdk sdk-deps lint fmt fuzz clean-tools bench-tools bench
 
-## Install the pinned nats-server into .tools/ (no-op when present).
+## Install the pinned nats-server into .tools/ and, as root, Debian's chromium for the
+## browser test (no-op when present).
 tools:
 	@scripts/install-tools.sh
 
-## Build the release binary and run the whole stack (Ctrl-C stops everything).
+## Build the release binary and run the whole stack (Ctrl-C stops everything); the demo
+## chat page (base port + 40) needs the SDK built, done here when npm is there.
 up: tools build
+	@if command -v $(NPM) >/dev/null 2>&1; then $(MAKE) --no-print-directory sdk; \
+	else echo "npm not found: the demo chat page needs sdk/ts built (make sdk)"; fi
 	./target/release/tether up
 
 build:
 	$(CARGO) build --release -p tether
 
-## The whole test suite: doc tests, unit, end-to-end (real nats-server processes).
-# Doc tests first, so the run ends with the main runner's summary line.
+## The whole test suite: doc tests, unit, end-to-end (real nats-server processes), then
+## the TypeScript SDK's unit tests and build, then the browser test.
+# Doc tests first, so the Rust run ends with the main runner's summary line.
 test: tools
 	$(CARGO) test --workspace --doc
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+	$(MAKE) --no-print-directory test-ts test-browser
+
+## npm ci of the SDK from its committed lockfile (no browser download).
+sdk-deps:
+	cd $(SDK) && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(NPM) ci --no-audit --no-fund
+
+## Build the TypeScript SDK into sdk/ts/dist (ES2020 modules, .d.ts, tether.min.js).
+sdk: sdk-deps
+	cd $(SDK) && $(NPM) run build
+
+## The SDK's unit tests (vitest, PROTOCOL.md vectors), its build and bundle size.
+test-ts: sdk
+	cd $(SDK) && $(NPM) test
+	cd $(SDK) && $(NPM) run size
+
+## The web chat page in Debian's chromium (playwright-core) against `tether up`.
+test-browser: tools sdk
+	$(CARGO) build -p tether
+	@if [ ! -x "$${CHROMIUM:-/usr/bin/chromium}" ]; then \
+		echo "SKIP test-browser: no chromium at $${CHROMIUM:-/usr/bin/chromium} (make tools as root installs it)"; \
+	else \
+		cd $(SDK) && TETHER_BIN=$(CURDIR)/target/debug/tether $(NPM) run test:browser; \
 	fi
 
 ## Tools of `make bench`: the pinned nats-server and Mosquitto (apt-get, as root).

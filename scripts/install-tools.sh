@@ -3,6 +3,7 @@
 # Idempotent: does nothing when the pinned versions are already there.
 # `install-tools.sh bench` also installs what `make bench` needs: Mosquitto (the MQTT peer
 # of the bench tool), with apt-get as root (Debian's mosquitto package).
+# Without `bench` it also installs Debian's chromium for the browser test (as root).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -18,6 +19,22 @@ if [ "${1:-}" = bench ] && ! have_mosquitto; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
   fi
   have_mosquitto || { echo "tools: mosquitto missing (apt-get install mosquitto, as root)" >&2; exit 1; }
+fi
+
+# Debian's Chromium for the browser test (`make test-browser`): playwright-core drives it,
+# no browser is downloaded. Installed with apt-get as root; skipped with a note otherwise.
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+if [ "${1:-}" != bench ] && [ ! -x "$CHROMIUM" ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "tools: installing chromium with apt-get (browser test)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    [ -x "$CHROMIUM" ] || { echo "tools: chromium install failed ($CHROMIUM missing)" >&2; exit 1; }
+    echo "tools: $("$CHROMIUM" --version 2>/dev/null || echo chromium)"
+  else
+    echo "tools: chromium not found at $CHROMIUM and not root: the browser test will be skipped" >&2
+    echo "tools: (as root: apt-get install chromium; or set CHROMIUM=/path/to/chromium)" >&2
+  fi
 fi
 
 NATS_VERSION=2.15.1

@@ -1,10 +1,11 @@
-// The demo chat page: @tether/client (served by `tether up` at /sdk/) against app `demo`.
+// The demo chat page: @tether/client (its minified bundle, served by `tether up` at
+// /sdk/tether.min.js) against app `demo`.
 //
 // Per tab (sessionStorage, so a reload keeps it and another tab gets its own device):
 // the device id, the SDK's resume state (H and room cursors) and the messages shown.
 // Chat protocol: examples/web-chat/README.md.
 
-import { TetherClient } from "/sdk/index.js";
+import { TetherClient } from "/sdk/tether.min.js";
 
 const $ = (id) => document.getElementById(id);
 const APP = "demo";

@@ -3,7 +3,7 @@
 // REDIRECT, errors and reconnect) and section 12 for discovery.
 
 import { Discovery, provide, type Provider } from "./discovery.js";
-import { TetherError, codeName, type ErrorCodeName } from "./errors.js";
+import { TetherError, codeName, codeNumber, type ErrorCodeName } from "./errors.js";
 import {
   DEFAULT_MAX_FRAME_LEN,
   FrameType,
@@ -12,8 +12,12 @@ import {
   encodeLogin,
   encodePing,
   encodeUp,
+  type Down,
+  type ErrorHeader,
   type Frame,
   type LoginAck,
+  type Redirect,
+  type UpAck,
 } from "./frame.js";
 import { Inbox } from "./inbox.js";
 import { utf8 } from "./proto.js";
@@ -186,35 +190,31 @@ class Link {
   _ack: LoginAck | undefined;
   _rx = Date.now();
   constructor(
-    readonly ws: WebSocket,
+    readonly _ws: WebSocket,
     readonly endpoint: string,
   ) {}
 
-  send(frame: Uint8Array): void {
-    if (this.ws.readyState === 1) this.ws.send(frame);
+  _send(frame: Uint8Array): void {
+    if (this._ws.readyState === 1) this._ws.send(frame);
   }
 
-  close(): void {
+  _close(): void {
     try {
-      this.ws.close(1000);
+      this._ws.close(1000);
     } catch {
       // already closed
     }
   }
 }
 
-/** Codes after which reconnecting cannot help (section 6.7). */
-const FATAL: ReadonlySet<string> = new Set([
-  "bad_frame",
-  "frame_too_large",
-  "unsupported_version",
-  "login_required",
-  "wrong_app",
-  "forbidden",
-  "not_found",
-  "bad_request",
-  "rejected",
-]);
+/** How `close()` ends things. */
+const BY_APP: End = { reason: "closed by the app", _stop: true };
+
+/** Codes after which reconnecting cannot help (section 6.7): bad_frame, frame_too_large,
+ * unsupported_version, login_required, wrong_app, replaced, forbidden, rejected, not_found,
+ * bad_request. */
+const FATAL_CODES = [1, 2, 3, 4, 8, 9, 15, 18, 20, 22];
+const fatal = (code: string) => FATAL_CODES.includes(codeNumber(code));
 
 /**
  * A Tether client over WebSocket.
@@ -240,34 +240,26 @@ export class TetherClient {
   private _current: Link | undefined;
   private _endCurrent: ((end: End) => void) | undefined;
   private _redirecting = false;
-  private _adopted: { endpoint: string; token: string } | undefined;
+  private _adopted: [endpoint: string, token: string] | undefined;
   private _pingTimer: ReturnType<typeof setTimeout> | undefined;
   private _deadTimer: ReturnType<typeof setTimeout> | undefined;
   private _ackTimer: ReturnType<typeof setTimeout> | undefined;
   private _wake: (() => void) | undefined;
-  private _running = false;
+  private _ready: Promise<void> | undefined;
   private _closed = false;
   private _online = true;
   private _refreshToken = false;
   private _skipEndpoint: string | undefined;
-  private _first: { resolve: () => void; reject: (e: TetherError) => void } | undefined;
+  private _first: [() => void, (e: TetherError) => void] | undefined;
   private _stateNow: ClientState = "idle";
   private readonly _unwatch: (() => void) | undefined;
 
   constructor(options: ClientOptions) {
     this._o = options;
-    if (!options.app || !options.did) throw new TetherError("bad_request", "app and did are required");
-    if (options.ipconfig) {
-      if (options.credential === undefined) throw new TetherError("bad_request", "ipconfig needs a credential");
-      this._discovery = new Discovery({
-        ipconfig: options.ipconfig,
-        credential: options.credential,
-        app: options.app,
-        region: options.region,
-      });
-    } else if (!options.endpoints?.length || options.token === undefined) {
-      throw new TetherError("bad_request", "give ipconfig + credential, or endpoints + token");
-    }
+    const discovery = options.ipconfig && options.credential !== undefined;
+    if (!options.app || !options.did || !(discovery || (options.endpoints?.length && options.token !== undefined)))
+      throw new TetherError("bad_request", "need app, did, ipconfig+credential or endpoints+token");
+    if (discovery) this._discovery = new Discovery({ ...options, ipconfig: options.ipconfig!, credential: options.credential! });
     const saved = options.store?.load();
     this._inbox = new Inbox(saved?.resumeSeq ?? options.resumeSeq ?? 0);
     this._rooms = new Map(Object.entries(saved?.rooms ?? options.rooms ?? {}));
@@ -304,7 +296,7 @@ export class TetherClient {
 
   /** H: the highest contiguous QoS1 seq processed (LOGIN `resume_seq`). */
   get resumeSeq(): number {
-    return this._inbox.delivered;
+    return this._inbox._delivered;
   }
 
   /** The room cursors sent at the next login. */
@@ -324,11 +316,11 @@ export class TetherClient {
    */
   connect(): Promise<void> {
     if (this._closed) return Promise.reject(new TetherError("closed", "client closed"));
-    if (this._running) return this._current?._ack ? Promise.resolve() : this._firstLogin();
-    this._running = true;
-    const done = this._firstLogin();
-    void this._run();
-    return done;
+    if (!this._ready) {
+      this._ready = new Promise((resolve, reject) => (this._first = [resolve, reject]));
+      void this._run();
+    }
+    return this._ready;
   }
 
   /**
@@ -350,16 +342,16 @@ export class TetherClient {
         this._o.maxFrameLen ?? DEFAULT_MAX_FRAME_LEN,
       );
     } catch (e) {
-      return Promise.reject(new TetherError("frame_too_large", (e as Error).message));
+      return Promise.reject(e);
     }
     return new Promise<Receipt>((resolve, reject) => {
       const timeout = options.timeoutMs ?? this._o.sendTimeoutMs ?? 30000;
       const timer = setTimeout(() => {
         this._pending.delete(id);
-        reject(new TetherError("timeout", `no up_ack within ${timeout} ms; outcome unknown`));
+        reject(new TetherError("timeout", `no up_ack in ${timeout} ms`));
       }, timeout);
       this._pending.set(id, { _frame: frame, _resolve: resolve, _reject: reject, _timer: timer });
-      if (this._current?._ack) this._current.send(frame);
+      if (this._current?._ack) this._current._send(frame);
     });
   }
 
@@ -369,9 +361,9 @@ export class TetherClient {
     this._closed = true;
     this._unwatch?.();
     this._flushAck();
-    this._stopLink({ reason: "closed by the app", _stop: true });
+    this._stopLink(BY_APP);
     this._wake?.();
-    if (!this._running) this._finish({ reason: "closed by the app", _stop: true });
+    if (!this._ready) this._finish(BY_APP);
   }
 
   private _emit<K extends keyof ClientEvents>(event: K, payload: ClientEvents[K]): void {
@@ -393,22 +385,6 @@ export class TetherClient {
     if (state === this._stateNow) return;
     this._stateNow = state;
     this._emit("state", state);
-  }
-
-  private _firstLogin(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const prev = this._first;
-      this._first = {
-        resolve: () => {
-          prev?.resolve();
-          resolve();
-        },
-        reject: (e) => {
-          prev?.reject(e);
-          reject(e);
-        },
-      };
-    });
   }
 
   private _nextMsgId(): number {
@@ -454,7 +430,7 @@ export class TetherClient {
     let attempt = 0;
     let wait = 0;
     for (;;) {
-      if (this._closed) return this._finish({ reason: "closed by the app", _stop: true });
+      if (this._closed) return this._finish(BY_APP);
       if (!this._online) {
         this._setState("offline");
         await this._sleep(2 ** 31 - 1);
@@ -474,7 +450,7 @@ export class TetherClient {
       } catch (e) {
         const error = e instanceof TetherError ? e : new TetherError("internal", String(e));
         if (this._closed) continue;
-        if (FATAL.has(error.code) || error.code === "replaced" || this._o.reconnect === false) {
+        if (fatal(error.code) || this._o.reconnect === false) {
           this._emit("error", error);
           return this._finish({ code: error.code, reason: error.message, _stop: true });
         }
@@ -483,7 +459,7 @@ export class TetherClient {
         continue;
       }
       if (this._closed) {
-        link.close();
+        link._close();
         continue;
       }
       attempt = 0;
@@ -503,59 +479,56 @@ export class TetherClient {
     if (this._stateNow === "closed") return;
     this._closed = true;
     this._unwatch?.();
-    this._running = false;
     this._setState("closed");
     const error = new TetherError(end.code && end.code !== "ok" ? end.code : "closed", end.reason);
     for (const [id, p] of this._pending) {
       clearTimeout(p._timer);
-      p._reject(new TetherError("closed", `client stopped: ${end.reason}`));
+      p._reject(new TetherError("closed", end.reason));
       this._pending.delete(id);
     }
-    if (this._first) {
-      this._first.reject(error);
-      this._first = undefined;
-    }
+    this._first?.[1](error);
+    this._first = undefined;
     this._emit("disconnected", { code: end.code, reason: end.reason, reconnecting: false });
   }
 
   /** One round: endpoints and token (ipconfig or seeds), then each endpoint in order. */
   private async _openRound(): Promise<Link> {
-    const candidates: { endpoint: string; token: Provider }[] = [];
+    const candidates: [endpoint: string, token: Provider][] = [];
     if (this._adopted) {
-      candidates.push({ endpoint: this._adopted.endpoint, token: this._adopted.token });
+      candidates.push(this._adopted);
       this._adopted = undefined;
     }
     let discoveryError: TetherError | undefined;
     if (this._discovery) {
       try {
         const answer = await this._discovery.discover(this._refreshToken);
-        for (const e of answer.endpoints) if (e.ws) candidates.push({ endpoint: e.ws, token: answer.token });
+        for (const e of answer.endpoints) if (e.ws) candidates.push([e.ws, answer.token]);
       } catch (e) {
         discoveryError = e as TetherError;
         if (!this._o.endpoints?.length || this._o.token === undefined || !discoveryError.retryable) throw discoveryError;
       }
     }
     if (!this._discovery || discoveryError) {
-      for (const endpoint of this._o.endpoints ?? []) candidates.push({ endpoint, token: this._o.token! });
+      for (const endpoint of this._o.endpoints ?? []) candidates.push([endpoint, this._o.token!]);
     }
     this._refreshToken = false;
     if (this._skipEndpoint) {
       const skip = this._skipEndpoint;
       this._skipEndpoint = undefined;
-      candidates.sort((a, b) => Number(a.endpoint === skip) - Number(b.endpoint === skip));
+      candidates.sort((a, b) => Number(a[0] === skip) - Number(b[0] === skip));
     }
-    if (candidates.length === 0) throw new TetherError("unavailable", "no WebSocket endpoint offered");
-    let last = new TetherError("unavailable", "no endpoint answered");
-    for (const c of candidates) {
+    if (candidates.length === 0) throw new TetherError("unavailable", "no ws endpoint");
+    let last = new TetherError("unavailable", "no endpoint");
+    for (const [endpoint, token] of candidates) {
       if (this._closed || !this._online) break;
       try {
-        return await this._login(c.endpoint, await provide(c.token));
+        return await this._login(endpoint, await provide(token));
       } catch (e) {
         last = e as TetherError;
         if (last.code === "bad_token" || last.code === "token_expired") {
           this._refreshToken = true;
           if (this._discovery) throw last;
-        } else if (FATAL.has(last.code) || last.code === "replaced") throw last;
+        } else if (fatal(last.code)) throw last;
       }
     }
     throw last;
@@ -564,13 +537,13 @@ export class TetherClient {
   /** Opens a socket to `endpoint` and logs in; resolves once LOGIN_ACK arrives. */
   private _login(endpoint: string, token: string): Promise<Link> {
     const Ctor = this._o.WebSocket ?? (globalThis as { WebSocket?: WebSocketLike }).WebSocket;
-    if (!Ctor) return Promise.reject(new TetherError("bad_request", "no WebSocket implementation"));
+    if (!Ctor) return Promise.reject(new TetherError("bad_request", "no WebSocket"));
     return new Promise<Link>((resolve, reject) => {
       let ws: WebSocket;
       try {
         ws = new Ctor(endpoint);
       } catch (e) {
-        reject(new TetherError("unavailable", `cannot open ${endpoint}: ${(e as Error).message}`));
+        reject(new TetherError("unavailable", `${endpoint}: ${(e as Error).message}`));
         return;
       }
       ws.binaryType = "arraybuffer";
@@ -580,52 +553,55 @@ export class TetherClient {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
-        link.close();
+        link._close();
         reject(error);
       };
       const timer = setTimeout(
-        () => fail(new TetherError("timeout", `no login_ack from ${endpoint}`)),
+        () => fail(new TetherError("timeout", `${endpoint}: no login_ack`)),
         this._o.connectTimeoutMs ?? 10000,
       );
       ws.onopen = () => {
-        link.send(
+        link._send(
           encodeLogin({
             token,
             did: this._o.did,
             app: this._o.app,
-            resumeSeq: this._inbox.delivered,
+            resumeSeq: this._inbox._delivered,
             rooms: [...this._rooms].map(([session, roomSeq]) => ({ session, roomSeq })),
             sdk: SDK_VERSION,
           }),
         );
       };
-      ws.onerror = () => fail(new TetherError("unavailable", `cannot connect to ${endpoint}`));
+      ws.onerror = () => fail(new TetherError("unavailable", `${endpoint}: cannot connect`));
       ws.onclose = (ev) => {
-        if (!settled) fail(new TetherError("unavailable", `${endpoint} closed during login (${ev.code})`));
-        else this._onLinkClosed(link, `connection closed (${ev.code})`);
+        if (!settled) fail(new TetherError("unavailable", `${endpoint}: closed (${ev.code})`));
+        else this._endLink(link, { reason: `closed (${ev.code})` });
       };
       ws.onmessage = (ev) => {
         link._rx = Date.now();
+        const data = new Uint8Array(ev.data as ArrayBuffer);
         let frame: Frame;
         try {
-          frame = decodeFrame(new Uint8Array(ev.data as ArrayBuffer));
+          frame = decodeFrame(data);
         } catch (e) {
-          // Bad magic or version ends the connection (section 3.1).
-          const code = codeName((e as { code?: number }).code ?? 1);
-          const error = new TetherError(code, (e as Error).message);
+          // A malformed frame is skipped (one frame per message: the framing is intact);
+          // bad magic or another version ends the connection (section 3.1).
+          if (data[0] === 0x54 && data[1] === 1) return;
+          const error = e as TetherError;
           if (!settled) fail(error);
-          else this._endLink(link, { code, reason: error.message });
+          else this._endLink(link, { code: error.code, reason: error.message });
           return;
         }
         if (settled) {
           this._onFrame(link, frame);
-        } else if (frame.type === FrameType.LOGIN_ACK && "ack" in frame) {
+        } else if (frame.type === FrameType.LOGIN_ACK) {
           settled = true;
           clearTimeout(timer);
-          link._ack = frame.ack as LoginAck;
+          link._ack = (frame as { ack: LoginAck }).ack;
           resolve(link);
-        } else if (frame.type === FrameType.ERROR && "error" in frame) {
-          fail(new TetherError(codeName(frame.error.code), frame.error.text, frame.error.retryAfterMs));
+        } else if (frame.type === FrameType.ERROR) {
+          const { error } = frame as { error: ErrorHeader };
+          fail(new TetherError(codeName(error.code), error.text, error.retryAfterMs));
         }
         // Any other frame before LOGIN_ACK is ignored.
       };
@@ -637,10 +613,8 @@ export class TetherClient {
     return new Promise<End>((resolve) => {
       this._endCurrent = resolve;
       this._adopt(link);
-      if (this._first) {
-        this._first.resolve();
-        this._first = undefined;
-      }
+      this._first?.[0]();
+      this._first = undefined;
     });
   }
 
@@ -649,7 +623,7 @@ export class TetherClient {
     const ack = link._ack!;
     this._current = link;
     this._setState("connected");
-    this._deliver(this._inbox.ackedByServer(ack.lastAckedSeq));
+    this._deliver(this._inbox._ackedByServer(ack.lastAckedSeq));
     this._save();
     this._emit("connected", {
       gateway: ack.gateway,
@@ -658,7 +632,7 @@ export class TetherClient {
       serverTimeMs: ack.serverTimeMs,
       lastAckedSeq: ack.lastAckedSeq,
     });
-    for (const p of this._pending.values()) link.send(p._frame);
+    for (const p of this._pending.values()) link._send(p._frame);
     this._schedulePing();
   }
 
@@ -679,22 +653,18 @@ export class TetherClient {
     const link = this._current;
     if (!link) return;
     const sentAt = Date.now();
-    link.send(encodePing());
+    link._send(encodePing());
     clearTimeout(this._deadTimer);
     const limit = this._o.pongTimeoutMs ?? Math.min(30000, this._heartbeatMs());
     this._deadTimer = setTimeout(() => {
-      if (this._current === link && link._rx < sentAt) this._endLink(link, { reason: "no answer to ping" });
+      if (this._current === link && link._rx < sentAt) this._endLink(link, { reason: "ping timeout" });
     }, limit);
     this._schedulePing();
   }
 
-  private _onLinkClosed(link: Link, reason: string): void {
-    this._endLink(link, { reason });
-  }
-
   /** Ends the live link (other links just close). */
   private _endLink(link: Link, end: End): void {
-    link.close();
+    link._close();
     if (link !== this._current) return;
     this._stopLink(end);
   }
@@ -704,7 +674,7 @@ export class TetherClient {
     clearTimeout(this._pingTimer);
     clearTimeout(this._deadTimer);
     this._current = undefined;
-    link?.close();
+    link?._close();
     const done = this._endCurrent;
     this._endCurrent = undefined;
     done?.(end);
@@ -714,8 +684,7 @@ export class TetherClient {
   private _onFrame(link: Link, frame: Frame): void {
     switch (frame.type) {
       case FrameType.UP_ACK: {
-        if (!("ack" in frame)) return;
-        const ack = frame.ack as { clientMsgId: number; code: number; message: string; serverMsgId: string };
+        const { ack } = frame as { ack: UpAck };
         const p = this._pending.get(ack.clientMsgId);
         if (!p) return;
         this._pending.delete(ack.clientMsgId);
@@ -725,20 +694,20 @@ export class TetherClient {
         return;
       }
       case FrameType.DOWN: {
-        if (!("down" in frame)) return;
-        const d = frame.down;
-        const message = new Message(d.seq, frame.qos1, d.session, d.roomSeq, d.sentAtMs, d.meta, frame.body);
-        this._onDown(message);
+        const { down: d, qos1, body } = frame as { down: Down; qos1: boolean; body: Uint8Array };
+        this._onDown(new Message(d.seq, qos1, d.session, d.roomSeq, d.sentAtMs, d.meta, body));
         return;
       }
-      case FrameType.REDIRECT:
-        if ("redirect" in frame && link === this._current) this._redirect(link, frame.redirect.endpoint, frame.redirect.token);
+      case FrameType.REDIRECT: {
+        const { redirect } = frame as { redirect: Redirect };
+        if (link === this._current) this._redirect(link, redirect.endpoint, redirect.token);
         return;
+      }
       case FrameType.ERROR: {
-        if (!("error" in frame)) return;
-        const { code: n, text, retryAfterMs } = frame.error;
+        const { error, close } = frame as { error: ErrorHeader; close: boolean };
+        const { code: n, text, retryAfterMs } = error;
         const code = codeName(n);
-        if (frame.close) {
+        if (close) {
           this._endLink(link, closingEnd(code, text, retryAfterMs));
         } else if (code === "recovery_gap") {
           const m = /room (\S+): messages (\d+)\.\.(\d+)/.exec(text);
@@ -766,7 +735,7 @@ export class TetherClient {
       if (message.roomSeq > 0) this._save();
       return;
     }
-    this._deliver(this._inbox.offer(message.seq, message));
+    this._deliver(this._inbox._offer(message.seq, message));
     if (this._ackTimer === undefined) this._ackTimer = setTimeout(() => this._flushAck(), this._o.ackDelayMs ?? 20);
   }
 
@@ -779,20 +748,20 @@ export class TetherClient {
   private _flushAck(): void {
     clearTimeout(this._ackTimer);
     this._ackTimer = undefined;
-    const seq = this._inbox.takeAck();
-    if (seq !== undefined) this._current?.send(encodeDownAck(seq));
+    const seq = this._inbox._takeAck();
+    if (seq !== undefined) this._current?._send(encodeDownAck(seq));
   }
 
   private _save(): void {
-    this._o.store?.save({ resumeSeq: this._inbox.delivered, rooms: Object.fromEntries(this._rooms) });
+    this._o.store?.save({ resumeSeq: this._inbox._delivered, rooms: Object.fromEntries(this._rooms) });
   }
 
   /** REDIRECT (section 6.6): log in at the new endpoint, then leave the old link. */
   private _redirect(old: Link, endpoint: string, token: string): void {
     if (this._redirecting) return;
     if (!/^wss?:\/\//.test(endpoint)) {
-      this._emit("error", new TetherError("bad_request", `redirect to ${endpoint}: not a WebSocket URL`));
-      this._endLink(old, { reason: "redirect to an endpoint this client cannot use", _skip: true });
+      this._emit("error", new TetherError("bad_request", `redirect to ${endpoint}: not ws`));
+      this._endLink(old, { reason: "redirect not ws", _skip: true });
       return;
     }
     this._redirecting = true;
@@ -800,16 +769,16 @@ export class TetherClient {
       (next) => {
         this._redirecting = false;
         if (this._current !== old || this._closed) {
-          next.close();
+          next._close();
           return;
         }
-        this._adopted = { endpoint, token };
-        old.close();
+        this._adopted = [endpoint, token];
+        old._close();
         this._adopt(next);
       },
       (error: TetherError) => {
         this._redirecting = false;
-        this._emit("error", new TetherError(error.code, `redirect to ${endpoint} failed: ${error.message}`));
+        this._emit("error", new TetherError(error.code, `redirect to ${endpoint}: ${error.message}`));
         // Fall back to ipconfig (section 6.6).
         this._endLink(old, { reason: "redirect failed", _skip: true });
       },
@@ -820,7 +789,7 @@ export class TetherClient {
 /** What an ERROR with CLOSE means (section 6.7). */
 function closingEnd(code: ErrorCodeName, text: string, retryAfterMs: number): End {
   const end: End = { code, reason: text || code, _retry: retryAfterMs };
-  if (code === "replaced" || FATAL.has(code)) end._stop = true;
+  if (fatal(code)) end._stop = true;
   if (code === "bad_token" || code === "token_expired") end._refresh = true;
   if (code === "going_away") end._skip = true;
   return end;

@@ -1,7 +1,7 @@
 // Discovery through ipconfig (PROTOCOL.md section 12): present the credential the app's
 // backend signed, get ranked gateway endpoints and a gateway token.
 
-import { TetherError, codeName, type ErrorCodeName } from "./errors.js";
+import { TetherError, type ErrorCodeName } from "./errors.js";
 
 /** A string, or a function giving a fresh one (called again after a refusal). */
 export type Provider = string | (() => string | Promise<string>);
@@ -52,11 +52,6 @@ export interface DiscoveryOptions {
   region?: string;
 }
 
-/** A cached token is used only while it has this much life left (section 12.6). */
-const TOKEN_MARGIN_SECS = 30;
-/** No second request within this long of the last answer (section 12.6). */
-const FRESH_MS = 1000;
-
 /** Resolves a provider. */
 export async function provide(p: Provider): Promise<string> {
   return typeof p === "function" ? await p() : p;
@@ -71,93 +66,57 @@ export class Discovery {
 
   constructor(private readonly _options: DiscoveryOptions) {
     this._urls = ([] as string[]).concat(_options.ipconfig).map((u) => u.replace(/\/+$/, ""));
-    if (this._urls.length === 0) throw new TetherError("bad_request", "no ipconfig URL");
-  }
-
-  /** The last answer, if any. */
-  get cached(): Endpoints | undefined {
-    return this._last;
   }
 
   /**
-   * Endpoints and a token. Reuses an answer younger than a second unless `fresh` (a
-   * gateway refused the token). When no ipconfig answers (network error, 5xx), falls
-   * back to the last answer while its token has 30 s left. Throws `TetherError`:
-   * `bad_token`, `token_expired`, `wrong_app`, … when ipconfig refuses the credential
-   * even after asking the provider for a fresh one; `unavailable` when nothing answered
-   * and no usable cache remains.
+   * Endpoints and a token (section 12.6). Reuses an answer younger than a second unless
+   * `fresh` (a gateway refused the token). Tries each ipconfig in order; when none
+   * answers (network error, 5xx), falls back to the last answer while its token has 30 s
+   * left. Throws `TetherError`: the refusal's code (`bad_token`, `token_expired`,
+   * `wrong_app`, …) for a 4xx, after asking a credential provider once more for
+   * `bad_token`/`token_expired`; `unavailable` when nothing answered and no usable
+   * cache remains.
    */
   async discover(fresh = false): Promise<Endpoints> {
-    if (!fresh && this._last && Date.now() - this._lastAt < FRESH_MS) return this._last;
-    let lastError = new TetherError("unavailable", "ipconfig unreachable");
+    const o = this._options;
+    if (!fresh && this._last && Date.now() - this._lastAt < 1000) return this._last;
+    let error = new TetherError("unavailable", "no ipconfig answered");
     let refreshed = false;
+    const query = new URLSearchParams();
+    if (o.app) query.set("app", o.app);
+    if (o.region) query.set("region", o.region);
     for (let i = 0; i < this._urls.length; i++) {
-      if (this._credential === undefined) this._credential = await provide(this._options.credential);
-      const outcome = await this._ask(this._urls[i], this._credential);
-      if ("answer" in outcome) {
-        this._last = outcome.answer;
-        this._lastAt = Date.now();
-        return outcome.answer;
+      if (this._credential === undefined) this._credential = await provide(o.credential);
+      let status: number;
+      let body: { error?: { code?: ErrorCodeName; message?: string } } & Partial<Endpoints>;
+      let retry: string | null;
+      try {
+        const r = await fetch(`${this._urls[i]}/v1/endpoints?${query}`, {
+          headers: { Authorization: `Bearer ${this._credential}` },
+          cache: "no-store",
+        });
+        status = r.status;
+        retry = r.headers.get("retry-after");
+        body = await r.json().catch(() => ({}));
+      } catch (e) {
+        error = new TetherError("unavailable", `${this._urls[i]}: ${(e as Error).message}`);
+        continue;
       }
-      lastError = outcome.error;
-      if (outcome.error.code === "bad_token" || outcome.error.code === "token_expired") {
+      if (status < 300 && body.token && Array.isArray(body.endpoints)) {
+        this._lastAt = Date.now();
+        return (this._last = body as Endpoints);
+      }
+      const code = body.error?.code ?? (status >= 500 ? "unavailable" : status === 401 ? "bad_token" : "bad_request");
+      error = new TetherError(code, body.error?.message ?? `ipconfig: ${status}`, Number(retry) * 1000 || 0);
+      if ((code === "bad_token" || code === "token_expired") && !refreshed && typeof o.credential === "function") {
         // The credential was refused: get a fresh one from the app's backend, once.
-        if (refreshed || typeof this._options.credential !== "function") throw outcome.error;
         refreshed = true;
         this._credential = undefined;
         i--;
-        continue;
-      }
-      if (!outcome.fallback) throw outcome.error;
+      } else if (status >= 400 && status < 500) throw error;
     }
     const cached = this._last;
-    if (cached && cached.token_exp - Date.now() / 1000 > TOKEN_MARGIN_SECS) return cached;
-    throw lastError;
+    if (cached && cached.token_exp - Date.now() / 1000 > 30) return cached;
+    throw error;
   }
-
-  private async _ask(
-    base: string,
-    credential: string,
-  ): Promise<{ answer: Endpoints } | { error: TetherError; fallback: boolean }> {
-    const query = new URLSearchParams();
-    if (this._options.app) query.set("app", this._options.app);
-    if (this._options.region) query.set("region", this._options.region);
-    const qs = query.toString();
-    let response: Response;
-    try {
-      response = await fetch(`${base}/v1/endpoints${qs ? `?${qs}` : ""}`, {
-        headers: { Authorization: `Bearer ${credential}` },
-        cache: "no-store",
-      });
-    } catch (e) {
-      return { error: new TetherError("unavailable", `ipconfig ${base}: ${(e as Error).message}`), fallback: true };
-    }
-    let body: unknown;
-    try {
-      body = await response.json();
-    } catch {
-      body = undefined;
-    }
-    if (response.ok && isEndpoints(body)) return { answer: body };
-    const err = (body as { error?: { code?: string; message?: string } } | undefined)?.error;
-    const code = (err?.code ?? (response.ok ? "internal" : statusCode(response.status))) as ErrorCodeName;
-    const retryAfter = Number(response.headers.get("retry-after") ?? 0) * 1000;
-    return {
-      error: new TetherError(code, err?.message ?? `ipconfig answered ${response.status}`, retryAfter || 0),
-      fallback: response.ok || response.status >= 500,
-    };
-  }
-}
-
-function isEndpoints(body: unknown): body is Endpoints {
-  const b = body as Endpoints | undefined;
-  return !!b && typeof b.token === "string" && Array.isArray(b.endpoints);
-}
-
-function statusCode(status: number): ErrorCodeName {
-  if (status === 401) return "bad_token";
-  if (status === 403) return "wrong_app";
-  if (status === 429) return "rate_limited";
-  if (status >= 500) return "unavailable";
-  return codeName(22);
 }

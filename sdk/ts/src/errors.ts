@@ -1,62 +1,58 @@
 // Error codes of PROTOCOL.md section 8 and the one error class the SDK throws.
 
 /** Code names by number (section 8); an unknown number reads as `internal`. */
-const NAMES = [
-  "ok",
-  "bad_frame",
-  "frame_too_large",
-  "unsupported_version",
-  "login_required",
-  "login_timeout",
-  "bad_token",
-  "token_expired",
-  "wrong_app",
-  "replaced",
-  "heartbeat_timeout",
-  "slow_consumer",
-  "rate_limited",
-  "too_many_connections",
-  "going_away",
-  "forbidden",
-  "internal",
-  "timeout",
-  "rejected",
-  "recovery_gap",
-  "not_found",
-  "unavailable",
-  "bad_request",
-] as const;
+const NAMES = (
+  "ok bad_frame frame_too_large unsupported_version login_required login_timeout bad_token " +
+  "token_expired wrong_app replaced heartbeat_timeout slow_consumer rate_limited " +
+  "too_many_connections going_away forbidden internal timeout rejected recovery_gap not_found " +
+  "unavailable bad_request"
+).split(" ");
 
 /** A section 8 code name, e.g. `"rejected"`; `"closed"` is the SDK's own (client stopped). */
-export type ErrorCodeName = (typeof NAMES)[number] | "closed";
+export type ErrorCodeName =
+  | "ok"
+  | "bad_frame"
+  | "frame_too_large"
+  | "unsupported_version"
+  | "login_required"
+  | "login_timeout"
+  | "bad_token"
+  | "token_expired"
+  | "wrong_app"
+  | "replaced"
+  | "heartbeat_timeout"
+  | "slow_consumer"
+  | "rate_limited"
+  | "too_many_connections"
+  | "going_away"
+  | "forbidden"
+  | "internal"
+  | "timeout"
+  | "rejected"
+  | "recovery_gap"
+  | "not_found"
+  | "unavailable"
+  | "bad_request"
+  | "closed";
 
-/** Retryable codes: the same request may succeed later unchanged. */
-const RETRYABLE = new Set<string>([
-  "login_timeout",
-  "heartbeat_timeout",
-  "slow_consumer",
-  "rate_limited",
-  "too_many_connections",
-  "going_away",
-  "internal",
-  "timeout",
-  "unavailable",
-]);
+/** Retryable codes by number (section 8): login_timeout, heartbeat_timeout, slow_consumer,
+ * rate_limited, too_many_connections, going_away, internal, timeout, unavailable. */
+const RETRYABLE = [5, 10, 11, 12, 13, 14, 16, 17, 21];
 
 /** The name of a wire code; unknown numbers are `internal` (section 8). */
 export function codeName(code: number): ErrorCodeName {
-  return NAMES[code] ?? "internal";
+  return (NAMES[code] ?? "internal") as ErrorCodeName;
 }
 
 /** The wire number of a code name (16, `internal`, for an unknown name). */
 export function codeNumber(name: string): number {
-  const n = (NAMES as readonly string[]).indexOf(name);
+  const n = NAMES.indexOf(name);
   return n < 0 ? 16 : n;
 }
 
 /** Whether a code is retryable (section 8). */
 export function isRetryable(name: ErrorCodeName | string): boolean {
-  return RETRYABLE.has(name);
+  return RETRYABLE.includes(NAMES.indexOf(name));
 }
 
 /**

@@ -1,6 +1,7 @@
 // Frames of PROTOCOL.md sections 3 to 5: a 10-byte fixed header, a protobuf variable
 // header and an opaque body. One frame per WebSocket binary message (section 2).
 
+import { TetherError } from "./errors.js";
 import { Writer, fromUtf8, readFields } from "./proto.js";
 
 /** Magic byte, ASCII `T`. */
@@ -135,18 +136,6 @@ export type Frame =
   | { type: typeof FrameType.ERROR; error: ErrorHeader; close: boolean }
   | { type: number; unknown: true };
 
-/** Why bytes are not a frame; `code` is the section 8 number the problem maps to. */
-export class FrameError extends Error {
-  constructor(
-    message: string,
-    /** 1 bad_frame, 2 frame_too_large, 3 unsupported_version. */
-    readonly code: number,
-  ) {
-    super(message);
-    this.name = "FrameError";
-  }
-}
-
 const EMPTY = new Uint8Array(0);
 
 // Variable headers as tables: entry i describes field number i + 1 as [property, kind].
@@ -168,7 +157,7 @@ function decodeFields<T>(buf: Uint8Array, spec: Spec): T {
   readFields(buf, (n, wire, read) => {
     const d = spec[n - 1];
     if (!d) return;
-    if (wire !== (d[1] === U ? 0 : 2)) throw new Error(`wire type ${wire} for ${d[0]}`);
+    if (wire !== (d[1] === U ? 0 : 2)) throw new Error(`wire type of ${d[0]}`);
     const v = read();
     if (d[1] === U) out[d[0]] = v;
     else if (d[1] === S) out[d[0]] = fromUtf8(v as Uint8Array);
@@ -181,11 +170,11 @@ function encodeFields(spec: Spec, value: object): Uint8Array {
   const w = new Writer();
   const v = value as Record<string, unknown>;
   spec.forEach(([name, kind], i) => {
-    if (kind === U) w.uint(i + 1, v[name] as number);
-    else if (kind === S) w.string(i + 1, v[name] as string);
+    if (kind === U) w._uint(i + 1, v[name] as number);
+    else if (kind === S) w._string(i + 1, v[name] as string);
     else if (v[name] !== undefined) kind.enc(w, i + 1, v[name]);
   });
-  return w.finish();
+  return w._finish();
 }
 
 const ROOM: Spec = [
@@ -195,7 +184,7 @@ const ROOM: Spec = [
 const ROOMS: Nested = {
   init: () => [],
   dec: (b, into) => (into as RoomCursor[]).push(decodeFields(b, ROOM)),
-  enc: (w, f, v) => (v as RoomCursor[]).forEach((c) => w.bytesField(f, encodeFields(ROOM, c))),
+  enc: (w, f, v) => (v as RoomCursor[]).forEach((c) => w._bytesField(f, encodeFields(ROOM, c))),
 };
 const ENTRY: Spec = [
   ["k", S],
@@ -209,7 +198,7 @@ const META: Nested = {
   },
   enc: (w, f, v) => {
     const m = v as Record<string, string>;
-    for (const k of Object.keys(m).sort()) w.bytesField(f, encodeFields(ENTRY, { k, v: m[k] }));
+    for (const k of Object.keys(m).sort()) w._bytesField(f, encodeFields(ENTRY, { k, v: m[k] }));
   },
 };
 
@@ -238,9 +227,9 @@ export function encodeRaw(
   body: Uint8Array = EMPTY,
   maxLen = DEFAULT_MAX_FRAME_LEN,
 ): Uint8Array {
-  if (header.length > 0xffff) throw new FrameError("variable header over 65535 bytes", 1);
+  if (header.length > 0xffff) throw new TetherError("bad_frame", "hlen > 65535");
   const total = FIXED_HEADER_LEN + header.length + body.length;
-  if (total > maxLen) throw new FrameError(`frame of ${total} bytes exceeds ${maxLen}`, 2);
+  if (total > maxLen) throw new TetherError("frame_too_large", `${total} > ${maxLen} bytes`);
   const out = new Uint8Array(total);
   out.set([MAGIC, VERSION, type, flags, header.length >> 8, header.length & 255]);
   new DataView(out.buffer).setUint32(6, body.length);
@@ -259,7 +248,7 @@ export function encodePing(body: Uint8Array = EMPTY): Uint8Array {
   return encodeRaw(FrameType.PING, 0, EMPTY, body);
 }
 
-/** Encodes an UP frame; throws `FrameError` if it exceeds `maxLen`. */
+/** Encodes an UP frame; throws `TetherError` `frame_too_large` if it exceeds `maxLen`. */
 export function encodeUp(up: Up, body: Uint8Array, maxLen = DEFAULT_MAX_FRAME_LEN): Uint8Array {
   return encodeRaw(FrameType.UP, 0, encodeHeader(FrameType.UP, up), body, maxLen);
 }
@@ -270,37 +259,37 @@ export function encodeDownAck(seq: number): Uint8Array {
 }
 
 /**
- * Decodes one complete frame (one WebSocket message). Throws `FrameError`: code 1
- * (`bad_frame`) for bad magic, lengths that disagree with the message, a malformed
- * variable header (invalid UTF-8 included), a variable header or body where none is
- * allowed; 3 (`unsupported_version`) for another version; 2 (`frame_too_large`) when
- * the fixed header announces more than `maxLen` bytes. A reserved or unknown type
- * decodes to `{ type, unknown: true }` so that the caller can skip it.
+ * Decodes one complete frame (one WebSocket message). Throws `TetherError`:
+ * `bad_frame` for bad magic, lengths that disagree with the message, a malformed variable
+ * header (invalid UTF-8 included), a variable header or body where none is allowed;
+ * `unsupported_version` for another version; `frame_too_large` when the fixed header
+ * announces more than `maxLen` bytes. A reserved or unknown type decodes to
+ * `{ type, unknown: true }` so that the caller can skip it.
  */
 export function decodeFrame(bytes: Uint8Array, maxLen = DEFAULT_MAX_FRAME_LEN): Frame {
-  if (bytes.length < FIXED_HEADER_LEN) throw new FrameError("shorter than the fixed header", 1);
-  if (bytes[0] !== MAGIC) throw new FrameError("bad magic byte", 1);
-  if (bytes[1] !== VERSION) throw new FrameError(`unsupported version ${bytes[1]}`, 3);
+  if (bytes.length < FIXED_HEADER_LEN) throw new TetherError("bad_frame", "short frame");
+  if (bytes[0] !== MAGIC) throw new TetherError("bad_frame", "bad magic");
+  if (bytes[1] !== VERSION) throw new TetherError("unsupported_version", `version ${bytes[1]}`);
   const [, , type, flags] = bytes;
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const hlen = view.getUint16(4);
   const blen = view.getUint32(6);
   const total = FIXED_HEADER_LEN + hlen + blen;
-  if (total > maxLen) throw new FrameError(`frame of ${total} bytes exceeds ${maxLen}`, 2);
-  if (total !== bytes.length) throw new FrameError("lengths disagree with the message", 1);
+  if (total > maxLen) throw new TetherError("frame_too_large", `${total} > ${maxLen} bytes`);
+  if (total !== bytes.length) throw new TetherError("bad_frame", "bad lengths");
   const body = bytes.subarray(FIXED_HEADER_LEN + hlen);
   if (type === FrameType.PING || type === FrameType.PONG) {
-    if (hlen) throw new FrameError("variable header on a ping or pong", 1);
+    if (hlen) throw new TetherError("bad_frame", "hlen on ping/pong");
     return { type, body };
   }
   const h = HEADERS[type];
   if (!h) return { type, unknown: true };
-  if (blen && !h[2]) throw new FrameError("body not allowed on this frame type", 1);
+  if (blen && !h[2]) throw new TetherError("bad_frame", "body not allowed");
   let header: Record<string, unknown>;
   try {
     header = decodeFields(bytes.subarray(FIXED_HEADER_LEN, FIXED_HEADER_LEN + hlen), h[1]);
   } catch (e) {
-    throw new FrameError(`bad variable header: ${(e as Error).message}`, 1);
+    throw new TetherError("bad_frame", (e as Error).message);
   }
   if (type === FrameType.DOWN_ACK) return { type, seq: header.seq as number };
   const frame: Record<string, unknown> = { type, [h[0]]: header };

@@ -18,12 +18,12 @@ export class Inbox<T> {
   }
 
   /** H, the highest contiguous seq delivered (LOGIN resume_seq, DOWN_ACK seq). */
-  get delivered(): number {
+  get _delivered(): number {
     return this._h;
   }
 
   /** How many messages wait for a gap to fill. */
-  get held(): number {
+  get _held(): number {
     return this._early.size;
   }
 
@@ -32,7 +32,7 @@ export class Inbox<T> {
    * none of it comes again, so H moves there. Returns held messages that became
    * contiguous, to deliver now.
    */
-  ackedByServer(seq: number): T[] {
+  _ackedByServer(seq: number): T[] {
     if (seq <= this._h) return [];
     this._h = seq;
     for (const k of [...this._early.keys()]) if (k <= seq) this._early.delete(k);
@@ -43,7 +43,7 @@ export class Inbox<T> {
    * Offers QoS1 message `seq`; returns the messages to deliver now, in order (empty for
    * a duplicate, a held or a dropped message). Every offer makes an ack due.
    */
-  offer(seq: number, message: T): T[] {
+  _offer(seq: number, message: T): T[] {
     this._ackDue = true;
     if (seq <= this._h) return [];
     if (seq > this._h + 1) {
@@ -56,7 +56,7 @@ export class Inbox<T> {
   }
 
   /** The seq to acknowledge if an ack is due (clears the due flag), else undefined. */
-  takeAck(): number | undefined {
+  _takeAck(): number | undefined {
     const due = this._ackDue;
     this._ackDue = false;
     return due && this._h > 0 ? this._h : undefined;

@@ -18,7 +18,6 @@ export { TetherError, codeName, codeNumber, isRetryable, type ErrorCodeName } fr
 export { Discovery, type DiscoveryOptions, type Endpoints, type EndpointInfo, type Provider } from "./discovery.js";
 export {
   FrameType,
-  FrameError,
   decodeFrame,
   encodeLogin,
   encodePing,

@@ -18,8 +18,8 @@ export class Writer {
   private _b: number[] = [];
 
   /** Writes a raw varint (no tag). */
-  varint(value: number): this {
-    if (!(value >= 0 && value < 2 ** 64)) throw new RangeError(`not a uint64: ${value}`);
+  _varint(value: number): this {
+    if (!(value >= 0 && value < 2 ** 64)) throw new RangeError(`uint64: ${value}`);
     let v = Math.floor(value);
     for (; v >= 128; v = Math.floor(v / 128)) this._b.push((v % 128) | 128);
     this._b.push(v);
@@ -27,24 +27,24 @@ export class Writer {
   }
 
   /** A varint field; skipped when 0 (proto3 default). */
-  uint(field: number, value: number | undefined): this {
-    return value ? this.varint(field * 8).varint(value) : this;
+  _uint(field: number, value: number | undefined): this {
+    return value ? this._varint(field * 8)._varint(value) : this;
   }
 
   /** A length-delimited field, always written (used for sub-messages and map entries). */
-  bytesField(field: number, value: Uint8Array): this {
-    this.varint(field * 8 + 2).varint(value.length);
+  _bytesField(field: number, value: Uint8Array): this {
+    this._varint(field * 8 + 2)._varint(value.length);
     value.forEach((b) => this._b.push(b));
     return this;
   }
 
   /** A string field; skipped when empty (proto3 default). */
-  string(field: number, value: string | undefined): this {
-    return value ? this.bytesField(field, utf8(value)) : this;
+  _string(field: number, value: string | undefined): this {
+    return value ? this._bytesField(field, utf8(value)) : this;
   }
 
   /** The bytes written so far. */
-  finish(): Uint8Array {
+  _finish(): Uint8Array {
     return Uint8Array.from(this._b);
   }
 }
@@ -70,7 +70,7 @@ export function readFields(
     }
   };
   const take = (n: number) => {
-    if (pos + n > buf.length) throw new Error("truncated field");
+    if (pos + n > buf.length) throw new Error("truncated");
     pos += n;
     return buf.subarray(pos - n, pos);
   };
@@ -78,7 +78,7 @@ export function readFields(
     const tag = varint();
     const n = Math.floor(tag / 8);
     const wire = tag % 8;
-    if (n === 0) throw new Error("field number 0");
+    if (n === 0) throw new Error("field 0");
     const read = () =>
       wire === 0 ? varint() : wire === 2 ? take(varint()) : wire === 1 ? take(8) : wire === 5 ? take(4) : raise(wire);
     let done = false;
@@ -91,7 +91,7 @@ export function readFields(
 }
 
 function raise(wire: number): never {
-  throw new Error(`unsupported wire type ${wire}`);
+  throw new Error(`wire type ${wire}`);
 }
 
 /** Decodes UTF-8; throws on invalid bytes (PROTOCOL.md section 4: a malformed frame). */
