@@ -37,6 +37,8 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+/// The app the demo serves (the one `tether up` adds to the apps bucket).
+const DEMO_APP: &str = "demo";
 /// Queue group of the demo service on `tether.<app>.biz.up`.
 const QUEUE_GROUP: &str = "tether-biz";
 /// Chat messages kept per room (sent to a device when it joins the room).
@@ -90,9 +92,22 @@ impl Demo {
     }
 }
 
-/// Starts the demo unless `--no-demo`: the business service of `app` on `nats_url` and the
-/// page server on `listen` (passing `/v1/endpoints` to ipconfig at `ipconfig`).
-pub async fn start(
+impl DemoArgs {
+    /// Starts the demo for app `demo` unless `--no-demo`: the business service on
+    /// `nats_url` and the page server on `listen` (passing `/v1/endpoints` to ipconfig at
+    /// `ipconfig`).
+    pub async fn start(
+        &self,
+        nats_url: &str,
+        listen: SocketAddr,
+        ipconfig: SocketAddr,
+        stop: Shutdown,
+    ) -> anyhow::Result<Option<Demo>> {
+        start(self, nats_url, DEMO_APP, listen, ipconfig, stop).await
+    }
+}
+
+async fn start(
     args: &DemoArgs,
     nats_url: &str,
     app: &str,
@@ -149,6 +164,7 @@ pub async fn start(
     }));
 
     let web_root = resolve_web_root(args.web_root.as_deref());
+    let web_root = std::fs::canonicalize(&web_root).unwrap_or(web_root);
     let admin = AppAdmin::open(client)
         .await
         .context("demo: cannot open the apps bucket")?;
@@ -553,7 +569,11 @@ async fn forward(
     .context("answer timeout")??;
     let status = response.status();
     let mut out = HeaderMap::new();
-    for name in [header::CONTENT_TYPE, header::CACHE_CONTROL, header::RETRY_AFTER] {
+    for name in [
+        header::CONTENT_TYPE,
+        header::CACHE_CONTROL,
+        header::RETRY_AFTER,
+    ] {
         if let Some(value) = response.headers().get(&name) {
             out.insert(name, value.clone());
         }
@@ -575,4 +595,71 @@ fn error(code: ErrorCode, message: &str) -> Response {
         axum::Json(json!({"error": {"code": code.as_str(), "message": message}})),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn online_users_are_members_with_an_online_device_once_each() {
+        let mut state = ChatState::default();
+        let room = state.rooms.entry("lobby".into()).or_default();
+        room.members.insert("alice-1".into(), "alice".into());
+        room.members.insert("alice-2".into(), "alice".into());
+        room.members.insert("bob-1".into(), "bob".into());
+        room.members.insert("carol-1".into(), "carol".into());
+        state
+            .online
+            .extend(["alice-1".into(), "alice-2".into(), "carol-1".into()]);
+        assert_eq!(state.online_users("lobby"), ["alice", "carol"]);
+        assert!(state.online_users("nowhere").is_empty());
+    }
+
+    #[test]
+    fn remembered_ids_are_new_per_uplink_and_bounded() {
+        let mut state = ChatState::default();
+        assert_eq!(state.remember("d", 1), "m1");
+        assert_eq!(state.remember("d", 2), "m2");
+        assert_eq!(
+            state.seen.get(&("d".to_owned(), 1)).map(String::as_str),
+            Some("m1")
+        );
+        for n in 0..SEEN as u64 {
+            state.remember("e", n);
+        }
+        assert_eq!(state.seen.len(), SEEN);
+        assert!(!state.seen.contains_key(&("d".to_owned(), 1)));
+    }
+
+    #[test]
+    fn chat_uplinks_parse_by_type() {
+        assert!(matches!(
+            serde_json::from_slice::<ChatUp>(br#"{"type":"join"}"#),
+            Ok(ChatUp::Join)
+        ));
+        assert!(matches!(
+            serde_json::from_slice::<ChatUp>(br#"{"type":"chat","text":"hi"}"#),
+            Ok(ChatUp::Chat { text }) if text == "hi"
+        ));
+        assert!(serde_json::from_slice::<ChatUp>(b"hello tether").is_err());
+        assert!(serde_json::from_slice::<ChatUp>(br#"{"to_uid":"bob"}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn only_plain_file_names_are_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("app.js"), "x").expect("write");
+        assert_eq!(
+            serve_file(dir.path(), "app.js").await.status(),
+            StatusCode::OK
+        );
+        for name in ["", ".env", "../app.js", "a/b.js", "missing.js"] {
+            assert_eq!(
+                serve_file(dir.path(), name).await.status(),
+                StatusCode::NOT_FOUND,
+                "{name}"
+            );
+        }
+    }
 }

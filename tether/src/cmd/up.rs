@@ -124,7 +124,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await
     .context("ops failed to start")?;
-    let demo = super::demo::start(&args.demo, &nats_url, demo_app, at(40), ipconfig.http_addr, stop.clone()).await?;
+    let demo = args
+        .demo
+        .start(&nats_url, at(40), ipconfig.http_addr, stop.clone())
+        .await?;
 
     let mut banner = String::from("\nTether is up.\n");
     match &local_nats {
