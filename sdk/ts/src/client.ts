@@ -449,7 +449,7 @@ export class TetherClient {
         link = await this._openRound();
       } catch (e) {
         const error = e instanceof TetherError ? e : new TetherError("internal", String(e));
-        if (this._closed) continue;
+        if (this._closed || !this._online) continue;
         if (fatal(error.code) || this._o.reconnect === false) {
           this._emit("error", error);
           return this._finish({ code: error.code, reason: error.message, _stop: true });
