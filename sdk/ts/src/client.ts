@@ -188,6 +188,8 @@ interface End {
 /** One WebSocket and its login. */
 class Link {
   _ack: LoginAck | undefined;
+  /** Why it ended, if it did before becoming the live link. */
+  _end: End | undefined;
   _rx = Date.now();
   constructor(
     readonly _ws: WebSocket,
@@ -363,7 +365,7 @@ export class TetherClient {
     this._flushAck();
     this._stopLink(BY_APP);
     this._wake?.();
-    if (!this._ready) this._finish(BY_APP);
+    this._finish(BY_APP);
   }
 
   private _emit<K extends keyof ClientEvents>(event: K, payload: ClientEvents[K]): void {
@@ -434,7 +436,7 @@ export class TetherClient {
       if (!this._online) {
         this._setState("offline");
         await this._sleep(2 ** 31 - 1);
-        attempt = 0;
+        attempt = wait = 0;
         continue;
       }
       if (wait > 0) {
@@ -458,7 +460,7 @@ export class TetherClient {
         wait = Math.max(this._backoff(attempt++), error.retryAfterMs);
         continue;
       }
-      if (this._closed) {
+      if (this._closed || !this._online) {
         link._close();
         continue;
       }
@@ -470,7 +472,6 @@ export class TetherClient {
       if (end._skip) this._skipEndpoint = link.endpoint;
       if (end._refresh) this._refreshToken = true;
       wait = Math.max(this._backoff(0), end._retry ?? 0);
-      if (end.reason === "browser offline") wait = 0;
     }
   }
 
@@ -572,8 +573,8 @@ export class TetherClient {
           }),
         );
       };
-      ws.onerror = () => fail(new TetherError("unavailable", `${endpoint}: cannot connect`));
       ws.onclose = (ev) => {
+        // An error event is always followed by this close event.
         if (!settled) fail(new TetherError("unavailable", `${endpoint}: closed (${ev.code})`));
         else this._endLink(link, { reason: `closed (${ev.code})` });
       };
@@ -634,6 +635,8 @@ export class TetherClient {
     });
     for (const p of this._pending.values()) link._send(p._frame);
     this._schedulePing();
+    // Ended between LOGIN_ACK and now (e.g. an ERROR right after it): end it here.
+    if (link._end) this._endLink(link, link._end);
   }
 
   private _heartbeatMs(): number {
@@ -662,11 +665,11 @@ export class TetherClient {
     this._schedulePing();
   }
 
-  /** Ends the live link (other links just close). */
+  /** Ends a link: the live one now, another when it becomes live (it remembers why). */
   private _endLink(link: Link, end: End): void {
     link._close();
-    if (link !== this._current) return;
-    this._stopLink(end);
+    if (link === this._current) this._stopLink(end);
+    else link._end ??= end;
   }
 
   private _stopLink(end: End): void {

@@ -13,7 +13,7 @@ import {
   type Message,
   type WebSocketLike,
 } from "../../src/index.js";
-import { encodeDown, encodeError, encodeRedirect, encodeUpAck } from "../../src/server.js";
+import { encodeDown, encodeError, encodeLoginAck, encodeRedirect, encodeUpAck } from "../../src/server.js";
 import { FakeGateway, FakeWebSocket, resetGateways, until, type ServerSide } from "./fake.js";
 
 const text = (s: string) => new TextEncoder().encode(s);
@@ -243,6 +243,17 @@ describe("errors, redirect and reconnect", () => {
     expect(await pending).toMatchObject({ code: "closed" });
     expect(disconnects).toEqual([{ code: "replaced", reason: "replaced", reconnecting: false }]);
     expect(c.state).toBe("closed");
+    expect(gw1.conns.length).toBe(1);
+  });
+
+  it("stops on replaced even when it comes right behind LOGIN_ACK", async () => {
+    gw1.onLogin = (_login, conn) => {
+      conn.send(encodeLoginAck({ connId: 1, gateway: "gw-1", heartbeatSecs: 300, serverTimeMs: 0, lastAckedSeq: 0 }));
+      return encodeError({ code: 9, text: "replaced" }, true);
+    };
+    const c = client();
+    await c.connect();
+    await until(() => c.state === "closed", "stopped");
     expect(gw1.conns.length).toBe(1);
   });
 
