@@ -78,7 +78,7 @@ impl Demo {
             self.addr,
             self.web_root.display()
         );
-        if !self.web_root.join("sdk/ts/dist/index.js").is_file() {
+        if !self.web_root.join("sdk/ts/dist/tether.min.js").is_file() {
             line += "                  (build the SDK first: make sdk, i.e. npm ci && npm run build in sdk/ts)\n";
         }
         line
