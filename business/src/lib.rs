@@ -36,7 +36,8 @@
 //! # }
 //! ```
 //!
-//! The JSON shapes and header codecs live in [`wire`], shared with the state service.
+//! The JSON shapes (the bus contract, `tether_schemas::bus`) and the header codec
+//! ([`HeaderCodec`]) are re-exported in [`wire`]; the state service uses the same types.
 
 pub mod session;
 pub mod wire;
@@ -53,6 +54,7 @@ use tracing::{debug, warn};
 
 pub use session::{MembershipChange, MembershipEvent, SessionOp, SessionReply, SessionRequest};
 pub use tether_schemas::ErrorCode;
+pub use wire::HeaderCodec;
 pub use wire::{
     Accepted, PresenceEvent as Presence, Push, PushReply, Uplink, UplinkReply as Stored,
 };

@@ -58,3 +58,16 @@ pub fn session_settings(app: &str, session: &str) -> String {
 
 /// Every session's settings (for a watch): `s.>`.
 pub const SESSION_SETTINGS: &str = "s.>";
+
+/// A gateway's heartbeat key in `tether_gateways`: the gateway id itself.
+pub fn gateway(id: &str) -> String {
+    id.to_string()
+}
+
+/// An app's record key in `tether_apps`: `app.<app>` (JSON app record, see ipconfig).
+pub fn app(app: &str) -> String {
+    format!("app.{app}")
+}
+
+/// Every app record (for a watch): `app.>`.
+pub const APPS: &str = "app.>";

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tether_service::{NatsRole, RoleError, Shutdown, start_nats_role};
+use tether_service::{NatsRole, NatsRoleBuilder, RoleError, Shutdown};
 
 /// Configuration of `tether ops` (TOML file, `TETHER_OPS_<FIELD>`, flags).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -50,16 +50,12 @@ impl RunningOps {
 /// Starts the role; it stops when `shutdown` fires.
 pub async fn start(config: OpsConfig, shutdown: Shutdown) -> Result<RunningOps, RoleError> {
     let registry = Registry::with_prefix("tether_ops");
-    let role = start_nats_role(
-        "ops",
-        &config.nats_url,
-        config.stream_replicas,
-        config.admin_listen,
-        registry,
-        axum::Router::new(),
-        shutdown,
-    )
-    .await?;
+    let role = NatsRoleBuilder::new("ops", &config.nats_url)
+        .replicas(config.stream_replicas)
+        .admin(config.admin_listen)
+        .metrics(registry)
+        .start(shutdown)
+        .await?;
     tracing::info!(admin = %role.admin.addr, "ops started");
     Ok(RunningOps {
         admin_addr: role.admin.addr,

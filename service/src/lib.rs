@@ -16,5 +16,5 @@ pub mod telemetry;
 
 pub use admin::{AdminServer, Health};
 pub use config::{ConfigError, load_config};
-pub use role::{NatsRole, RoleError, start_nats_role};
+pub use role::{NatsRole, NatsRoleBuilder, RoleError};
 pub use shutdown::Shutdown;

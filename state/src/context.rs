@@ -6,14 +6,13 @@ use std::sync::Arc;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
-use futures::StreamExt;
-use tether_nats::subjects::{self, headers};
+use tether_nats::{headers, subjects};
 
 use crate::config::StateConfig;
 use crate::index::SessionIndex;
 use crate::metrics::StateMetrics;
 use crate::store::Store;
-use tether_business::wire::PresenceEvent;
+use tether_schemas::bus::PresenceEvent;
 
 /// The queue group all state instances share for the business API (pushes, sessions).
 pub const QUEUE: &str = "tether-state";
@@ -31,26 +30,20 @@ where
     F: Fn(Arc<StateCtx>, async_nats::Message) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut subscription = ctx
+    let subscription = ctx
         .client
         .queue_subscribe(subject.clone(), QUEUE.into())
         .await?;
     if let Err(error) = tether_nats::sync_with_server(&ctx.client).await {
         tracing::warn!(%subject, %error, "cannot confirm the subscription");
     }
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                message = subscription.next() => match message {
-                    Some(message) => {
-                        tokio::spawn(handle(ctx.clone(), message));
-                    }
-                    None => return,
-                },
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    });
+    tokio::spawn(tether_nats::serve::serve_subscription(
+        subscription,
+        shutdown,
+        move |message| {
+            tokio::spawn(handle(ctx.clone(), message));
+        },
+    ));
     Ok(())
 }
 
@@ -119,12 +112,9 @@ impl StateCtx {
 
     /// Publishes a presence notification.
     pub async fn presence(&self, event: &PresenceEvent) {
-        let Ok(body) = serde_json::to_vec(event) else {
-            return;
-        };
         if let Err(error) = self
             .client
-            .publish(subjects::presence(&event.app), body.into())
+            .publish(subjects::presence(&event.app), event.to_json())
             .await
         {
             tracing::warn!(app = %event.app, %error, "presence publish failed");

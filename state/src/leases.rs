@@ -61,7 +61,7 @@ use tokio_util::sync::CancellationToken;
 /// Default lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(6);
 /// Default name of the lease bucket.
-pub const DEFAULT_BUCKET: &str = "tether_leases";
+pub const DEFAULT_BUCKET: &str = tether_nats::layout::LEASES_BUCKET;
 /// Smallest TTL accepted: below it the rounds (TTL / 3) race with network round trips.
 pub const MIN_TTL: Duration = Duration::from_millis(600);
 
@@ -182,14 +182,11 @@ pub async fn start(
 ) -> Result<Leases, LeaseError> {
     config.validate()?;
     let store = js
-        .create_or_update_key_value(kv::Config {
-            bucket: config.bucket.clone(),
-            description: "tether state partition leases".into(),
-            history: 1,
-            max_age: config.ttl,
-            num_replicas: config.replicas,
-            ..Default::default()
-        })
+        .create_or_update_key_value(tether_nats::layout::leases_bucket(
+            &config.bucket,
+            config.ttl,
+            config.replicas,
+        ))
         .await?;
     let (tx, rx) = watch::channel(BTreeSet::new());
     let looper = Looper::new(store, &config, tx);

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use async_nats::Message;
 use bytes::Bytes;
-use tether_business::wire::{Accepted, Push, PushReply, PushReplyWire};
-use tether_nats::subjects;
+use tether_nats::headers::HeaderCodec;
+use tether_nats::subjects::{self, Subject};
+use tether_schemas::bus::{Accepted, Push, PushReply, PushReplyWire, unix_now_ms};
 use tether_schemas::{ErrorCode, Frame, pb};
 
 use crate::context::{StateCtx, serve_queue};
@@ -18,7 +19,7 @@ pub async fn serve(
     ctx: Arc<StateCtx>,
     shutdown: tether_service::Shutdown,
 ) -> Result<(), async_nats::SubscribeError> {
-    let subject = format!("{}.*.push", subjects::PREFIX);
+    let subject = subjects::push_all();
     serve_queue(ctx, subject, shutdown, |ctx, message| async move {
         handle(&ctx, message).await
     })
@@ -27,7 +28,7 @@ pub async fn serve(
 
 async fn handle(ctx: &StateCtx, message: Message) {
     ctx.metrics.pushes.inc();
-    let reply = match subjects::app_of(&message.subject) {
+    let reply = match Subject::parse(&message.subject).and_then(|s| s.app()) {
         None => PushReplyWire::error(ErrorCode::BadRequest, "push subject has no app"),
         Some(app) => match Push::from_message(message.headers.as_ref(), message.payload.clone()) {
             Err(error) => PushReplyWire::Error { error },
@@ -58,7 +59,7 @@ async fn deliver_to_session(
     mut push: Push,
 ) -> Result<PushReply, (ErrorCode, String)> {
     let members = ctx.index.size(app, session);
-    let sent_at_ms = tether_auth::unix_now_ms();
+    let sent_at_ms = unix_now_ms();
     let encode = |room_seq: u64| -> Bytes {
         Frame::Down {
             header: pb::Down {
@@ -140,7 +141,7 @@ async fn deliver_to_devices(
     }
     dids.sort();
     dids.dedup();
-    let sent_at_ms = tether_auth::unix_now_ms();
+    let sent_at_ms = unix_now_ms();
     let encode = |seq: u64| -> Bytes {
         Frame::Down {
             header: pb::Down {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,7 @@ use tether_nats::keys;
 use tether_nats::layout::{
     INBOX_STREAM, RECEIPTS_BUCKET, ROOMS_STREAM, ROUTES_BUCKET, SESSIONS_BUCKET,
 };
-use tether_nats::subjects::{self, headers};
+use tether_nats::{headers, subjects};
 
 /// Errors talking to the store.
 #[derive(Debug, thiserror::Error)]
@@ -361,7 +362,7 @@ impl Store {
             let mut map = HeaderMap::new();
             map.insert(headers::SEQ, seq.to_string().as_str());
             map.insert(
-                "Nats-Expected-Last-Subject-Sequence",
+                headers::EXPECTED_LAST_SUBJECT_SEQUENCE,
                 last_stream_seq.to_string().as_str(),
             );
             let ack = self
@@ -371,7 +372,7 @@ impl Store {
                 .map_err(err)?;
             match ack.await {
                 Ok(_) => return Ok(seq),
-                Err(e) if e.to_string().contains("wrong last sequence") => continue,
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
                 Err(e) => return Err(err(e)),
             }
         }
@@ -431,4 +432,4 @@ async fn snapshot(bucket: &kv::Store, filter: String) -> Result<Vec<(String, Byt
 }
 
 /// The `Tether-Seq` header of an inbox message (0 if missing).
-pub use tether_nats::subjects::seq_header as seq_of;
+pub use tether_nats::headers::seq as seq_of;

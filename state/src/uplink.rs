@@ -8,11 +8,13 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
-use tether_nats::subjects::{self, headers};
+use tether_nats::headers;
+use tether_nats::subjects::{self, Subject};
 use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
 
 use crate::context::StateCtx;
-use tether_business::wire::UplinkReply;
+use tether_nats::headers::HeaderCodec;
+use tether_schemas::bus::{Uplink, UplinkReply};
 
 /// An UP_ACK to deliver to a device.
 #[derive(Debug)]
@@ -27,26 +29,23 @@ pub struct UplinkDone {
     pub frame: Bytes,
 }
 
-fn header(message: &Message, name: &str) -> String {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(name))
-        .map(|v| v.as_str().to_string())
-        .unwrap_or_default()
-}
-
 /// Processes one uplink stream message; acks it once the outcome is known.
+///
+/// The app and did come from the subject (`tether.<app>.up.<p>.<did>`); the gateway's
+/// headers add the user, gateway and connection.
 pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone> {
-    let (app, uid, did) = (
-        header(&message, headers::APP),
-        header(&message, headers::UID),
-        header(&message, headers::DID),
+    let Some(Subject::Uplink { app, did }) = Subject::parse(&message.subject) else {
+        tracing::warn!(subject = %message.subject, "uplink on an unexpected subject, dropped");
+        let _ = message.ack().await;
+        return None;
+    };
+    let (app, did) = (app.to_string(), did.to_string());
+    let header = |name: &str| headers::get(message.headers.as_ref(), name).unwrap_or_default();
+    let (uid, gw) = (
+        header(headers::UID).to_string(),
+        header(headers::GATEWAY).to_string(),
     );
-    let (gw, conn) = (
-        header(&message, headers::GATEWAY),
-        header(&message, headers::CONN),
-    );
+    let conn = header(headers::CONN).parse().unwrap_or(0);
     let up = RawFrame::from_bytes(message.payload.clone(), limits::MAX_FRAME_LEN_CAP)
         .ok()
         .and_then(|raw| Frame::decode(&raw).ok());
@@ -55,21 +54,21 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         let _ = message.ack().await;
         return None;
     };
-    let mut map = HeaderMap::new();
-    map.insert(headers::APP, app.as_str());
-    map.insert(headers::UID, uid.as_str());
-    map.insert(headers::DID, did.as_str());
-    map.insert(
-        headers::MSG_ID_CLIENT,
-        up.client_msg_id.to_string().as_str(),
-    );
-    if !up.session.is_empty() {
-        map.insert(headers::SESSION, up.session.as_str());
-    }
-    map.insert(headers::GATEWAY, gw.as_str());
-    map.insert(headers::CONN, conn.as_str());
-
-    let (code, text, server_id) = ask_business(&ctx, &message, &app, map, body).await;
+    let request = Uplink {
+        app: app.clone(),
+        uid,
+        did: did.clone(),
+        msg_id: up.client_msg_id,
+        session: Some(up.session.clone()).filter(|s| !s.is_empty()),
+        gw: gw.clone(),
+        conn,
+        body: Bytes::new(),
+    };
+    let outcome = match request.to_headers() {
+        Ok(map) => ask_business(&ctx, &message, &app, map, body).await,
+        Err(error) => (ErrorCode::BadRequest, error.message, String::new()),
+    };
+    let (code, text, server_id) = outcome;
     let result = match code {
         ErrorCode::Ok => "stored",
         ErrorCode::Timeout => "timeout",

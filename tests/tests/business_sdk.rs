@@ -15,7 +15,9 @@ use futures::StreamExt;
 use support::python::{PythonService, Res};
 use support::{APP, TestResult, WAIT};
 use tether_business::wire::headers;
-use tether_business::{Business, BusinessError, ErrorCode, Presence, Push, Stored, Uplink};
+use tether_business::{
+    Business, BusinessError, ErrorCode, HeaderCodec, Presence, Push, Stored, Uplink,
+};
 use tether_nats::harness;
 use tether_nats::subjects;
 use tokio::sync::mpsc;

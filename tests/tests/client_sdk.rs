@@ -21,7 +21,7 @@ use tether_client::{
 use tether_gateway::shutdown::Shutdown;
 use tether_gateway::{GatewayConfig, RunningGateway};
 use tether_nats::harness;
-use tether_nats::subjects::{self, headers};
+use tether_nats::{headers, subjects};
 use tether_schemas::{Frame, RawFrame, limits, pb};
 use tokio::sync::mpsc::Receiver;
 use tokio::task::JoinHandle;

@@ -13,9 +13,9 @@ use tracing::{Instrument, Span};
 use super::io::Stream;
 use super::shared::{CloseReason, ConnShared, Identity};
 use super::state::{ConnState, Transport};
-use crate::bus::ConnEvent;
 use crate::context::GatewayCtx;
 use crate::ws::{self, WsDecoder, WsEvent};
+use tether_schemas::bus::{ConnEvent, Event, unix_now_ms};
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -319,7 +319,7 @@ impl Driver {
         self.ctx.metrics.logins.inc();
         self.ctx.metrics.sessions.inc();
         tracing::debug!(app = %claims.app, did = %claims.did, "logged in");
-        self.event("conn.up", None).await;
+        self.event(Event::ConnUp, None).await;
         let heartbeat_secs = u32::try_from(config.heartbeat_secs).unwrap_or(u32::MAX);
         self.reply(&Frame::LoginAck(pb::LoginAck {
             conn_id: self.shared.id,
@@ -383,7 +383,7 @@ impl Driver {
         }
         let limit = self.ctx.config.max_queued_frames;
         self.ctx
-            .bus
+            .outbound
             .publish_uplink(
                 identity,
                 &self.shared,
@@ -405,7 +405,7 @@ impl Driver {
         self.state.acked_seq = self.state.acked_seq.max(ack.seq);
         if let Some(identity) = self.shared.identity() {
             self.ctx
-                .bus
+                .outbound
                 .publish_ack(identity, self.shared.id, raw.bytes)
                 .await;
         }
@@ -472,30 +472,29 @@ impl Driver {
         written(tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(bytes)).await)
     }
 
-    async fn event(&self, kind: &'static str, reason: Option<&str>) {
+    async fn event(&self, kind: fn(ConnEvent) -> Event, reason: Option<&str>) {
         let Some(identity) = self.shared.identity() else {
             return;
         };
-        let remote = self.state.remote.to_string();
-        let event = ConnEvent {
-            kind,
-            app: &identity.app,
-            uid: &identity.uid,
-            did: &identity.did,
-            gw: &self.ctx.config.id,
-            region: &self.ctx.config.region,
+        let conn = ConnEvent {
+            app: identity.app.to_string(),
+            uid: identity.uid.to_string(),
+            did: identity.did.to_string(),
+            gw: self.ctx.config.id.clone(),
+            region: self.ctx.config.region.clone(),
             conn: self.shared.id,
-            remote: &remote,
-            resume_seq: (kind == "conn.up").then_some(self.state.resume_seq),
-            sessions: if kind == "conn.up" {
-                &self.state.sessions
-            } else {
-                &[]
-            },
-            reason,
-            at_ms: tether_auth::unix_now_ms(),
+            remote: self.state.remote.to_string(),
+            resume_seq: None,
+            sessions: Vec::new(),
+            reason: reason.map(str::to_string),
+            at_ms: unix_now_ms(),
         };
-        self.ctx.bus.conn_event(&event).await;
+        let mut event = kind(conn);
+        if let Event::ConnUp(up) = &mut event {
+            up.resume_seq = Some(self.state.resume_seq);
+            up.sessions = self.state.sessions.clone();
+        }
+        self.ctx.outbound.conn_event(&event).await;
     }
 
     /// Says goodbye (ERROR frame with CLOSE, WebSocket close), unregisters and reports.
@@ -536,7 +535,7 @@ impl Driver {
             self.ctx.registry.release_app(&identity.app);
             self.ctx.metrics.sessions.dec();
             tracing::debug!(did = %identity.did, reason = reason.label(), text = %reason.text, "connection closed");
-            self.event("conn.down", Some(reason.label())).await;
+            self.event(Event::ConnDown, Some(reason.label())).await;
         }
     }
 }
