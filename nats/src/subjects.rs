@@ -49,6 +49,11 @@ pub fn session_events(app: &str, did: &str) -> String {
     format!("{PREFIX}.{app}.evt.sess.{}", partition(did))
 }
 
+/// Connection events of one app, every partition: `tether.<app>.evt.conn.*`.
+pub fn conn_events_all(app: &str) -> String {
+    format!("{PREFIX}.{app}.evt.conn.*")
+}
+
 /// Events of one partition, every app and kind: `tether.*.evt.*.<partition>`.
 pub fn events_partition(partition: u16) -> String {
     format!("{PREFIX}.*.evt.*.{partition}")
@@ -83,6 +88,11 @@ pub fn room_all() -> String {
 /// Downlink for one gateway: `tether.gw.<gw>.down` (core NATS).
 pub fn gateway_down(gw: &str) -> String {
     format!("{PREFIX}.gw.{gw}.down")
+}
+
+/// Downlinks of every gateway (for monitoring and tests): `tether.gw.*.down`.
+pub fn gateway_down_all() -> String {
+    format!("{PREFIX}.gw.*.down")
 }
 
 /// Control messages for one gateway: `tether.gw.<gw>.ctl` (core NATS).

@@ -65,8 +65,9 @@ pub const DEFAULT_BUCKET: &str = tether_nats::layout::LEASES_BUCKET;
 /// Smallest TTL accepted: below it the rounds (TTL / 3) race with network round trips.
 pub const MIN_TTL: Duration = Duration::from_millis(600);
 
-const MEMBER_PREFIX: &str = "member.";
-const PART_PREFIX: &str = "part.";
+use tether_nats::keys::{
+    LEASE_MEMBER_PREFIX as MEMBER_PREFIX, LEASE_PARTITION_PREFIX as PART_PREFIX,
+};
 
 /// Configuration of the lease loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,7 +291,7 @@ struct Looper {
 }
 
 fn part_key(partition: u16) -> String {
-    format!("{PART_PREFIX}{partition}")
+    tether_nats::keys::lease_partition(partition)
 }
 
 impl Looper {
@@ -299,7 +300,7 @@ impl Looper {
         Self {
             store,
             id: config.instance_id.clone(),
-            member_key: format!("{MEMBER_PREFIX}{}", config.instance_id),
+            member_key: tether_nats::keys::lease_member(&config.instance_id),
             ttl,
             valid_for: ttl * 2 / 3,
             period: ttl / 3,
