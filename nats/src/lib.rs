@@ -8,7 +8,8 @@
 //! - [`layout`]: JetStream streams, KV buckets and durable consumers with their settings,
 //!   created idempotently.
 //! - [`serve`]: the shared loops: serve a subscription, watch a KV bucket, until shutdown.
-//! - [`connect`]: how services connect (names, reconnect logging, timeouts).
+//! - [`connect`]: how services connect (names, reconnect logging, timeouts, credentials and
+//!   TLS in [`NatsAuth`]).
 //! - [`server`]: running a real `nats-server` process (locating the pinned binary, config,
 //!   readiness, stop/restart); used by `tether up` and by the test harness.
 //! - [`harness`]: test topologies on free loopback ports — a single JetStream node, a
@@ -23,5 +24,5 @@ pub mod serve;
 pub mod server;
 pub mod subjects;
 
-pub use connect::{BusError, connect, sync_with_server};
+pub use connect::{BusError, NatsAuth, connect, connect_with, sync_with_server};
 pub use layout::{BusLayout, apply_layout, ensure_layout};
