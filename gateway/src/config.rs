@@ -26,6 +26,10 @@ pub struct GatewayConfig {
     pub id: String,
     /// NATS server URL(s), comma separated.
     pub nats_url: String,
+    /// Credentials and TLS of the NATS connection: the `[nats]` table (`creds_file`,
+    /// `nkey_seed_file`, `user`/`password`, `token`, `tls_ca_file`, `tls_cert_file`/
+    /// `tls_key_file`, `inbox_prefix`), also `TETHER_NATS_<FIELD>` for every role.
+    pub nats: tether_nats::NatsAuth,
     /// Replicas of the streams and buckets this gateway creates if missing (3 on a cluster).
     pub stream_replicas: usize,
     /// Region this gateway serves (reported in events and heartbeats; ipconfig prefers
@@ -82,6 +86,7 @@ impl Default for GatewayConfig {
         Self {
             id: "gw1".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats: tether_nats::NatsAuth::default(),
             stream_replicas: 1,
             region: "local".into(),
             pools: Vec::new(),

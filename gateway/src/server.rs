@@ -96,6 +96,7 @@ pub async fn start(
     let heartbeat = crate::heartbeat::Heartbeat::new(&config);
     let ctx_cell = crate::admin::CtxCell::default();
     let role = NatsRoleBuilder::new("gateway", &config.nats_url)
+        .auth(config.nats.clone())
         .replicas(config.stream_replicas)
         .admin(config.admin_listen)
         .metrics(registry)

@@ -93,6 +93,7 @@ pub async fn start(
     let mut registry = Registry::with_prefix("tether_ipconfig");
     metrics.register(&mut registry);
     let role = NatsRoleBuilder::new("ipconfig", &config.nats_url)
+        .auth(config.nats.clone())
         .replicas(config.stream_replicas)
         .admin(config.admin_listen)
         .metrics(registry)

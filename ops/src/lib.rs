@@ -15,6 +15,10 @@ use tether_service::{NatsRole, NatsRoleBuilder, RoleError, Shutdown};
 pub struct OpsConfig {
     /// NATS server URL(s), comma separated.
     pub nats_url: String,
+    /// Credentials and TLS of the NATS connection: the `[nats]` table (`creds_file`,
+    /// `nkey_seed_file`, `user`/`password`, `token`, `tls_ca_file`, `tls_cert_file`/
+    /// `tls_key_file`, `inbox_prefix`), also `TETHER_NATS_<FIELD>` for every role.
+    pub nats: tether_service::NatsAuth,
     /// Admin HTTP listener: `/healthz`, `/metrics`.
     pub admin_listen: SocketAddr,
     /// Replicas of the streams and buckets created if missing (3 on a cluster).
@@ -25,6 +29,7 @@ impl Default for OpsConfig {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats: tether_service::NatsAuth::default(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7430)),
             stream_replicas: 1,
         }
@@ -51,6 +56,7 @@ impl RunningOps {
 pub async fn start(config: OpsConfig, shutdown: Shutdown) -> Result<RunningOps, RoleError> {
     let registry = Registry::with_prefix("tether_ops");
     let role = NatsRoleBuilder::new("ops", &config.nats_url)
+        .auth(config.nats.clone())
         .replicas(config.stream_replicas)
         .admin(config.admin_listen)
         .metrics(registry)

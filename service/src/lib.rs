@@ -18,3 +18,4 @@ pub use admin::{AdminServer, Health};
 pub use config::{ConfigError, load_config};
 pub use role::{NatsRole, NatsRoleBuilder, RoleError};
 pub use shutdown::Shutdown;
+pub use tether_nats::NatsAuth;

@@ -39,6 +39,10 @@ pub struct NatsRole {
 /// # async fn run() -> Result<(), tether_service::RoleError> {
 /// use tether_service::{NatsRoleBuilder, Shutdown};
 /// let role = NatsRoleBuilder::new("ops", "nats://127.0.0.1:4222")
+///     .auth(tether_nats::NatsAuth {
+///         creds_file: Some("/etc/tether/tether.creds".into()),
+///         ..Default::default()
+///     })
 ///     .admin("127.0.0.1:7430".parse().unwrap())
 ///     .start(Shutdown::new())
 ///     .await?;
@@ -47,6 +51,7 @@ pub struct NatsRole {
 pub struct NatsRoleBuilder {
     name: &'static str,
     nats_url: String,
+    auth: tether_nats::NatsAuth,
     replicas: usize,
     admin_listen: SocketAddr,
     registry: Registry,
@@ -55,16 +60,24 @@ pub struct NatsRoleBuilder {
 
 impl NatsRoleBuilder {
     /// Role `name` (used in the NATS client name and `/healthz`) connecting to `nats_url`
-    /// (comma-separated list allowed); one replica, admin on `127.0.0.1:0`, no metrics.
+    /// (comma-separated list allowed); anonymous, one replica, admin on `127.0.0.1:0`, no
+    /// metrics.
     pub fn new(name: &'static str, nats_url: &str) -> Self {
         NatsRoleBuilder {
             name,
             nats_url: nats_url.to_string(),
+            auth: tether_nats::NatsAuth::default(),
             replicas: 1,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             registry: Registry::default(),
             routes: axum::Router::new(),
         }
+    }
+
+    /// Credentials and TLS settings of the NATS connection (the role's `[nats]` table).
+    pub fn auth(mut self, auth: tether_nats::NatsAuth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Replicas of the streams and buckets the role creates when they are missing.
@@ -96,12 +109,13 @@ impl NatsRoleBuilder {
         let NatsRoleBuilder {
             name,
             nats_url,
+            auth,
             replicas,
             admin_listen,
             registry,
             routes,
         } = self;
-        let client = tether_nats::connect(&nats_url, &format!("tether-{name}")).await?;
+        let client = tether_nats::connect_with(&nats_url, &format!("tether-{name}"), &auth).await?;
         let layout = tether_nats::BusLayout {
             replicas,
             ..Default::default()

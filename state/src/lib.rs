@@ -83,6 +83,7 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
     let mut registry = Registry::with_prefix("tether_state");
     metrics.register(&mut registry);
     let role = NatsRoleBuilder::new("state", &config.nats_url)
+        .auth(config.nats.clone())
         .replicas(config.stream_replicas)
         .admin(config.admin_listen)
         .metrics(registry)
