@@ -53,6 +53,9 @@ pub struct GatewayConfig {
     pub ws_listen: Option<SocketAddr>,
     /// Admin HTTP listener: `/healthz`, `/metrics`.
     pub admin_listen: SocketAddr,
+    /// Bearer token of the operations routes on the admin listener (`/v1/drain`,
+    /// `/v1/sessions/…`). Empty: they are served only when `admin_listen` is loopback.
+    pub admin_token: String,
     /// TLS for both client listeners.
     pub tls: Option<TlsFiles>,
     /// Ed25519 public key (PEM) that verifies gateway tokens.
@@ -97,6 +100,7 @@ impl Default for GatewayConfig {
             tcp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
             ws_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7402)),
+            admin_token: String::new(),
             tls: None,
             token_public_key: PathBuf::from(".tether/token.pub"),
             apps: Vec::new(),

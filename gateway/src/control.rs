@@ -3,13 +3,18 @@
 //! `{"op":"sessions","app":"demo","did":"d1","sessions":["room-1"]}`: the device's complete
 //! set of sessions. Applied only when the device is connected here; the gateway then
 //! joins and leaves sessions to match (and starts room recoveries the device asked for at
-//! LOGIN). Unknown ops are ignored so newer state versions can add some.
+//! LOGIN).
+//!
+//! `{"op":"close","app":"demo","did":"d1","conn":42,"code":"replaced"}`: the device logged
+//! in on another gateway; its connection `conn` here (if still here) is closed with `code`.
+//! Unknown ops are ignored so newer state versions can add some.
 
 use std::sync::Arc;
 
 use tether_nats::subjects;
 use tether_schemas::bus::{GatewayControl, valid_id};
 
+use crate::conn::CloseReason;
 use crate::context::GatewayCtx;
 use crate::rooms;
 use crate::shutdown::Shutdown;
@@ -31,10 +36,31 @@ pub async fn run(
     Ok(())
 }
 
+/// Closes the device's connection `conn` if it is here (a newer login elsewhere replaced it).
+fn close(ctx: &GatewayCtx, app: &str, did: &str, conn: u64, code: tether_schemas::ErrorCode) {
+    let Some(found) = ctx.registry.get(app, did).filter(|c| c.id == conn) else {
+        return; // gone already, or a newer connection of the device is here
+    };
+    ctx.metrics.error(code);
+    found.close(CloseReason::error(
+        code,
+        "the device logged in on another connection",
+    ));
+}
+
 /// Applies one control message.
 pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) {
     let (app, did, sessions) = match GatewayControl::from_json(payload) {
         Ok(GatewayControl::Sessions { app, did, sessions }) => (app, did, sessions),
+        Ok(GatewayControl::Close {
+            app,
+            did,
+            conn,
+            code,
+        }) => {
+            close(ctx, &app, &did, conn, code);
+            return;
+        }
         Ok(GatewayControl::Unknown) => {
             tracing::debug!("unknown control op, ignored");
             return;

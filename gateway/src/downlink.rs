@@ -65,7 +65,8 @@ pub fn deliver(ctx: &GatewayCtx, message: &Message) {
             return;
         }
     };
-    let qos1 = header.kind().is_ok_and(|k| k == FrameType::Down) && header.has_flag(flags::QOS1);
+    let is_down = header.kind().is_ok_and(|k| k == FrameType::Down);
+    let qos1 = is_down && header.has_flag(flags::QOS1);
     let subject = Subject::parse(&message.subject);
     let named = headers::get(message.headers.as_ref(), headers::APP);
     let app = match subject {
@@ -80,6 +81,20 @@ pub fn deliver(ctx: &GatewayCtx, message: &Message) {
         },
         None => None,
     };
+    if named.is_some() && app.is_none() && subject.is_some() {
+        metrics.refused("foreign_app");
+    }
+    // Business services may publish on their app's bcast and room subjects: only DOWN
+    // frames reach devices from there (no ERROR, CLOSE, REDIRECT or UP_ACK).
+    let from_app_subject = matches!(
+        subject,
+        Some(Subject::Broadcast { .. } | Subject::Room { .. })
+    );
+    if from_app_subject && !is_down {
+        metrics.refused("frame_type");
+        tracing::warn!(subject = %message.subject, "only DOWN frames may be broadcast, dropped");
+        return;
+    }
     let Some(app) = app else {
         metrics.downlink_invalid.inc();
         tracing::warn!(subject = %message.subject, "downlink without a valid app (header missing or not the subject's), dropped");
@@ -89,7 +104,13 @@ pub fn deliver(ctx: &GatewayCtx, message: &Message) {
     let dids = headers::dids(message.headers.as_ref());
     let is_broadcast = matches!(subject, Some(Subject::Broadcast { .. }));
     if let Some(Subject::Room { session, .. }) = subject {
+        // Stored by state with its room sequence; anything else on a room subject was not.
         let room_seq = message.headers.as_ref().map_or(0, headers::seq);
+        if room_seq == 0 {
+            metrics.refused("room_seq");
+            tracing::warn!(subject = %message.subject, "room message without a room sequence, dropped");
+            return;
+        }
         deliver_to_session(ctx, app, session, frame, room_seq, &dids);
         return;
     }

@@ -55,7 +55,7 @@ impl Outbound {
     }
 
     /// Appends an UP frame, unchanged, to the uplink stream (de-duplicated by
-    /// `did:client_msg_id`). If the stream does not confirm it, the client gets an UP_ACK
+    /// `app:did:client_msg_id`). If the stream does not confirm it, the client gets an UP_ACK
     /// with `unavailable` so it can retry.
     pub async fn publish_uplink(
         &self,
@@ -68,7 +68,7 @@ impl Outbound {
         let mut map = self.identity_headers(id, conn.id);
         map.insert(
             headers::MSG_ID,
-            format!("{}:{client_msg_id}", id.did).as_str(),
+            format!("{}:{}:{client_msg_id}", id.app, id.did).as_str(),
         );
         let sent = self
             .js

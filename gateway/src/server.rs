@@ -8,7 +8,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tether_auth::TokenVerifier;
 use tether_schemas::ErrorCode;
-use tether_service::{NatsRoleBuilder, Shutdown};
+use tether_service::{NatsRoleBuilder, OperationsGuard, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -101,8 +101,12 @@ pub async fn start(
         .admin(config.admin_listen)
         .metrics(registry)
         .routes(
-            crate::admin::router(ctx_cell.clone())
-                .merge(crate::heartbeat::router(heartbeat.clone())),
+            // Operations (drain, session lookups) need the admin token, or a loopback
+            // listener; /healthz and /metrics stay open.
+            OperationsGuard::new(Some(&config.admin_token), config.admin_listen).protect(
+                crate::admin::router(ctx_cell.clone())
+                    .merge(crate::heartbeat::router(heartbeat.clone())),
+            ),
         )
         .start(internal.clone())
         .await?;

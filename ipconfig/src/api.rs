@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
-use tether_auth::{Claims, TokenSigner};
+use tether_auth::{Claims, Right, TokenSigner};
 use tether_schemas::ErrorCode;
 use tether_schemas::bus::{ErrorBody, WireError};
 
@@ -217,13 +217,16 @@ fn answer(
         0 => state.config.token_ttl_secs,
         ttl => ttl,
     };
-    let token_claims = Claims::new(
+    let mut token_claims = Claims::new(
         claims.app.clone(),
         claims.uid.clone(),
         claims.did.clone(),
         now,
         Duration::from_secs(ttl),
     );
+    if app.rooms {
+        token_claims.rights = token_claims.rights.with(Right::Rooms);
+    }
     let token = state.signer.sign(&token_claims).map_err(|error| {
         tracing::error!(%error, "cannot sign a gateway token");
         ApiError::new(ErrorCode::Internal, "cannot sign a token")

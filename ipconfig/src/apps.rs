@@ -36,6 +36,10 @@ pub struct AppRecord {
     pub pool: Option<String>,
     /// Lifetime of this app's gateway tokens in seconds; 0 uses ipconfig's `token_ttl_secs`.
     pub token_ttl_secs: u64,
+    /// Gateway tokens of this app carry the `rooms` right (room cursors at LOGIN resume
+    /// recoverable rooms).
+    #[serde(default)]
+    pub rooms: bool,
     /// When the record was last changed, unix milliseconds.
     pub updated_ms: u64,
 }
@@ -48,6 +52,12 @@ impl AppRecord {
             return Err(format!(
                 "app id {:?} must be 1-64 characters of [A-Za-z0-9_-]",
                 self.id
+            ));
+        }
+        if self.id == tether_nats::subjects::GATEWAY_TOKEN {
+            return Err(format!(
+                "app id {:?} is reserved (gateway subjects are tether.{}.<gw>.…)",
+                self.id, self.id
             ));
         }
         if self.secrets.is_empty() && self.public_keys.is_empty() {

@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, kv, stream};
 use crate::connect::BusError;
 use crate::subjects;
 
-/// Stream of uplink frames (`tether.*.up.*.*`), de-duplicated by `did:client_msg_id`.
+/// Stream of uplink frames (`tether.*.up.*.*`), de-duplicated by `app:did:client_msg_id`.
 pub const UPLINK_STREAM: &str = "TETHER_UPLINK";
 /// The event log (`tether.*.evt.>`): connects, disconnects, session changes.
 pub const EVENTS_STREAM: &str = "TETHER_EVENTS";
@@ -47,6 +47,9 @@ pub fn leases_bucket(name: &str, ttl: Duration, replicas: usize) -> kv::Config {
         ..Default::default()
     }
 }
+
+/// Deliveries of one message to a partition consumer before JetStream gives up on it.
+pub const MAX_DELIVER: i64 = 20;
 
 /// The durable consumers of one state partition: which stream each reads, with which
 /// filter. Every state instance uses the same names, so the owner of a partition resumes
@@ -97,6 +100,9 @@ impl PartitionConsumer {
             deliver_policy: DeliverPolicy::All,
             ack_wait,
             max_ack_pending: 10_000,
+            // A message that keeps failing (a crash while processing it) is given up after
+            // this many deliveries instead of blocking the partition forever.
+            max_deliver: MAX_DELIVER,
             ..Default::default()
         }
     }
@@ -156,7 +162,7 @@ impl BusLayout {
             stream::Config {
                 name: UPLINK_STREAM.into(),
                 description: Some(
-                    "uplink frames from gateways, deduplicated by did:client_msg_id".into(),
+                    "uplink frames from gateways, deduplicated by app:did:client_msg_id".into(),
                 ),
                 subjects: vec![subjects::uplink_stream()],
                 max_age: self.uplink_max_age,

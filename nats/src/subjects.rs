@@ -11,6 +11,9 @@ use tether_schemas::bus::valid_id;
 /// Prefix of every Tether subject.
 pub const PREFIX: &str = "tether";
 
+/// The second token of gateway subjects (`tether.gw.<gw>.…`): never an app id.
+pub const GATEWAY_TOKEN: &str = "gw";
+
 /// Number of partitions that device-keyed work is split into. Each partition is owned by
 /// one state instance at a time. Fixed: changing it re-homes every device.
 pub const PARTITIONS: u16 = 32;
@@ -269,7 +272,7 @@ impl<'a> Subject<'a> {
             (valid_id(did) && p.parse::<u16>().ok()? == partition(did)).then_some(did)
         };
         let part = |p: &str| p.parse::<u16>().ok().filter(|p| *p < PARTITIONS);
-        if owner == "gw" {
+        if owner == GATEWAY_TOKEN {
             return match rest.as_slice() {
                 [gw, "down"] if valid_id(gw) => Some(Subject::GatewayDown { gw }),
                 [gw, "ctl"] if valid_id(gw) => Some(Subject::GatewayCtl { gw }),

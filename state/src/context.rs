@@ -47,6 +47,10 @@ where
     Ok(())
 }
 
+/// Most devices named in one downlink message (`Tether-Did` values); longer target lists
+/// are split, so a message never nears the server's `max_payload`.
+pub const MAX_DIDS_PER_MESSAGE: usize = 256;
+
 /// The shared context.
 pub struct StateCtx {
     /// Configuration.
@@ -66,8 +70,8 @@ pub struct StateCtx {
 }
 
 impl StateCtx {
-    /// Writes one frame to devices on gateway `gw`.
-    pub async fn send_frame(&self, gw: &str, app: &str, dids: &[&str], frame: Bytes) {
+    /// Writes one frame to devices on gateway `gw`; false when NATS did not take it.
+    pub async fn send_frame(&self, gw: &str, app: &str, dids: &[&str], frame: Bytes) -> bool {
         let mut map = HeaderMap::new();
         map.insert(headers::APP, app);
         for did in dids {
@@ -79,19 +83,22 @@ impl StateCtx {
             .await
         {
             tracing::warn!(gw, app, %error, "downlink publish failed");
+            return false;
         }
         self.metrics.frames_sent.inc();
+        true
     }
 
     /// Publishes one frame on the app's broadcast subject: every gateway delivers it to
-    /// its local members of `session` (if given), restricted to `dids` (if any).
+    /// its local members of `session` (if given), restricted to `dids` (if any); false when
+    /// NATS did not take it.
     pub async fn broadcast_frame(
         &self,
         app: &str,
         session: Option<&str>,
         dids: &[&str],
         frame: Bytes,
-    ) {
+    ) -> bool {
         let mut map = HeaderMap::new();
         map.insert(headers::APP, app);
         if let Some(session) = session {
@@ -106,8 +113,10 @@ impl StateCtx {
             .await
         {
             tracing::warn!(app, %error, "broadcast publish failed");
+            return false;
         }
         self.metrics.frames_sent.inc();
+        true
     }
 
     /// Publishes a presence notification.

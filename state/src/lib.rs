@@ -102,7 +102,7 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
     tether_nats::apply_layout(&js, &layout)
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
-    let store = store::Store::open(js.clone())
+    let store = store::Store::open(js.clone(), metrics.clone())
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
     let index = Arc::new(index::SessionIndex::default());

@@ -16,9 +16,9 @@ use tether_nats::layout::PartitionConsumer;
 use tether_nats::subjects::{self, Subject};
 use tether_schemas::bus::{
     ConnEvent, Event, GatewayControl, MembershipChange, MembershipEvent, PresenceEvent,
-    SessionChange, SessionOp, unix_now_ms,
+    SessionChange, SessionOp, unix_now_ms, valid_id,
 };
-use tether_schemas::{Frame, RawFrame, limits};
+use tether_schemas::{ErrorCode, Frame, RawFrame, limits};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
@@ -208,10 +208,18 @@ impl Partition {
         let event = match Event::from_json(&message.payload) {
             Ok(event) => event,
             Err(error) => {
+                self.ctx.metrics.refused("event_unreadable");
                 tracing::warn!(subject = %message.subject, %error, "unreadable event, skipped");
                 return;
             }
         };
+        if !event_matches_subject(&event, &message.subject) {
+            // Identity comes from the subject: a payload naming another app, a device of
+            // another partition or an event kind of another subject is forged.
+            self.ctx.metrics.refused("event_identity");
+            tracing::warn!(subject = %message.subject, kind = event.kind(), "event does not match its subject, refused");
+            return;
+        }
         match event {
             Event::ConnUp(event) => self.on_conn_up(event).await,
             Event::ConnDown(event) => self.on_conn_down(event).await,
@@ -344,13 +352,34 @@ impl Partition {
         };
         let device = self.load(&event.app, &event.did).await;
         let returning = device.offline_at.take().is_some() || device.route.is_some();
-        device.route = Some(route.clone());
         device.uid = event.uid.clone();
-        if let Some(resume) = event.resume_seq
-            && resume > device.cursor.acked
-        {
-            device.cursor.acked = resume;
-            device.cursor_dirty = true;
+        let previous = device.route.replace(route.clone());
+        let resume = event
+            .resume_seq
+            .filter(|resume| *resume > device.cursor.acked);
+        if let Some(resume) = resume {
+            if self.seq_was_sent(&event.app, &event.did, resume).await {
+                if let Some(device) = self
+                    .devices
+                    .get_mut(&(event.app.clone(), event.did.clone()))
+                {
+                    device.cursor.acked = resume;
+                    device.cursor_dirty = true;
+                }
+            } else {
+                self.refuse_device(
+                    &event.app,
+                    &event.did,
+                    "resume_above_sent",
+                    "login.resume_seq is above every sequence sent; resuming from the server's cursor",
+                )
+                .await;
+            }
+        }
+        // A LOGIN elsewhere replaces the old connection (PROTOCOL 6.1): the gateway that
+        // held it closes it with `replaced` (the same gateway already did).
+        if let Some(old) = previous.filter(|old| old.gw != route.gw) {
+            self.close_on_gateway(&event.app, &event.did, &old).await;
         }
         if let Err(error) = ctx.store.put_route(&event.app, &event.did, &route).await {
             tracing::warn!(did = %event.did, %error, "route not stored");
@@ -476,12 +505,33 @@ impl Partition {
         else {
             return;
         };
-        let device = self.load(app, did).await;
+        let (app, did) = (app.to_string(), did.to_string());
+        let device = self.load(&app, &did).await;
         if ack.seq <= device.cursor.acked {
             return;
         }
+        let in_flight = device
+            .inflight
+            .keys()
+            .next_back()
+            .is_some_and(|top| ack.seq <= *top);
+        if !in_flight && !self.seq_was_sent(&app, &did, ack.seq).await {
+            // A cumulative ack above anything sent would skip messages the device has not
+            // seen (and a huge one would wrap the sequence): refused, the device is told.
+            self.refuse_device(
+                &app,
+                &did,
+                "ack_above_sent",
+                "down_ack.seq is above every sequence sent",
+            )
+            .await;
+            return;
+        }
+        let Some(device) = self.devices.get_mut(&(app.clone(), did.clone())) else {
+            return;
+        };
         device.cursor.acked = ack.seq;
-        let still = device.inflight.split_off(&(ack.seq + 1));
+        let still = device.inflight.split_off(&ack.seq.saturating_add(1));
         if let Some(last) = device.inflight.values().next_back() {
             device.cursor.stream_seq = device.cursor.stream_seq.max(last.stream_seq);
         }
@@ -489,6 +539,60 @@ impl Partition {
         device.cursor_dirty = true;
         if device.inflight.is_empty() {
             device.retransmit_at = None;
+        }
+    }
+
+    /// True when `seq` is at most the highest sequence stored for the device (or its
+    /// acked cursor, when retention removed the stored ones).
+    async fn seq_was_sent(&self, app: &str, did: &str, seq: u64) -> bool {
+        let acked = self
+            .devices
+            .get(&(app.to_string(), did.to_string()))
+            .map_or(0, |d| d.cursor.acked);
+        if seq <= acked {
+            return true;
+        }
+        match self.ctx.store.last_inbox_seq(app, did).await {
+            Ok(last) => seq <= last,
+            Err(error) => {
+                tracing::warn!(did, %error, "inbox not readable, sequence check refused");
+                false
+            }
+        }
+    }
+
+    /// Counts a refused device input and tells the device with a non-closing `bad_request`.
+    async fn refuse_device(&self, app: &str, did: &str, reason: &'static str, text: &str) {
+        self.ctx.metrics.refused(reason);
+        let Some(gw) = self
+            .devices
+            .get(&(app.to_string(), did.to_string()))
+            .and_then(|d| d.route.as_ref().map(|r| r.gw.clone()))
+        else {
+            return;
+        };
+        let frame = Frame::error(ErrorCode::BadRequest, text, false).encode();
+        self.ctx.send_frame(&gw, app, &[did], frame).await;
+    }
+
+    /// Tells the gateway of an older connection of the device to close it (`replaced`).
+    async fn close_on_gateway(&self, app: &str, did: &str, old: &Route) {
+        let control = GatewayControl::Close {
+            app: app.to_string(),
+            did: did.to_string(),
+            conn: old.conn,
+            code: ErrorCode::Replaced,
+        };
+        let Ok(body) = control.to_json() else {
+            return;
+        };
+        if let Err(error) = self
+            .ctx
+            .client
+            .publish(subjects::gateway_ctl(&old.gw), body)
+            .await
+        {
+            tracing::warn!(gw = %old.gw, did, %error, "replace not sent to the old gateway");
         }
     }
 
@@ -563,4 +667,36 @@ fn presence(event: &ConnEvent, online: bool) -> PresenceEvent {
         online,
         at_ms: unix_now_ms(),
     }
+}
+
+/// True when an event's identity agrees with its subject: the app is the subject's, the did
+/// belongs to the subject's partition, connection events arrive on `evt.conn` and session
+/// events on `evt.sess`, and every id obeys the id rule.
+fn event_matches_subject(event: &Event, subject: &str) -> bool {
+    let parsed = Subject::parse(subject);
+    let (app, did, ids_ok, on_subject) = match event {
+        Event::ConnUp(e) | Event::ConnDown(e) => (
+            &e.app,
+            &e.did,
+            valid_id(&e.uid) && valid_id(&e.gw) && e.sessions.iter().all(|s| valid_id(s)),
+            matches!(parsed, Some(Subject::ConnEvents { .. })),
+        ),
+        Event::SessBind(e) | Event::SessUnbind(e) | Event::SessReplace(e) => (
+            &e.app,
+            &e.did,
+            e.sessions.iter().all(|s| valid_id(s)),
+            matches!(parsed, Some(Subject::SessionEvents { .. })),
+        ),
+    };
+    let partition = match parsed {
+        Some(Subject::ConnEvents { partition, .. } | Subject::SessionEvents { partition, .. }) => {
+            partition
+        }
+        _ => return false,
+    };
+    on_subject
+        && ids_ok
+        && valid_id(did)
+        && parsed.and_then(|s| s.app()) == Some(app.as_str())
+        && subjects::partition(did) == partition
 }

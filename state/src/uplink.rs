@@ -35,8 +35,9 @@ pub struct UplinkDone {
 /// headers add the user, gateway and connection.
 pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone> {
     let Some(Subject::Uplink { app, did }) = Subject::parse(&message.subject) else {
-        tracing::warn!(subject = %message.subject, "uplink on an unexpected subject, dropped");
-        let _ = message.ack().await;
+        tracing::warn!(subject = %message.subject, "uplink on an unexpected subject, terminated");
+        ctx.metrics.refused("uplink_subject");
+        let _ = message.ack_with(AckKind::Term).await;
         return None;
     };
     let (app, did) = (app.to_string(), did.to_string());
@@ -50,8 +51,10 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         .ok()
         .and_then(|raw| Frame::decode(&raw).ok());
     let Some(Frame::Up { header: up, body }) = up else {
-        tracing::warn!(%app, %did, "uplink stream message is not an UP frame, dropped");
-        let _ = message.ack().await;
+        // Nothing to answer (no client_msg_id): terminated, never redelivered.
+        tracing::warn!(%app, %did, "uplink stream message is not an UP frame, terminated");
+        ctx.metrics.refused("not_an_up");
+        let _ = message.ack_with(AckKind::Term).await;
         return None;
     };
     let request = Uplink {
@@ -78,13 +81,23 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         .uplinks
         .get_or_create(&[("result", result)])
         .inc();
+    // The business's text and id are outside data: bounded before they enter a frame.
     let frame = Frame::UpAck(pb::UpAck {
         client_msg_id: up.client_msg_id,
         code: u32::from(code.as_u16()),
-        message: text,
-        server_msg_id: server_id,
+        message: truncated(text, MAX_REPLY_TEXT),
+        server_msg_id: truncated(server_id, MAX_SERVER_MSG_ID),
     })
-    .encode();
+    .try_encode()
+    .unwrap_or_else(|_| {
+        Frame::UpAck(pb::UpAck {
+            client_msg_id: up.client_msg_id,
+            code: u32::from(ErrorCode::Internal.as_u16()),
+            message: "receipt too large".into(),
+            server_msg_id: String::new(),
+        })
+        .encode()
+    });
     // A resend of this UP is dropped by JetStream's de-duplication; its gateway then
     // answers from this copy, in case the first UP_ACK was lost with its connection. Kept
     // before the UP_ACK goes out, so no resend can miss both. Timeouts are not kept:
@@ -106,6 +119,23 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         gw,
         frame,
     })
+}
+
+/// Longest business `message` copied into an UP_ACK, in bytes (longer ones are cut).
+pub const MAX_REPLY_TEXT: usize = 1024;
+/// Longest business `id` copied into `UpAck.server_msg_id`, in bytes.
+pub const MAX_SERVER_MSG_ID: usize = 256;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// Requests the business service, retrying unanswered requests with backoff.
@@ -186,5 +216,15 @@ mod tests {
             ErrorCode::Rejected
         );
         assert_eq!(interpret(b"nope").0, ErrorCode::Internal);
+    }
+
+    #[test]
+    fn outside_text_is_bounded() {
+        assert_eq!(truncated("abc".into(), 2), "ab");
+        assert_eq!(truncated("é".into(), 1), "");
+        assert_eq!(
+            truncated("x".repeat(100_000), MAX_REPLY_TEXT).len(),
+            MAX_REPLY_TEXT
+        );
     }
 }

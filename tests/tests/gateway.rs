@@ -52,7 +52,7 @@ async fn tcp_and_ws_clients_uplink_downlink_and_events() -> TestResult {
         assert_eq!(ack.gateway, GW);
         assert!(ack.conn_id > 0);
 
-        // UP goes to the uplink stream unchanged, deduplicated by did:client_msg_id.
+        // UP goes to the uplink stream unchanged, deduplicated by app:did:client_msg_id.
         let frame = up(7, b"hello from the device");
         client.send(&frame).await;
         client.send(&frame).await;
@@ -68,7 +68,7 @@ async fn tcp_and_ws_clients_uplink_downlink_and_events() -> TestResult {
         assert_eq!(&raw.body()[..], b"hello from the device");
         assert_eq!(
             header(&stored[0], tether_nats::headers::MSG_ID.as_ref()),
-            format!("{did}:7")
+            format!("{APP}:{did}:7")
         );
         assert_eq!(header(&stored[0], "Tether-Gw"), GW);
         assert_eq!(header(&stored[0], "Tether-Conn"), ack.conn_id.to_string());

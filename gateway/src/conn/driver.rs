@@ -15,7 +15,8 @@ use super::shared::{CloseReason, ConnShared, Identity};
 use super::state::{ConnState, Transport};
 use crate::context::GatewayCtx;
 use crate::ws::{self, WsDecoder, WsEvent};
-use tether_schemas::bus::{ConnEvent, Event, unix_now_ms};
+use tether_schemas::bus::{ConnEvent, Event, unix_now_ms, valid_id};
+use tether_schemas::limits;
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -254,6 +255,10 @@ impl Driver {
         let Frame::Login(login) = Frame::decode(raw).map_err(|e| frame_error(&e))? else {
             return Err(CloseReason::error(ErrorCode::BadFrame, "malformed login"));
         };
+        if let Err(why) = check_login_fields(&login) {
+            self.ctx.metrics.refused("login_field");
+            return Err(CloseReason::error(ErrorCode::BadRequest, why));
+        }
         let config = &self.ctx.config;
         let claims = self
             .ctx
@@ -371,6 +376,18 @@ impl Driver {
         let Some(identity) = self.shared.identity() else {
             return Ok(());
         };
+        if !header.session.is_empty() && !valid_id(&header.session) {
+            // Never published: the session becomes a NATS header on the business request.
+            self.ctx.metrics.refused("up_session");
+            self.reply(&Frame::UpAck(pb::UpAck {
+                client_msg_id: header.client_msg_id,
+                code: u32::from(ErrorCode::BadRequest.as_u16()),
+                message: "up.session must be 1-64 characters of [A-Za-z0-9_-]".into(),
+                server_msg_id: String::new(),
+            }));
+            self.ctx.metrics.error(ErrorCode::BadRequest);
+            return Ok(());
+        }
         if !identity.may_uplink {
             self.reply(&Frame::UpAck(pb::UpAck {
                 client_msg_id: header.client_msg_id,
@@ -562,6 +579,29 @@ fn written<T>(
             "write timed out",
         )),
     }
+}
+
+/// Checks the LOGIN fields a token does not vouch for: ids that would become subject or
+/// header tokens, the room cursors and the informational SDK string.
+fn check_login_fields(login: &pb::Login) -> Result<(), &'static str> {
+    if !login.did.is_empty() && !valid_id(&login.did) {
+        return Err("login.did must be 1-64 characters of [A-Za-z0-9_-]");
+    }
+    if !login.app.is_empty() && !valid_id(&login.app) {
+        return Err("login.app must be 1-64 characters of [A-Za-z0-9_-]");
+    }
+    if login.rooms.len() > limits::MAX_ROOM_CURSORS {
+        return Err("login carries more than 256 room cursors");
+    }
+    if login.rooms.iter().any(|c| !valid_id(&c.session)) {
+        return Err("room cursor session must be 1-64 characters of [A-Za-z0-9_-]");
+    }
+    if login.sdk.len() > limits::MAX_SDK_LEN
+        || !login.sdk.bytes().all(|b| (0x20..0x7f).contains(&b))
+    {
+        return Err("login.sdk must be at most 64 printable ascii characters");
+    }
+    Ok(())
 }
 
 fn frame_error(error: &FrameError) -> CloseReason {

@@ -11,6 +11,13 @@ use super::errors::{ReplyWire, WireError, default_code as rejected, read_code as
 use super::ids::valid_id;
 use crate::ErrorCode;
 
+/// Most dids plus uids one push may name (a session push names none).
+pub const MAX_PUSH_TARGETS: usize = 10_000;
+/// Most `Tether-Meta-*` entries of one push.
+pub const MAX_META_ENTRIES: usize = 32;
+/// Longest meta value, in bytes.
+pub const MAX_META_VALUE_LEN: usize = 1024;
+
 /// Queue group the documentation suggests for uplink handlers (any name works).
 pub const DEFAULT_QUEUE_GROUP: &str = "tether-biz";
 
@@ -182,6 +189,21 @@ impl Push {
         if self.dids.is_empty() && self.uids.is_empty() && self.session.is_none() {
             return Err(WireError::bad_request("no target"));
         }
+        if self.dids.len() + self.uids.len() > MAX_PUSH_TARGETS {
+            return Err(WireError::bad_request(format!(
+                "more than {MAX_PUSH_TARGETS} dids and uids in one push"
+            )));
+        }
+        if self.meta.len() > MAX_META_ENTRIES {
+            return Err(WireError::bad_request(format!(
+                "more than {MAX_META_ENTRIES} meta entries"
+            )));
+        }
+        if let Some((name, _)) = self.meta.iter().find(|(_, v)| v.len() > MAX_META_VALUE_LEN) {
+            return Err(WireError::bad_request(format!(
+                "meta {name:?}: value longer than {MAX_META_VALUE_LEN} bytes"
+            )));
+        }
         for did in &self.dids {
             if !valid_id(did) {
                 return Err(WireError::bad_request(format!("invalid did {did:?}")));
@@ -225,6 +247,10 @@ pub struct PushReply {
     /// QoS0 only: targets not connected right now (the message was dropped for them).
     #[serde(default)]
     pub offline: Vec<String>,
+    /// QoS0 only: targets whose gateway could not be written to (NATS refused or lost the
+    /// publish); nothing was delivered to them. Absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
     /// How it was delivered: `direct` (per device, through each device's gateway),
     /// `broadcast` (one message every gateway fans out to its local targets) or `room`
     /// (stored in a recoverable room, then fanned out).

@@ -6,6 +6,8 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::ErrorCode;
+
 /// One control message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -20,6 +22,19 @@ pub enum GatewayControl {
         /// Every session the device is bound to now.
         #[serde(default)]
         sessions: Vec<String>,
+    },
+    /// Close one connection of a device (it logged in elsewhere):
+    /// `{"op":"close","app":"demo","did":"d1","conn":42,"code":"replaced"}`. Applied only
+    /// when the device's connection here has that id.
+    Close {
+        /// App id.
+        app: String,
+        /// Device id.
+        did: String,
+        /// The connection to close.
+        conn: u64,
+        /// The close code sent to the device.
+        code: ErrorCode,
     },
     /// An op this version does not know (ignored).
     #[serde(other)]
