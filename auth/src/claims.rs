@@ -12,20 +12,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::AuthError;
 
-/// Longest identifier accepted by [`valid_id`], in bytes.
-pub const MAX_ID_LEN: usize = 64;
-
-/// True when `s` is 1..=64 characters of `[A-Za-z0-9_-]`.
-///
-/// Every app id, user id, device id, session id and gateway id in a token obeys this rule,
-/// at issue and at verify. Other crates use it to check any string before it becomes a
-/// NATS subject token.
-pub fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_ID_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
+/// The identifier rule is a wire rule: it lives in the bus contract.
+pub use tether_schemas::bus::{MAX_ID_LEN, valid_id};
 
 /// The claims carried by a gateway token (the JWT payload).
 ///
@@ -263,19 +251,6 @@ impl<'de> Deserialize<'de> for RightName {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn valid_id_rule() {
-        for ok in ["a", "A-z_09", "dev-1", &"x".repeat(64)] {
-            assert!(valid_id(ok), "{ok:?} should be valid");
-        }
-        let too_long = "x".repeat(65);
-        for bad in [
-            "", "a.b", "a b", "a*", ">", "a:b", "a@b", "a=b", "é", "a\n", &too_long,
-        ] {
-            assert!(!valid_id(bad), "{bad:?} should be invalid");
-        }
-    }
 
     #[test]
     fn rights_serde() -> Result<(), serde_json::Error> {

@@ -88,13 +88,8 @@ pub use error::AuthError;
 pub use keys::{TokenSigner, TokenVerifier, public_key_path, write_keypair};
 pub use token::{HEADER_B64, HEADER_JSON, MAX_TOKEN_LEN};
 
-/// The current time in unix milliseconds (0 if the clock is before 1970).
-pub fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+/// Milliseconds since the unix epoch (from the bus contract).
+pub use tether_schemas::bus::unix_now_ms;
 
 /// Seconds since the Unix epoch (0 if the clock is before 1970).
 pub fn unix_now() -> u64 {

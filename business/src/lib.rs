@@ -5,12 +5,12 @@
 //! language can do the same:
 //!
 //! - **uplinks**: [`Business::serve_uplinks`] answers the requests state sends on
-//!   `tether.<app>.biz.up` with [`Stored`] (the device gets UP_ACK 0 only after
-//!   `Stored::Stored`). Requests can repeat (state retries on timeout), so handlers must be
+//!   `tether.<app>.biz.up` with [`UplinkReply`] (the device gets UP_ACK 0 only after
+//!   `UplinkReply::Stored`). Requests can repeat (state retries on timeout), so handlers must be
 //!   idempotent on (app, did, msg_id).
 //! - **pushes**: [`Business::push`] (request, with a [`PushReply`]) and
 //!   [`Business::push_nowait`] (publish) send a [`Push`] on `tether.<app>.push`.
-//! - **presence**: [`Business::presence`] streams [`Presence`] events from
+//! - **presence**: [`Business::presence`] streams [`PresenceEvent`]s from
 //!   `tether.<app>.presence`; [`Business::memberships`] streams the joined/left
 //!   [`MembershipEvent`]s sent on the same subject.
 //! - **sessions**: [`Business::sessions`] binds, unbinds and replaces devices' sessions
@@ -18,7 +18,7 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use tether_business::{Business, Push, Stored};
+//! use tether_business::{Business, Push, UplinkReply};
 //!
 //! let nats = async_nats::connect("nats://127.0.0.1:4222").await?;
 //! let biz = Business::new(nats, "demo");
@@ -28,7 +28,7 @@
 //!     async move {
 //!         // store `up.body` keyed by (up.did, up.msg_id) here, then echo it back
 //!         let _ = pusher.push_nowait(Push::to_dids([up.did.clone()], up.body)).await;
-//!         Stored::stored(None)
+//!         UplinkReply::stored(None)
 //!     }
 //! })
 //! .await?;
@@ -36,7 +36,8 @@
 //! # }
 //! ```
 //!
-//! The JSON shapes and header codecs live in [`wire`], shared with the state service.
+//! The JSON shapes (the bus contract, `tether_schemas::bus`) and the header codec
+//! ([`HeaderCodec`]) are re-exported in [`wire`]; the state service uses the same types.
 
 pub mod session;
 pub mod wire;
@@ -53,9 +54,10 @@ use tracing::{debug, warn};
 
 pub use session::{MembershipChange, MembershipEvent, SessionOp, SessionReply, SessionRequest};
 pub use tether_schemas::ErrorCode;
-pub use wire::{
-    Accepted, PresenceEvent as Presence, Push, PushReply, Uplink, UplinkReply as Stored,
-};
+pub use wire::HeaderCodec;
+pub use wire::{Accepted, PresenceEvent, Push, PushReply, Uplink, UplinkReply};
+#[doc(hidden)]
+pub use wire::{PresenceEvent as Presence, UplinkReply as Stored};
 
 /// How many uplink handlers run at once by default (per [`Business::serve_uplinks`] call).
 pub const DEFAULT_CONCURRENCY: usize = 256;
@@ -139,7 +141,7 @@ impl Business {
     ) -> Result<(), BusinessError>
     where
         F: Fn(Uplink) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Stored> + Send,
+        Fut: Future<Output = UplinkReply> + Send,
     {
         let subject = subjects::business_up(&self.app);
         let mut requests = self
@@ -165,7 +167,7 @@ impl Business {
                         Ok(uplink) => handler(uplink).await,
                         Err(error) => {
                             warn!(%error, "malformed uplink request");
-                            Stored::error(error.code, error.message)
+                            UplinkReply::error(error.code, error.message)
                         }
                     };
                 if let Err(error) = client.publish(reply_to, answer.to_json()).await {
@@ -226,7 +228,7 @@ impl Business {
     /// on the same subject are skipped; other malformed events are logged and skipped. The stream ends when the connection closes.
     pub async fn presence(
         &self,
-    ) -> Result<impl Stream<Item = Presence> + Send + Unpin + 'static, BusinessError> {
+    ) -> Result<impl Stream<Item = PresenceEvent> + Send + Unpin + 'static, BusinessError> {
         let subscriber = self.client.subscribe(subjects::presence(&self.app)).await?;
         Ok(presence_stream(subscriber))
     }
@@ -235,7 +237,7 @@ impl Business {
     pub async fn presence_in_group(
         &self,
         queue_group: &str,
-    ) -> Result<impl Stream<Item = Presence> + Send + Unpin + 'static, BusinessError> {
+    ) -> Result<impl Stream<Item = PresenceEvent> + Send + Unpin + 'static, BusinessError> {
         let subscriber = self
             .client
             .queue_subscribe(subjects::presence(&self.app), queue_group.to_owned())
@@ -246,9 +248,9 @@ impl Business {
 
 fn presence_stream(
     subscriber: async_nats::Subscriber,
-) -> impl Stream<Item = Presence> + Send + Unpin + 'static {
+) -> impl Stream<Item = PresenceEvent> + Send + Unpin + 'static {
     subscriber.filter_map(|message| {
-        future::ready(match Presence::from_json(&message.payload) {
+        future::ready(match PresenceEvent::from_json(&message.payload) {
             Ok(event) => Some(event),
             Err(_) if MembershipEvent::from_json(&message.payload).is_ok() => None,
             Err(error) => {

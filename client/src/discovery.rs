@@ -27,7 +27,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::Request;
 use hyper::header::{AUTHORIZATION, HOST};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
 use tether_schemas::ErrorCode;
 use tokio::net::TcpStream;
 
@@ -85,47 +84,11 @@ impl DiscoveryConfig {
     }
 }
 
-/// One gateway of an answer, as ipconfig sends it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OfferedGateway {
-    /// Gateway id.
-    pub gw: String,
-    /// Its region.
-    #[serde(default)]
-    pub region: String,
-    /// TCP endpoint `host:port`.
-    #[serde(default)]
-    pub tcp: Option<String>,
-    /// WebSocket URL.
-    #[serde(default)]
-    pub ws: Option<String>,
-    /// Its score (higher is better).
-    #[serde(default)]
-    pub score: f64,
-}
-
-/// An answer of `GET /v1/endpoints`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Answer {
-    /// Gateways, best first.
-    pub endpoints: Vec<OfferedGateway>,
-    /// Gateway token for LOGIN.
-    pub token: String,
-    /// Its expiry, unix seconds.
-    pub token_exp: u64,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct ErrorDetail {
-    code: String,
-    #[serde(default)]
-    message: String,
-}
+/// One offered gateway of an ipconfig answer (the bus contract's type).
+pub use tether_schemas::bus::EndpointInfo as OfferedGateway;
+/// An answer of `GET /v1/endpoints` (the bus contract's type).
+pub use tether_schemas::bus::EndpointsAnswer as Answer;
+use tether_schemas::bus::ErrorBody;
 
 struct Cached {
     answer: Answer,
@@ -424,7 +387,7 @@ async fn get_endpoints(
     let detail = serde_json::from_slice::<ErrorBody>(&body).ok();
     let code = detail
         .as_ref()
-        .and_then(|d| d.error.code.parse::<ErrorCode>().ok())
+        .map(|d| d.error.code)
         .unwrap_or(if status.is_server_error() {
             ErrorCode::Unavailable
         } else {
@@ -472,6 +435,7 @@ mod tests {
                     tcp: Some("a:1".into()),
                     ws: Some("ws://a:2/ws".into()),
                     score: 1.0,
+                    draining: false,
                 },
                 OfferedGateway {
                     gw: "b".into(),
@@ -479,10 +443,15 @@ mod tests {
                     tcp: None,
                     ws: Some("ws://b:2/ws".into()),
                     score: 0.5,
+                    draining: false,
                 },
             ],
             token: "t".into(),
             token_exp: 0,
+            app: String::new(),
+            uid: String::new(),
+            did: String::new(),
+            region: String::new(),
         });
         assert_eq!(
             discovery.endpoints(&[seed.clone(), Endpoint::tcp("a:1")]),

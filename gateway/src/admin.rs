@@ -4,6 +4,8 @@
 //! (`{"app":…,"session":…,"members":n}`), for operators and tests.
 
 use std::sync::{Arc, OnceLock};
+use tether_schemas::ErrorCode;
+use tether_schemas::bus::ErrorBody;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -30,7 +32,10 @@ async fn session_members(
     let Some(ctx) = cell.get() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": {"code": "unavailable", "message": "gateway starting"}})),
+            Json(json!(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "gateway starting"
+            ))),
         );
     };
     let members = ctx.sessions.members(&app, &session);

@@ -26,6 +26,10 @@ pub struct GatewayConfig {
     pub id: String,
     /// NATS server URL(s), comma separated.
     pub nats_url: String,
+    /// Credentials and TLS of the NATS connection: the `[nats]` table (`creds_file`,
+    /// `nkey_seed_file`, `user`/`password`, `token`, `tls_ca_file`, `tls_cert_file`/
+    /// `tls_key_file`, `inbox_prefix`), also `TETHER_NATS_<FIELD>` for every role.
+    pub nats: tether_nats::NatsAuth,
     /// Replicas of the streams and buckets this gateway creates if missing (3 on a cluster).
     pub stream_replicas: usize,
     /// Region this gateway serves (reported in events and heartbeats; ipconfig prefers
@@ -49,6 +53,9 @@ pub struct GatewayConfig {
     pub ws_listen: Option<SocketAddr>,
     /// Admin HTTP listener: `/healthz`, `/metrics`.
     pub admin_listen: SocketAddr,
+    /// Bearer token of the operations routes on the admin listener (`/v1/drain`,
+    /// `/v1/sessions/…`). Empty: they are served only when `admin_listen` is loopback.
+    pub admin_token: String,
     /// TLS for both client listeners.
     pub tls: Option<TlsFiles>,
     /// Ed25519 public key (PEM) that verifies gateway tokens.
@@ -82,6 +89,7 @@ impl Default for GatewayConfig {
         Self {
             id: "gw1".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats: tether_nats::NatsAuth::default(),
             stream_replicas: 1,
             region: "local".into(),
             pools: Vec::new(),
@@ -92,6 +100,7 @@ impl Default for GatewayConfig {
             tcp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7400))),
             ws_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7401))),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7402)),
+            admin_token: String::new(),
             tls: None,
             token_public_key: PathBuf::from(".tether/token.pub"),
             apps: Vec::new(),

@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tether_auth::TokenVerifier;
 
-use crate::bus::Bus;
 use crate::config::GatewayConfig;
 use crate::metrics::GatewayMetrics;
+use crate::outbound::Outbound;
 use crate::registry::Registry;
 use crate::sessions::Sessions;
 use crate::timers::{Clock, Timers};
@@ -27,7 +27,7 @@ pub struct GatewayCtx {
     /// The gateway's second clock.
     pub clock: Clock,
     /// NATS publishing.
-    pub bus: Bus,
+    pub outbound: Outbound,
     /// Metrics.
     pub metrics: GatewayMetrics,
     conn_ids: AtomicU64,
@@ -39,7 +39,7 @@ impl GatewayCtx {
     pub fn new(
         config: GatewayConfig,
         verifier: TokenVerifier,
-        bus: Bus,
+        outbound: Outbound,
         metrics: GatewayMetrics,
     ) -> Self {
         let clock = Clock::default();
@@ -57,7 +57,7 @@ impl GatewayCtx {
             sessions: Sessions::default(),
             timers,
             clock,
-            bus,
+            outbound,
             metrics,
             conn_ids: AtomicU64::new(prefix | 1),
         }

@@ -3,82 +3,85 @@
 //! `{"op":"sessions","app":"demo","did":"d1","sessions":["room-1"]}`: the device's complete
 //! set of sessions. Applied only when the device is connected here; the gateway then
 //! joins and leaves sessions to match (and starts room recoveries the device asked for at
-//! LOGIN). Unknown ops are ignored so newer state versions can add some.
+//! LOGIN).
+//!
+//! `{"op":"close","app":"demo","did":"d1","conn":42,"code":"replaced"}`: the device logged
+//! in on another gateway; its connection `conn` here (if still here) is closed with `code`.
+//! Unknown ops are ignored so newer state versions can add some.
 
 use std::sync::Arc;
 
-use futures::StreamExt;
-use serde::Deserialize;
-use tether_auth::valid_id;
 use tether_nats::subjects;
+use tether_schemas::bus::{GatewayControl, valid_id};
 
+use crate::conn::CloseReason;
 use crate::context::GatewayCtx;
 use crate::rooms;
 use crate::shutdown::Shutdown;
-
-/// One control message.
-#[derive(Debug, Deserialize)]
-struct Control {
-    op: String,
-    #[serde(default)]
-    app: String,
-    #[serde(default)]
-    did: String,
-    #[serde(default)]
-    sessions: Vec<String>,
-}
 
 /// Subscribes and applies control messages until shutdown.
 pub async fn run(
     ctx: Arc<GatewayCtx>,
     shutdown: Shutdown,
 ) -> Result<(), async_nats::SubscribeError> {
-    let client = ctx.bus.client().clone();
-    let mut messages = client
+    let client = ctx.outbound.client().clone();
+    let messages = client
         .subscribe(subjects::gateway_ctl(&ctx.config.id))
         .await?;
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                message = messages.next() => match message {
-                    Some(message) => apply(&ctx, &message.payload),
-                    None => return,
-                },
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    });
+    tokio::spawn(tether_nats::serve::serve_subscription(
+        messages,
+        shutdown,
+        move |message| apply(&ctx, &message.payload),
+    ));
     Ok(())
+}
+
+/// Closes the device's connection `conn` if it is here (a newer login elsewhere replaced it).
+fn close(ctx: &GatewayCtx, app: &str, did: &str, conn: u64, code: tether_schemas::ErrorCode) {
+    let Some(found) = ctx.registry.get(app, did).filter(|c| c.id == conn) else {
+        return; // gone already, or a newer connection of the device is here
+    };
+    ctx.metrics.error(code);
+    found.close(CloseReason::error(
+        code,
+        "the device logged in on another connection",
+    ));
 }
 
 /// Applies one control message.
 pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) {
-    let control = match serde_json::from_slice::<Control>(payload) {
-        Ok(control) => control,
+    let (app, did, sessions) = match GatewayControl::from_json(payload) {
+        Ok(GatewayControl::Sessions { app, did, sessions }) => (app, did, sessions),
+        Ok(GatewayControl::Close {
+            app,
+            did,
+            conn,
+            code,
+        }) => {
+            close(ctx, &app, &did, conn, code);
+            return;
+        }
+        Ok(GatewayControl::Unknown) => {
+            tracing::debug!("unknown control op, ignored");
+            return;
+        }
         Err(error) => {
             tracing::warn!(%error, "unreadable control message, dropped");
             return;
         }
     };
-    if control.op != "sessions" {
-        tracing::debug!(op = %control.op, "unknown control op, ignored");
+    if !valid_id(&app) || !valid_id(&did) || !sessions.iter().all(|s| valid_id(s)) {
+        tracing::warn!(%app, %did, "control message with invalid ids, dropped");
         return;
     }
-    if !valid_id(&control.app)
-        || !valid_id(&control.did)
-        || !control.sessions.iter().all(|s| valid_id(s))
-    {
-        tracing::warn!(app = %control.app, did = %control.did, "control message with invalid ids, dropped");
-        return;
-    }
-    let Some(conn) = ctx.registry.get(&control.app, &control.did) else {
+    let Some(conn) = ctx.registry.get(&app, &did) else {
         return; // not here (any more): the gateway that holds it gets its own sync
     };
     let Some(identity) = conn.identity() else {
         return;
     };
     let (app, did) = (identity.app.clone(), identity.did.clone());
-    let recoveries = ctx.sessions.set(&conn, &app, &did, &control.sessions);
+    let recoveries = ctx.sessions.set(&conn, &app, &did, &sessions);
     ctx.metrics.session_syncs.inc();
     rooms::start(ctx, recoveries);
 }

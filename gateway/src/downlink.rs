@@ -5,15 +5,16 @@
 //! (recoverable room broadcasts, as stored in the room stream). Each message carries one
 //! complete client frame as its payload, encoded once and shared by every connection it
 //! is written to; `Tether-Did` headers (repeatable, or comma separated) name the target
-//! devices; `Tether-App` names the app on the gateway subject. A broadcast with
+//! devices; `Tether-App` names the app on the gateway subject (elsewhere the app is the
+//! subject's, and a `Tether-App` naming another app is refused). A broadcast with
 //! `Tether-Session` goes to the local members of that session (only those named by
 //! `Tether-Did`, if present); one with neither goes to every local connection of the app.
 
 use std::sync::Arc;
 
 use async_nats::Message;
-use futures::StreamExt;
-use tether_nats::subjects::{self, headers};
+use tether_nats::headers;
+use tether_nats::subjects::{self, Subject};
 use tether_schemas::{FixedHeader, FrameType, flags, limits};
 
 use crate::conn::Enqueued;
@@ -25,7 +26,7 @@ pub async fn run(
     ctx: Arc<GatewayCtx>,
     shutdown: Shutdown,
 ) -> Result<(), async_nats::SubscribeError> {
-    let client = ctx.bus.client().clone();
+    let client = ctx.outbound.client().clone();
     let direct = client
         .subscribe(subjects::gateway_down(&ctx.config.id))
         .await?;
@@ -36,18 +37,14 @@ pub async fn run(
     if let Err(error) = tether_nats::sync_with_server(&client).await {
         tracing::warn!(%error, "cannot confirm the downlink subscriptions");
     }
-    let mut messages = futures::stream::select(futures::stream::select(direct, bcast), rooms);
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                message = messages.next() => match message {
-                    Some(message) => deliver(&ctx, &message),
-                    None => return,
-                },
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    });
+    for subscription in [direct, bcast, rooms] {
+        let ctx = ctx.clone();
+        tokio::spawn(tether_nats::serve::serve_subscription(
+            subscription,
+            shutdown.clone(),
+            move |message| deliver(&ctx, &message),
+        ));
+    }
     Ok(())
 }
 
@@ -68,42 +65,57 @@ pub fn deliver(ctx: &GatewayCtx, message: &Message) {
             return;
         }
     };
-    let qos1 = header.kind().is_ok_and(|k| k == FrameType::Down) && header.has_flag(flags::QOS1);
-    let app = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::APP))
-        .map(|v| v.as_str())
-        .or_else(|| subjects::app_of(&message.subject));
+    let is_down = header.kind().is_ok_and(|k| k == FrameType::Down);
+    let qos1 = is_down && header.has_flag(flags::QOS1);
+    let subject = Subject::parse(&message.subject);
+    let named = headers::get(message.headers.as_ref(), headers::APP);
+    let app = match subject {
+        // The gateway subject carries no app: state names it in `Tether-App`.
+        Some(Subject::GatewayDown { .. }) => named,
+        // Elsewhere the subject says whose message it is (NATS permissions guard subjects,
+        // not headers): a header naming another app is refused.
+        Some(subject) => match (subject.app(), named) {
+            (Some(app), None) => Some(app),
+            (Some(app), Some(named)) if named == app => Some(app),
+            _ => None,
+        },
+        None => None,
+    };
+    if named.is_some() && app.is_none() && subject.is_some() {
+        metrics.refused("foreign_app");
+    }
+    // Business services may publish on their app's bcast and room subjects: only DOWN
+    // frames reach devices from there (no ERROR, CLOSE, REDIRECT or UP_ACK).
+    let from_app_subject = matches!(
+        subject,
+        Some(Subject::Broadcast { .. } | Subject::Room { .. })
+    );
+    if from_app_subject && !is_down {
+        metrics.refused("frame_type");
+        tracing::warn!(subject = %message.subject, "only DOWN frames may be broadcast, dropped");
+        return;
+    }
     let Some(app) = app else {
         metrics.downlink_invalid.inc();
-        tracing::warn!(subject = %message.subject, "downlink without Tether-App header, dropped");
+        tracing::warn!(subject = %message.subject, "downlink without a valid app (header missing or not the subject's), dropped");
         return;
     };
     let limit = ctx.config.max_queued_frames;
-    let dids: Vec<&str> = message
-        .headers
-        .as_ref()
-        .map(|h| {
-            h.get_all(headers::DID)
-                .flat_map(|v| v.as_str().split(','))
-                .map(str::trim)
-                .filter(|d| !d.is_empty())
-                .collect()
-        })
-        .unwrap_or_default();
-    let is_broadcast = message.subject.ends_with(".bcast");
-    if let Some(session) = room_of(&message.subject) {
-        let room_seq = message.headers.as_ref().map_or(0, subjects::seq_header);
+    let dids = headers::dids(message.headers.as_ref());
+    let is_broadcast = matches!(subject, Some(Subject::Broadcast { .. }));
+    if let Some(Subject::Room { session, .. }) = subject {
+        // Stored by state with its room sequence; anything else on a room subject was not.
+        let room_seq = message.headers.as_ref().map_or(0, headers::seq);
+        if room_seq == 0 {
+            metrics.refused("room_seq");
+            tracing::warn!(subject = %message.subject, "room message without a room sequence, dropped");
+            return;
+        }
         deliver_to_session(ctx, app, session, frame, room_seq, &dids);
         return;
     }
-    let session = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::SESSION))
-        .map(|v| v.as_str())
-        .filter(|s| !s.is_empty());
+    let session =
+        headers::get(message.headers.as_ref(), headers::SESSION).filter(|s| !s.is_empty());
     if let (true, Some(session)) = (is_broadcast, session) {
         deliver_to_session(ctx, app, session, frame, 0, &dids);
         return;
@@ -142,21 +154,6 @@ pub fn deliver(ctx: &GatewayCtx, message: &Message) {
     }
 }
 
-/// The session of a room subject `tether.<app>.room.<session>`.
-fn room_of(subject: &str) -> Option<&str> {
-    let mut tokens = subject.split('.');
-    match (
-        tokens.next(),
-        tokens.next(),
-        tokens.next(),
-        tokens.next(),
-        tokens.next(),
-    ) {
-        (Some(subjects::PREFIX), Some(_), Some("room"), Some(session), None) => Some(session),
-        _ => None,
-    }
-}
-
 /// A session broadcast: one lookup, one queue push per local member.
 fn deliver_to_session(
     ctx: &GatewayCtx,
@@ -181,17 +178,4 @@ fn deliver_to_session(
     metrics.session_deliveries.inc_by(delivered.queued as u64);
     metrics.downlink_delivered.inc_by(delivered.queued as u64);
     metrics.dropped_qos0.inc_by(delivered.dropped as u64);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::room_of;
-
-    #[test]
-    fn room_subjects_name_their_session() {
-        assert_eq!(room_of("tether.demo.room.r-1"), Some("r-1"));
-        assert_eq!(room_of("tether.demo.bcast"), None);
-        assert_eq!(room_of("tether.demo.room.r-1.x"), None);
-        assert_eq!(room_of("other.demo.room.r-1"), None);
-    }
 }

@@ -18,8 +18,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::routing::post;
 use serde_json::{Value, json};
-use tether_nats::discovery::{AdvertisedEndpoints, GatewayHeartbeat, gateway_key};
+use tether_nats::keys;
 use tether_nats::layout::GATEWAYS_BUCKET;
+use tether_schemas::bus::{AdvertisedEndpoints, GatewayHeartbeat};
 use tether_service::Shutdown;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -74,7 +75,7 @@ impl Heartbeat {
     ) -> JoinHandle<()> {
         let endpoints = advertised(&ctx.config, tcp, ws);
         tokio::spawn(async move {
-            let js = async_nats::jetstream::new(ctx.bus.client().clone());
+            let js = async_nats::jetstream::new(ctx.outbound.client().clone());
             let store = loop {
                 match js.get_key_value(GATEWAYS_BUCKET).await {
                     Ok(store) => break store,
@@ -104,7 +105,7 @@ impl Heartbeat {
                     _ = tokio::time::sleep(interval) => {}
                 }
             }
-            match store.delete(gateway_key(&self.id)).await {
+            match store.delete(keys::gateway(&self.id)).await {
                 Ok(()) => tracing::info!(gw = %self.id, "heartbeat record deleted"),
                 Err(error) => {
                     tracing::warn!(gw = %self.id, %error, "cannot delete heartbeat record")
@@ -121,7 +122,7 @@ impl Heartbeat {
                 return;
             }
         };
-        if let Err(error) = store.put(gateway_key(&self.id), json.into()).await {
+        if let Err(error) = store.put(keys::gateway(&self.id), json.into()).await {
             tracing::warn!(gw = %self.id, %error, "heartbeat not written");
         }
     }

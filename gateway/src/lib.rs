@@ -8,7 +8,7 @@
 //! - [`conn`]: one connection — shared part, task-owned state, socket I/O, its task.
 //! - [`registry`]: `(app, did) → connection` and per-app counts.
 //! - [`timers`]: the one timer wheel for login and idle deadlines.
-//! - [`bus`]: what the gateway writes to NATS (uplink, acks, events).
+//! - [`outbound`]: what the gateway writes to NATS (uplink, acks, events).
 //! - [`downlink`]: what it receives from NATS and delivers.
 //! - [`heartbeat`]: live figures into the `tether_gateways` bucket for ipconfig; drain flag.
 //! - [`ws`]: the WebSocket server codec (RFC 6455), pure and allocation-free when idle.
@@ -16,7 +16,6 @@
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod admin;
-pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod context;
@@ -25,6 +24,7 @@ pub mod downlink;
 pub mod heartbeat;
 pub mod listener;
 pub mod metrics;
+pub mod outbound;
 pub mod registry;
 pub mod rooms;
 pub mod server;

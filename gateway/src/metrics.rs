@@ -48,6 +48,10 @@ pub struct GatewayMetrics {
     pub downlink_no_route: Counter,
     /// Malformed downlink messages dropped.
     pub downlink_invalid: Counter,
+    /// Input refused at the trust boundary, by reason: device fields (`login_field`,
+    /// `up_session`) and downlinks a business may not send (`foreign_app`, `frame_type`,
+    /// `room_seq`).
+    pub refused: Family<Label, Counter>,
     /// Uplinks the stream had already (resends, answered from the kept receipt).
     pub uplink_duplicates: Counter,
     /// Session broadcasts received (one per broadcast, however many local members).
@@ -177,6 +181,16 @@ impl GatewayMetrics {
             "malformed downlink messages dropped",
             self.downlink_invalid.clone(),
         );
+        registry.register(
+            "refused",
+            "input refused at the trust boundary, by reason",
+            self.refused.clone(),
+        );
+    }
+
+    /// Counts one refusal at the trust boundary.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&[("reason", reason)]).inc();
     }
 
     /// Counts an error frame sent with `code`.

@@ -56,7 +56,7 @@ pub fn start(ctx: &Arc<GatewayCtx>, recoveries: Vec<Recovery>) {
 /// Replays the room after `recovery.after`; returns the last room sequence sent.
 async fn replay(ctx: &GatewayCtx, recovery: &Recovery) -> Result<u64, String> {
     let stream = ctx
-        .bus
+        .outbound
         .jetstream()
         .get_stream(ROOMS_STREAM)
         .await
@@ -197,7 +197,7 @@ async fn next(stream: &stream::Stream, subject: &str, from: u64) -> Result<Optio
 }
 
 fn stored(message: async_nats::jetstream::message::StreamMessage) -> Stored {
-    let room_seq = subjects::seq_header(&message.headers);
+    let room_seq = tether_nats::headers::seq(&message.headers);
     Stored {
         stream_seq: message.sequence,
         room_seq,

@@ -8,16 +8,16 @@ use std::time::Duration;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tether_auth::TokenVerifier;
 use tether_schemas::ErrorCode;
-use tether_service::{Shutdown, start_nats_role};
+use tether_service::{NatsRoleBuilder, OperationsGuard, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::bus::Bus;
 use crate::config::GatewayConfig;
 use crate::conn::{CloseReason, Transport};
 use crate::context::GatewayCtx;
 use crate::metrics::GatewayMetrics;
+use crate::outbound::Outbound;
 use crate::{control, downlink, listener, tls};
 
 /// Why a gateway could not start.
@@ -95,19 +95,24 @@ pub async fn start(
     let accepting = Shutdown::new();
     let heartbeat = crate::heartbeat::Heartbeat::new(&config);
     let ctx_cell = crate::admin::CtxCell::default();
-    let role = start_nats_role(
-        "gateway",
-        &config.nats_url,
-        config.stream_replicas,
-        config.admin_listen,
-        registry,
-        crate::admin::router(ctx_cell.clone()).merge(crate::heartbeat::router(heartbeat.clone())),
-        internal.clone(),
-    )
-    .await?;
+    let role = NatsRoleBuilder::new("gateway", &config.nats_url)
+        .auth(config.nats.clone())
+        .replicas(config.stream_replicas)
+        .admin(config.admin_listen)
+        .metrics(registry)
+        .routes(
+            // Operations (drain, session lookups) need the admin token, or a loopback
+            // listener; /healthz and /metrics stay open.
+            OperationsGuard::new(Some(&config.admin_token), config.admin_listen).protect(
+                crate::admin::router(ctx_cell.clone())
+                    .merge(crate::heartbeat::router(heartbeat.clone())),
+            ),
+        )
+        .start(internal.clone())
+        .await?;
     let (client, admin) = (role.client, role.admin);
-    let bus = Bus::new(client.clone(), &config.id, metrics.clone());
-    let ctx = Arc::new(GatewayCtx::new(config.clone(), verifier, bus, metrics));
+    let outbound = Outbound::new(client.clone(), &config.id, metrics.clone());
+    let ctx = Arc::new(GatewayCtx::new(config.clone(), verifier, outbound, metrics));
     let _ = ctx_cell.set(ctx.clone());
 
     let tcp = match config.tcp_listen {

@@ -15,9 +15,10 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::{Deserialize, Serialize};
-use tether_auth::{Claims, TokenSigner};
+use serde::Deserialize;
+use tether_auth::{Claims, Right, TokenSigner};
 use tether_schemas::ErrorCode;
+use tether_schemas::bus::{ErrorBody, WireError};
 
 use crate::apps::AppTable;
 use crate::config::IpconfigConfig;
@@ -53,61 +54,16 @@ pub struct EndpointsQuery {
     pub app: Option<String>,
 }
 
-/// One offered gateway.
-#[derive(Debug, Clone, Serialize)]
-pub struct EndpointInfo {
-    /// Gateway id.
-    pub gw: String,
-    /// Its region.
-    pub region: String,
-    /// Raw TCP endpoint `host:port`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tcp: Option<String>,
-    /// WebSocket URL.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ws: Option<String>,
-    /// Its score for this request (higher is better).
-    pub score: f64,
-    /// Present and true only for a draining gateway offered last.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub draining: bool,
-}
-
-/// The answer of `GET /v1/endpoints`.
-#[derive(Debug, Clone, Serialize)]
-pub struct EndpointsAnswer {
-    /// App id (from the credential).
-    pub app: String,
-    /// User id.
-    pub uid: String,
-    /// Device id.
-    pub did: String,
-    /// The region the ranking preferred (empty = none).
-    pub region: String,
-    /// Gateways, best first, at most 8.
-    pub endpoints: Vec<EndpointInfo>,
-    /// Gateway token for LOGIN at any of them.
-    pub token: String,
-    /// The token's expiry, unix seconds.
-    pub token_exp: u64,
-}
+pub use tether_schemas::bus::{EndpointInfo, EndpointsAnswer};
 
 /// An error answer: `{"error":{"code":"bad_token","message":"..."}}` with the code's
 /// HTTP status.
-#[derive(Debug, Clone, Serialize)]
-pub struct ApiError {
-    /// Code name from the shared table.
-    pub code: ErrorCode,
-    /// Lowercase human-readable reason.
-    pub message: String,
-}
+#[derive(Debug, Clone)]
+pub struct ApiError(WireError);
 
 impl ApiError {
     fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            code,
-            message: message.into(),
-        }
+        ApiError(WireError::new(code, message))
     }
 }
 
@@ -119,9 +75,9 @@ impl From<CredentialError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.code.http_status())
+        let status = StatusCode::from_u16(self.0.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = (status, Json(serde_json::json!({ "error": self }))).into_response();
+        let mut response = (status, Json(ErrorBody { error: self.0 })).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
@@ -161,9 +117,9 @@ async fn endpoints(
             state
                 .metrics
                 .errors
-                .get_or_create(&[("code", error.code.as_str())])
+                .get_or_create(&[("code", error.0.code.as_str())])
                 .inc();
-            tracing::debug!(code = %error.code.as_str(), message = %error.message, "endpoint request refused");
+            tracing::debug!(code = %error.0.code.as_str(), message = %error.0.message, "endpoint request refused");
             error.into_response()
         }
     };
@@ -261,13 +217,16 @@ fn answer(
         0 => state.config.token_ttl_secs,
         ttl => ttl,
     };
-    let token_claims = Claims::new(
+    let mut token_claims = Claims::new(
         claims.app.clone(),
         claims.uid.clone(),
         claims.did.clone(),
         now,
         Duration::from_secs(ttl),
     );
+    if app.rooms {
+        token_claims.rights = token_claims.rights.with(Right::Rooms);
+    }
     let token = state.signer.sign(&token_claims).map_err(|error| {
         tracing::error!(%error, "cannot sign a gateway token");
         ApiError::new(ErrorCode::Internal, "cannot sign a token")
@@ -290,7 +249,7 @@ mod tests {
     use crate::credential::{CredentialClaims, sign_hs256};
     use axum::body::Body;
     use axum::http::Request;
-    use tether_nats::discovery::{AdvertisedEndpoints, GatewayHeartbeat};
+    use tether_schemas::bus::{AdvertisedEndpoints, GatewayHeartbeat};
     use tower::ServiceExt as _;
 
     const SECRET: &str = "in-process-secret-01";

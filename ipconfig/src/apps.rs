@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use base64::Engine as _;
@@ -15,7 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::StreamExt;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use tether_nats::discovery::{APP_KEYS, app_key};
+use tether_nats::keys;
 use tether_service::Shutdown;
 
 /// Secrets kept per app: the newest plus older ones still accepted during a rotation.
@@ -37,6 +36,10 @@ pub struct AppRecord {
     pub pool: Option<String>,
     /// Lifetime of this app's gateway tokens in seconds; 0 uses ipconfig's `token_ttl_secs`.
     pub token_ttl_secs: u64,
+    /// Gateway tokens of this app carry the `rooms` right (room cursors at LOGIN resume
+    /// recoverable rooms).
+    #[serde(default)]
+    pub rooms: bool,
     /// When the record was last changed, unix milliseconds.
     pub updated_ms: u64,
 }
@@ -49,6 +52,12 @@ impl AppRecord {
             return Err(format!(
                 "app id {:?} must be 1-64 characters of [A-Za-z0-9_-]",
                 self.id
+            ));
+        }
+        if self.id == tether_nats::subjects::GATEWAY_TOKEN {
+            return Err(format!(
+                "app id {:?} is reserved (gateway subjects are tether.{}.<gw>.…)",
+                self.id, self.id
             ));
         }
         if self.secrets.is_empty() && self.public_keys.is_empty() {
@@ -137,7 +146,7 @@ impl AppAdmin {
         record.validate().map_err(AppError::Invalid)?;
         record.updated_ms = tether_auth::unix_now_ms();
         let json = serde_json::to_vec(&record).map_err(bucket_error)?;
-        match self.store.create(app_key(&record.id), json.into()).await {
+        match self.store.create(keys::app(&record.id), json.into()).await {
             Ok(_) => Ok(record),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 Err(AppError::Exists(record.id))
@@ -162,7 +171,7 @@ impl AppAdmin {
 
     /// One app record.
     pub async fn get(&self, id: &str) -> Result<AppRecord, AppError> {
-        self.read(&app_key(id))
+        self.read(&keys::app(id))
             .await?
             .map(|(record, _)| record)
             .ok_or_else(|| AppError::NotFound(id.to_string()))
@@ -186,7 +195,7 @@ impl AppAdmin {
     /// Returns the new secret. Compare-and-set on the record's revision, so two operators
     /// rotating at once cannot lose a secret silently.
     pub async fn rotate_secret(&self, id: &str, drop_old: bool) -> Result<String, AppError> {
-        let key = app_key(id);
+        let key = keys::app(id);
         let (mut record, revision) = self
             .read(&key)
             .await?
@@ -207,7 +216,7 @@ impl AppAdmin {
 
     /// Deletes an app.
     pub async fn remove(&self, id: &str) -> Result<(), AppError> {
-        let key = app_key(id);
+        let key = keys::app(id);
         if self.read(&key).await?.is_none() {
             return Err(AppError::NotFound(id.to_string()));
         }
@@ -300,35 +309,15 @@ impl AppTable {
                 self.apply(&entry);
             }
         }
+        // The watch replays current values first, so a re-created watch misses nothing.
         let table = self.clone();
-        tokio::spawn(async move {
-            while !shutdown.is_cancelled() {
-                // The watch replays current values first, so a re-created watch misses nothing.
-                let mut watch = match store.watch_with_history(APP_KEYS).await {
-                    Ok(watch) => watch,
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot watch tether_apps, retrying");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        }
-                    }
-                };
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        next = watch.next() => match next {
-                            Some(Ok(entry)) => table.apply(&entry),
-                            Some(Err(error)) => {
-                                tracing::debug!(%error, "tether_apps watch error, re-creating");
-                                break;
-                            }
-                            None => break,
-                        },
-                    }
-                }
-            }
-        });
+        tokio::spawn(tether_nats::serve::watch_kv(
+            store,
+            keys::APPS.to_string(),
+            None,
+            shutdown,
+            move |entry| table.apply(&entry),
+        ));
         Ok(())
     }
 }

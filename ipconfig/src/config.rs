@@ -16,6 +16,10 @@ pub const MAX_ENDPOINTS: usize = 8;
 pub struct IpconfigConfig {
     /// NATS server URL(s), comma separated.
     pub nats_url: String,
+    /// Credentials and TLS of the NATS connection: the `[nats]` table (`creds_file`,
+    /// `nkey_seed_file`, `user`/`password`, `token`, `tls_ca_file`, `tls_cert_file`/
+    /// `tls_key_file`, `inbox_prefix`), also `TETHER_NATS_<FIELD>` for every role.
+    pub nats: tether_nats::NatsAuth,
     /// Admin HTTP listener: `/healthz`, `/metrics`.
     pub admin_listen: SocketAddr,
     /// Public HTTP listener for devices: `GET /v1/endpoints`.
@@ -49,6 +53,7 @@ impl Default for IpconfigConfig {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats: tether_nats::NatsAuth::default(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7420)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7421)),
             stream_replicas: 1,

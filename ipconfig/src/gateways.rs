@@ -11,8 +11,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::kv;
-use futures::StreamExt;
-use tether_nats::discovery::GatewayHeartbeat;
+use tether_schemas::bus::GatewayHeartbeat;
 use tether_service::Shutdown;
 
 /// A heartbeat and when it was stored.
@@ -99,33 +98,14 @@ impl GatewayTable {
     /// stall after a reconnect, FIELD-NOTES), which costs nothing when it was just idle.
     pub fn follow(&self, store: kv::Store, shutdown: Shutdown) {
         let table = self.clone();
-        tokio::spawn(async move {
-            while !shutdown.is_cancelled() {
-                let mut watch = match store.watch_with_history(">").await {
-                    Ok(watch) => watch,
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot watch tether_gateways, retrying");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        }
-                    }
-                };
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        next = tokio::time::timeout(table.stale_after, watch.next()) => match next {
-                            Ok(Some(Ok(entry))) => table.apply(&entry),
-                            Ok(Some(Err(error))) => {
-                                tracing::debug!(%error, "tether_gateways watch error, re-creating");
-                                break;
-                            }
-                            Ok(None) | Err(_) => break,
-                        },
-                    }
-                }
-            }
-        });
+        let stale_after = Some(self.stale_after);
+        tokio::spawn(tether_nats::serve::watch_kv(
+            store,
+            ">".to_string(),
+            stale_after,
+            shutdown,
+            move |entry| table.apply(&entry),
+        ));
     }
 }
 

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tether_auth::TokenSigner;
-use tether_service::{NatsRole, RoleError, Shutdown, start_nats_role};
+use tether_service::{NatsRole, NatsRoleBuilder, RoleError, Shutdown};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -92,16 +92,13 @@ pub async fn start(
     let metrics = metrics::IpconfigMetrics::default();
     let mut registry = Registry::with_prefix("tether_ipconfig");
     metrics.register(&mut registry);
-    let role = start_nats_role(
-        "ipconfig",
-        &config.nats_url,
-        config.stream_replicas,
-        config.admin_listen,
-        registry,
-        axum::Router::new(),
-        shutdown.clone(),
-    )
-    .await?;
+    let role = NatsRoleBuilder::new("ipconfig", &config.nats_url)
+        .auth(config.nats.clone())
+        .replicas(config.stream_replicas)
+        .admin(config.admin_listen)
+        .metrics(registry)
+        .start(shutdown.clone())
+        .await?;
 
     let js = async_nats::jetstream::new(role.client.clone());
     let bucket = |name: &'static str| {

@@ -27,7 +27,7 @@
 
 use rand::Rng;
 use rand::seq::SliceRandom;
-use tether_nats::discovery::GatewayHeartbeat;
+use tether_schemas::bus::GatewayHeartbeat;
 
 /// Weight of free capacity in the score.
 pub const FREE_WEIGHT: f64 = 0.7;
@@ -137,7 +137,7 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::StdRng;
     use std::collections::HashMap;
-    use tether_nats::discovery::AdvertisedEndpoints;
+    use tether_schemas::bus::AdvertisedEndpoints;
 
     fn gw(id: &str, connections: u64, capacity: u64) -> GatewayHeartbeat {
         GatewayHeartbeat {

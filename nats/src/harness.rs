@@ -8,14 +8,31 @@
 //! let single = tether_nats::harness::single().unwrap();
 //! let url = single.client_url();
 //! ```
+//!
+//! [`single_with_accounts`] starts a node that requires authentication, with the users and
+//! permissions of a multi-tenant deployment: the roles' user and one business user per app
+//! confined to its app's subjects.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), tether_nats::BusError> {
+//! use tether_nats::harness;
+//! let node = harness::single_with_accounts(&["chat", "live"])?;
+//! let roles = tether_nats::connect_with(&node.client_url(), "state", &node.system_auth()).await?;
+//! let chat = node.business_auth("chat").expect("a user per app");
+//! let business = tether_nats::connect_with(&node.client_url(), "chat", &chat).await?;
+//! # Ok(()) }
+//! ```
 
 use std::path::Path;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::connect::BusError;
-use crate::server::{ClusterSpec, NatsServer, ServerSpec, free_port, locate_binary};
+use crate::connect::{BusError, NatsAuth};
+use crate::server::{
+    AccountSpec, ClusterSpec, NatsServer, ServerSpec, UserSpec, free_port, locate_binary,
+};
+use crate::subjects;
 
 const HOST: &str = "127.0.0.1";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -32,6 +49,32 @@ impl Single {
     /// Client URL of the node.
     pub fn client_url(&self) -> String {
         self.server.client_url()
+    }
+
+    /// How the Tether roles connect: the [`SYSTEM_USER`] on a node of
+    /// [`single_with_accounts`], anonymous (empty) on a plain node.
+    pub fn system_auth(&self) -> NatsAuth {
+        self.user_auth(SYSTEM_USER).unwrap_or_default()
+    }
+
+    /// How the business services of `app` connect (user [`business_user`]`(app)`, with
+    /// its own inbox prefix); `None` on a plain node or for an app the node was not
+    /// started with.
+    pub fn business_auth(&self, app: &str) -> Option<NatsAuth> {
+        self.user_auth(&business_user(app))
+    }
+
+    /// The account and its users, on a node of [`single_with_accounts`].
+    pub fn account(&self) -> Option<&AccountSpec> {
+        self.server.spec().account.as_ref()
+    }
+
+    fn user_auth(&self, name: &str) -> Option<NatsAuth> {
+        let user = self.account()?.users.iter().find(|u| u.user == name)?;
+        Some(NatsAuth {
+            inbox_prefix: (name != SYSTEM_USER).then(|| business_inbox_prefix(name)),
+            ..NatsAuth::user_password(&user.user, &user.password)
+        })
     }
 }
 
@@ -55,6 +98,108 @@ pub fn single() -> Result<Single, BusError> {
         );
         let server = NatsServer::start(spec, &binary, READY_TIMEOUT)?;
         eprintln!("harness: single node ready at {}", server.client_url());
+        Ok(Single { server, _dir: dir })
+    })
+}
+
+/// The account of [`single_with_accounts`].
+pub const ACCOUNT: &str = "TETHER";
+
+/// The user the Tether roles (gateway, state, ipconfig, ops) connect as on a node of
+/// [`single_with_accounts`].
+pub const SYSTEM_USER: &str = "tether";
+
+/// The user of `app`'s business services on a node of [`single_with_accounts`].
+pub fn business_user(app: &str) -> String {
+    format!("biz-{app}")
+}
+
+/// The inbox prefix of a business user: its replies arrive under `<prefix>.>`, the only
+/// inbox subjects it may subscribe to.
+fn business_inbox_prefix(user: &str) -> String {
+    format!("_INBOX.{user}")
+}
+
+/// The users and permissions of a multi-tenant deployment, for `apps`:
+///
+/// - [`SYSTEM_USER`] (`tether`): publish and subscribe `tether.>`, `$JS.>` (JetStream API,
+///   acks, flow control), `$KV.>` and `_INBOX.>`.
+/// - [`business_user`]`(app)` (`biz-<app>`) for each app: publish and subscribe
+///   `tether.<app>.>` and its own inbox `_INBOX.biz-<app>.>` only, plus one reply to each
+///   request it receives (`allow_responses`) (PROTOCOL.md section 11: it
+///   serves `tether.<app>.biz.up` in a queue group, reads `tether.<app>.presence`, requests
+///   `tether.<app>.push` and `tether.<app>.session`).
+///
+/// Passwords are random per call. Fails for an app id that is not a valid id or is `gw`
+/// (its permission `tether.gw.>` would cover every gateway's downlink and control).
+pub fn tenancy_account(apps: &[&str]) -> Result<AccountSpec, BusError> {
+    let every = |names: &[&str]| names.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+    let tether_all = format!("{}.>", subjects::PREFIX);
+    let system = every(&[&tether_all, "$JS.>", "$KV.>", "_INBOX.>"]);
+    let mut users = vec![UserSpec {
+        user: SYSTEM_USER.into(),
+        password: random_password(),
+        publish: system.clone(),
+        subscribe: system,
+        allow_responses: false,
+    }];
+    for app in apps {
+        if !tether_schemas::bus::valid_id(app) || *app == "gw" {
+            return Err(BusError::Server(format!(
+                "app {app:?} cannot have a business user (not a valid id, or reserved)"
+            )));
+        }
+        let user = business_user(app);
+        let own = vec![
+            subjects::app_all(app),
+            format!("{}.>", business_inbox_prefix(&user)),
+        ];
+        users.push(UserSpec {
+            subscribe: own.clone(),
+            publish: own,
+            allow_responses: true,
+            password: random_password(),
+            user,
+        });
+    }
+    Ok(AccountSpec {
+        name: ACCOUNT.into(),
+        users,
+    })
+}
+
+fn random_password() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let state = std::collections::hash_map::RandomState::new();
+    let mut first = state.build_hasher();
+    first.write_u8(1);
+    let mut second = state.build_hasher();
+    second.write_u8(2);
+    format!("{:016x}{:016x}", first.finish(), second.finish())
+}
+
+/// Starts a single JetStream node that requires authentication, with the account of
+/// [`tenancy_account`]`(apps)`: connect the roles with [`Single::system_auth`] and each
+/// app's business services with [`Single::business_auth`]. Anonymous clients are refused.
+pub fn single_with_accounts(apps: &[&str]) -> Result<Single, BusError> {
+    let binary = locate_binary()?;
+    let account = tenancy_account(apps)?;
+    retry(|| {
+        let dir = temp_dir()?;
+        let mut spec = ServerSpec::single(
+            "single",
+            HOST,
+            free_port(HOST)?,
+            free_port(HOST)?,
+            dir.path().join("single"),
+        );
+        spec.account = Some(account.clone());
+        let server = NatsServer::start(spec, &binary, READY_TIMEOUT)?;
+        eprintln!(
+            "harness: single node with accounts ({} users) ready at {}",
+            account.users.len(),
+            server.client_url()
+        );
         Ok(Single { server, _dir: dir })
     })
 }

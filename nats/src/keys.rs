@@ -58,3 +58,31 @@ pub fn session_settings(app: &str, session: &str) -> String {
 
 /// Every session's settings (for a watch): `s.>`.
 pub const SESSION_SETTINGS: &str = "s.>";
+
+/// A gateway's heartbeat key in `tether_gateways`: the gateway id itself.
+pub fn gateway(id: &str) -> String {
+    id.to_string()
+}
+
+/// An app's record key in `tether_apps`: `app.<app>` (JSON app record, see ipconfig).
+pub fn app(app: &str) -> String {
+    format!("app.{app}")
+}
+
+/// Every app record (for a watch): `app.>`.
+pub const APPS: &str = "app.>";
+
+/// Prefix of a live state instance's key in the lease bucket (`member.<instance>`).
+pub const LEASE_MEMBER_PREFIX: &str = "member.";
+/// Prefix of a partition's lease key in the lease bucket (`part.<partition>`).
+pub const LEASE_PARTITION_PREFIX: &str = "part.";
+
+/// A state instance's membership key in the lease bucket: `member.<instance>`.
+pub fn lease_member(instance: &str) -> String {
+    format!("{LEASE_MEMBER_PREFIX}{instance}")
+}
+
+/// A partition's lease key: `part.<partition>`.
+pub fn lease_partition(partition: u16) -> String {
+    format!("{LEASE_PARTITION_PREFIX}{partition}")
+}

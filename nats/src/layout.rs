@@ -5,12 +5,13 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, kv, stream};
 
 use crate::connect::BusError;
-use crate::subjects::PREFIX;
+use crate::subjects;
 
-/// Stream of uplink frames (`tether.*.up.*.*`), de-duplicated by `did:client_msg_id`.
+/// Stream of uplink frames (`tether.*.up.*.*`), de-duplicated by `app:did:client_msg_id`.
 pub const UPLINK_STREAM: &str = "TETHER_UPLINK";
 /// The event log (`tether.*.evt.>`): connects, disconnects, session changes.
 pub const EVENTS_STREAM: &str = "TETHER_EVENTS";
@@ -30,6 +31,82 @@ pub const SESSIONS_BUCKET: &str = "tether_sessions";
 pub const RECEIPTS_BUCKET: &str = "tether_receipts";
 /// KV bucket: app configuration and secrets.
 pub const APPS_BUCKET: &str = "tether_apps";
+/// KV bucket: state partition leases (`member.<instance>`, `part.<partition>`), each
+/// expiring after the lease TTL unless renewed.
+pub const LEASES_BUCKET: &str = "tether_leases";
+
+/// The lease bucket with `ttl` and `replicas` (state creates or updates it at start: the
+/// TTL is state's setting).
+pub fn leases_bucket(name: &str, ttl: Duration, replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket: name.to_string(),
+        description: "tether state partition leases".into(),
+        history: 1,
+        max_age: ttl,
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+/// Deliveries of one message to a partition consumer before JetStream gives up on it.
+pub const MAX_DELIVER: i64 = 20;
+
+/// The durable consumers of one state partition: which stream each reads, with which
+/// filter. Every state instance uses the same names, so the owner of a partition resumes
+/// where the previous owner stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionConsumer {
+    /// Connection and session events of the partition (`state-evt-<p>`).
+    Events,
+    /// Uplink frames of the partition (`state-up-<p>`).
+    Uplinks,
+    /// New QoS1 inbox messages of the partition (`state-inbox-<p>`).
+    Inbox,
+}
+
+impl PartitionConsumer {
+    /// The stream it reads.
+    pub fn stream(self) -> &'static str {
+        match self {
+            PartitionConsumer::Events => EVENTS_STREAM,
+            PartitionConsumer::Uplinks => UPLINK_STREAM,
+            PartitionConsumer::Inbox => INBOX_STREAM,
+        }
+    }
+
+    /// Its durable name for `partition`.
+    pub fn name(self, partition: u16) -> String {
+        let kind = match self {
+            PartitionConsumer::Events => "evt",
+            PartitionConsumer::Uplinks => "up",
+            PartitionConsumer::Inbox => "inbox",
+        };
+        format!("state-{kind}-{partition}")
+    }
+
+    /// Its definition for `partition`: explicit acks, everything from the start,
+    /// redelivery after `ack_wait`.
+    pub fn config(self, partition: u16, ack_wait: Duration) -> pull::Config {
+        let filter_subject = match self {
+            PartitionConsumer::Events => subjects::events_partition(partition),
+            PartitionConsumer::Uplinks => subjects::uplink_partition(partition),
+            PartitionConsumer::Inbox => subjects::inbox_partition(partition),
+        };
+        let name = self.name(partition);
+        pull::Config {
+            durable_name: Some(name),
+            filter_subject,
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ack_wait,
+            max_ack_pending: 10_000,
+            // A message that keeps failing (a crash while processing it) is given up after
+            // this many deliveries instead of blocking the partition forever.
+            max_deliver: MAX_DELIVER,
+            ..Default::default()
+        }
+    }
+}
 
 /// Settings of the streams and buckets; defaults suit a single local node.
 #[derive(Debug, Clone)]
@@ -85,9 +162,9 @@ impl BusLayout {
             stream::Config {
                 name: UPLINK_STREAM.into(),
                 description: Some(
-                    "uplink frames from gateways, deduplicated by did:client_msg_id".into(),
+                    "uplink frames from gateways, deduplicated by app:did:client_msg_id".into(),
                 ),
-                subjects: vec![format!("{PREFIX}.*.up.*.*")],
+                subjects: vec![subjects::uplink_stream()],
                 max_age: self.uplink_max_age,
                 duplicate_window: self.uplink_duplicate_window,
                 ..base.clone()
@@ -95,7 +172,7 @@ impl BusLayout {
             stream::Config {
                 name: EVENTS_STREAM.into(),
                 description: Some("connection and session events (the event log)".into()),
-                subjects: vec![format!("{PREFIX}.*.evt.>")],
+                subjects: vec![subjects::events_stream()],
                 max_age: self.events_max_age,
                 duplicate_window: Duration::from_secs(120),
                 ..base.clone()
@@ -103,7 +180,7 @@ impl BusLayout {
             stream::Config {
                 name: INBOX_STREAM.into(),
                 description: Some("per-device QoS1 inboxes".into()),
-                subjects: vec![format!("{PREFIX}.*.inbox.*.*")],
+                subjects: vec![subjects::inbox_stream()],
                 max_age: self.inbox_max_age,
                 max_messages_per_subject: self.inbox_max_per_device,
                 duplicate_window: Duration::from_secs(120),
@@ -112,7 +189,7 @@ impl BusLayout {
             stream::Config {
                 name: ROOMS_STREAM.into(),
                 description: Some("recoverable room broadcasts".into()),
-                subjects: vec![format!("{PREFIX}.*.room.*")],
+                subjects: vec![subjects::rooms_stream()],
                 max_age: self.rooms_max_age,
                 max_messages_per_subject: self.rooms_max_per_room,
                 duplicate_window: Duration::from_secs(120),

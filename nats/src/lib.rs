@@ -1,23 +1,28 @@
 //! The bus crate: everything Tether knows about NATS lives here.
 //!
 //! Layout:
-//! - [`subjects`]: every subject name and header name (no subject literals elsewhere).
+//! - [`subjects`]: every subject name, wildcard and the one parser, [`subjects::Subject`]
+//!   (no subject literals elsewhere).
+//! - [`headers`]: every header name and typed header access.
 //! - [`keys`]: key names in the KV buckets.
-//! - [`layout`]: JetStream streams and KV buckets with their settings, created idempotently.
-//! - [`discovery`]: the gateway heartbeat record that ipconfig ranks gateways by.
-//! - [`connect`]: how services connect (names, reconnect logging, timeouts).
+//! - [`layout`]: JetStream streams, KV buckets and durable consumers with their settings,
+//!   created idempotently.
+//! - [`serve`]: the shared loops: serve a subscription, watch a KV bucket, until shutdown.
+//! - [`connect`]: how services connect (names, reconnect logging, timeouts, credentials and
+//!   TLS in [`NatsAuth`]).
 //! - [`server`]: running a real `nats-server` process (locating the pinned binary, config,
 //!   readiness, stop/restart); used by `tether up` and by the test harness.
 //! - [`harness`]: test topologies on free loopback ports — a single JetStream node, a
 //!   3-node cluster, a hub with two leaf-node regions (each its own JetStream domain).
 
 pub mod connect;
-pub mod discovery;
 pub mod harness;
+pub mod headers;
 pub mod keys;
 pub mod layout;
+pub mod serve;
 pub mod server;
 pub mod subjects;
 
-pub use connect::{BusError, connect, sync_with_server};
+pub use connect::{BusError, NatsAuth, connect, connect_with, sync_with_server};
 pub use layout::{BusLayout, apply_layout, ensure_layout};

@@ -3,10 +3,16 @@
 //! The app id comes right after the prefix so that one NATS permission (`tether.<app>.>`)
 //! confines a business service to its own app. Identifiers placed in subjects (app, did,
 //! gateway id, session) are restricted to `[A-Za-z0-9_-]` by the token rules, so they are
-//! always single, literal subject tokens.
+//! always single, literal subject tokens. [`Subject::parse`] is the one parser: every
+//! consumer takes the app, partition and did of a message from its subject through it.
+
+use tether_schemas::bus::valid_id;
 
 /// Prefix of every Tether subject.
 pub const PREFIX: &str = "tether";
+
+/// The second token of gateway subjects (`tether.gw.<gw>.…`): never an app id.
+pub const GATEWAY_TOKEN: &str = "gw";
 
 /// Number of partitions that device-keyed work is split into. Each partition is owned by
 /// one state instance at a time. Fixed: changing it re-homes every device.
@@ -46,6 +52,11 @@ pub fn session_events(app: &str, did: &str) -> String {
     format!("{PREFIX}.{app}.evt.sess.{}", partition(did))
 }
 
+/// Connection events of one app, every partition: `tether.<app>.evt.conn.*`.
+pub fn conn_events_all(app: &str) -> String {
+    format!("{PREFIX}.{app}.evt.conn.*")
+}
+
 /// Events of one partition, every app and kind: `tether.*.evt.*.<partition>`.
 pub fn events_partition(partition: u16) -> String {
     format!("{PREFIX}.*.evt.*.{partition}")
@@ -80,6 +91,11 @@ pub fn room_all() -> String {
 /// Downlink for one gateway: `tether.gw.<gw>.down` (core NATS).
 pub fn gateway_down(gw: &str) -> String {
     format!("{PREFIX}.gw.{gw}.down")
+}
+
+/// Downlinks of every gateway (for monitoring and tests): `tether.gw.*.down`.
+pub fn gateway_down_all() -> String {
+    format!("{PREFIX}.gw.*.down")
 }
 
 /// Control messages for one gateway: `tether.gw.<gw>.ctl` (core NATS).
@@ -117,43 +133,207 @@ pub fn presence(app: &str) -> String {
     format!("{PREFIX}.{app}.presence")
 }
 
+/// QoS1 inboxes of one partition, every app: `tether.*.inbox.<partition>.*`.
+pub fn inbox_partition(partition: u16) -> String {
+    format!("{PREFIX}.*.inbox.{partition}.*")
+}
+
+/// Business pushes of every app (state serves them): `tether.*.push`.
+pub fn push_all() -> String {
+    format!("{PREFIX}.*.push")
+}
+
+/// Session requests of every app (state serves them): `tether.*.session`.
+pub fn session_all() -> String {
+    format!("{PREFIX}.*.session")
+}
+
+/// Every subject of one app (the NATS permission of its business services):
+/// `tether.<app>.>`.
+pub fn app_all(app: &str) -> String {
+    format!("{PREFIX}.{app}.>")
+}
+
+/// Subjects of the uplink stream: `tether.*.up.*.*`.
+pub fn uplink_stream() -> String {
+    format!("{PREFIX}.*.up.*.*")
+}
+
+/// Subjects of the event log: `tether.*.evt.>`.
+pub fn events_stream() -> String {
+    format!("{PREFIX}.*.evt.>")
+}
+
+/// Subjects of the inbox stream: `tether.*.inbox.*.*`.
+pub fn inbox_stream() -> String {
+    format!("{PREFIX}.*.inbox.*.*")
+}
+
+/// Subjects of the room stream: `tether.*.room.*`.
+pub fn rooms_stream() -> String {
+    room_all()
+}
+
+/// A Tether subject, parsed: the identities it carries, each a valid id token, and for
+/// device subjects a partition that matches the did. Identity comes from the subject
+/// (NATS permissions guard subjects, not headers or payloads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject<'a> {
+    /// `tether.<app>.up.<p>.<did>`: an uplink frame.
+    Uplink {
+        /// App id.
+        app: &'a str,
+        /// Device id.
+        did: &'a str,
+    },
+    /// `tether.<app>.evt.conn.<p>`: connection events of a partition.
+    ConnEvents {
+        /// App id.
+        app: &'a str,
+        /// Partition.
+        partition: u16,
+    },
+    /// `tether.<app>.evt.sess.<p>`: session events of a partition.
+    SessionEvents {
+        /// App id.
+        app: &'a str,
+        /// Partition.
+        partition: u16,
+    },
+    /// `tether.<app>.inbox.<p>.<did>`: a QoS1 message of one device.
+    Inbox {
+        /// App id.
+        app: &'a str,
+        /// Device id.
+        did: &'a str,
+    },
+    /// `tether.<app>.ack.<p>.<did>`: a device's DOWN_ACK.
+    Ack {
+        /// App id.
+        app: &'a str,
+        /// Device id.
+        did: &'a str,
+    },
+    /// `tether.<app>.room.<session>`: a recoverable room broadcast.
+    Room {
+        /// App id.
+        app: &'a str,
+        /// Session (room) id.
+        session: &'a str,
+    },
+    /// `tether.<app>.bcast`: a broadcast to every gateway.
+    Broadcast {
+        /// App id.
+        app: &'a str,
+    },
+    /// `tether.<app>.biz.up`: an uplink request to business services.
+    BusinessUp {
+        /// App id.
+        app: &'a str,
+    },
+    /// `tether.<app>.push`: a business push.
+    Push {
+        /// App id.
+        app: &'a str,
+    },
+    /// `tether.<app>.session`: a session request.
+    Session {
+        /// App id.
+        app: &'a str,
+    },
+    /// `tether.<app>.presence`: presence and membership events.
+    Presence {
+        /// App id.
+        app: &'a str,
+    },
+    /// `tether.gw.<gw>.down`: downlink frames for one gateway.
+    GatewayDown {
+        /// Gateway id.
+        gw: &'a str,
+    },
+    /// `tether.gw.<gw>.ctl`: control messages for one gateway.
+    GatewayCtl {
+        /// Gateway id.
+        gw: &'a str,
+    },
+}
+
+impl<'a> Subject<'a> {
+    /// Parses `subject`; `None` when it is not a Tether subject, an id token breaks the id
+    /// rule, or a device subject's partition does not match its did.
+    pub fn parse(subject: &'a str) -> Option<Subject<'a>> {
+        let mut tokens = subject.split('.');
+        if tokens.next()? != PREFIX {
+            return None;
+        }
+        let owner = tokens.next().filter(|t| valid_id(t))?;
+        let rest: Vec<&'a str> = tokens.collect();
+        let device = |p: &str, did: &'a str| -> Option<&'a str> {
+            (valid_id(did) && p.parse::<u16>().ok()? == partition(did)).then_some(did)
+        };
+        let part = |p: &str| p.parse::<u16>().ok().filter(|p| *p < PARTITIONS);
+        if owner == GATEWAY_TOKEN {
+            return match rest.as_slice() {
+                [gw, "down"] if valid_id(gw) => Some(Subject::GatewayDown { gw }),
+                [gw, "ctl"] if valid_id(gw) => Some(Subject::GatewayCtl { gw }),
+                _ => None,
+            };
+        }
+        let app = owner;
+        Some(match rest.as_slice() {
+            ["up", p, did] => Subject::Uplink {
+                app,
+                did: device(p, did)?,
+            },
+            ["evt", "conn", p] => Subject::ConnEvents {
+                app,
+                partition: part(p)?,
+            },
+            ["evt", "sess", p] => Subject::SessionEvents {
+                app,
+                partition: part(p)?,
+            },
+            ["inbox", p, did] => Subject::Inbox {
+                app,
+                did: device(p, did)?,
+            },
+            ["ack", p, did] => Subject::Ack {
+                app,
+                did: device(p, did)?,
+            },
+            ["room", session] if valid_id(session) => Subject::Room { app, session },
+            ["bcast"] => Subject::Broadcast { app },
+            ["biz", "up"] => Subject::BusinessUp { app },
+            ["push"] => Subject::Push { app },
+            ["session"] => Subject::Session { app },
+            ["presence"] => Subject::Presence { app },
+            _ => return None,
+        })
+    }
+
+    /// The app the subject belongs to (`None` for gateway subjects).
+    pub fn app(&self) -> Option<&'a str> {
+        match *self {
+            Subject::Uplink { app, .. }
+            | Subject::ConnEvents { app, .. }
+            | Subject::SessionEvents { app, .. }
+            | Subject::Inbox { app, .. }
+            | Subject::Ack { app, .. }
+            | Subject::Room { app, .. }
+            | Subject::Broadcast { app }
+            | Subject::BusinessUp { app }
+            | Subject::Push { app }
+            | Subject::Session { app }
+            | Subject::Presence { app } => Some(app),
+            Subject::GatewayDown { .. } | Subject::GatewayCtl { .. } => None,
+        }
+    }
+}
+
 /// The app id of a subject `tether.<app>.…`, if it has one.
 pub fn app_of(subject: &str) -> Option<&str> {
     let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
     rest.split('.').next().filter(|app| !app.is_empty())
-}
-
-/// The `Tether-Seq` header of an inbox or room message (0 when missing or malformed).
-pub fn seq_header(map: &async_nats::HeaderMap) -> u64 {
-    map.get(headers::SEQ)
-        .and_then(|v| v.as_str().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Names of the NATS headers Tether sets on data-plane messages.
-pub mod headers {
-    /// JetStream de-duplication id (`<did>:<client_msg_id>` on uplinks).
-    pub const MSG_ID: &str = "Nats-Msg-Id";
-    /// App id.
-    pub const APP: &str = "Tether-App";
-    /// User id.
-    pub const UID: &str = "Tether-Uid";
-    /// Device id; on downlinks, one header value per addressed device (or a comma list).
-    pub const DID: &str = "Tether-Did";
-    /// Gateway id.
-    pub const GATEWAY: &str = "Tether-Gw";
-    /// Connection id (unique 64-bit id, decimal).
-    pub const CONN: &str = "Tether-Conn";
-    /// Session id.
-    pub const SESSION: &str = "Tether-Session";
-    /// The client's message id of an uplink (decimal), on business requests.
-    pub const MSG_ID_CLIENT: &str = "Tether-Msg-Id";
-    /// Quality of service of a push: `0` or `1`.
-    pub const QOS: &str = "Tether-Qos";
-    /// Per-device sequence of an inbox message (decimal).
-    pub const SEQ: &str = "Tether-Seq";
-    /// Prefix of push metadata headers (`Tether-Meta-<name>`).
-    pub const META_PREFIX: &str = "Tether-Meta-";
 }
 
 #[cfg(test)]
@@ -170,6 +350,94 @@ mod tests {
         assert_eq!(app_of(&uplink("chat", "d1")), Some("chat"));
         assert_eq!(app_of("other.chat.up"), None);
         assert_eq!(app_of("tether."), None);
+    }
+
+    #[test]
+    fn every_builder_parses_back() {
+        let did = "phone-1";
+        let p = partition(did);
+        assert_eq!(
+            Subject::parse(&uplink("chat", did)),
+            Some(Subject::Uplink { app: "chat", did })
+        );
+        assert_eq!(
+            Subject::parse(&inbox("chat", did)),
+            Some(Subject::Inbox { app: "chat", did })
+        );
+        assert_eq!(
+            Subject::parse(&ack("chat", did)),
+            Some(Subject::Ack { app: "chat", did })
+        );
+        assert_eq!(
+            Subject::parse(&conn_events("chat", did)),
+            Some(Subject::ConnEvents {
+                app: "chat",
+                partition: p
+            })
+        );
+        assert_eq!(
+            Subject::parse(&session_events("chat", did)),
+            Some(Subject::SessionEvents {
+                app: "chat",
+                partition: p
+            })
+        );
+        assert_eq!(
+            Subject::parse(&room("chat", "r-1")),
+            Some(Subject::Room {
+                app: "chat",
+                session: "r-1"
+            })
+        );
+        assert_eq!(
+            Subject::parse(&broadcast("chat")),
+            Some(Subject::Broadcast { app: "chat" })
+        );
+        assert_eq!(
+            Subject::parse(&business_up("chat")),
+            Some(Subject::BusinessUp { app: "chat" })
+        );
+        assert_eq!(
+            Subject::parse(&push("chat")),
+            Some(Subject::Push { app: "chat" })
+        );
+        assert_eq!(
+            Subject::parse(&session("chat")),
+            Some(Subject::Session { app: "chat" })
+        );
+        assert_eq!(
+            Subject::parse(&presence("chat")),
+            Some(Subject::Presence { app: "chat" })
+        );
+        assert_eq!(
+            Subject::parse(&gateway_down("gw1")),
+            Some(Subject::GatewayDown { gw: "gw1" })
+        );
+        assert_eq!(
+            Subject::parse(&gateway_ctl("gw1")),
+            Some(Subject::GatewayCtl { gw: "gw1" })
+        );
+        assert_eq!(
+            Subject::parse(&push("chat")).and_then(|s| s.app()),
+            Some("chat")
+        );
+    }
+
+    #[test]
+    fn foreign_and_forged_subjects_do_not_parse() {
+        let wrong_partition = format!("tether.chat.up.{}.d1", (partition("d1") + 1) % PARTITIONS);
+        for subject in [
+            "other.chat.push",
+            "tether.chat.push.x",
+            "tether.chat.room.a.b",
+            "tether.chat.evt.conn.99",
+            "tether.chat.evt.other.1",
+            "tether.*.push",
+            "tether.gw.gw1.other",
+            wrong_partition.as_str(),
+        ] {
+            assert_eq!(Subject::parse(subject), None, "{subject}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tether_service::{NatsRole, RoleError, Shutdown, start_nats_role};
+use tether_service::{NatsRole, NatsRoleBuilder, RoleError, Shutdown};
 
 /// Configuration of `tether ops` (TOML file, `TETHER_OPS_<FIELD>`, flags).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -15,6 +15,10 @@ use tether_service::{NatsRole, RoleError, Shutdown, start_nats_role};
 pub struct OpsConfig {
     /// NATS server URL(s), comma separated.
     pub nats_url: String,
+    /// Credentials and TLS of the NATS connection: the `[nats]` table (`creds_file`,
+    /// `nkey_seed_file`, `user`/`password`, `token`, `tls_ca_file`, `tls_cert_file`/
+    /// `tls_key_file`, `inbox_prefix`), also `TETHER_NATS_<FIELD>` for every role.
+    pub nats: tether_service::NatsAuth,
     /// Admin HTTP listener: `/healthz`, `/metrics`.
     pub admin_listen: SocketAddr,
     /// Replicas of the streams and buckets created if missing (3 on a cluster).
@@ -25,6 +29,7 @@ impl Default for OpsConfig {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats: tether_service::NatsAuth::default(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7430)),
             stream_replicas: 1,
         }
@@ -50,16 +55,13 @@ impl RunningOps {
 /// Starts the role; it stops when `shutdown` fires.
 pub async fn start(config: OpsConfig, shutdown: Shutdown) -> Result<RunningOps, RoleError> {
     let registry = Registry::with_prefix("tether_ops");
-    let role = start_nats_role(
-        "ops",
-        &config.nats_url,
-        config.stream_replicas,
-        config.admin_listen,
-        registry,
-        axum::Router::new(),
-        shutdown,
-    )
-    .await?;
+    let role = NatsRoleBuilder::new("ops", &config.nats_url)
+        .auth(config.nats.clone())
+        .replicas(config.stream_replicas)
+        .admin(config.admin_listen)
+        .metrics(registry)
+        .start(shutdown)
+        .await?;
     tracing::info!(admin = %role.admin.addr, "ops started");
     Ok(RunningOps {
         admin_addr: role.admin.addr,

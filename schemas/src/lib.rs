@@ -15,6 +15,8 @@
 //! - [`codes`]: [`ErrorCode`], the one code enum shared by ERROR frames, UP_ACK, HTTP
 //!   answers and business replies.
 //! - [`error`]: [`FrameError`], why bytes are not a valid frame.
+//! - [`bus`]: the bus contract: every JSON message that crosses a process over NATS
+//!   (events, gateway control, business API, discovery, the error body, the id rule).
 //!
 //! # Example
 //!
@@ -31,6 +33,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bus;
 pub mod codes;
 pub mod error;
 pub mod frame;

@@ -33,3 +33,9 @@ pub const DEFAULT_HEARTBEAT_JITTER_SECS: u64 = 30;
 /// Seconds without any frame from the client after which the server closes the connection
 /// (two heartbeats plus jitter, so one lost PING is tolerated).
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 660;
+
+/// Most room cursors one LOGIN may carry.
+pub const MAX_ROOM_CURSORS: usize = 256;
+
+/// Longest `Login.sdk` string, in bytes (printable ASCII only).
+pub const MAX_SDK_LEN: usize = 64;

@@ -1,5 +1,6 @@
 //! Configuration loading: defaults < TOML file < environment < flags.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use figment::Figment;
@@ -24,9 +25,11 @@ pub enum ConfigError {
 /// Loads a role's configuration.
 ///
 /// Precedence, lowest first: `T::default()`; the TOML `file` if given (it must exist);
-/// environment variables `TETHER_NATS_URL` (shared by every role, as field `nats_url`) and
-/// `<env_prefix><FIELD>` (e.g. `TETHER_GATEWAY_TCP_LISTEN`; nested fields use `__`);
-/// then `flags`, whose `None` fields are skipped.
+/// environment variables shared by every role, `TETHER_NATS_URL` (field `nats_url`) and
+/// the NATS credentials of [`tether_nats::NatsAuth::ENV`] (`TETHER_NATS_CREDS_FILE`, …,
+/// fields of the `[nats]` table); `<env_prefix><FIELD>` (e.g.
+/// `TETHER_GATEWAY_TCP_LISTEN`; nested fields use `__`, e.g.
+/// `TETHER_GATEWAY_NATS__CREDS_FILE`); then `flags`, whose `None` fields are skipped.
 pub fn load_config<T, F>(file: Option<&Path>, env_prefix: &str, flags: &F) -> Result<T, ConfigError>
 where
     T: DeserializeOwned + Serialize + Default,
@@ -45,11 +48,39 @@ where
                 .only(&["TETHER_NATS_URL"])
                 .map(|_| "nats_url".into()),
         )
-        .merge(Env::prefixed(env_prefix).split("__"))
+        .merge(Serialized::default("nats", nats_env(env_prefix)))
+        .merge(
+            Env::prefixed(env_prefix)
+                .filter(|key| {
+                    !key.as_str()
+                        .to_ascii_uppercase()
+                        .starts_with(NATS_ENV_TABLE)
+                })
+                .split("__"),
+        )
         .merge(Serialized::defaults(flags));
     figment
         .extract()
         .map_err(|e| ConfigError::Parse(e.to_string()))
+}
+
+/// Role-specific variables of the `[nats]` table start with this (after the role prefix).
+const NATS_ENV_TABLE: &str = "NATS__";
+
+/// The `[nats]` table from the environment: the shared `TETHER_NATS_<FIELD>` variables,
+/// overridden by `<env_prefix>NATS__<FIELD>`. Values are taken as strings, unparsed (a
+/// password `12345` stays a string, which figment's own parsing would turn into a number).
+fn nats_env(env_prefix: &str) -> BTreeMap<&'static str, String> {
+    let mut table = BTreeMap::new();
+    for (shared, field) in tether_nats::NatsAuth::ENV {
+        let role = format!("{env_prefix}{NATS_ENV_TABLE}{}", field.to_ascii_uppercase());
+        for var in [*shared, role.as_str()] {
+            if let Some(value) = std::env::var(var).ok().filter(|v| !v.is_empty()) {
+                table.insert(*field, value);
+            }
+        }
+    }
+    table
 }
 
 #[cfg(test)]
@@ -103,6 +134,73 @@ mod tests {
                 .map_err(|e| e.to_string())?;
             assert_eq!(loaded.nats_url, "nats://other:1");
             assert_eq!(loaded.name, "d");
+            Ok(())
+        });
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct WithNats {
+        nats_url: String,
+        nats: tether_nats::NatsAuth,
+    }
+
+    #[test]
+    fn nats_credentials_come_from_file_shared_env_role_env_and_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[nats]\ncreds_file = \"/file.creds\"\ntls_ca_file = \"/ca.pem\"",
+            )?;
+            jail.set_env("TETHER_NATS_CREDS_FILE", "/shared.creds");
+            jail.set_env("TETHER_NATS_PASSWORD", "12345");
+            jail.set_env("TETHER_NATS_USER", "tether");
+            jail.set_env("TETHER_SAMPLE_NATS__TLS_CA_FILE", "/role-ca.pem");
+            jail.set_env("TETHER_NATS_TLS_CA_FILE", "/shared-ca.pem");
+            // The nats-server binary override is not a credential: not read into `[nats]`.
+            jail.set_env("TETHER_NATS_SERVER", "/bin/nats-server");
+            let loaded: WithNats = load_config(
+                Some(Path::new("c.toml")),
+                "TETHER_SAMPLE_",
+                &Flags { name: None },
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(
+                loaded.nats.creds_file.as_deref(),
+                Some(Path::new("/shared.creds"))
+            );
+            assert_eq!(
+                loaded.nats.tls_ca_file.as_deref(),
+                Some(Path::new("/role-ca.pem"))
+            );
+            assert_eq!(loaded.nats.user.as_deref(), Some("tether"));
+            assert_eq!(loaded.nats.password.as_deref(), Some("12345"));
+            #[derive(Serialize)]
+            struct NatsFlags {
+                nats: FlagNats,
+            }
+            #[derive(Serialize)]
+            struct FlagNats {
+                creds_file: Option<String>,
+            }
+            let loaded: WithNats = load_config(
+                Some(Path::new("c.toml")),
+                "TETHER_SAMPLE_",
+                &NatsFlags {
+                    nats: FlagNats {
+                        creds_file: Some("/flag.creds".into()),
+                    },
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(
+                loaded.nats.creds_file.as_deref(),
+                Some(Path::new("/flag.creds"))
+            );
+            assert_eq!(
+                loaded.nats.tls_ca_file.as_deref(),
+                Some(Path::new("/role-ca.pem"))
+            );
             Ok(())
         });
     }

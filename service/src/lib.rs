@@ -10,11 +10,14 @@
 
 pub mod admin;
 pub mod config;
+pub mod operations;
 pub mod role;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use admin::{AdminServer, Health};
 pub use config::{ConfigError, load_config};
-pub use role::{NatsRole, RoleError, start_nats_role};
+pub use operations::OperationsGuard;
+pub use role::{NatsRole, NatsRoleBuilder, RoleError};
 pub use shutdown::Shutdown;
+pub use tether_nats::NatsAuth;

@@ -33,43 +33,115 @@ pub struct NatsRole {
     pub admin: AdminServer,
 }
 
-/// Connects role `name` to `nats_url`, ensures the bus layout with `replicas`, and serves
-/// the admin endpoints on `admin_listen` with `registry` and `extra` routes.
-pub async fn start_nats_role(
+/// How to start a role that works through NATS: name and NATS URL, then optional parts.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), tether_service::RoleError> {
+/// use tether_service::{NatsRoleBuilder, Shutdown};
+/// let role = NatsRoleBuilder::new("ops", "nats://127.0.0.1:4222")
+///     .auth(tether_nats::NatsAuth {
+///         creds_file: Some("/etc/tether/tether.creds".into()),
+///         ..Default::default()
+///     })
+///     .admin("127.0.0.1:7430".parse().unwrap())
+///     .start(Shutdown::new())
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct NatsRoleBuilder {
     name: &'static str,
-    nats_url: &str,
+    nats_url: String,
+    auth: tether_nats::NatsAuth,
     replicas: usize,
     admin_listen: SocketAddr,
     registry: Registry,
-    extra: axum::Router,
-    shutdown: Shutdown,
-) -> Result<NatsRole, RoleError> {
-    let client = tether_nats::connect(nats_url, &format!("tether-{name}")).await?;
-    let layout = tether_nats::BusLayout {
-        replicas,
-        ..Default::default()
-    };
-    tether_nats::ensure_layout(&async_nats::jetstream::new(client.clone()), &layout).await?;
-    let health_client = client.clone();
-    let health = Arc::new(move || {
-        let (ok, state) = nats_health(&health_client);
-        Health {
-            ok,
-            checks: vec![("nats".into(), state)],
+    routes: axum::Router,
+}
+
+impl NatsRoleBuilder {
+    /// Role `name` (used in the NATS client name and `/healthz`) connecting to `nats_url`
+    /// (comma-separated list allowed); anonymous, one replica, admin on `127.0.0.1:0`, no
+    /// metrics.
+    pub fn new(name: &'static str, nats_url: &str) -> Self {
+        NatsRoleBuilder {
+            name,
+            nats_url: nats_url.to_string(),
+            auth: tether_nats::NatsAuth::default(),
+            replicas: 1,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            registry: Registry::default(),
+            routes: axum::Router::new(),
         }
-    });
-    let admin = AdminServer::start(
-        admin_listen,
-        name,
-        Arc::new(registry),
-        health,
-        extra,
-        shutdown,
-    )
-    .await
-    .map_err(|error| RoleError::Bind {
-        addr: admin_listen,
-        error,
-    })?;
-    Ok(NatsRole { client, admin })
+    }
+
+    /// Credentials and TLS settings of the NATS connection (the role's `[nats]` table).
+    pub fn auth(mut self, auth: tether_nats::NatsAuth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Replicas of the streams and buckets the role creates when they are missing.
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// Where `/healthz` and `/metrics` are served.
+    pub fn admin(mut self, listen: SocketAddr) -> Self {
+        self.admin_listen = listen;
+        self
+    }
+
+    /// The role's metrics, served on `/metrics`.
+    pub fn metrics(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Extra routes of the admin server.
+    pub fn routes(mut self, routes: axum::Router) -> Self {
+        self.routes = routes;
+        self
+    }
+
+    /// Connects, ensures the bus layout, and starts the admin server (until `shutdown`).
+    pub async fn start(self, shutdown: Shutdown) -> Result<NatsRole, RoleError> {
+        let NatsRoleBuilder {
+            name,
+            nats_url,
+            auth,
+            replicas,
+            admin_listen,
+            registry,
+            routes,
+        } = self;
+        let client = tether_nats::connect_with(&nats_url, &format!("tether-{name}"), &auth).await?;
+        let layout = tether_nats::BusLayout {
+            replicas,
+            ..Default::default()
+        };
+        tether_nats::ensure_layout(&async_nats::jetstream::new(client.clone()), &layout).await?;
+        let health_client = client.clone();
+        let health = Arc::new(move || {
+            let (ok, state) = nats_health(&health_client);
+            Health {
+                ok,
+                checks: vec![("nats".into(), state)],
+            }
+        });
+        let admin = AdminServer::start(
+            admin_listen,
+            name,
+            Arc::new(registry),
+            health,
+            routes,
+            shutdown,
+        )
+        .await
+        .map_err(|error| RoleError::Bind {
+            addr: admin_listen,
+            error,
+        })?;
+        Ok(NatsRole { client, admin })
+    }
 }

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 pub struct StateConfig {
     /// NATS server URL(s), comma separated.
     pub nats_url: String,
+    /// Credentials and TLS of the NATS connection: the `[nats]` table (`creds_file`,
+    /// `nkey_seed_file`, `user`/`password`, `token`, `tls_ca_file`, `tls_cert_file`/
+    /// `tls_key_file`, `inbox_prefix`), also `TETHER_NATS_<FIELD>` for every role.
+    pub nats: tether_nats::NatsAuth,
     /// Admin HTTP listener: `/healthz`, `/metrics`.
     pub admin_listen: SocketAddr,
     /// Replicas of the streams and buckets created if missing (3 on a cluster).
@@ -62,6 +66,7 @@ impl Default for StateConfig {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats: tether_nats::NatsAuth::default(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7410)),
             stream_replicas: 1,
             instance_id: String::new(),

@@ -6,14 +6,13 @@ use std::sync::Arc;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
-use futures::StreamExt;
-use tether_nats::subjects::{self, headers};
+use tether_nats::{headers, subjects};
 
 use crate::config::StateConfig;
 use crate::index::SessionIndex;
 use crate::metrics::StateMetrics;
 use crate::store::Store;
-use tether_business::wire::PresenceEvent;
+use tether_schemas::bus::PresenceEvent;
 
 /// The queue group all state instances share for the business API (pushes, sessions).
 pub const QUEUE: &str = "tether-state";
@@ -31,28 +30,26 @@ where
     F: Fn(Arc<StateCtx>, async_nats::Message) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut subscription = ctx
+    let subscription = ctx
         .client
         .queue_subscribe(subject.clone(), QUEUE.into())
         .await?;
     if let Err(error) = tether_nats::sync_with_server(&ctx.client).await {
         tracing::warn!(%subject, %error, "cannot confirm the subscription");
     }
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                message = subscription.next() => match message {
-                    Some(message) => {
-                        tokio::spawn(handle(ctx.clone(), message));
-                    }
-                    None => return,
-                },
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    });
+    tokio::spawn(tether_nats::serve::serve_subscription(
+        subscription,
+        shutdown,
+        move |message| {
+            tokio::spawn(handle(ctx.clone(), message));
+        },
+    ));
     Ok(())
 }
+
+/// Most devices named in one downlink message (`Tether-Did` values); longer target lists
+/// are split, so a message never nears the server's `max_payload`.
+pub const MAX_DIDS_PER_MESSAGE: usize = 256;
 
 /// The shared context.
 pub struct StateCtx {
@@ -73,8 +70,8 @@ pub struct StateCtx {
 }
 
 impl StateCtx {
-    /// Writes one frame to devices on gateway `gw`.
-    pub async fn send_frame(&self, gw: &str, app: &str, dids: &[&str], frame: Bytes) {
+    /// Writes one frame to devices on gateway `gw`; false when NATS did not take it.
+    pub async fn send_frame(&self, gw: &str, app: &str, dids: &[&str], frame: Bytes) -> bool {
         let mut map = HeaderMap::new();
         map.insert(headers::APP, app);
         for did in dids {
@@ -86,19 +83,22 @@ impl StateCtx {
             .await
         {
             tracing::warn!(gw, app, %error, "downlink publish failed");
+            return false;
         }
         self.metrics.frames_sent.inc();
+        true
     }
 
     /// Publishes one frame on the app's broadcast subject: every gateway delivers it to
-    /// its local members of `session` (if given), restricted to `dids` (if any).
+    /// its local members of `session` (if given), restricted to `dids` (if any); false when
+    /// NATS did not take it.
     pub async fn broadcast_frame(
         &self,
         app: &str,
         session: Option<&str>,
         dids: &[&str],
         frame: Bytes,
-    ) {
+    ) -> bool {
         let mut map = HeaderMap::new();
         map.insert(headers::APP, app);
         if let Some(session) = session {
@@ -113,18 +113,17 @@ impl StateCtx {
             .await
         {
             tracing::warn!(app, %error, "broadcast publish failed");
+            return false;
         }
         self.metrics.frames_sent.inc();
+        true
     }
 
     /// Publishes a presence notification.
     pub async fn presence(&self, event: &PresenceEvent) {
-        let Ok(body) = serde_json::to_vec(event) else {
-            return;
-        };
         if let Err(error) = self
             .client
-            .publish(subjects::presence(&event.app), body.into())
+            .publish(subjects::presence(&event.app), event.to_json())
             .await
         {
             tracing::warn!(app = %event.app, %error, "presence publish failed");

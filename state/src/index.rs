@@ -8,11 +8,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{PoisonError, RwLock};
-use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use futures::StreamExt;
 use tether_nats::keys;
+use tether_nats::serve::watch_kv;
 
 use crate::metrics::StateMetrics;
 use crate::store::SessionSettings;
@@ -106,63 +105,33 @@ pub fn spawn_watchers(
     metrics: StateMetrics,
     shutdown: tether_service::Shutdown,
 ) {
-    let (members_bucket, members_index, members_shutdown) =
-        (bucket.clone(), index.clone(), shutdown.clone());
-    tokio::spawn(async move {
-        watch_forever(
-            members_bucket,
-            keys::SESSION_INDEX,
-            members_shutdown,
-            |entry| {
-                let present = entry.operation == kv::Operation::Put;
-                match members_index.apply_member(&entry.key, present) {
-                    Some(true) if present => metrics.session_index.inc(),
-                    Some(true) => metrics.session_index.dec(),
-                    _ => 0,
-                };
-            },
-        )
-        .await;
-    });
-    tokio::spawn(async move {
-        watch_forever(bucket, keys::SESSION_SETTINGS, shutdown, |entry| {
+    // After a restart of a watch the history is replayed: applying an entry twice is
+    // harmless (sets), so no revision bookkeeping is needed.
+    let members_index = index.clone();
+    tokio::spawn(watch_kv(
+        bucket.clone(),
+        keys::SESSION_INDEX.to_string(),
+        None,
+        shutdown.clone(),
+        move |entry| {
+            let present = entry.operation == kv::Operation::Put;
+            match members_index.apply_member(&entry.key, present) {
+                Some(true) if present => metrics.session_index.inc(),
+                Some(true) => metrics.session_index.dec(),
+                _ => 0,
+            };
+        },
+    ));
+    tokio::spawn(watch_kv(
+        bucket,
+        keys::SESSION_SETTINGS.to_string(),
+        None,
+        shutdown,
+        move |entry| {
             let value = (entry.operation == kv::Operation::Put).then_some(&entry.value[..]);
             index.apply_settings(&entry.key, value);
-        })
-        .await;
-    });
-}
-
-async fn watch_forever(
-    bucket: kv::Store,
-    filter: &'static str,
-    shutdown: tether_service::Shutdown,
-    mut apply: impl FnMut(kv::Entry),
-) {
-    // After a restart of the watch, the history is replayed: applying an entry twice is
-    // harmless (sets), so no revision bookkeeping is needed.
-    loop {
-        match bucket.watch_with_history(filter).await {
-            Ok(mut watch) => loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    next = watch.next() => match next {
-                        Some(Ok(entry)) => apply(entry),
-                        Some(Err(error)) => {
-                            tracing::warn!(filter, %error, "session index watch failed; restarting");
-                            break;
-                        }
-                        None => break,
-                    },
-                }
-            },
-            Err(error) => tracing::warn!(filter, %error, "cannot watch the session index"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-    }
+        },
+    ));
 }
 
 #[cfg(test)]

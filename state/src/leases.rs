@@ -61,12 +61,13 @@ use tokio_util::sync::CancellationToken;
 /// Default lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(6);
 /// Default name of the lease bucket.
-pub const DEFAULT_BUCKET: &str = "tether_leases";
+pub const DEFAULT_BUCKET: &str = tether_nats::layout::LEASES_BUCKET;
 /// Smallest TTL accepted: below it the rounds (TTL / 3) race with network round trips.
 pub const MIN_TTL: Duration = Duration::from_millis(600);
 
-const MEMBER_PREFIX: &str = "member.";
-const PART_PREFIX: &str = "part.";
+use tether_nats::keys::{
+    LEASE_MEMBER_PREFIX as MEMBER_PREFIX, LEASE_PARTITION_PREFIX as PART_PREFIX,
+};
 
 /// Configuration of the lease loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,14 +183,11 @@ pub async fn start(
 ) -> Result<Leases, LeaseError> {
     config.validate()?;
     let store = js
-        .create_or_update_key_value(kv::Config {
-            bucket: config.bucket.clone(),
-            description: "tether state partition leases".into(),
-            history: 1,
-            max_age: config.ttl,
-            num_replicas: config.replicas,
-            ..Default::default()
-        })
+        .create_or_update_key_value(tether_nats::layout::leases_bucket(
+            &config.bucket,
+            config.ttl,
+            config.replicas,
+        ))
         .await?;
     let (tx, rx) = watch::channel(BTreeSet::new());
     let looper = Looper::new(store, &config, tx);
@@ -293,7 +291,7 @@ struct Looper {
 }
 
 fn part_key(partition: u16) -> String {
-    format!("{PART_PREFIX}{partition}")
+    tether_nats::keys::lease_partition(partition)
 }
 
 impl Looper {
@@ -302,7 +300,7 @@ impl Looper {
         Self {
             store,
             id: config.instance_id.clone(),
-            member_key: format!("{MEMBER_PREFIX}{}", config.instance_id),
+            member_key: tether_nats::keys::lease_member(&config.instance_id),
             ttl,
             valid_for: ttl * 2 / 3,
             period: ttl / 3,

@@ -11,7 +11,8 @@
 //!   session pushes per member, as one broadcast, or through a recoverable room.
 //! - [`sessions`]: the session binding API; [`index`]: the session → devices index.
 //! - [`store`]: routes, user index, cursors (KV) and inboxes (stream).
-//! - [`wire`]: JSON bodies; [`context`]: shared handles; [`metrics`].
+//! - [`context`]: shared handles; [`metrics`]. The JSON bodies are the bus contract
+//!   (`tether_schemas::bus`).
 
 pub mod config;
 pub mod context;
@@ -23,7 +24,6 @@ pub mod push;
 pub mod sessions;
 pub mod store;
 pub mod uplink;
-pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use tether_service::{NatsRole, RoleError, Shutdown, start_nats_role};
+use tether_service::{NatsRole, NatsRoleBuilder, RoleError, Shutdown};
 
 pub use config::StateConfig;
 
@@ -82,16 +82,13 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
     let metrics = StateMetrics::default();
     let mut registry = Registry::with_prefix("tether_state");
     metrics.register(&mut registry);
-    let role = start_nats_role(
-        "state",
-        &config.nats_url,
-        config.stream_replicas,
-        config.admin_listen,
-        registry,
-        axum::Router::new(),
-        shutdown.clone(),
-    )
-    .await?;
+    let role = NatsRoleBuilder::new("state", &config.nats_url)
+        .auth(config.nats.clone())
+        .replicas(config.stream_replicas)
+        .admin(config.admin_listen)
+        .metrics(registry)
+        .start(shutdown.clone())
+        .await?;
     let js = async_nats::jetstream::new(role.client.clone());
     // State owns the stream settings: bring them to this instance's configuration.
     let layout = tether_nats::BusLayout {
@@ -105,7 +102,7 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
     tether_nats::apply_layout(&js, &layout)
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
-    let store = store::Store::open(js.clone())
+    let store = store::Store::open(js.clone(), metrics.clone())
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
     let index = Arc::new(index::SessionIndex::default());

@@ -37,6 +37,9 @@ pub struct StateMetrics {
     pub session_pushes: Family<Label, Counter>,
     /// Session index entries held in memory (device-in-session pairs).
     pub session_index: Gauge,
+    /// Input refused at the trust boundary, by reason (`event_identity`, `not_an_up`,
+    /// `ack_above_sent`, `resume_above_sent`, `room_foreign`, `push_too_large`).
+    pub refused: Family<Label, Counter>,
 }
 
 impl StateMetrics {
@@ -83,5 +86,15 @@ impl StateMetrics {
         registry.register("retransmits", "qos1 resends", self.retransmits.clone());
         registry.register("acks", "device acks received", self.acks.clone());
         registry.register("presence", "presence notifications", self.presence.clone());
+        registry.register(
+            "refused",
+            "input refused at the trust boundary, by reason",
+            self.refused.clone(),
+        );
+    }
+
+    /// Counts one refusal at the trust boundary.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&[("reason", reason)]).inc();
     }
 }

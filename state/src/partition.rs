@@ -10,28 +10,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::pull;
 use futures::StreamExt;
-use tether_nats::layout::{EVENTS_STREAM, INBOX_STREAM, UPLINK_STREAM};
-use tether_nats::subjects;
-use tether_schemas::{Frame, RawFrame, limits};
+use tether_nats::layout::PartitionConsumer;
+use tether_nats::subjects::{self, Subject};
+use tether_schemas::bus::{
+    ConnEvent, Event, GatewayControl, MembershipChange, MembershipEvent, PresenceEvent,
+    SessionChange, SessionOp, unix_now_ms, valid_id,
+};
+use tether_schemas::{ErrorCode, Frame, RawFrame, limits};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::context::StateCtx;
 use crate::store::{Cursor, InboxMessage, Membership, Route, seq_of};
 use crate::uplink::{self, UplinkDone};
-use crate::wire::{ConnEventIn, EventKind, GatewaySessions, SessionEvent};
-use tether_business::session::{MembershipChange, MembershipEvent};
-use tether_business::wire::PresenceEvent;
-
-/// How a membership changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Change {
-    Add,
-    Remove,
-    Replace,
-}
 
 /// Messages resent or replayed for one device at once at most.
 const MAX_INFLIGHT: usize = 10_000;
@@ -58,34 +51,20 @@ pub struct Partition {
     devices: HashMap<DeviceKey, Device>,
 }
 
-/// Durable consumer names, shared by every instance (one per stream and partition).
-fn consumer_name(kind: &str, partition: u16) -> String {
-    format!("state-{kind}-{partition}")
-}
-
+/// Opens (creating if needed) one of the partition's durable consumers and its messages.
 async fn consumer(
     ctx: &StateCtx,
-    stream: &str,
-    kind: &str,
+    kind: PartitionConsumer,
     partition: u16,
-    filter: String,
     ack_wait: Duration,
 ) -> Result<pull::Stream, String> {
-    let stream = ctx.js.get_stream(stream).await.map_err(|e| e.to_string())?;
-    let name = consumer_name(kind, partition);
+    let stream = ctx
+        .js
+        .get_stream(kind.stream())
+        .await
+        .map_err(|e| e.to_string())?;
     let consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: filter,
-                ack_policy: AckPolicy::Explicit,
-                deliver_policy: DeliverPolicy::All,
-                ack_wait,
-                max_ack_pending: 10_000,
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer(&kind.name(partition), kind.config(partition, ack_wait))
         .await
         .map_err(|e| e.to_string())?;
     consumer.messages().await.map_err(|e| e.to_string())
@@ -109,34 +88,10 @@ impl Partition {
         let p = self.partition;
         let ctx = self.ctx.clone();
         let uplink_wait = Duration::from_millis(ctx.config.business_timeout_ms.max(1000));
-        let mut events = consumer(
-            &ctx,
-            EVENTS_STREAM,
-            "evt",
-            p,
-            subjects::events_partition(p),
-            Duration::from_secs(10),
-        )
-        .await?;
-        let mut uplinks = consumer(
-            &ctx,
-            UPLINK_STREAM,
-            "up",
-            p,
-            subjects::uplink_partition(p),
-            uplink_wait,
-        )
-        .await?;
-        let inbox_filter = format!("{}.*.inbox.{p}.*", subjects::PREFIX);
-        let mut inbox = consumer(
-            &ctx,
-            INBOX_STREAM,
-            "inbox",
-            p,
-            inbox_filter,
-            Duration::from_secs(10),
-        )
-        .await?;
+        let ack_wait = Duration::from_secs(10);
+        let mut events = consumer(&ctx, PartitionConsumer::Events, p, ack_wait).await?;
+        let mut uplinks = consumer(&ctx, PartitionConsumer::Uplinks, p, uplink_wait).await?;
+        let mut inbox = consumer(&ctx, PartitionConsumer::Inbox, p, ack_wait).await?;
         let mut acks = ctx
             .client
             .subscribe(subjects::ack_partition(p))
@@ -250,35 +205,37 @@ impl Partition {
     }
 
     async fn on_event(&mut self, message: &Message) {
-        let unreadable = || tracing::warn!(subject = %message.subject, "unreadable event, skipped");
-        let Ok(EventKind { kind }) = serde_json::from_slice::<EventKind>(&message.payload) else {
-            return unreadable();
+        let event = match Event::from_json(&message.payload) {
+            Ok(event) => event,
+            Err(error) => {
+                self.ctx.metrics.refused("event_unreadable");
+                tracing::warn!(subject = %message.subject, %error, "unreadable event, skipped");
+                return;
+            }
         };
-        if kind.starts_with("conn.") {
-            let Ok(event) = serde_json::from_slice::<ConnEventIn>(&message.payload) else {
-                return unreadable();
-            };
-            match kind.as_str() {
-                "conn.up" => self.on_conn_up(event).await,
-                "conn.down" => self.on_conn_down(event).await,
-                _ => {}
-            }
-        } else if kind.starts_with("sess.") {
-            let Ok(event) = serde_json::from_slice::<SessionEvent>(&message.payload) else {
-                return unreadable();
-            };
-            let change = match kind.as_str() {
-                "sess.bind" => Change::Add,
-                "sess.unbind" => Change::Remove,
-                "sess.replace" => Change::Replace,
-                _ => return unreadable(),
-            };
-            if let Some((sessions, true)) = self
-                .change_membership(&event.app, &event.did, change, &event.sessions)
-                .await
-            {
-                self.sync_gateway(&event.app, &event.did, &sessions).await;
-            }
+        if !event_matches_subject(&event, &message.subject) {
+            // Identity comes from the subject: a payload naming another app, a device of
+            // another partition or an event kind of another subject is forged.
+            self.ctx.metrics.refused("event_identity");
+            tracing::warn!(subject = %message.subject, kind = event.kind(), "event does not match its subject, refused");
+            return;
+        }
+        match event {
+            Event::ConnUp(event) => self.on_conn_up(event).await,
+            Event::ConnDown(event) => self.on_conn_down(event).await,
+            Event::SessBind(change) => self.on_session_change(change, SessionOp::Bind).await,
+            Event::SessUnbind(change) => self.on_session_change(change, SessionOp::Unbind).await,
+            Event::SessReplace(change) => self.on_session_change(change, SessionOp::Replace).await,
+        }
+    }
+
+    /// Applies a business bind, unbind or replace of one device and tells its gateway.
+    async fn on_session_change(&mut self, change: SessionChange, op: SessionOp) {
+        if let Some((sessions, true)) = self
+            .change_membership(&change.app, &change.did, op, &change.sessions)
+            .await
+        {
+            self.sync_gateway(&change.app, &change.did, &sessions).await;
         }
     }
 
@@ -289,7 +246,7 @@ impl Partition {
         &mut self,
         app: &str,
         did: &str,
-        change: Change,
+        op: SessionOp,
         sessions: &[String],
     ) -> Option<(Vec<String>, bool)> {
         let store = &self.ctx.store;
@@ -303,10 +260,11 @@ impl Partition {
             };
             let before: BTreeSet<String> = current.sessions.iter().cloned().collect();
             let mut after = before.clone();
-            match change {
-                Change::Add => after.extend(sessions.iter().cloned()),
-                Change::Remove => after.retain(|s| !sessions.contains(s)),
-                Change::Replace => after = sessions.iter().cloned().collect(),
+            match op {
+                SessionOp::Bind => after.extend(sessions.iter().cloned()),
+                SessionOp::Unbind => after.retain(|s| !sessions.contains(s)),
+                SessionOp::Replace => after = sessions.iter().cloned().collect(),
+                SessionOp::Configure => {}
             }
             if after == before {
                 return Some((current.sessions, false));
@@ -341,7 +299,7 @@ impl Partition {
                             app: app.to_string(),
                             did: did.to_string(),
                             session: session.to_string(),
-                            at_ms: tether_auth::unix_now_ms(),
+                            at_ms: unix_now_ms(),
                         };
                         let _ = self
                             .ctx
@@ -366,26 +324,25 @@ impl Partition {
         else {
             return;
         };
-        let message = GatewaySessions {
-            op: "sessions".into(),
+        let message = GatewayControl::Sessions {
             app: app.to_string(),
             did: did.to_string(),
             sessions: sessions.to_vec(),
         };
-        let Ok(body) = serde_json::to_vec(&message) else {
+        let Ok(body) = message.to_json() else {
             return;
         };
         if let Err(error) = self
             .ctx
             .client
-            .publish(subjects::gateway_ctl(&gw), body.into())
+            .publish(subjects::gateway_ctl(&gw), body)
             .await
         {
             tracing::warn!(gw, did, %error, "gateway session sync not sent");
         }
     }
 
-    async fn on_conn_up(&mut self, event: ConnEventIn) {
+    async fn on_conn_up(&mut self, event: ConnEvent) {
         let ctx = self.ctx.clone();
         let route = Route {
             uid: event.uid.clone(),
@@ -395,13 +352,34 @@ impl Partition {
         };
         let device = self.load(&event.app, &event.did).await;
         let returning = device.offline_at.take().is_some() || device.route.is_some();
-        device.route = Some(route.clone());
         device.uid = event.uid.clone();
-        if let Some(resume) = event.resume_seq
-            && resume > device.cursor.acked
-        {
-            device.cursor.acked = resume;
-            device.cursor_dirty = true;
+        let previous = device.route.replace(route.clone());
+        let resume = event
+            .resume_seq
+            .filter(|resume| *resume > device.cursor.acked);
+        if let Some(resume) = resume {
+            if self.seq_was_sent(&event.app, &event.did, resume).await {
+                if let Some(device) = self
+                    .devices
+                    .get_mut(&(event.app.clone(), event.did.clone()))
+                {
+                    device.cursor.acked = resume;
+                    device.cursor_dirty = true;
+                }
+            } else {
+                self.refuse_device(
+                    &event.app,
+                    &event.did,
+                    "resume_above_sent",
+                    "login.resume_seq is above every sequence sent; resuming from the server's cursor",
+                )
+                .await;
+            }
+        }
+        // A LOGIN elsewhere replaces the old connection (PROTOCOL 6.1): the gateway that
+        // held it closes it with `replaced` (the same gateway already did).
+        if let Some(old) = previous.filter(|old| old.gw != route.gw) {
+            self.close_on_gateway(&event.app, &event.did, &old).await;
         }
         if let Err(error) = ctx.store.put_route(&event.app, &event.did, &route).await {
             tracing::warn!(did = %event.did, %error, "route not stored");
@@ -420,7 +398,7 @@ impl Partition {
         // Sessions in the token are bound like a business bind; the gateway then learns
         // every session of the device (it only knows the token's from the login).
         if let Some((sessions, _)) = self
-            .change_membership(&event.app, &event.did, Change::Add, &event.sessions)
+            .change_membership(&event.app, &event.did, SessionOp::Bind, &event.sessions)
             .await
             && !sessions.is_empty()
         {
@@ -428,7 +406,7 @@ impl Partition {
         }
     }
 
-    async fn on_conn_down(&mut self, event: ConnEventIn) {
+    async fn on_conn_down(&mut self, event: ConnEvent) {
         let window = Duration::from_millis(self.ctx.config.reconnect_window_ms);
         let key = (event.app.clone(), event.did.clone());
         let Some(device) = self.devices.get_mut(&key) else {
@@ -479,9 +457,7 @@ impl Partition {
     }
 
     async fn on_inbox(&mut self, message: &Message) {
-        let subject = message.subject.as_str();
-        let mut tokens = subject.split('.');
-        let (Some(app), Some(did)) = (tokens.nth(1), tokens.nth(2)) else {
+        let Some(Subject::Inbox { app, did }) = Subject::parse(&message.subject) else {
             return;
         };
         let seq = message.headers.as_ref().map(seq_of).unwrap_or(0);
@@ -519,8 +495,7 @@ impl Partition {
 
     async fn on_ack(&mut self, message: &async_nats::Message) {
         self.ctx.metrics.acks.inc();
-        let mut tokens = message.subject.as_str().split('.');
-        let (Some(app), Some(did)) = (tokens.nth(1), tokens.nth(2)) else {
+        let Some(Subject::Ack { app, did }) = Subject::parse(&message.subject) else {
             return;
         };
         let Some(Frame::DownAck(ack)) =
@@ -530,12 +505,33 @@ impl Partition {
         else {
             return;
         };
-        let device = self.load(app, did).await;
+        let (app, did) = (app.to_string(), did.to_string());
+        let device = self.load(&app, &did).await;
         if ack.seq <= device.cursor.acked {
             return;
         }
+        let in_flight = device
+            .inflight
+            .keys()
+            .next_back()
+            .is_some_and(|top| ack.seq <= *top);
+        if !in_flight && !self.seq_was_sent(&app, &did, ack.seq).await {
+            // A cumulative ack above anything sent would skip messages the device has not
+            // seen (and a huge one would wrap the sequence): refused, the device is told.
+            self.refuse_device(
+                &app,
+                &did,
+                "ack_above_sent",
+                "down_ack.seq is above every sequence sent",
+            )
+            .await;
+            return;
+        }
+        let Some(device) = self.devices.get_mut(&(app.clone(), did.clone())) else {
+            return;
+        };
         device.cursor.acked = ack.seq;
-        let still = device.inflight.split_off(&(ack.seq + 1));
+        let still = device.inflight.split_off(&ack.seq.saturating_add(1));
         if let Some(last) = device.inflight.values().next_back() {
             device.cursor.stream_seq = device.cursor.stream_seq.max(last.stream_seq);
         }
@@ -543,6 +539,60 @@ impl Partition {
         device.cursor_dirty = true;
         if device.inflight.is_empty() {
             device.retransmit_at = None;
+        }
+    }
+
+    /// True when `seq` is at most the highest sequence stored for the device (or its
+    /// acked cursor, when retention removed the stored ones).
+    async fn seq_was_sent(&self, app: &str, did: &str, seq: u64) -> bool {
+        let acked = self
+            .devices
+            .get(&(app.to_string(), did.to_string()))
+            .map_or(0, |d| d.cursor.acked);
+        if seq <= acked {
+            return true;
+        }
+        match self.ctx.store.last_inbox_seq(app, did).await {
+            Ok(last) => seq <= last,
+            Err(error) => {
+                tracing::warn!(did, %error, "inbox not readable, sequence check refused");
+                false
+            }
+        }
+    }
+
+    /// Counts a refused device input and tells the device with a non-closing `bad_request`.
+    async fn refuse_device(&self, app: &str, did: &str, reason: &'static str, text: &str) {
+        self.ctx.metrics.refused(reason);
+        let Some(gw) = self
+            .devices
+            .get(&(app.to_string(), did.to_string()))
+            .and_then(|d| d.route.as_ref().map(|r| r.gw.clone()))
+        else {
+            return;
+        };
+        let frame = Frame::error(ErrorCode::BadRequest, text, false).encode();
+        self.ctx.send_frame(&gw, app, &[did], frame).await;
+    }
+
+    /// Tells the gateway of an older connection of the device to close it (`replaced`).
+    async fn close_on_gateway(&self, app: &str, did: &str, old: &Route) {
+        let control = GatewayControl::Close {
+            app: app.to_string(),
+            did: did.to_string(),
+            conn: old.conn,
+            code: ErrorCode::Replaced,
+        };
+        let Ok(body) = control.to_json() else {
+            return;
+        };
+        if let Err(error) = self
+            .ctx
+            .client
+            .publish(subjects::gateway_ctl(&old.gw), body)
+            .await
+        {
+            tracing::warn!(gw = %old.gw, did, %error, "replace not sent to the old gateway");
         }
     }
 
@@ -588,7 +638,7 @@ impl Partition {
                     gw: String::new(),
                     conn: 0,
                     online: false,
-                    at_ms: tether_auth::unix_now_ms(),
+                    at_ms: unix_now_ms(),
                 };
                 ctx.presence(&event).await;
             }
@@ -607,7 +657,7 @@ impl Partition {
     }
 }
 
-fn presence(event: &ConnEventIn, online: bool) -> PresenceEvent {
+fn presence(event: &ConnEvent, online: bool) -> PresenceEvent {
     PresenceEvent {
         app: event.app.clone(),
         uid: event.uid.clone(),
@@ -615,6 +665,38 @@ fn presence(event: &ConnEventIn, online: bool) -> PresenceEvent {
         gw: event.gw.clone(),
         conn: event.conn,
         online,
-        at_ms: tether_auth::unix_now_ms(),
+        at_ms: unix_now_ms(),
     }
+}
+
+/// True when an event's identity agrees with its subject: the app is the subject's, the did
+/// belongs to the subject's partition, connection events arrive on `evt.conn` and session
+/// events on `evt.sess`, and every id obeys the id rule.
+fn event_matches_subject(event: &Event, subject: &str) -> bool {
+    let parsed = Subject::parse(subject);
+    let (app, did, ids_ok, on_subject) = match event {
+        Event::ConnUp(e) | Event::ConnDown(e) => (
+            &e.app,
+            &e.did,
+            valid_id(&e.uid) && valid_id(&e.gw) && e.sessions.iter().all(|s| valid_id(s)),
+            matches!(parsed, Some(Subject::ConnEvents { .. })),
+        ),
+        Event::SessBind(e) | Event::SessUnbind(e) | Event::SessReplace(e) => (
+            &e.app,
+            &e.did,
+            e.sessions.iter().all(|s| valid_id(s)),
+            matches!(parsed, Some(Subject::SessionEvents { .. })),
+        ),
+    };
+    let partition = match parsed {
+        Some(Subject::ConnEvents { partition, .. } | Subject::SessionEvents { partition, .. }) => {
+            partition
+        }
+        _ => return false,
+    };
+    on_subject
+        && ids_ok
+        && valid_id(did)
+        && parsed.and_then(|s| s.app()) == Some(app.as_str())
+        && subjects::partition(did) == partition
 }

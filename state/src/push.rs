@@ -7,18 +7,19 @@ use std::sync::Arc;
 
 use async_nats::Message;
 use bytes::Bytes;
-use tether_business::wire::{Accepted, Push, PushReply, PushReplyWire};
-use tether_nats::subjects;
+use tether_nats::headers::HeaderCodec;
+use tether_nats::subjects::{self, Subject};
+use tether_schemas::bus::{Accepted, Push, PushReply, PushReplyWire, unix_now_ms};
 use tether_schemas::{ErrorCode, Frame, pb};
 
-use crate::context::{StateCtx, serve_queue};
+use crate::context::{MAX_DIDS_PER_MESSAGE, StateCtx, serve_queue};
 
 /// Serves pushes until `shutdown`.
 pub async fn serve(
     ctx: Arc<StateCtx>,
     shutdown: tether_service::Shutdown,
 ) -> Result<(), async_nats::SubscribeError> {
-    let subject = format!("{}.*.push", subjects::PREFIX);
+    let subject = subjects::push_all();
     serve_queue(ctx, subject, shutdown, |ctx, message| async move {
         handle(&ctx, message).await
     })
@@ -27,7 +28,7 @@ pub async fn serve(
 
 async fn handle(ctx: &StateCtx, message: Message) {
     ctx.metrics.pushes.inc();
-    let reply = match subjects::app_of(&message.subject) {
+    let reply = match Subject::parse(&message.subject).and_then(|s| s.app()) {
         None => PushReplyWire::error(ErrorCode::BadRequest, "push subject has no app"),
         Some(app) => match Push::from_message(message.headers.as_ref(), message.payload.clone()) {
             Err(error) => PushReplyWire::Error { error },
@@ -43,6 +44,26 @@ async fn handle(ctx: &StateCtx, message: Message) {
 }
 
 async fn deliver(ctx: &StateCtx, app: &str, push: Push) -> Result<PushReply, (ErrorCode, String)> {
+    // Outside data becomes a frame: the largest one this push can produce must encode
+    // (sequences at their maximum), or nothing is stored or sent.
+    let largest = Frame::Down {
+        header: pb::Down {
+            seq: u64::MAX,
+            session: push.session.clone().unwrap_or_default(),
+            room_seq: u64::MAX,
+            sent_at_ms: u64::MAX,
+            meta: push.meta.clone(),
+        },
+        qos1: push.qos1,
+        body: Bytes::new(),
+    };
+    if largest.try_encode().is_err() {
+        ctx.metrics.refused("push_too_large");
+        return Err((
+            ErrorCode::BadRequest,
+            "push metadata too large for one frame".into(),
+        ));
+    }
     if let (true, Some(session)) = (push.is_session_push(), push.session.clone()) {
         return deliver_to_session(ctx, app, &session, push).await;
     }
@@ -58,7 +79,7 @@ async fn deliver_to_session(
     mut push: Push,
 ) -> Result<PushReply, (ErrorCode, String)> {
     let members = ctx.index.size(app, session);
-    let sent_at_ms = tether_auth::unix_now_ms();
+    let sent_at_ms = unix_now_ms();
     let encode = |room_seq: u64| -> Bytes {
         Frame::Down {
             header: pb::Down {
@@ -96,8 +117,12 @@ async fn deliver_to_session(
         });
     }
     if members > ctx.config.broadcast_threshold(app) {
-        ctx.broadcast_frame(app, Some(session), &[], encode(0))
-            .await;
+        if !ctx
+            .broadcast_frame(app, Some(session), &[], encode(0))
+            .await
+        {
+            return Err((ErrorCode::Unavailable, "broadcast not published".into()));
+        }
         return Ok(PushReply {
             mode: mode("broadcast"),
             members: Some(members),
@@ -140,7 +165,7 @@ async fn deliver_to_devices(
     }
     dids.sort();
     dids.dedup();
-    let sent_at_ms = tether_auth::unix_now_ms();
+    let sent_at_ms = unix_now_ms();
     let encode = |seq: u64| -> Bytes {
         Frame::Down {
             header: pb::Down {
@@ -174,13 +199,23 @@ async fn deliver_to_devices(
     // QoS0: one frame, grouped by gateway.
     let frame = encode(0);
     if dids.len() > ctx.config.broadcast_threshold(app) {
-        let targets: Vec<&str> = dids.iter().map(String::as_str).collect();
-        ctx.broadcast_frame(app, None, &targets, frame).await;
         reply.mode = Some("broadcast".into());
-        reply.accepted = dids
-            .into_iter()
-            .map(|did| Accepted { did, seq: 0 })
-            .collect();
+        for chunk in dids.chunks(MAX_DIDS_PER_MESSAGE) {
+            let targets: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let sent = ctx
+                .broadcast_frame(app, None, &targets, frame.clone())
+                .await;
+            for did in chunk {
+                if sent {
+                    reply.accepted.push(Accepted {
+                        did: did.clone(),
+                        seq: 0,
+                    });
+                } else {
+                    reply.failed.push(did.clone());
+                }
+            }
+        }
         return Ok(reply);
     }
     let mut by_gateway: HashMap<String, Vec<&str>> = HashMap::new();
@@ -191,18 +226,24 @@ async fn deliver_to_devices(
             .await
             .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?
         {
-            Some(route) => {
-                by_gateway.entry(route.gw).or_default().push(did);
-                reply.accepted.push(Accepted {
-                    did: did.clone(),
-                    seq: 0,
-                });
-            }
+            Some(route) => by_gateway.entry(route.gw).or_default().push(did),
             None => reply.offline.push(did.clone()),
         }
     }
     for (gw, targets) in by_gateway {
-        ctx.send_frame(&gw, app, &targets, frame.clone()).await;
+        for chunk in targets.chunks(MAX_DIDS_PER_MESSAGE) {
+            let sent = ctx.send_frame(&gw, app, chunk, frame.clone()).await;
+            for did in chunk {
+                if sent {
+                    reply.accepted.push(Accepted {
+                        did: did.to_string(),
+                        seq: 0,
+                    });
+                } else {
+                    reply.failed.push(did.to_string());
+                }
+            }
+        }
     }
     Ok(reply)
 }

@@ -8,20 +8,22 @@
 use std::sync::Arc;
 
 use async_nats::Message;
-use tether_business::session::{SessionOp, SessionReply, SessionReplyWire, SessionRequest};
-use tether_nats::subjects;
+use tether_nats::subjects::{self, Subject};
 use tether_schemas::ErrorCode;
+use tether_schemas::bus::{
+    Event, SessionChange, SessionOp, SessionReply, SessionReplyWire, SessionRequest, WireError,
+    unix_now_ms,
+};
 
 use crate::context::{StateCtx, serve_queue};
 use crate::store::SessionSettings;
-use crate::wire::SessionEvent;
 
 /// Serves session requests until `shutdown`.
 pub async fn serve(
     ctx: Arc<StateCtx>,
     shutdown: tether_service::Shutdown,
 ) -> Result<(), async_nats::SubscribeError> {
-    let subject = format!("{}.*.session", subjects::PREFIX);
+    let subject = subjects::session_all();
     serve_queue(ctx, subject, shutdown, |ctx, message| async move {
         handle(&ctx, message).await
     })
@@ -29,7 +31,7 @@ pub async fn serve(
 }
 
 async fn handle(ctx: &StateCtx, message: Message) {
-    let reply = match subjects::app_of(&message.subject) {
+    let reply = match Subject::parse(&message.subject).and_then(|s| s.app()) {
         None => SessionReplyWire::error(ErrorCode::BadRequest, "session subject has no app"),
         Some(app) => match apply(ctx, app, &message.payload).await {
             Ok(reply) => SessionReplyWire::Ok(reply),
@@ -55,28 +57,23 @@ async fn apply(
     app: &str,
     body: &[u8],
 ) -> Result<SessionReply, (ErrorCode, String)> {
-    let bad = |e: tether_business::wire::WireError| (e.code, e.message);
+    let bad = |e: WireError| (e.code, e.message);
     let request = SessionRequest::from_json(body).map_err(bad)?;
     let op = request.validate().map_err(bad)?;
     let unavailable = |e: &dyn std::fmt::Display| (ErrorCode::Unavailable, e.to_string());
-    let kind = match op {
-        SessionOp::Configure => {
-            let Some(session) = request.session.as_deref() else {
-                return Err((ErrorCode::BadRequest, "configure needs a session".into()));
-            };
-            let settings = SessionSettings {
-                recoverable: request.recoverable.unwrap_or(false),
-            };
-            ctx.store
-                .put_session_settings(app, session, settings)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            return Ok(SessionReply { devices: 0 });
-        }
-        SessionOp::Bind => "sess.bind",
-        SessionOp::Unbind => "sess.unbind",
-        SessionOp::Replace => "sess.replace",
-    };
+    if op == SessionOp::Configure {
+        let Some(session) = request.session.as_deref() else {
+            return Err((ErrorCode::BadRequest, "configure needs a session".into()));
+        };
+        let settings = SessionSettings {
+            recoverable: request.recoverable.unwrap_or(false),
+        };
+        ctx.store
+            .put_session_settings(app, session, settings)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        return Ok(SessionReply { devices: 0 });
+    }
     let mut dids = request.all_dids();
     for uid in request.all_uids() {
         let devices = ctx
@@ -89,21 +86,23 @@ async fn apply(
     dids.sort();
     dids.dedup();
     let sessions = request.all_sessions();
-    let at_ms = tether_auth::unix_now_ms();
+    let at_ms = unix_now_ms();
     // Publish every event first, then wait for the acks: one round trip for the batch.
     let mut acks = Vec::with_capacity(dids.len());
     for did in &dids {
-        let event = SessionEvent {
-            kind: kind.to_string(),
+        let change = SessionChange {
             app: app.to_string(),
             did: did.clone(),
             sessions: sessions.clone(),
             at_ms,
         };
-        let body = serde_json::to_vec(&event).map_err(|e| unavailable(&e))?;
+        let Some(event) = Event::session(op, change) else {
+            break;
+        };
+        let body = event.to_json().map_err(|e| unavailable(&e))?;
         let ack = ctx
             .js
-            .publish(subjects::session_events(app, did), body.into())
+            .publish(subjects::session_events(app, did), body)
             .await
             .map_err(|e| unavailable(&e))?;
         acks.push(ack);

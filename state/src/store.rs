@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,9 @@ use tether_nats::keys;
 use tether_nats::layout::{
     INBOX_STREAM, RECEIPTS_BUCKET, ROOMS_STREAM, ROUTES_BUCKET, SESSIONS_BUCKET,
 };
-use tether_nats::subjects::{self, headers};
+use tether_nats::{headers, subjects};
+
+use crate::metrics::StateMetrics;
 
 /// Errors talking to the store.
 #[derive(Debug, thiserror::Error)]
@@ -81,11 +84,12 @@ pub struct Store {
     receipts: kv::Store,
     inbox: stream::Stream,
     rooms: stream::Stream,
+    metrics: StateMetrics,
 }
 
 impl Store {
     /// Opens the buckets and streams (they must exist: see `ensure_layout`).
-    pub async fn open(js: jetstream::Context) -> Result<Self, StoreError> {
+    pub async fn open(js: jetstream::Context, metrics: StateMetrics) -> Result<Self, StoreError> {
         let routes = js.get_key_value(ROUTES_BUCKET).await.map_err(err)?;
         let sessions = js.get_key_value(SESSIONS_BUCKET).await.map_err(err)?;
         let receipts = js.get_key_value(RECEIPTS_BUCKET).await.map_err(err)?;
@@ -98,6 +102,7 @@ impl Store {
             receipts,
             inbox,
             rooms,
+            metrics,
         })
     }
 
@@ -350,18 +355,26 @@ impl Store {
         floor: u64,
         encode: impl Fn(u64) -> Bytes,
     ) -> Result<u64, StoreError> {
-        for _ in 0..20 {
+        for _ in 0..100 {
             let (last_seq, last_stream_seq) =
                 match stream.direct_get_last_for_subject(subject.clone()).await {
                     Ok(message) => (seq_of(&message.headers), message.sequence),
                     Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => (0, 0),
                     Err(e) => return Err(err(e)),
                 };
+            if last_seq == 0 && last_stream_seq > 0 {
+                // Not written by state (a raw publish on the subject, which a business may
+                // do on its own app's subjects): removed, so it cannot reset the sequence.
+                self.metrics.refused("foreign_sequence_message");
+                tracing::warn!(%subject, stream_seq = last_stream_seq, "message without a sequence on a sequenced subject, removed");
+                stream.delete_message(last_stream_seq).await.map_err(err)?;
+                continue;
+            }
             let seq = last_seq.max(floor) + 1;
             let mut map = HeaderMap::new();
             map.insert(headers::SEQ, seq.to_string().as_str());
             map.insert(
-                "Nats-Expected-Last-Subject-Sequence",
+                headers::EXPECTED_LAST_SUBJECT_SEQUENCE,
                 last_stream_seq.to_string().as_str(),
             );
             let ack = self
@@ -371,11 +384,24 @@ impl Store {
                 .map_err(err)?;
             match ack.await {
                 Ok(_) => return Ok(seq),
-                Err(e) if e.to_string().contains("wrong last sequence") => continue,
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
                 Err(e) => return Err(err(e)),
             }
         }
         Err(StoreError(format!("{subject} kept changing")))
+    }
+
+    /// The highest per-device sequence stored for a device (0 when its inbox is empty).
+    pub async fn last_inbox_seq(&self, app: &str, did: &str) -> Result<u64, StoreError> {
+        match self
+            .inbox
+            .direct_get_last_for_subject(subjects::inbox(app, did))
+            .await
+        {
+            Ok(message) => Ok(seq_of(&message.headers)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) => Err(err(e)),
+        }
     }
 
     /// Inbox messages of a device after stream sequence `after`, in order, at most `limit`.
@@ -431,4 +457,4 @@ async fn snapshot(bucket: &kv::Store, filter: String) -> Result<Vec<(String, Byt
 }
 
 /// The `Tether-Seq` header of an inbox message (0 if missing).
-pub use tether_nats::subjects::seq_header as seq_of;
+pub use tether_nats::headers::seq as seq_of;

@@ -8,11 +8,13 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
-use tether_nats::subjects::{self, headers};
+use tether_nats::headers;
+use tether_nats::subjects::{self, Subject};
 use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
 
 use crate::context::StateCtx;
-use tether_business::wire::UplinkReply;
+use tether_nats::headers::HeaderCodec;
+use tether_schemas::bus::{Uplink, UplinkReply};
 
 /// An UP_ACK to deliver to a device.
 #[derive(Debug)]
@@ -27,49 +29,49 @@ pub struct UplinkDone {
     pub frame: Bytes,
 }
 
-fn header(message: &Message, name: &str) -> String {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(name))
-        .map(|v| v.as_str().to_string())
-        .unwrap_or_default()
-}
-
 /// Processes one uplink stream message; acks it once the outcome is known.
+///
+/// The app and did come from the subject (`tether.<app>.up.<p>.<did>`); the gateway's
+/// headers add the user, gateway and connection.
 pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone> {
-    let (app, uid, did) = (
-        header(&message, headers::APP),
-        header(&message, headers::UID),
-        header(&message, headers::DID),
+    let Some(Subject::Uplink { app, did }) = Subject::parse(&message.subject) else {
+        tracing::warn!(subject = %message.subject, "uplink on an unexpected subject, terminated");
+        ctx.metrics.refused("uplink_subject");
+        let _ = message.ack_with(AckKind::Term).await;
+        return None;
+    };
+    let (app, did) = (app.to_string(), did.to_string());
+    let header = |name: &str| headers::get(message.headers.as_ref(), name).unwrap_or_default();
+    let (uid, gw) = (
+        header(headers::UID).to_string(),
+        header(headers::GATEWAY).to_string(),
     );
-    let (gw, conn) = (
-        header(&message, headers::GATEWAY),
-        header(&message, headers::CONN),
-    );
+    let conn = header(headers::CONN).parse().unwrap_or(0);
     let up = RawFrame::from_bytes(message.payload.clone(), limits::MAX_FRAME_LEN_CAP)
         .ok()
         .and_then(|raw| Frame::decode(&raw).ok());
     let Some(Frame::Up { header: up, body }) = up else {
-        tracing::warn!(%app, %did, "uplink stream message is not an UP frame, dropped");
-        let _ = message.ack().await;
+        // Nothing to answer (no client_msg_id): terminated, never redelivered.
+        tracing::warn!(%app, %did, "uplink stream message is not an UP frame, terminated");
+        ctx.metrics.refused("not_an_up");
+        let _ = message.ack_with(AckKind::Term).await;
         return None;
     };
-    let mut map = HeaderMap::new();
-    map.insert(headers::APP, app.as_str());
-    map.insert(headers::UID, uid.as_str());
-    map.insert(headers::DID, did.as_str());
-    map.insert(
-        headers::MSG_ID_CLIENT,
-        up.client_msg_id.to_string().as_str(),
-    );
-    if !up.session.is_empty() {
-        map.insert(headers::SESSION, up.session.as_str());
-    }
-    map.insert(headers::GATEWAY, gw.as_str());
-    map.insert(headers::CONN, conn.as_str());
-
-    let (code, text, server_id) = ask_business(&ctx, &message, &app, map, body).await;
+    let request = Uplink {
+        app: app.clone(),
+        uid,
+        did: did.clone(),
+        msg_id: up.client_msg_id,
+        session: Some(up.session.clone()).filter(|s| !s.is_empty()),
+        gw: gw.clone(),
+        conn,
+        body: Bytes::new(),
+    };
+    let outcome = match request.to_headers() {
+        Ok(map) => ask_business(&ctx, &message, &app, map, body).await,
+        Err(error) => (ErrorCode::BadRequest, error.message, String::new()),
+    };
+    let (code, text, server_id) = outcome;
     let result = match code {
         ErrorCode::Ok => "stored",
         ErrorCode::Timeout => "timeout",
@@ -79,13 +81,23 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         .uplinks
         .get_or_create(&[("result", result)])
         .inc();
+    // The business's text and id are outside data: bounded before they enter a frame.
     let frame = Frame::UpAck(pb::UpAck {
         client_msg_id: up.client_msg_id,
         code: u32::from(code.as_u16()),
-        message: text,
-        server_msg_id: server_id,
+        message: truncated(text, MAX_REPLY_TEXT),
+        server_msg_id: truncated(server_id, MAX_SERVER_MSG_ID),
     })
-    .encode();
+    .try_encode()
+    .unwrap_or_else(|_| {
+        Frame::UpAck(pb::UpAck {
+            client_msg_id: up.client_msg_id,
+            code: u32::from(ErrorCode::Internal.as_u16()),
+            message: "receipt too large".into(),
+            server_msg_id: String::new(),
+        })
+        .encode()
+    });
     // A resend of this UP is dropped by JetStream's de-duplication; its gateway then
     // answers from this copy, in case the first UP_ACK was lost with its connection. Kept
     // before the UP_ACK goes out, so no resend can miss both. Timeouts are not kept:
@@ -107,6 +119,23 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         gw,
         frame,
     })
+}
+
+/// Longest business `message` copied into an UP_ACK, in bytes (longer ones are cut).
+pub const MAX_REPLY_TEXT: usize = 1024;
+/// Longest business `id` copied into `UpAck.server_msg_id`, in bytes.
+pub const MAX_SERVER_MSG_ID: usize = 256;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// Requests the business service, retrying unanswered requests with backoff.
@@ -187,5 +216,15 @@ mod tests {
             ErrorCode::Rejected
         );
         assert_eq!(interpret(b"nope").0, ErrorCode::Internal);
+    }
+
+    #[test]
+    fn outside_text_is_bounded() {
+        assert_eq!(truncated("abc".into(), 2), "ab");
+        assert_eq!(truncated("é".into(), 1), "");
+        assert_eq!(
+            truncated("x".repeat(100_000), MAX_REPLY_TEXT).len(),
+            MAX_REPLY_TEXT
+        );
     }
 }

@@ -15,7 +15,9 @@ use futures::StreamExt;
 use support::python::{PythonService, Res};
 use support::{APP, TestResult, WAIT};
 use tether_business::wire::headers;
-use tether_business::{Business, BusinessError, ErrorCode, Presence, Push, Stored, Uplink};
+use tether_business::{
+    Business, BusinessError, ErrorCode, HeaderCodec, PresenceEvent, Push, Uplink, UplinkReply,
+};
 use tether_nats::harness;
 use tether_nats::subjects;
 use tokio::sync::mpsc;
@@ -86,9 +88,9 @@ async fn sdk_serves_uplinks() -> TestResult {
             let seen_tx = seen_tx.clone();
             async move {
                 let answer = if up.body.as_ref() == b"bad" {
-                    Stored::rejected("nope")
+                    UplinkReply::rejected("nope")
                 } else {
-                    Stored::stored(Some(format!("id-{}", up.msg_id)))
+                    UplinkReply::stored(Some(format!("id-{}", up.msg_id)))
                 };
                 let _ = seen_tx.send(up);
                 answer
@@ -244,7 +246,7 @@ async fn sdk_pushes_and_reads_presence() -> TestResult {
     let event = timeout(WAIT, presence.next()).await?.ok_or("no presence")?;
     assert_eq!(
         event,
-        Presence {
+        PresenceEvent {
             app: APP.into(),
             uid: "alice".into(),
             did: "phone1".into(),

@@ -21,7 +21,7 @@ use tether_client::{
 use tether_gateway::shutdown::Shutdown;
 use tether_gateway::{GatewayConfig, RunningGateway};
 use tether_nats::harness;
-use tether_nats::subjects::{self, headers};
+use tether_nats::{headers, subjects};
 use tether_schemas::{Frame, RawFrame, limits, pb};
 use tokio::sync::mpsc::Receiver;
 use tokio::task::JoinHandle;
@@ -226,7 +226,7 @@ impl Bus {
         let stream = jetstream::new(self.nats.clone())
             .get_stream(tether_nats::layout::UPLINK_STREAM)
             .await?;
-        let want = format!("{did}:{client_msg_id}");
+        let want = format!("{APP}:{did}:{client_msg_id}");
         let subject = subjects::uplink(APP, did);
         within(async {
             loop {
@@ -680,7 +680,7 @@ async fn reconnects_after_gateway_restart_and_resends_unacked_up() -> TestResult
     assert_eq!(
         bus.uplink_count().await?,
         1,
-        "the resend is de-duplicated by did:client_msg_id"
+        "the resend is de-duplicated by app:did:client_msg_id"
     );
     bus.ack_up(GW, "dev-1", 100, ErrorCode::Ok, "").await?;
     assert_eq!(within(async { Ok(sent.await?) }).await??.client_msg_id, 100);

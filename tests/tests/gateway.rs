@@ -52,7 +52,7 @@ async fn tcp_and_ws_clients_uplink_downlink_and_events() -> TestResult {
         assert_eq!(ack.gateway, GW);
         assert!(ack.conn_id > 0);
 
-        // UP goes to the uplink stream unchanged, deduplicated by did:client_msg_id.
+        // UP goes to the uplink stream unchanged, deduplicated by app:did:client_msg_id.
         let frame = up(7, b"hello from the device");
         client.send(&frame).await;
         client.send(&frame).await;
@@ -66,7 +66,10 @@ async fn tcp_and_ws_clients_uplink_downlink_and_events() -> TestResult {
         assert_eq!(stored[0].payload, frame, "frame stored byte for byte");
         let raw = RawFrame::from_bytes(stored[0].payload.clone(), limits::DEFAULT_MAX_FRAME_LEN)?;
         assert_eq!(&raw.body()[..], b"hello from the device");
-        assert_eq!(header(&stored[0], "Nats-Msg-Id"), format!("{did}:7"));
+        assert_eq!(
+            header(&stored[0], tether_nats::headers::MSG_ID.as_ref()),
+            format!("{APP}:{did}:7")
+        );
         assert_eq!(header(&stored[0], "Tether-Gw"), GW);
         assert_eq!(header(&stored[0], "Tether-Conn"), ack.conn_id.to_string());
 
@@ -102,7 +105,7 @@ async fn tcp_and_ws_clients_uplink_downlink_and_events() -> TestResult {
     let events = read_stream(
         &fixture.nats_client,
         EVENTS_STREAM,
-        &format!("tether.{APP}.evt.conn.*"),
+        &subjects::conn_events_all(APP),
         2,
     )
     .await;
@@ -251,7 +254,7 @@ async fn silent_connections_time_out_with_their_reason_and_event() -> TestResult
     let events = read_stream(
         &fixture.nats_client,
         EVENTS_STREAM,
-        &format!("tether.{APP}.evt.conn.*"),
+        &subjects::conn_events_all(APP),
         2,
     )
     .await;

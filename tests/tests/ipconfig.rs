@@ -648,7 +648,8 @@ async fn sdk_logs_in_through_ipconfig_and_reconnects_without_it() -> TestResult 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 #[ignore = "bench: needs wrk, run in release"]
 async fn bench_endpoints_100_gateways() -> TestResult {
-    use tether_nats::discovery::{AdvertisedEndpoints, GatewayHeartbeat, gateway_key};
+    use tether_nats::keys::gateway as gateway_key;
+    use tether_schemas::bus::{AdvertisedEndpoints, GatewayHeartbeat};
     let stack = Stack::start();
     let nats = tether_nats::connect(&stack.nats.client_url(), "bench").await?;
     tether_nats::ensure_layout(

@@ -16,6 +16,7 @@ use support::{APP, Fixture, RawClient, TestResult, Transport, WAIT, http_get};
 use tether_auth::{Claims, Right, Rights};
 use tether_business::{Business, MembershipChange, Push, SessionRequest};
 use tether_client::{Client, ClientConfig, Endpoint, Event};
+use tether_nats::subjects;
 use tether_schemas::{ErrorCode, Frame, pb};
 use tokio_util::sync::CancellationToken;
 
@@ -132,8 +133,8 @@ async fn one_broadcast_reaches_5000_devices_on_two_gateways_exactly_once() -> Te
     wait_members(fixture.admin, "big", 2500).await;
     wait_members(gw2_admin, "big", 2500).await;
 
-    let broadcasts = count_messages(&fixture.nats_client, "tether.demo.bcast").await;
-    let directs = count_messages(&fixture.nats_client, "tether.gw.*.down").await;
+    let broadcasts = count_messages(&fixture.nats_client, &subjects::broadcast("demo")).await;
+    let directs = count_messages(&fixture.nats_client, &subjects::gateway_down_all()).await;
     let reply = business.push(Push::to_session("big", "m1").qos0()).await?;
     assert_eq!(reply.mode.as_deref(), Some("broadcast"));
     assert_eq!(reply.members, Some(5000));

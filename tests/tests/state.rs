@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use support::stack::{Proxy, device, next_message, start_state};
 use support::{APP, Fixture, TestResult, WAIT};
-use tether_business::{Business, Push, Stored};
+use tether_business::{Business, Push, UplinkReply};
 use tether_client::ClientError;
 use tether_schemas::ErrorCode;
 use tokio_util::sync::CancellationToken;
@@ -63,8 +63,8 @@ async fn chat_round_trip_with_receipts_after_store() -> TestResult {
                     ));
                     let to = Push::to_uids(["u-bob1"], uplink.body.clone());
                     match pusher.push(to).await {
-                        Ok(_) => Stored::stored(Some(format!("m{}", uplink.msg_id))),
-                        Err(error) => Stored::error(ErrorCode::Unavailable, error.to_string()),
+                        Ok(_) => UplinkReply::stored(Some(format!("m{}", uplink.msg_id))),
+                        Err(error) => UplinkReply::error(ErrorCode::Unavailable, error.to_string()),
                     }
                 }
             })
@@ -421,7 +421,7 @@ async fn a_resent_uplink_whose_receipt_was_lost_gets_it_again() -> TestResult {
                 let counted = counted.clone();
                 async move {
                     *counted.lock().expect("lock") += 1;
-                    Stored::stored(Some(format!("m{}", uplink.msg_id)))
+                    UplinkReply::stored(Some(format!("m{}", uplink.msg_id)))
                 }
             })
             .await;

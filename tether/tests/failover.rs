@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use support::stack::{device, next_message};
 use support::{APP, Fixture, TestResult, WAIT};
-use tether_business::{Business, Push, Stored};
+use tether_business::{Business, Push, UplinkReply};
 
 struct StateProcess {
     child: Child,
@@ -98,7 +98,7 @@ async fn killing_one_of_two_state_instances_loses_nothing() -> TestResult {
                         .expect("lock")
                         .entry((uplink.did.clone(), uplink.msg_id))
                         .or_default() += 1;
-                    Stored::stored(None)
+                    UplinkReply::stored(None)
                 }
             })
             .await;

@@ -236,7 +236,7 @@ fn invalid_ids_refused_at_sign() -> TestResult {
         ("uid", |c| c.uid = "alice smith".into()),
         ("uid", |c| c.uid = "ä".into()),
         ("did", |c| c.did = "x".repeat(65)),
-        ("did", |c| c.did = "tether.>".into()),
+        ("did", |c| c.did = "app.>".into()),
         ("sess", |c| c.sess.push("room*".into())),
         ("gw", |c| c.gw = Some("gw.1".into())),
     ];

@@ -13,9 +13,10 @@ use tracing::{Instrument, Span};
 use super::io::Stream;
 use super::shared::{CloseReason, ConnShared, Identity};
 use super::state::{ConnState, Transport};
-use crate::bus::ConnEvent;
 use crate::context::GatewayCtx;
 use crate::ws::{self, WsDecoder, WsEvent};
+use tether_schemas::bus::{ConnEvent, Event, unix_now_ms, valid_id};
+use tether_schemas::limits;
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -254,6 +255,10 @@ impl Driver {
         let Frame::Login(login) = Frame::decode(raw).map_err(|e| frame_error(&e))? else {
             return Err(CloseReason::error(ErrorCode::BadFrame, "malformed login"));
         };
+        if let Err(why) = check_login_fields(&login) {
+            self.ctx.metrics.refused("login_field");
+            return Err(CloseReason::error(ErrorCode::BadRequest, why));
+        }
         let config = &self.ctx.config;
         let claims = self
             .ctx
@@ -319,7 +324,7 @@ impl Driver {
         self.ctx.metrics.logins.inc();
         self.ctx.metrics.sessions.inc();
         tracing::debug!(app = %claims.app, did = %claims.did, "logged in");
-        self.event("conn.up", None).await;
+        self.event(Event::ConnUp, None).await;
         let heartbeat_secs = u32::try_from(config.heartbeat_secs).unwrap_or(u32::MAX);
         self.reply(&Frame::LoginAck(pb::LoginAck {
             conn_id: self.shared.id,
@@ -371,6 +376,18 @@ impl Driver {
         let Some(identity) = self.shared.identity() else {
             return Ok(());
         };
+        if !header.session.is_empty() && !valid_id(&header.session) {
+            // Never published: the session becomes a NATS header on the business request.
+            self.ctx.metrics.refused("up_session");
+            self.reply(&Frame::UpAck(pb::UpAck {
+                client_msg_id: header.client_msg_id,
+                code: u32::from(ErrorCode::BadRequest.as_u16()),
+                message: "up.session must be 1-64 characters of [A-Za-z0-9_-]".into(),
+                server_msg_id: String::new(),
+            }));
+            self.ctx.metrics.error(ErrorCode::BadRequest);
+            return Ok(());
+        }
         if !identity.may_uplink {
             self.reply(&Frame::UpAck(pb::UpAck {
                 client_msg_id: header.client_msg_id,
@@ -383,7 +400,7 @@ impl Driver {
         }
         let limit = self.ctx.config.max_queued_frames;
         self.ctx
-            .bus
+            .outbound
             .publish_uplink(
                 identity,
                 &self.shared,
@@ -405,7 +422,7 @@ impl Driver {
         self.state.acked_seq = self.state.acked_seq.max(ack.seq);
         if let Some(identity) = self.shared.identity() {
             self.ctx
-                .bus
+                .outbound
                 .publish_ack(identity, self.shared.id, raw.bytes)
                 .await;
         }
@@ -472,30 +489,29 @@ impl Driver {
         written(tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(bytes)).await)
     }
 
-    async fn event(&self, kind: &'static str, reason: Option<&str>) {
+    async fn event(&self, kind: fn(ConnEvent) -> Event, reason: Option<&str>) {
         let Some(identity) = self.shared.identity() else {
             return;
         };
-        let remote = self.state.remote.to_string();
-        let event = ConnEvent {
-            kind,
-            app: &identity.app,
-            uid: &identity.uid,
-            did: &identity.did,
-            gw: &self.ctx.config.id,
-            region: &self.ctx.config.region,
+        let conn = ConnEvent {
+            app: identity.app.to_string(),
+            uid: identity.uid.to_string(),
+            did: identity.did.to_string(),
+            gw: self.ctx.config.id.clone(),
+            region: self.ctx.config.region.clone(),
             conn: self.shared.id,
-            remote: &remote,
-            resume_seq: (kind == "conn.up").then_some(self.state.resume_seq),
-            sessions: if kind == "conn.up" {
-                &self.state.sessions
-            } else {
-                &[]
-            },
-            reason,
-            at_ms: tether_auth::unix_now_ms(),
+            remote: self.state.remote.to_string(),
+            resume_seq: None,
+            sessions: Vec::new(),
+            reason: reason.map(str::to_string),
+            at_ms: unix_now_ms(),
         };
-        self.ctx.bus.conn_event(&event).await;
+        let mut event = kind(conn);
+        if let Event::ConnUp(up) = &mut event {
+            up.resume_seq = Some(self.state.resume_seq);
+            up.sessions = self.state.sessions.clone();
+        }
+        self.ctx.outbound.conn_event(&event).await;
     }
 
     /// Says goodbye (ERROR frame with CLOSE, WebSocket close), unregisters and reports.
@@ -536,7 +552,7 @@ impl Driver {
             self.ctx.registry.release_app(&identity.app);
             self.ctx.metrics.sessions.dec();
             tracing::debug!(did = %identity.did, reason = reason.label(), text = %reason.text, "connection closed");
-            self.event("conn.down", Some(reason.label())).await;
+            self.event(Event::ConnDown, Some(reason.label())).await;
         }
     }
 }
@@ -563,6 +579,29 @@ fn written<T>(
             "write timed out",
         )),
     }
+}
+
+/// Checks the LOGIN fields a token does not vouch for: ids that would become subject or
+/// header tokens, the room cursors and the informational SDK string.
+fn check_login_fields(login: &pb::Login) -> Result<(), &'static str> {
+    if !login.did.is_empty() && !valid_id(&login.did) {
+        return Err("login.did must be 1-64 characters of [A-Za-z0-9_-]");
+    }
+    if !login.app.is_empty() && !valid_id(&login.app) {
+        return Err("login.app must be 1-64 characters of [A-Za-z0-9_-]");
+    }
+    if login.rooms.len() > limits::MAX_ROOM_CURSORS {
+        return Err("login carries more than 256 room cursors");
+    }
+    if login.rooms.iter().any(|c| !valid_id(&c.session)) {
+        return Err("room cursor session must be 1-64 characters of [A-Za-z0-9_-]");
+    }
+    if login.sdk.len() > limits::MAX_SDK_LEN
+        || !login.sdk.bytes().all(|b| (0x20..0x7f).contains(&b))
+    {
+        return Err("login.sdk must be at most 64 printable ascii characters");
+    }
+    Ok(())
 }
 
 fn frame_error(error: &FrameError) -> CloseReason {

@@ -14,6 +14,32 @@ pub struct ClusterSpec {
     pub routes: Vec<u16>,
 }
 
+/// One user of an account, with user/password authentication and subject permissions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSpec {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+    /// Subjects the user may publish to (wildcards allowed); empty = everything.
+    pub publish: Vec<String>,
+    /// Subjects the user may subscribe to (wildcards allowed); empty = everything.
+    pub subscribe: Vec<String>,
+    /// May publish once to the reply subject of each request it receives, whatever
+    /// `publish` says (NATS `allow_responses`).
+    pub allow_responses: bool,
+}
+
+/// One account (JetStream enabled) and its users. With an account configured, the server
+/// requires authentication: anonymous clients are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountSpec {
+    /// Account name.
+    pub name: String,
+    /// Its users.
+    pub users: Vec<UserSpec>,
+}
+
 /// Everything one nats-server process needs.
 #[derive(Debug, Clone)]
 pub struct ServerSpec {
@@ -35,6 +61,8 @@ pub struct ServerSpec {
     pub leaf_listen: Option<u16>,
     /// Hub leaf ports this server connects to as a leaf node.
     pub leaf_remotes: Vec<u16>,
+    /// An account with users and permissions; `None` = anonymous clients, no permissions.
+    pub account: Option<AccountSpec>,
 }
 
 impl ServerSpec {
@@ -56,6 +84,7 @@ impl ServerSpec {
             cluster: None,
             leaf_listen: None,
             leaf_remotes: Vec::new(),
+            account: None,
         }
     }
 
@@ -91,6 +120,9 @@ impl ServerSpec {
         if let Some(port) = self.leaf_listen {
             let _ = writeln!(out, "leafnodes {{ listen: \"{host}:{port}\" }}");
         }
+        if let Some(account) = &self.account {
+            render_account(&mut out, account);
+        }
         if !self.leaf_remotes.is_empty() {
             let remotes: Vec<String> = self
                 .leaf_remotes
@@ -101,6 +133,46 @@ impl ServerSpec {
         }
         out
     }
+}
+
+/// Renders `accounts { <name> { jetstream: enabled, users: [...] } }`.
+fn render_account(out: &mut String, account: &AccountSpec) {
+    let list = |subjects: &[String]| {
+        subjects
+            .iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(out, "accounts {{");
+    let _ = writeln!(out, "  {:?} {{", account.name);
+    let _ = writeln!(out, "    jetstream: enabled");
+    let _ = writeln!(out, "    users: [");
+    for user in &account.users {
+        let mut permissions = Vec::new();
+        if !user.publish.is_empty() {
+            permissions.push(format!("publish: {{ allow: [{}] }}", list(&user.publish)));
+        }
+        if !user.subscribe.is_empty() {
+            permissions.push(format!(
+                "subscribe: {{ allow: [{}] }}",
+                list(&user.subscribe)
+            ));
+        }
+        if user.allow_responses {
+            permissions.push("allow_responses: true".into());
+        }
+        let _ = writeln!(
+            out,
+            "      {{ user: {:?}, password: {:?}, permissions: {{ {} }} }}",
+            user.user,
+            user.password,
+            permissions.join(", ")
+        );
+    }
+    let _ = writeln!(out, "    ]");
+    let _ = writeln!(out, "  }}");
+    let _ = writeln!(out, "}}");
 }
 
 #[cfg(test)]
@@ -122,5 +194,29 @@ mod tests {
         assert!(text.contains("nats-route://127.0.0.1:6223"));
         assert!(text.contains("nats-leaf://127.0.0.1:7422"));
         assert!(text.contains("domain: region-a"));
+    }
+
+    #[test]
+    fn renders_an_account_with_users_and_permissions() {
+        let mut spec = ServerSpec::single("n1", "127.0.0.1", 4222, 8222, PathBuf::from("/tmp/x"));
+        spec.account = Some(AccountSpec {
+            name: "TETHER".into(),
+            users: vec![UserSpec {
+                user: "biz-chat".into(),
+                password: "pw".into(),
+                publish: vec!["a.>".into()],
+                subscribe: vec!["a.>".into(), "_INBOX.biz-chat.>".into()],
+                allow_responses: true,
+            }],
+        });
+        let text = spec.config_text();
+        assert!(text.contains("jetstream: enabled"), "{text}");
+        assert!(
+            text.contains(
+                "{ user: \"biz-chat\", password: \"pw\", permissions: { publish: { allow: [\"a.>\"] }, \
+                 subscribe: { allow: [\"a.>\", \"_INBOX.biz-chat.>\"] }, allow_responses: true } }"
+            ),
+            "{text}"
+        );
     }
 }

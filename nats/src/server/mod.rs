@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-pub use config::{ClusterSpec, ServerSpec};
+pub use config::{AccountSpec, ClusterSpec, ServerSpec, UserSpec};
 
 use crate::connect::BusError;
 

@@ -43,6 +43,9 @@ enum AppCommand {
         /// Lifetime of this app's gateway tokens, e.g. 10m; default ipconfig's.
         #[arg(long)]
         token_ttl: Option<String>,
+        /// Gateway tokens carry the `rooms` right (room cursors at LOGIN).
+        #[arg(long)]
+        rooms: bool,
     },
     /// List apps (ids, pools, how many secrets and keys; never the secrets).
     List,
@@ -95,6 +98,7 @@ pub async fn run(args: AppArgs) -> anyhow::Result<()> {
             public_key,
             pool,
             token_ttl,
+            rooms,
         } => {
             let public_keys = match &public_key {
                 Some(path) => vec![
@@ -115,6 +119,7 @@ pub async fn run(args: AppArgs) -> anyhow::Result<()> {
                     public_keys,
                     pool,
                     token_ttl_secs,
+                    rooms,
                     updated_ms: 0,
                 })
                 .await?;

@@ -23,6 +23,41 @@ pub struct RoleArgs {
     #[arg(long = "admin")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_listen: Option<SocketAddr>,
+    /// NATS credentials and TLS (the `[nats]` table).
+    #[command(flatten)]
+    #[serde(rename = "nats")]
+    pub nats: NatsAuthArgs,
+}
+
+/// NATS credentials and TLS flags of every role, into the `[nats]` table. A password or
+/// token has no flag (it would show in the process list): set `TETHER_NATS_PASSWORD` or
+/// `TETHER_NATS_TOKEN`, or put it in the config file.
+#[derive(Args, Serialize)]
+pub struct NatsAuthArgs {
+    /// NATS credentials file (user JWT and nkey seed).
+    #[arg(long = "nats-creds")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<PathBuf>,
+    /// File holding a NATS user nkey seed.
+    #[arg(long = "nats-nkey")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// NATS user name (password from `TETHER_NATS_PASSWORD` or the config file).
+    #[arg(long = "nats-user")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// PEM file of the CA that signed the NATS server's certificate (makes TLS required).
+    #[arg(long = "nats-tls-ca")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS with NATS, PEM (with `--nats-tls-key`).
+    #[arg(long = "nats-tls-cert")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key of `--nats-tls-cert`, PEM.
+    #[arg(long = "nats-tls-key")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// Flags of `tether gateway`.

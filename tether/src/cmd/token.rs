@@ -55,6 +55,9 @@ struct IssueArgs {
     /// Receive only: the token does not allow UP frames.
     #[arg(long)]
     no_uplink: bool,
+    /// Grant the `rooms` right: room cursors at LOGIN resume recoverable rooms.
+    #[arg(long)]
+    rooms: bool,
 }
 
 /// Runs `tether token …`.
@@ -74,6 +77,9 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
             let mut claims = Claims::new(issue.app, issue.uid, issue.did, unix_now(), ttl);
             claims.sess = issue.session;
             claims.gw = issue.gateway;
+            if issue.rooms {
+                claims.rights = claims.rights.with(Right::Rooms);
+            }
             if issue.no_uplink {
                 claims.rights = claims.rights.without(Right::Up);
             }

@@ -1,25 +1,11 @@
-//! The gateway heartbeat: the JSON value a gateway keeps under its id in the
-//! [`GATEWAYS_BUCKET`](crate::layout::GATEWAYS_BUCKET) KV bucket, and that ipconfig reads to
-//! rank gateways (DESIGN.md flow 1, PROTOCOL.md section 12).
+//! Discovery (PROTOCOL.md section 12): the gateway heartbeat that gateways keep in the
+//! `tether_gateways` bucket and ipconfig ranks, and ipconfig's `GET /v1/endpoints` answer
+//! that device SDKs read.
 //!
-//! A gateway puts a fresh record every few seconds; the bucket's TTL removes the record of
-//! a gateway that stopped putting, and a gateway that stops cleanly deletes its record.
-//! App records live in [`APPS_BUCKET`](crate::layout::APPS_BUCKET) under [`app_key`].
+//! A gateway puts a fresh heartbeat every few seconds; the bucket's TTL removes the record
+//! of a gateway that stopped putting, and a gateway that stops cleanly deletes its record.
 
 use serde::{Deserialize, Serialize};
-
-/// A gateway's heartbeat key in `tether_gateways`: the gateway id itself.
-pub fn gateway_key(id: &str) -> String {
-    id.to_string()
-}
-
-/// An app's record key in `tether_apps`: `app.<app>` (JSON app record, see ipconfig).
-pub fn app_key(app: &str) -> String {
-    format!("app.{app}")
-}
-
-/// Every app record (for a watch): `app.>`.
-pub const APP_KEYS: &str = "app.>";
 
 /// Where clients reach a gateway.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +53,51 @@ pub struct GatewayHeartbeat {
     pub at_ms: u64,
     /// Milliseconds between heartbeats.
     pub interval_ms: u64,
+}
+
+/// One offered gateway of an endpoints answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    /// Gateway id.
+    pub gw: String,
+    /// Its region.
+    #[serde(default)]
+    pub region: String,
+    /// Raw TCP endpoint `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+    /// WebSocket URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ws: Option<String>,
+    /// Its score for this request (higher is better).
+    #[serde(default)]
+    pub score: f64,
+    /// Present and true only for a draining gateway offered last.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}
+
+/// The answer of `GET /v1/endpoints`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointsAnswer {
+    /// App id (from the credential).
+    #[serde(default)]
+    pub app: String,
+    /// User id.
+    #[serde(default)]
+    pub uid: String,
+    /// Device id.
+    #[serde(default)]
+    pub did: String,
+    /// The region the ranking preferred (empty = none).
+    #[serde(default)]
+    pub region: String,
+    /// Gateways, best first, at most 8.
+    pub endpoints: Vec<EndpointInfo>,
+    /// Gateway token for LOGIN at any of them.
+    pub token: String,
+    /// The token's expiry, unix seconds.
+    pub token_exp: u64,
 }
 
 #[cfg(test)]

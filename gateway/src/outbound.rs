@@ -6,55 +6,23 @@ use std::sync::Arc;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
-use serde::Serialize;
-use tether_nats::subjects::{self, headers};
+use tether_nats::{headers, subjects};
+use tether_schemas::bus::Event;
 use tether_schemas::{ErrorCode, Frame, pb};
 
 use crate::conn::{ConnShared, Identity};
 use crate::metrics::GatewayMetrics;
 
-/// A connect or disconnect, as written to `tether.<app>.evt.conn.<partition>`.
-#[derive(Debug, Serialize)]
-pub struct ConnEvent<'a> {
-    /// `conn.up` or `conn.down`.
-    pub kind: &'static str,
-    /// App id.
-    pub app: &'a str,
-    /// User id.
-    pub uid: &'a str,
-    /// Device id.
-    pub did: &'a str,
-    /// Gateway id.
-    pub gw: &'a str,
-    /// Gateway region.
-    pub region: &'a str,
-    /// Connection id.
-    pub conn: u64,
-    /// Peer address.
-    pub remote: &'a str,
-    /// Highest contiguous QoS1 sequence the device reported processed at LOGIN (`conn.up` only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub resume_seq: Option<u64>,
-    /// Close reason (`conn.down` only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'a str>,
-    /// Sessions the token joins (`conn.up` only; state binds them).
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    pub sessions: &'a [String],
-    /// Unix milliseconds.
-    pub at_ms: u64,
-}
-
-/// The gateway's NATS side.
+/// What the gateway writes to NATS (a cheap clone over one client).
 #[derive(Clone)]
-pub struct Bus {
+pub struct Outbound {
     client: async_nats::Client,
     js: jetstream::Context,
     gw: Arc<str>,
     metrics: GatewayMetrics,
 }
 
-impl Bus {
+impl Outbound {
     /// Wraps a connected client.
     pub fn new(client: async_nats::Client, gw: &str, metrics: GatewayMetrics) -> Self {
         let js = jetstream::new(client.clone());
@@ -87,7 +55,7 @@ impl Bus {
     }
 
     /// Appends an UP frame, unchanged, to the uplink stream (de-duplicated by
-    /// `did:client_msg_id`). If the stream does not confirm it, the client gets an UP_ACK
+    /// `app:did:client_msg_id`). If the stream does not confirm it, the client gets an UP_ACK
     /// with `unavailable` so it can retry.
     pub async fn publish_uplink(
         &self,
@@ -100,7 +68,7 @@ impl Bus {
         let mut map = self.identity_headers(id, conn.id);
         map.insert(
             headers::MSG_ID,
-            format!("{}:{client_msg_id}", id.did).as_str(),
+            format!("{}:{}:{client_msg_id}", id.app, id.did).as_str(),
         );
         let sent = self
             .js
@@ -158,26 +126,29 @@ impl Bus {
 
     /// Appends a connection event to the events stream. The publish is sent in call order
     /// (so `conn.up` precedes `conn.down`); its confirmation is awaited in the background.
-    pub async fn conn_event(&self, event: &ConnEvent<'_>) {
-        let payload = match serde_json::to_vec(event) {
-            Ok(bytes) => Bytes::from(bytes),
+    pub async fn conn_event(&self, event: &Event) {
+        let (Event::ConnUp(conn) | Event::ConnDown(conn)) = event else {
+            return;
+        };
+        let payload = match event.to_json() {
+            Ok(bytes) => bytes,
             Err(error) => {
                 tracing::error!(%error, "cannot encode connection event");
                 return;
             }
         };
+        let kind = event.kind();
         let mut map = HeaderMap::new();
         map.insert(
             headers::MSG_ID,
-            format!("{}:{}:{}", self.gw, event.conn, event.kind).as_str(),
+            format!("{}:{}:{kind}", self.gw, conn.conn).as_str(),
         );
         let sent = self
             .js
-            .publish_with_headers(subjects::conn_events(event.app, event.did), map, payload)
+            .publish_with_headers(subjects::conn_events(&conn.app, &conn.did), map, payload)
             .await;
         let metrics = self.metrics.clone();
-        let conn = event.conn;
-        let kind = event.kind;
+        let conn = conn.conn;
         tokio::spawn(async move {
             let result = match sent {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),

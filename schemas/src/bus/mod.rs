@@ -1,0 +1,48 @@
+//! The bus contract: every message that crosses a process over NATS, declared once.
+//!
+//! Gateways, state, ipconfig, business services and the SDKs all use these types, so the
+//! two ends of a subject can never disagree on a field. Subjects, header names and their
+//! typed access live in the bus crate (`tether-nats`); this module owns the bodies.
+//! `PROTOCOL.md` sections 10–12 are the normative text for other languages.
+//!
+//! - [`ids`]: the identifier rule (app, uid, did, session, gateway ids are subject tokens).
+//! - [`errors`]: the one error body (`{"error":{"code":…,"message":…}}`) and [`ReplyWire`].
+//! - [`events`]: the event log (`tether.<app>.evt.…`): connection and session events.
+//! - [`control`]: control messages to one gateway (`tether.gw.<gw>.ctl`).
+//! - [`business`]: uplink requests and replies, pushes, presence (section 11).
+//! - [`sessions`]: the session binding API and membership events (11.5, 11.6).
+//! - [`discovery`]: gateway heartbeats and the ipconfig answer (section 12).
+
+pub mod business;
+pub mod control;
+pub mod discovery;
+pub mod errors;
+pub mod events;
+pub mod ids;
+pub mod sessions;
+
+pub use business::{Accepted, PresenceEvent, Push, PushReply, PushReplyWire, Uplink, UplinkReply};
+pub use control::GatewayControl;
+pub use discovery::{AdvertisedEndpoints, EndpointInfo, EndpointsAnswer, GatewayHeartbeat};
+pub use errors::{ErrorBody, ReplyWire, WireError};
+pub use events::{ConnEvent, Event, SessionChange};
+pub use ids::{MAX_ID_LEN, valid_id};
+pub use sessions::{
+    MembershipChange, MembershipEvent, SessionOp, SessionReply, SessionReplyWire, SessionRequest,
+};
+
+/// Milliseconds since the unix epoch (the `at_ms` of events; 0 if the clock is before 1970).
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Serializes `value` to JSON bytes, or `fallback` if it cannot be (plain structs of
+/// strings and numbers never fail; the fallback keeps encoders infallible for callers).
+pub(crate) fn to_json_or<T: serde::Serialize>(value: &T, fallback: &'static [u8]) -> bytes::Bytes {
+    serde_json::to_vec(value)
+        .map(bytes::Bytes::from)
+        .unwrap_or_else(|_| bytes::Bytes::from_static(fallback))
+}
