@@ -43,9 +43,15 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Fuzz the frame decoder for 60 s (needs cargo-fuzz; see schemas/README.md).
+## Fuzz for 60 s each: the frame decoder (schemas/fuzz) and state's inputs from NATS
+## (state/fuzz: event JSON, uplink headers and frames, push headers, business replies).
+## Installs cargo-fuzz into .tools/cargo when it is missing (crates.io).
+FUZZ_SECS ?= 60
+CARGO_FUZZ = $(CURDIR)/.tools/cargo/bin/cargo-fuzz
 fuzz:
-	cd schemas/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode_frame -- -max_total_time=60
+	@test -x $(CARGO_FUZZ) || $(CARGO) install cargo-fuzz --locked --root $(CURDIR)/.tools/cargo
+	cd schemas/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) fuzz run decode_frame -- -max_total_time=$(FUZZ_SECS)
+	cd state/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) fuzz run nats_inputs -- -max_total_time=$(FUZZ_SECS)
 
 clean-tools:
 	rm -rf .tools

@@ -17,6 +17,7 @@
 pub mod config;
 pub mod context;
 pub mod index;
+pub mod inputs;
 pub mod leases;
 pub mod metrics;
 pub mod partition;

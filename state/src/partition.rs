@@ -16,7 +16,7 @@ use tether_nats::layout::PartitionConsumer;
 use tether_nats::subjects::{self, Subject};
 use tether_schemas::bus::{
     ConnEvent, Event, GatewayControl, MembershipChange, MembershipEvent, PresenceEvent,
-    SessionChange, SessionOp, unix_now_ms, valid_id,
+    SessionChange, SessionOp, unix_now_ms,
 };
 use tether_schemas::{ErrorCode, Frame, RawFrame, limits};
 use tokio::sync::{Semaphore, mpsc};
@@ -205,21 +205,16 @@ impl Partition {
     }
 
     async fn on_event(&mut self, message: &Message) {
-        let event = match Event::from_json(&message.payload) {
+        // Identity comes from the subject: a payload naming another app, a device of
+        // another partition or an event kind of another subject is forged.
+        let event = match crate::inputs::event(&message.subject, &message.payload) {
             Ok(event) => event,
-            Err(error) => {
-                self.ctx.metrics.refused("event_unreadable");
-                tracing::warn!(subject = %message.subject, %error, "unreadable event, skipped");
+            Err(refusal) => {
+                self.ctx.metrics.refused(refusal.reason);
+                tracing::warn!(subject = %message.subject, reason = refusal.reason, error = %refusal.message, "event refused");
                 return;
             }
         };
-        if !event_matches_subject(&event, &message.subject) {
-            // Identity comes from the subject: a payload naming another app, a device of
-            // another partition or an event kind of another subject is forged.
-            self.ctx.metrics.refused("event_identity");
-            tracing::warn!(subject = %message.subject, kind = event.kind(), "event does not match its subject, refused");
-            return;
-        }
         match event {
             Event::ConnUp(event) => self.on_conn_up(event).await,
             Event::ConnDown(event) => self.on_conn_down(event).await,
@@ -667,36 +662,4 @@ fn presence(event: &ConnEvent, online: bool) -> PresenceEvent {
         online,
         at_ms: unix_now_ms(),
     }
-}
-
-/// True when an event's identity agrees with its subject: the app is the subject's, the did
-/// belongs to the subject's partition, connection events arrive on `evt.conn` and session
-/// events on `evt.sess`, and every id obeys the id rule.
-fn event_matches_subject(event: &Event, subject: &str) -> bool {
-    let parsed = Subject::parse(subject);
-    let (app, did, ids_ok, on_subject) = match event {
-        Event::ConnUp(e) | Event::ConnDown(e) => (
-            &e.app,
-            &e.did,
-            valid_id(&e.uid) && valid_id(&e.gw) && e.sessions.iter().all(|s| valid_id(s)),
-            matches!(parsed, Some(Subject::ConnEvents { .. })),
-        ),
-        Event::SessBind(e) | Event::SessUnbind(e) | Event::SessReplace(e) => (
-            &e.app,
-            &e.did,
-            e.sessions.iter().all(|s| valid_id(s)),
-            matches!(parsed, Some(Subject::SessionEvents { .. })),
-        ),
-    };
-    let partition = match parsed {
-        Some(Subject::ConnEvents { partition, .. } | Subject::SessionEvents { partition, .. }) => {
-            partition
-        }
-        _ => return false,
-    };
-    on_subject
-        && ids_ok
-        && valid_id(did)
-        && parsed.and_then(|s| s.app()) == Some(app.as_str())
-        && subjects::partition(did) == partition
 }

@@ -8,13 +8,11 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
-use tether_nats::headers;
-use tether_nats::subjects::{self, Subject};
-use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
+use tether_nats::subjects;
+use tether_schemas::{ErrorCode, Frame, pb};
 
 use crate::context::StateCtx;
-use tether_nats::headers::HeaderCodec;
-use tether_schemas::bus::{Uplink, UplinkReply};
+use crate::inputs;
 
 /// An UP_ACK to deliver to a device.
 #[derive(Debug)]
@@ -34,42 +32,32 @@ pub struct UplinkDone {
 /// The app and did come from the subject (`tether.<app>.up.<p>.<did>`); the gateway's
 /// headers add the user, gateway and connection.
 pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone> {
-    let Some(Subject::Uplink { app, did }) = Subject::parse(&message.subject) else {
-        tracing::warn!(subject = %message.subject, "uplink on an unexpected subject, terminated");
-        ctx.metrics.refused("uplink_subject");
-        let _ = message.ack_with(AckKind::Term).await;
-        return None;
+    let input = match inputs::uplink(
+        &message.subject,
+        message.headers.as_ref(),
+        message.payload.clone(),
+    ) {
+        Ok(input) => input,
+        Err(refusal) => {
+            // Nothing to answer (no client_msg_id): terminated, never redelivered.
+            tracing::warn!(subject = %message.subject, reason = refusal.reason, error = %refusal.message, "uplink terminated");
+            ctx.metrics.refused(refusal.reason);
+            let _ = message.ack_with(AckKind::Term).await;
+            return None;
+        }
     };
-    let (app, did) = (app.to_string(), did.to_string());
-    let header = |name: &str| headers::get(message.headers.as_ref(), name).unwrap_or_default();
-    let (uid, gw) = (
-        header(headers::UID).to_string(),
-        header(headers::GATEWAY).to_string(),
+    let (app, did, gw) = (
+        input.request.app.clone(),
+        input.request.did.clone(),
+        input.request.gw.clone(),
     );
-    let conn = header(headers::CONN).parse().unwrap_or(0);
-    let up = RawFrame::from_bytes(message.payload.clone(), limits::MAX_FRAME_LEN_CAP)
-        .ok()
-        .and_then(|raw| Frame::decode(&raw).ok());
-    let Some(Frame::Up { header: up, body }) = up else {
-        // Nothing to answer (no client_msg_id): terminated, never redelivered.
-        tracing::warn!(%app, %did, "uplink stream message is not an UP frame, terminated");
-        ctx.metrics.refused("not_an_up");
-        let _ = message.ack_with(AckKind::Term).await;
-        return None;
-    };
-    let request = Uplink {
-        app: app.clone(),
-        uid,
-        did: did.clone(),
-        msg_id: up.client_msg_id,
-        session: Some(up.session.clone()).filter(|s| !s.is_empty()),
-        gw: gw.clone(),
-        conn,
-        body: Bytes::new(),
-    };
-    let outcome = match request.to_headers() {
-        Ok(map) => ask_business(&ctx, &message, &app, map, body).await,
-        Err(error) => (ErrorCode::BadRequest, error.message, String::new()),
+    let up = &input.up;
+    let outcome = match inputs::business_request_headers(&input) {
+        Ok(map) => ask_business(&ctx, &message, &app, map, input.body.clone()).await,
+        Err(error) => {
+            ctx.metrics.refused("up_field");
+            (ErrorCode::BadRequest, error.message, String::new())
+        }
     };
     let (code, text, server_id) = outcome;
     let result = match code {
@@ -158,7 +146,7 @@ async fn ask_business(
             .send_request(subjects::business_up(app), request)
             .await
         {
-            Ok(reply) => return interpret(&reply.payload),
+            Ok(reply) => return inputs::business_reply(&reply.payload),
             Err(error) => {
                 tracing::debug!(app, attempt, %error, "business did not answer");
                 // Keep the stream message ours while we wait.
@@ -177,25 +165,6 @@ async fn ask_business(
     )
 }
 
-fn interpret(payload: &[u8]) -> (ErrorCode, String, String) {
-    match UplinkReply::from_json(payload) {
-        Ok(UplinkReply::Stored { id }) => (ErrorCode::Ok, String::new(), id.unwrap_or_default()),
-        Ok(UplinkReply::Error { code, message }) => {
-            let code = if code == ErrorCode::Ok {
-                ErrorCode::Rejected
-            } else {
-                code
-            };
-            (code, message, String::new())
-        }
-        Err(error) => (
-            ErrorCode::Internal,
-            format!("business reply is not valid json: {error}"),
-            String::new(),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,19 +172,22 @@ mod tests {
     #[test]
     fn replies_map_to_codes() {
         assert_eq!(
-            interpret(br#"{"status":"stored","id":"m1"}"#),
+            inputs::business_reply(br#"{"status":"stored","id":"m1"}"#),
             (ErrorCode::Ok, String::new(), "m1".into())
         );
         assert_eq!(
-            interpret(br#"{"status":"error","code":"forbidden","message":"no"}"#).0,
+            inputs::business_reply(br#"{"status":"error","code":"forbidden","message":"no"}"#).0,
             ErrorCode::Forbidden
         );
-        assert_eq!(interpret(br#"{"status":"error"}"#).0, ErrorCode::Rejected);
         assert_eq!(
-            interpret(br#"{"status":"error","code":"ok"}"#).0,
+            inputs::business_reply(br#"{"status":"error"}"#).0,
             ErrorCode::Rejected
         );
-        assert_eq!(interpret(b"nope").0, ErrorCode::Internal);
+        assert_eq!(
+            inputs::business_reply(br#"{"status":"error","code":"ok"}"#).0,
+            ErrorCode::Rejected
+        );
+        assert_eq!(inputs::business_reply(b"nope").0, ErrorCode::Internal);
     }
 
     #[test]
