@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: tools up build test lint fmt fuzz clean-tools bench-tools bench
+.PHONY: tools up build test lint fmt fuzz clean-tools bench-tools bench chaos
 
 ## Install the pinned nats-server into .tools/ (no-op when present).
 tools:
@@ -25,6 +25,13 @@ test: tools
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
+
+## The chaos suite of RELIABILITY.md (~10 min on 2 cores): every role as a `tether` process
+## on a 3-node NATS cluster, one fault per scenario under steady QoS1 traffic, a row of
+## figures each (lines `CHAOS-ROW`).
+chaos: tools
+	$(CARGO) build -p tether
+	$(CARGO) nextest run -p tether-tests --test chaos --run-ignored ignored-only --no-capture --test-threads 1
 
 ## Tools of `make bench`: the pinned nats-server and Mosquitto (apt-get, as root).
 bench-tools:
