@@ -26,6 +26,7 @@ async fn fifty_connections_in_process() -> Result<(), Box<dyn std::error::Error>
         ws_listen: None,
         admin_listen: "127.0.0.1:0".parse()?,
         token_public_key: public,
+        await_registration: false,
         ..GatewayConfig::default()
     };
     let gateway = tether_gateway::start(config, shutdown.clone()).await?;

@@ -2,14 +2,17 @@
 //! into an UP_ACK. No answer is retried with backoff; the device gets `timeout`, never a
 //! false "stored".
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
-use tether_nats::subjects;
+use tether_nats::subjects::{self, Subject};
 use tether_schemas::{ErrorCode, Frame, pb};
+use tokio::time::Instant;
 
 use crate::context::StateCtx;
 use crate::inputs;
@@ -26,6 +29,80 @@ pub struct UplinkDone {
     /// The encoded UP_ACK frame.
     pub frame: Bytes,
 }
+
+/// The device an uplink stream message is from (app, did), from its subject; an empty
+/// key for a subject that is not an uplink (such messages are terminated).
+pub type DeviceKey = (String, String);
+
+/// The device of an uplink stream message.
+pub fn device_of(message: &Message) -> DeviceKey {
+    match Subject::parse(&message.subject) {
+        Some(Subject::Uplink { app, did }) => (app.to_string(), did.to_string()),
+        _ => (String::new(), String::new()),
+    }
+}
+
+/// Keeps one device's uplinks in order: one in flight per device, the rest queued behind
+/// it (devices are processed concurrently).
+#[derive(Default)]
+pub struct DeviceQueues {
+    waiting: HashMap<DeviceKey, VecDeque<(Message, Instant)>>,
+}
+
+impl DeviceQueues {
+    /// The message to start now, or `None` when its device already has one in flight
+    /// (then it waits its turn).
+    pub fn admit(&mut self, message: Message) -> Option<Message> {
+        match self.waiting.entry(device_of(&message)) {
+            Entry::Occupied(mut queue) => {
+                queue.get_mut().push_back((message, Instant::now()));
+                None
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(VecDeque::new());
+                Some(message)
+            }
+        }
+    }
+
+    /// The device's in-flight uplink finished: its next one, if any.
+    pub fn finished(&mut self, device: &DeviceKey) -> Option<Message> {
+        let queue = self.waiting.get_mut(device)?;
+        match queue.pop_front() {
+            Some((message, _)) => Some(message),
+            None => {
+                self.waiting.remove(device);
+                None
+            }
+        }
+    }
+
+    /// Tells JetStream that queued uplinks are still being handled (so they are not
+    /// redelivered while they wait their turn).
+    pub async fn keep_alive(&mut self) {
+        let now = Instant::now();
+        for queue in self.waiting.values_mut() {
+            for (message, since) in queue.iter_mut() {
+                if now.duration_since(*since) >= KEEP_ALIVE {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    *since = now;
+                }
+            }
+        }
+    }
+
+    /// Gives every queued uplink back to JetStream (redelivered at once, in order).
+    pub async fn release(&mut self) {
+        for (_, queue) in self.waiting.drain() {
+            for (message, _) in queue {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    }
+}
+
+/// How often a queued uplink's ack deadline is pushed back.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Processes one uplink stream message; acks it once the outcome is known.
 ///

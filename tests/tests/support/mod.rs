@@ -70,6 +70,8 @@ impl Fixture {
             ws_listen: Some("127.0.0.1:0".parse().expect("addr")),
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
             token_public_key: public_key,
+            // Most tests run the gateway alone; those with state opt in (`registered`).
+            await_registration: false,
             ..Default::default()
         };
         tweak(&mut config);
@@ -182,6 +184,7 @@ impl Fixture {
             ws_listen: Some("127.0.0.1:0".parse().expect("addr")),
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
             token_public_key: self._key_dir.path().join("token.pub"),
+            await_registration: false,
             ..Default::default()
         }
     }
