@@ -5,7 +5,7 @@ CARGO ?= cargo
 NPM ?= npm
 SDK := sdk/ts
 
-.PHONY: tools up build test test-ts test-browser sdk sdk-deps lint fmt fuzz clean-tools bench-tools bench
+.PHONY: tools up build test test-ts test-browser sdk sdk-deps lint fmt fuzz clean-tools bench-tools bench chaos
 
 ## Install the pinned nats-server into .tools/ and, as root, Debian's chromium for the
 ## browser test (no-op when present).
@@ -56,6 +56,13 @@ test-browser: tools sdk
 		cd $(SDK) && TETHER_BIN=$(CURDIR)/target/debug/tether $(NPM) run test:browser; \
 	fi
 
+## The chaos suite of RELIABILITY.md (~10 min on 2 cores): every role as a `tether` process
+## on a 3-node NATS cluster, one fault per scenario under steady QoS1 traffic, a row of
+## figures each (lines `CHAOS-ROW`).
+chaos: tools
+	$(CARGO) build -p tether
+	$(CARGO) nextest run -p tether-tests --test chaos --run-ignored ignored-only --no-capture --test-threads 1
+
 ## Tools of `make bench`: the pinned nats-server and Mosquitto (apt-get, as root).
 bench-tools:
 	@scripts/install-tools.sh bench
@@ -73,9 +80,15 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Fuzz the frame decoder for 60 s (needs cargo-fuzz; see schemas/README.md).
+## Fuzz for 60 s each: the frame decoder (schemas/fuzz) and state's inputs from NATS
+## (state/fuzz: event JSON, uplink headers and frames, push headers, business replies).
+## Installs cargo-fuzz into .tools/cargo when it is missing (crates.io).
+FUZZ_SECS ?= 60
+CARGO_FUZZ = $(CURDIR)/.tools/cargo/bin/cargo-fuzz
 fuzz:
-	cd schemas/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run decode_frame -- -max_total_time=60
+	@test -x $(CARGO_FUZZ) || $(CARGO) install cargo-fuzz --locked --root $(CURDIR)/.tools/cargo
+	cd schemas/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) fuzz run decode_frame -- -max_total_time=$(FUZZ_SECS)
+	cd state/fuzz && RUSTC_BOOTSTRAP=1 $(CARGO_FUZZ) fuzz run nats_inputs -- -max_total_time=$(FUZZ_SECS)
 
 clean-tools:
 	rm -rf .tools

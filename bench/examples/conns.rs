@@ -4,7 +4,8 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use tether_bench::conns::{self, ConnsArgs};
+use tether_bench::conns::ConnsArgs;
+use tether_bench::scenario::{self, CommonArgs};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,15 +22,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hold_secs = next(5)?;
     // A fresh run needs fresh source addresses (TIME_WAIT): pick the first octet.
     let first = u8::try_from(next(2)?)?;
-    let source_addrs = (0..8u8)
+    let sources = (0..8u8)
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, first.saturating_add(i))))
         .collect();
-    conns::run(ConnsArgs {
+    scenario::run(&ConnsArgs {
         connections,
         rate,
         hold_secs,
-        source_addrs,
-        json: true,
+        common: CommonArgs {
+            sources,
+            json: true,
+            ..CommonArgs::default()
+        },
         ..ConnsArgs::default()
     })
     .await?;

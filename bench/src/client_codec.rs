@@ -1,5 +1,6 @@
-//! Raw client protocols spoken by the load generator: Tether frames, the NATS text
-//! protocol and MQTT 3.1.1 (QoS 0/1), each just far enough for the scenarios.
+//! The load generator's client codec: the raw client protocols it speaks (Tether frames,
+//! also over WebSocket, the NATS text protocol and MQTT 3.1.1 at QoS 0/1), each just far
+//! enough for the scenarios, and the stamped payload they carry.
 //!
 //! The scenarios open tens of thousands of sockets, so there is no client library per
 //! connection: a connection is a `TcpStream` plus, while it reads, one buffer. Each
@@ -219,6 +220,24 @@ pub fn ws_binary(out: &mut BytesMut, payload: &[u8]) {
     }
     out.put_slice(&MASK);
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+}
+
+/// Appends one Tether UP frame carrying `body` to `out`: as it is, or in a masked
+/// WebSocket binary message for [`Proto::TetherWs`].
+pub fn tether_up(out: &mut BytesMut, proto: Proto, client_msg_id: u64, body: Bytes) {
+    let frame = Frame::Up {
+        header: pb::Up {
+            client_msg_id,
+            session: String::new(),
+        },
+        body,
+    }
+    .encode();
+    if proto == Proto::TetherWs {
+        ws_binary(out, &frame);
+    } else {
+        out.extend_from_slice(&frame);
+    }
 }
 
 // ---------------------------------------------------------------- decoding

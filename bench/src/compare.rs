@@ -8,19 +8,6 @@ use std::fmt;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-/// The targets of one scenario run, in order: Tether first, then each peer, each with its
-/// own source addresses (shifted by its position so no two targets share ports).
-pub fn targets(
-    peers: &[crate::wire::Proto],
-    sources: &[std::net::IpAddr],
-) -> Vec<(crate::wire::Proto, Vec<std::net::IpAddr>)> {
-    std::iter::once(crate::wire::Proto::Tether)
-        .chain(peers.iter().copied())
-        .enumerate()
-        .map(|(k, proto)| (proto, crate::conns::shift_sources(sources, k)))
-        .collect()
-}
-
 /// One comparable number.
 #[derive(Debug, Clone, Serialize)]
 pub struct Figure {

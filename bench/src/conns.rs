@@ -10,20 +10,21 @@
 //! destination) and, with `gateways > 1`, over several gateway processes.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use tether_auth::TokenSigner;
 
-use crate::compare::{Comparison, Figure, Outcome};
+use crate::client_codec::Proto;
+use crate::compare::Figure;
 use crate::fleet::{self, Plan};
 use crate::progress::Progress;
+use crate::scenario::{self, CommonArgs, Report, Scenario, source_range};
 use crate::stack::{PeerServer, Stack, StackSpec, rss_sum_kb};
 use crate::stats::Percentiles;
-use crate::wire::Proto;
 use crate::{BenchError, procfs, worker};
 
 /// Most connections one load-generator process opens (fd hard limit 20,000, minus margin).
@@ -33,73 +34,47 @@ const MIN_HOLD_SECS: u64 = 2;
 /// fds kept free for the runtime, NATS clients, files.
 const FD_MARGIN: u64 = 200;
 
-/// Arguments of the `conns` scenario.
-#[derive(Debug, Clone)]
+/// Arguments of the `conns` scenario. It targets a running gateway by its address alone
+/// (`--endpoint`, `--key`, `--gateway-pid`: no NATS needed), not [`RunningArgs`].
+///
+/// [`RunningArgs`]: crate::scenario::RunningArgs
+#[derive(Debug, Clone, clap::Args)]
 pub struct ConnsArgs {
-    /// Process whose RSS is measured when targeting a running gateway (`endpoint`).
-    pub gateway_pid: Option<u32>,
-    /// Gateway TCP client address; `None` starts nats-server and gateway(s).
-    pub endpoint: Option<SocketAddr>,
-    /// Connections to open and hold.
+    /// Connections to open (more than 19,000 spread over worker processes).
+    #[arg(long, short = 'n', default_value_t = 10_000)]
     pub connections: usize,
-    /// Target connects per second (all processes together).
+    /// Target connects per second.
+    #[arg(long, default_value_t = 5_000)]
     pub rate: u32,
-    /// Client source addresses, used round-robin (each gives ~28k ports per destination).
-    pub source_addrs: Vec<IpAddr>,
-    /// Token signing key (private PEM). Required with `endpoint`; generated otherwise.
-    pub key: Option<PathBuf>,
-    /// App id put in tokens and LOGIN.
-    pub app: String,
-    /// Seconds to hold the idle connections before measuring (at least 2).
-    pub hold_secs: u64,
-    /// Gateway processes to start (ignored with `endpoint`).
+    /// Gateway processes to start.
+    #[arg(long, default_value_t = 1)]
     pub gateways: usize,
-    /// Load-generator processes; `None`: one per 19,000 connections.
-    pub workers: Option<usize>,
-    /// Tether clients connect over WebSocket (`/ws`) instead of TCP.
+    /// Tether clients use WebSocket (`/ws`) instead of TCP.
+    #[arg(long)]
     pub ws: bool,
-    /// Peers measured in the same run, after Tether.
-    pub peers: Vec<Proto>,
-    /// Print one JSON line after the human summary.
-    pub json: bool,
-}
-
-impl ConnsArgs {
-    /// 127.0.0.2 ..= 127.0.0.9.
-    pub fn default_source_addrs() -> Vec<IpAddr> {
-        source_range(2, 8)
-    }
-}
-
-/// `count` addresses from 127.0.0.`first` on (127.0.0.255 is followed by 127.0.1.0; all
-/// of 127/8 answers on `lo`).
-pub fn source_range(first: u16, count: u16) -> Vec<IpAddr> {
-    (0..count)
-        .map(|i| nth_loopback(u32::from(first) + u32::from(i)))
-        .collect()
-}
-
-fn nth_loopback(n: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, (n >> 8) as u8, (n & 0xff) as u8))
+    /// Load-generator processes (default: one per 19,000 connections).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Gateway to target (default: start nats-server and gateways for the run).
+    #[arg(long)]
+    pub endpoint: Option<SocketAddr>,
+    /// Process id of the targeted gateway, for its RSS.
+    #[arg(long)]
+    pub gateway_pid: Option<u32>,
+    /// Token signing key of the targeted gateway (PEM).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Seconds to hold the connections idle before measuring.
+    #[arg(long = "hold", value_name = "HOLD", default_value_t = 5)]
+    pub hold_secs: u64,
+    /// The flags of every scenario.
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 impl Default for ConnsArgs {
     fn default() -> Self {
-        Self {
-            gateway_pid: None,
-            endpoint: None,
-            connections: 10_000,
-            rate: 5_000,
-            source_addrs: Self::default_source_addrs(),
-            key: None,
-            app: "bench".into(),
-            hold_secs: 5,
-            gateways: 1,
-            workers: None,
-            ws: false,
-            peers: Vec::new(),
-            json: false,
-        }
+        scenario::defaults()
     }
 }
 
@@ -204,9 +179,14 @@ impl ConnsReport {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
+}
 
-    /// The figures compared with peers.
-    pub fn outcome(&self) -> Outcome {
+impl Report for ConnsReport {
+    fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn figures(&self) -> Vec<Figure> {
         let mut figures = vec![
             Figure::new("connect_rate", self.connect_rate_per_sec, "/s"),
             Figure::new("login_p50", self.login.p50_us as f64, "µs"),
@@ -215,65 +195,8 @@ impl ConnsReport {
         if let Some(rss) = self.gateway_rss_per_conn_bytes {
             figures.insert(0, Figure::new("rss_per_conn", rss as f64, "B"));
         }
-        Outcome {
-            target: self.target.clone(),
-            figures,
-            detail: serde_json::to_value(self).unwrap_or_default(),
-        }
+        figures
     }
-}
-
-/// Runs Tether and then every peer of `args`, prints each summary and the comparison
-/// (and JSON), and returns the comparison and the Tether report.
-pub async fn run(args: ConnsArgs) -> Result<(Comparison, ConnsReport), BenchError> {
-    let proto = if args.ws {
-        Proto::TetherWs
-    } else {
-        Proto::Tether
-    };
-    let tether = measure(&args, proto).await?;
-    println!("{tether}");
-    let mut outcomes = vec![tether.outcome()];
-    for (k, &peer) in args.peers.iter().enumerate() {
-        // Fresh source addresses: the previous run's sockets sit in TIME_WAIT.
-        let mut peer_args = args.clone();
-        peer_args.source_addrs = shift_sources(&args.source_addrs, k + 1);
-        let report = measure(&peer_args, peer).await?;
-        println!("{report}");
-        outcomes.push(report.outcome());
-    }
-    let comparison = Comparison {
-        scenario: "conns".into(),
-        params: json!({
-            "connections": args.connections,
-            "rate": args.rate,
-            "gateways": args.gateways,
-            "transport": if args.ws { "ws" } else { "tcp" },
-            "hold_secs": args.hold_secs,
-        }),
-        outcomes,
-    };
-    comparison.print(args.json);
-    Ok((comparison, tether))
-}
-
-/// The `k`-th fresh set of source addresses after `sources` (a run right after another
-/// needs new ones: closed sockets sit in TIME_WAIT for a minute).
-pub fn shift_sources(sources: &[IpAddr], k: usize) -> Vec<IpAddr> {
-    shifted(sources, (k * sources.len()) as u16)
-}
-
-fn shifted(sources: &[IpAddr], by: u16) -> Vec<IpAddr> {
-    sources
-        .iter()
-        .map(|a| match a {
-            IpAddr::V4(v4) => {
-                let o = v4.octets();
-                nth_loopback(u32::from(o[2]) * 256 + u32::from(o[3]) + u32::from(by))
-            }
-            other => *other,
-        })
-        .collect()
 }
 
 /// The server side of one run, when started here (stopped on drop).
@@ -283,185 +206,216 @@ struct Server {
     _peer: Option<PeerServer>,
 }
 
-/// Measures one target.
-pub async fn measure(args: &ConnsArgs, proto: Proto) -> Result<ConnsReport, BenchError> {
-    if args.connections == 0 || args.rate == 0 || args.source_addrs.is_empty() {
-        return Err(BenchError::Args(
-            "connections, rate and source addresses are needed".into(),
-        ));
-    }
-    let in_process = args.gateway_pid == Some(std::process::id());
-    let fd_limit =
-        rlimit::increase_nofile_limit(u64::MAX).map_err(BenchError::io("raise RLIMIT_NOFILE"))?;
-    // An in-process gateway holds the server end of every connection too.
-    let per_process =
-        usize::try_from(fd_limit.saturating_sub(FD_MARGIN) / if in_process { 2 } else { 1 })
-            .unwrap_or(usize::MAX)
-            .min(MAX_CONNECTIONS_PER_PROCESS);
-    let workers = args
-        .workers
-        .unwrap_or_else(|| args.connections.div_ceil(per_process))
-        .max(1);
-    if args.connections.div_ceil(workers) > per_process || (in_process && workers > 1) {
-        return Err(BenchError::TooManyConnections {
-            requested: args.connections,
-            max: if in_process {
-                per_process
-            } else {
-                per_process * workers
-            },
-        });
+impl Scenario for ConnsArgs {
+    type Report = ConnsReport;
+    const NAME: &'static str = "conns";
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
     }
 
-    let (server, endpoints, pids, signer, key_path) = match (proto, args.endpoint) {
-        (Proto::Tether | Proto::TetherWs, Some(endpoint)) => {
-            let key = args.key.clone().ok_or_else(|| {
-                BenchError::Args("--key (token signing key) is required with --endpoint".into())
-            })?;
-            let signer = TokenSigner::from_file(&key)
-                .map_err(|e| BenchError::Setup(format!("signing key: {e}")))?;
-            let pids = args.gateway_pid.into_iter().collect();
-            (
-                Server::default(),
-                vec![endpoint],
-                pids,
-                Some(signer),
-                Some(key),
-            )
+    /// 127.0.0.2 ..= 127.0.0.9.
+    fn default_sources() -> Vec<IpAddr> {
+        source_range(2, 8)
+    }
+
+    fn params(&self) -> Value {
+        json!({
+            "connections": self.connections,
+            "rate": self.rate,
+            "gateways": self.gateways,
+            "transport": if self.ws { "ws" } else { "tcp" },
+            "hold_secs": self.hold_secs,
+        })
+    }
+
+    fn tether(&self) -> Proto {
+        if self.ws {
+            Proto::TetherWs
+        } else {
+            Proto::Tether
         }
-        (Proto::Tether | Proto::TetherWs, None) => {
-            let stack = Stack::start(&StackSpec {
-                gateways: args.gateways.max(1),
-                state: false,
-                key: args.key.clone(),
+    }
+
+    async fn measure(&self, proto: Proto, sources: &[IpAddr]) -> Result<ConnsReport, BenchError> {
+        if self.connections == 0 || self.rate == 0 || sources.is_empty() {
+            return Err(BenchError::Args(
+                "connections, rate and source addresses are needed".into(),
+            ));
+        }
+        let in_process = self.gateway_pid == Some(std::process::id());
+        let fd_limit = rlimit::increase_nofile_limit(u64::MAX)
+            .map_err(BenchError::io("raise RLIMIT_NOFILE"))?;
+        // An in-process gateway holds the server end of every connection too.
+        let per_process =
+            usize::try_from(fd_limit.saturating_sub(FD_MARGIN) / if in_process { 2 } else { 1 })
+                .unwrap_or(usize::MAX)
+                .min(MAX_CONNECTIONS_PER_PROCESS);
+        let workers = self
+            .workers
+            .unwrap_or_else(|| self.connections.div_ceil(per_process))
+            .max(1);
+        if self.connections.div_ceil(workers) > per_process || (in_process && workers > 1) {
+            return Err(BenchError::TooManyConnections {
+                requested: self.connections,
+                max: if in_process {
+                    per_process
+                } else {
+                    per_process * workers
+                },
+            });
+        }
+
+        let (server, endpoints, pids, signer, key_path) = match (proto, self.endpoint) {
+            (Proto::Tether | Proto::TetherWs, Some(endpoint)) => {
+                let key = self.key.clone().ok_or_else(|| {
+                    BenchError::Args("--key (token signing key) is required with --endpoint".into())
+                })?;
+                let signer = TokenSigner::from_file(&key)
+                    .map_err(|e| BenchError::Setup(format!("signing key: {e}")))?;
+                let pids = self.gateway_pid.into_iter().collect();
+                (
+                    Server::default(),
+                    vec![endpoint],
+                    pids,
+                    Some(signer),
+                    Some(key),
+                )
+            }
+            (Proto::Tether | Proto::TetherWs, None) => {
+                let stack = Stack::start(&StackSpec {
+                    gateways: self.gateways.max(1),
+                    state: false,
+                    key: self.key.clone(),
+                })
+                .await?;
+                let endpoints = if proto == Proto::TetherWs {
+                    stack.ws_endpoints()
+                } else {
+                    stack.tcp_endpoints()
+                };
+                let pids = stack.gateway_pids();
+                let (signer, key) = (stack.signer.clone(), stack.key_path.clone());
+                (
+                    Server {
+                        _stack: Some(stack),
+                        _peer: None,
+                    },
+                    endpoints,
+                    pids,
+                    Some(signer),
+                    Some(key),
+                )
+            }
+            (peer, _) => {
+                let server = match peer {
+                    Proto::Mqtt => PeerServer::mosquitto().await?,
+                    _ => PeerServer::nats()?,
+                };
+                let (addr, pid) = (server.addr, server.pid);
+                (
+                    Server {
+                        _stack: None,
+                        _peer: Some(server),
+                    },
+                    vec![addr],
+                    vec![pid],
+                    None,
+                    None,
+                )
+            }
+        };
+        let servers = endpoints.len();
+        let plan = Plan {
+            proto,
+            endpoints,
+            sources: sources.to_vec(),
+            app: self.common.app.clone(),
+            did_prefix: "bench-d".into(),
+            subscribe: None,
+            rate: self.rate,
+        };
+
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rss_before = rss_sum_kb(&pids);
+        let mem_before = procfs::tcp_mem_pages();
+        let slab_before = procfs::slab_kb();
+        let label = format!("conns [{}]", proto.target_name());
+        let progress = Progress::start(label, self.connections as u64);
+
+        let opened = if workers == 1 {
+            let p = progress.clone();
+            let opened = fleet::open(&plan, signer.as_ref(), 0..self.connections, |ok, failed| {
+                p.set((ok + failed) as u64);
+                if failed > 0 {
+                    p.note(format!("{failed} failed"));
+                }
             })
             .await?;
-            let endpoints = if proto == Proto::TetherWs {
-                stack.ws_endpoints()
-            } else {
-                stack.tcp_endpoints()
-            };
-            let pids = stack.gateway_pids();
-            let (signer, key) = (stack.signer.clone(), stack.key_path.clone());
-            (
-                Server {
-                    _stack: Some(stack),
-                    _peer: None,
-                },
-                endpoints,
-                pids,
-                Some(signer),
-                Some(key),
-            )
-        }
-        (peer, _) => {
-            let server = match peer {
-                Proto::Mqtt => PeerServer::mosquitto().await?,
-                _ => PeerServer::nats()?,
-            };
-            let (addr, pid) = (server.addr, server.pid);
-            (
-                Server {
-                    _stack: None,
-                    _peer: Some(server),
-                },
-                vec![addr],
-                vec![pid],
-                None,
-                None,
-            )
-        }
-    };
-    let servers = endpoints.len();
-    let plan = Plan {
-        proto,
-        endpoints,
-        sources: args.source_addrs.clone(),
-        app: args.app.clone(),
-        did_prefix: "bench-d".into(),
-        subscribe: None,
-        rate: args.rate,
-    };
-
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_before = rss_sum_kb(&pids);
-    let mem_before = procfs::tcp_mem_pages();
-    let slab_before = procfs::slab_kb();
-    let label = format!("conns [{}]", proto.target_name());
-    let progress = Progress::start(label, args.connections as u64);
-
-    let opened = if workers == 1 {
-        let p = progress.clone();
-        let opened = fleet::open(&plan, signer.as_ref(), 0..args.connections, |ok, failed| {
-            p.set((ok + failed) as u64);
-            if failed > 0 {
-                p.note(format!("{failed} failed"));
-            }
-        })
-        .await?;
-        Held::Local(opened)
-    } else {
-        Held::Workers(
-            worker::spawn_all(
-                &plan,
-                key_path.as_deref(),
-                args.connections,
-                workers,
-                &progress,
-            )
-            .await?,
-        )
-    };
-    progress.finish();
-    let (held, failed, first_error, latency, elapsed, loadgen_extra) = opened.summary();
-    if held == 0 {
-        return Err(BenchError::NoConnections(first_error.unwrap_or_default()));
-    }
-
-    let hold_secs = args.hold_secs.max(MIN_HOLD_SECS);
-    eprintln!("holding {held} idle connections for {hold_secs} s");
-    tokio::time::sleep(Duration::from_secs(hold_secs)).await;
-    let rss_after = rss_sum_kb(&pids);
-    let mem_after = procfs::tcp_mem_pages();
-    let slab_after = procfs::slab_kb();
-    let loadgen_rss = procfs::self_rss_kb().map(|kb| kb + loadgen_extra);
-
-    let per_conn = |before: Option<u64>, after: Option<u64>, unit: i64| {
-        let (b, a) = (i64::try_from(before?).ok()?, i64::try_from(after?).ok()?);
-        Some((a - b) * unit / i64::try_from(held).ok()?)
-    };
-    let login = Percentiles::of(&latency);
-    let report = ConnsReport {
-        target: proto.target_name().into(),
-        transport: if proto == Proto::TetherWs {
-            "ws"
+            Held::Local(opened)
         } else {
-            "tcp"
-        },
-        servers,
-        workers,
-        connections: held,
-        failed,
-        first_error,
-        connect_rate_per_sec: held as f64 / elapsed.as_secs_f64().max(1e-9),
-        login,
-        login_p50_us: login.p50_us,
-        login_p99_us: login.p99_us,
-        gateway_rss_before_kb: rss_before,
-        gateway_rss_after_kb: rss_after,
-        gateway_rss_per_conn_bytes: per_conn(rss_before, rss_after, 1024),
-        kernel_sockstat_mem_pages_before: mem_before,
-        kernel_sockstat_mem_pages_after: mem_after,
-        kernel_mem_per_conn_bytes: per_conn(mem_before, mem_after, 4096),
-        kernel_slab_per_conn_bytes: per_conn(slab_before, slab_after, 1024),
-        loadgen_rss_kb: loadgen_rss,
-        hold_secs,
-        gateway_in_process: in_process,
-    };
-    // Close the clients before the servers.
-    drop(opened);
-    drop(server);
-    Ok(report)
+            Held::Workers(
+                worker::spawn_all(
+                    &plan,
+                    key_path.as_deref(),
+                    self.connections,
+                    workers,
+                    &progress,
+                )
+                .await?,
+            )
+        };
+        progress.finish();
+        let (held, failed, first_error, latency, elapsed, loadgen_extra) = opened.summary();
+        if held == 0 {
+            return Err(BenchError::NoConnections(first_error.unwrap_or_default()));
+        }
+
+        let hold_secs = self.hold_secs.max(MIN_HOLD_SECS);
+        eprintln!("holding {held} idle connections for {hold_secs} s");
+        tokio::time::sleep(Duration::from_secs(hold_secs)).await;
+        let rss_after = rss_sum_kb(&pids);
+        let mem_after = procfs::tcp_mem_pages();
+        let slab_after = procfs::slab_kb();
+        let loadgen_rss = procfs::self_rss_kb().map(|kb| kb + loadgen_extra);
+
+        let per_conn = |before: Option<u64>, after: Option<u64>, unit: i64| {
+            let (b, a) = (i64::try_from(before?).ok()?, i64::try_from(after?).ok()?);
+            Some((a - b) * unit / i64::try_from(held).ok()?)
+        };
+        let login = Percentiles::of(&latency);
+        let report = ConnsReport {
+            target: proto.target_name().into(),
+            transport: if proto == Proto::TetherWs {
+                "ws"
+            } else {
+                "tcp"
+            },
+            servers,
+            workers,
+            connections: held,
+            failed,
+            first_error,
+            connect_rate_per_sec: held as f64 / elapsed.as_secs_f64().max(1e-9),
+            login,
+            login_p50_us: login.p50_us,
+            login_p99_us: login.p99_us,
+            gateway_rss_before_kb: rss_before,
+            gateway_rss_after_kb: rss_after,
+            gateway_rss_per_conn_bytes: per_conn(rss_before, rss_after, 1024),
+            kernel_sockstat_mem_pages_before: mem_before,
+            kernel_sockstat_mem_pages_after: mem_after,
+            kernel_mem_per_conn_bytes: per_conn(mem_before, mem_after, 4096),
+            kernel_slab_per_conn_bytes: per_conn(slab_before, slab_after, 1024),
+            loadgen_rss_kb: loadgen_rss,
+            hold_secs,
+            gateway_in_process: in_process,
+        };
+        // Close the clients before the servers.
+        drop(opened);
+        drop(server);
+        Ok(report)
+    }
 }
 
 /// Connections held in this process or by worker processes.
@@ -537,10 +491,14 @@ mod tests {
     }
 
     #[test]
-    fn sources_shift_past_the_used_ones() {
-        let s = ConnsArgs::default_source_addrs();
-        assert_eq!(s[0], IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
-        let t = shifted(&s, 8);
-        assert_eq!(t[0], IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10)));
+    fn defaults_are_the_flags_defaults() {
+        let args = ConnsArgs::default();
+        assert_eq!(
+            (args.connections, args.rate, args.hold_secs),
+            (10_000, 5_000, 5)
+        );
+        assert_eq!((args.gateways, args.workers, args.ws), (1, None, false));
+        assert_eq!(args.tether(), Proto::Tether);
+        assert_eq!(ConnsArgs::default_sources(), source_range(2, 8));
     }
 }

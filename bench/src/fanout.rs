@@ -13,58 +13,49 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use tether_business::{Business, Push};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::BenchError;
-use crate::compare::{Comparison, Figure, Outcome};
+use crate::client_codec::{self, Proto, now_ns};
+use crate::compare::Figure;
 use crate::fleet::{self, Plan};
 use crate::progress::Progress;
 use crate::reader::{self, Counters};
-use crate::stack::{Running, Target};
+use crate::scenario::{self, CommonArgs, Report, RunningArgs, Scenario, source_range};
+use crate::stack::{Target, nats_client};
 use crate::stats::{Percentiles, Sink};
-use crate::wire::{self, Proto, now_ns};
 
 /// Arguments of the `fanout` scenario.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct FanoutArgs {
-    /// Members of the room (connections).
+    /// Members of the room.
+    #[arg(long, short = 'n', default_value_t = 1_000)]
     pub members: usize,
-    /// Broadcasts to send.
+    /// Broadcasts.
+    #[arg(long, short = 'm', default_value_t = 100)]
     pub messages: usize,
     /// Broadcasts per second.
+    #[arg(long, default_value_t = 10)]
     pub rate: u32,
-    /// Connects per second while the members join.
-    pub connect_rate: u32,
-    /// Client source addresses.
-    pub source_addrs: Vec<IpAddr>,
-    /// App id.
-    pub app: String,
-    /// A running Tether stack to target instead of starting one.
-    pub running: Option<Running>,
-    /// Peers measured after Tether.
-    pub peers: Vec<Proto>,
-    /// Print the JSON line.
-    pub json: bool,
+    /// A running Tether stack to target.
+    #[command(flatten)]
+    pub running: RunningArgs,
+    /// The flags of every scenario.
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 impl Default for FanoutArgs {
     fn default() -> Self {
-        FanoutArgs {
-            members: 1_000,
-            messages: 100,
-            rate: 10,
-            connect_rate: 5_000,
-            source_addrs: crate::conns::source_range(20, 4),
-            app: "bench".into(),
-            running: None,
-            peers: Vec::new(),
-            json: false,
-        }
+        scenario::defaults()
     }
 }
+
+/// Connects per second while the members join.
+const CONNECT_RATE: u32 = 5_000;
 
 /// Results of one fan-out run.
 #[derive(Debug, Clone, Serialize)]
@@ -104,54 +95,17 @@ impl std::fmt::Display for FanoutReport {
     }
 }
 
-impl FanoutReport {
-    /// Figures compared with peers.
-    pub fn outcome(&self) -> Outcome {
-        Outcome {
-            target: self.target.clone(),
-            figures: vec![Figure::new(
-                "deliveries_per_sec",
-                self.deliveries_per_sec,
-                "/s",
-            )]
-            .into_iter()
-            .chain(self.latency.figures(true))
-            .collect(),
-            detail: serde_json::to_value(self).unwrap_or_default(),
-        }
+impl Report for FanoutReport {
+    fn target(&self) -> &str {
+        &self.target
     }
-}
 
-/// Runs Tether and the peers, prints and returns the comparison.
-pub async fn run(args: FanoutArgs) -> Result<Comparison, BenchError> {
-    let mut outcomes = Vec::new();
-    for (proto, sources) in crate::compare::targets(&args.peers, &args.source_addrs) {
-        let mut a = args.clone();
-        a.source_addrs = sources;
-        match measure(&a, proto).await {
-            Ok(report) => {
-                println!("{report}");
-                outcomes.push(report.outcome());
-            }
-            Err(e) if proto == Proto::Tether && !args.peers.is_empty() => {
-                eprintln!("fanout [tether] failed: {e}; measuring the peers anyway");
-                outcomes.push(crate::compare::failed("tether", &e));
-            }
-            Err(e) => return Err(e),
-        }
+    fn figures(&self) -> Vec<Figure> {
+        let rate = Figure::new("deliveries_per_sec", self.deliveries_per_sec, "/s");
+        std::iter::once(rate)
+            .chain(self.latency.figures(true))
+            .collect()
     }
-    let comparison = Comparison {
-        scenario: "fanout".into(),
-        params: json!({
-            "members": args.members,
-            "messages": args.messages,
-            "rate": args.rate,
-            "payload_bytes": wire::PAYLOAD_LEN,
-        }),
-        outcomes,
-    };
-    comparison.print(args.json);
-    Ok(comparison)
 }
 
 enum Publisher {
@@ -161,7 +115,7 @@ enum Publisher {
 
 impl Publisher {
     async fn send(&mut self, seq: u64) -> Result<(), BenchError> {
-        let body = wire::payload(now_ns(), seq);
+        let body = client_codec::payload(now_ns(), seq);
         match self {
             Publisher::Tether(business, room) => {
                 let push = Push::to_session(room.as_str(), body).qos0();
@@ -173,8 +127,8 @@ impl Publisher {
             Publisher::Raw(proto, stream) => {
                 let mut out = BytesMut::with_capacity(128);
                 match proto {
-                    Proto::Mqtt => wire::mqtt_publish(&mut out, ROOM, &body, None),
-                    _ => wire::nats_pub(&mut out, ROOM, &body),
+                    Proto::Mqtt => client_codec::mqtt_publish(&mut out, ROOM, &body, None),
+                    _ => client_codec::nats_pub(&mut out, ROOM, &body),
                 }
                 stream
                     .write_all(&out)
@@ -187,159 +141,175 @@ impl Publisher {
 
 const ROOM: &str = "room1";
 
-/// Measures one target.
-pub async fn measure(args: &FanoutArgs, proto: Proto) -> Result<FanoutReport, BenchError> {
-    if args.members == 0 || args.messages == 0 || args.rate == 0 {
-        return Err(BenchError::Args(
-            "members, messages and rate must be positive".into(),
-        ));
-    }
-    let target = Target::start(proto, args.running.as_ref()).await?;
-    let (endpoint, signer) = (target.endpoint, target.signer.clone());
-    let plan = Plan {
-        proto,
-        endpoints: vec![endpoint],
-        sources: args.source_addrs.clone(),
-        app: args.app.clone(),
-        did_prefix: "m".into(),
-        subscribe: Some(ROOM.into()),
-        rate: args.connect_rate,
-    };
-    let progress = Progress::start(
-        format!("fanout [{}] joining", proto.target_name()),
-        args.members as u64,
-    );
-    let p = progress.clone();
-    let opened = fleet::open(&plan, signer.as_ref(), 0..args.members, |ok, failed| {
-        p.set((ok + failed) as u64)
-    })
-    .await?;
-    progress.finish();
-    if opened.conns.is_empty() {
-        return Err(BenchError::NoConnections(
-            opened.first_error.unwrap_or_default(),
-        ));
-    }
-    let members = opened.conns.len();
-    let sink = Arc::new(Sink::default());
-    let counters = Arc::new(Counters::default());
-    let mut readers = Vec::with_capacity(members);
-    for (i, stream, rest) in opened.conns {
-        readers.push(tokio::spawn(reader::read_stream(
-            i,
-            proto,
-            stream,
-            rest,
-            sink.clone(),
-            counters.clone(),
-        )));
+impl Scenario for FanoutArgs {
+    type Report = FanoutReport;
+    const NAME: &'static str = "fanout";
+    const PEERS_AFTER_TETHER_FAILURE: bool = true;
+
+    fn common(&self) -> &CommonArgs {
+        &self.common
     }
 
-    let mut publisher = match (&target.nats_url, proto) {
-        (Some(url), Proto::Tether | Proto::TetherWs) => {
-            let client = async_nats::connect(url.as_str())
-                .await
-                .map_err(|e| BenchError::Setup(format!("business nats connection: {e}")))?;
-            Publisher::Tether(Business::new(client, &args.app), ROOM.to_string())
-        }
-        _ => {
-            let mut stream = TcpStream::connect(endpoint)
-                .await
-                .map_err(BenchError::io("publisher connect"))?;
-            let _ = stream.set_nodelay(true);
-            let hello = match proto {
-                Proto::Mqtt => wire::mqtt_hello("publisher", None),
-                _ => wire::nats_hello(None),
-            };
-            wire::handshake(&mut stream, proto, &hello, 1, Duration::from_secs(10))
-                .await
-                .map_err(BenchError::Setup)?;
-            Publisher::Raw(proto, stream)
-        }
-    };
-
-    // Warm-up: one broadcast until every member got one (subscriptions and session
-    // bindings settle), then start from zero.
-    let mut warm = false;
-    for _ in 0..10 {
-        sink.reset();
-        publisher.send(u64::MAX).await?;
-        let members_u64 = members as u64;
-        let s = sink.clone();
-        if reader::wait_until(
-            || s.count() >= members_u64,
-            || s.count(),
-            Duration::from_secs(2),
-            Duration::from_secs(5),
-        )
-        .await
-        {
-            warm = true;
-            break;
-        }
+    fn default_sources() -> Vec<IpAddr> {
+        source_range(20, 4)
     }
-    if !warm {
-        return Err(BenchError::Setup(format!(
-            "warm-up broadcast reached {} of {members} members",
-            sink.count()
-        )));
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    sink.reset();
 
-    let expected = (members * args.messages) as u64;
-    let progress = Progress::start(
-        format!("fanout [{}] deliveries", proto.target_name()),
-        expected,
-    );
-    let ticker = {
-        let (sink, progress) = (sink.clone(), progress.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                progress.set(sink.count());
-            }
+    fn params(&self) -> Value {
+        json!({
+            "members": self.members,
+            "messages": self.messages,
+            "rate": self.rate,
+            "payload_bytes": client_codec::PAYLOAD_LEN,
         })
-    };
-    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
-    let start_ns = now_ns();
-    let start = Instant::now();
-    for k in 0..args.messages {
-        let due = start + interval.mul_f64(k as f64);
-        if due > Instant::now() {
-            tokio::time::sleep_until(due.into()).await;
-        }
-        publisher.send(k as u64).await?;
     }
-    let s = sink.clone();
-    reader::wait_until(
-        || s.count() >= expected,
-        || s.count(),
-        Duration::from_secs(5),
-        Duration::from_secs(120),
-    )
-    .await;
-    ticker.abort();
-    progress.set(sink.count());
-    progress.finish();
 
-    let delivered = sink.count();
-    let last = sink.span_ns().map_or(start_ns, |(_, last)| last);
-    let seconds = (last.saturating_sub(start_ns)) as f64 / 1e9;
-    let report = FanoutReport {
-        target: proto.target_name().into(),
-        members,
-        messages: args.messages,
-        expected,
-        delivered,
-        deliveries_per_sec: delivered as f64 / seconds.max(1e-9),
-        latency: Percentiles::of(&sink.merged()),
-        seconds,
-    };
-    for r in readers {
-        r.abort();
+    async fn measure(&self, proto: Proto, sources: &[IpAddr]) -> Result<FanoutReport, BenchError> {
+        if self.members == 0 || self.messages == 0 || self.rate == 0 {
+            return Err(BenchError::Args(
+                "members, messages and rate must be positive".into(),
+            ));
+        }
+        let target = Target::start(proto, self.running.running().as_ref()).await?;
+        let (endpoint, signer) = (target.endpoint, target.signer.clone());
+        let plan = Plan {
+            proto,
+            endpoints: vec![endpoint],
+            sources: sources.to_vec(),
+            app: self.common.app.clone(),
+            did_prefix: "m".into(),
+            subscribe: Some(ROOM.into()),
+            rate: CONNECT_RATE,
+        };
+        let progress = Progress::start(
+            format!("fanout [{}] joining", proto.target_name()),
+            self.members as u64,
+        );
+        let p = progress.clone();
+        let opened = fleet::open(&plan, signer.as_ref(), 0..self.members, |ok, failed| {
+            p.set((ok + failed) as u64)
+        })
+        .await?;
+        progress.finish();
+        if opened.conns.is_empty() {
+            return Err(BenchError::NoConnections(
+                opened.first_error.unwrap_or_default(),
+            ));
+        }
+        let members = opened.conns.len();
+        let sink = Arc::new(Sink::default());
+        let counters = Arc::new(Counters::default());
+        let mut readers = Vec::with_capacity(members);
+        for (i, stream, rest) in opened.conns {
+            readers.push(tokio::spawn(reader::read_stream(
+                i,
+                proto,
+                stream,
+                rest,
+                sink.clone(),
+                counters.clone(),
+            )));
+        }
+
+        let mut publisher = match (&target.nats_url, proto) {
+            (Some(url), Proto::Tether | Proto::TetherWs) => {
+                let client = nats_client(url).await?;
+                Publisher::Tether(Business::new(client, &self.common.app), ROOM.to_string())
+            }
+            _ => {
+                let mut stream = TcpStream::connect(endpoint)
+                    .await
+                    .map_err(BenchError::io("publisher connect"))?;
+                let _ = stream.set_nodelay(true);
+                let hello = match proto {
+                    Proto::Mqtt => client_codec::mqtt_hello("publisher", None),
+                    _ => client_codec::nats_hello(None),
+                };
+                client_codec::handshake(&mut stream, proto, &hello, 1, Duration::from_secs(10))
+                    .await
+                    .map_err(BenchError::Setup)?;
+                Publisher::Raw(proto, stream)
+            }
+        };
+
+        // Warm-up: one broadcast until every member got one (subscriptions and session
+        // bindings settle), then start from zero.
+        let mut warm = false;
+        for _ in 0..10 {
+            sink.reset();
+            publisher.send(u64::MAX).await?;
+            warm = reader::arrived(
+                &sink,
+                members as u64,
+                Duration::from_secs(2),
+                Duration::from_secs(5),
+            )
+            .await;
+            if warm {
+                break;
+            }
+        }
+        if !warm {
+            return Err(BenchError::Setup(format!(
+                "warm-up broadcast reached {} of {members} members",
+                sink.count()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sink.reset();
+
+        let expected = (members * self.messages) as u64;
+        let progress = Progress::start(
+            format!("fanout [{}] deliveries", proto.target_name()),
+            expected,
+        );
+        let ticker = {
+            let (sink, progress) = (sink.clone(), progress.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    progress.set(sink.count());
+                }
+            })
+        };
+        let interval = Duration::from_secs_f64(1.0 / f64::from(self.rate));
+        let start_ns = now_ns();
+        let start = Instant::now();
+        for k in 0..self.messages {
+            let due = start + interval.mul_f64(k as f64);
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            publisher.send(k as u64).await?;
+        }
+        reader::arrived(
+            &sink,
+            expected,
+            Duration::from_secs(5),
+            Duration::from_secs(120),
+        )
+        .await;
+        ticker.abort();
+        progress.set(sink.count());
+        progress.finish();
+
+        let delivered = sink.count();
+        let last = sink.span_ns().map_or(start_ns, |(_, last)| last);
+        let seconds = (last.saturating_sub(start_ns)) as f64 / 1e9;
+        let report = FanoutReport {
+            target: proto.target_name().into(),
+            members,
+            messages: self.messages,
+            expected,
+            delivered,
+            deliveries_per_sec: delivered as f64 / seconds.max(1e-9),
+            latency: Percentiles::of(&sink.merged()),
+            seconds,
+        };
+        for r in readers {
+            r.abort();
+        }
+        drop(publisher);
+        drop(target);
+        Ok(report)
     }
-    drop(publisher);
-    drop(target);
-    Ok(report)
 }

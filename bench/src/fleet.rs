@@ -15,7 +15,7 @@ use tether_auth::{Claims, TokenSigner};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::wire::{self, Proto};
+use crate::client_codec::{self, Proto};
 use crate::{BenchError, stats};
 
 /// Connects in flight at once.
@@ -59,6 +59,20 @@ pub struct Opened {
     pub elapsed: Duration,
 }
 
+impl Opened {
+    /// All of them, or the error saying how many devices failed and the first reason.
+    pub fn all(self) -> Result<Opened, BenchError> {
+        if self.failed > 0 {
+            return Err(BenchError::Setup(format!(
+                "{} devices failed to connect: {}",
+                self.failed,
+                self.first_error.unwrap_or_default()
+            )));
+        }
+        Ok(self)
+    }
+}
+
 fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -88,15 +102,15 @@ pub fn hellos(
                     let token = signer
                         .sign(&claims)
                         .map_err(|e| BenchError::Setup(format!("issue token: {e}")))?;
-                    let login = wire::tether_login(&plan.app, &did, token);
+                    let login = client_codec::tether_login(&plan.app, &did, token);
                     if plan.proto == Proto::TetherWs {
-                        wire::ws_hello(&login)
+                        client_codec::ws_hello(&login)
                     } else {
                         login
                     }
                 }
-                Proto::Nats => wire::nats_hello(subscribe.as_deref()),
-                Proto::Mqtt => wire::mqtt_hello(&did, subscribe.as_deref()),
+                Proto::Nats => client_codec::nats_hello(subscribe.as_deref()),
+                Proto::Mqtt => client_codec::mqtt_hello(&did, subscribe.as_deref()),
             })
         })
         .collect()
@@ -205,8 +219,9 @@ async fn connect_hello(
 ) -> Result<(TcpStream, BytesMut, Duration), String> {
     let started = Instant::now();
     let attempt = async {
-        let mut stream = wire::connect_from(source, endpoint).await?;
-        let rest = wire::handshake(&mut stream, proto, &hello, readies, HELLO_TIMEOUT).await?;
+        let mut stream = client_codec::connect_from(source, endpoint).await?;
+        let rest =
+            client_codec::handshake(&mut stream, proto, &hello, readies, HELLO_TIMEOUT).await?;
         Ok::<_, String>((stream, rest))
     };
     match tokio::time::timeout(HELLO_TIMEOUT, attempt).await {

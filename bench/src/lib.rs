@@ -1,8 +1,10 @@
 //! tether-bench: load scenarios against a real Tether stack and its peers (nats-server
 //! alone, Mosquitto), measured in the same invocation; run by `tether bench`.
 //!
-//! Scenarios (each prints a live progress bar, a human summary, and with `--json` one
-//! JSON object on the last line):
+//! Scenarios share one skeleton, [`scenario`]: the [`scenario::Scenario`] trait, the
+//! flags they have in common, and the run that measures Tether and then each peer (each
+//! prints a live progress bar, a human summary, and with `--json` one JSON object on the
+//! last line):
 //! - [`conns`]: N idle logged-in connections: connect rate, login latency, server RSS
 //!   per connection, kernel socket memory, load-generator RSS; several load processes
 //!   ([`worker`]) and several gateway processes for large N.
@@ -11,12 +13,13 @@
 //! - [`uplink`]: the highest uplink rate with store receipts.
 //! - [`suite`]: the table of BENCHMARKS.md (`make bench`), with [`chart`]s.
 //!
-//! Plumbing: [`wire`] (raw Tether/NATS/MQTT clients), [`fleet`] (opening many
+//! Plumbing: [`client_codec`] (raw Tether/NATS/MQTT clients), [`fleet`] (opening many
 //! connections at a rate), [`reader`] (per-connection readers), [`stats`] (HDR
 //! histograms), [`stack`] (starting and stopping the processes), [`compare`] (ratios
 //! Tether/peer), [`progress`], [`procfs`].
 
 pub mod chart;
+pub mod client_codec;
 pub mod compare;
 pub mod conns;
 pub mod fanout;
@@ -25,11 +28,11 @@ pub mod p2p;
 pub mod procfs;
 pub mod progress;
 pub mod reader;
+pub mod scenario;
 pub mod stack;
 pub mod stats;
 pub mod suite;
 pub mod uplink;
-pub mod wire;
 pub mod worker;
 
 /// Why a bench scenario could not run.

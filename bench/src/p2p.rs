@@ -5,7 +5,7 @@
 //!
 //! - Tether: UP → gateway → uplink stream → state → business request → the echo (a
 //!   [`Business`] service in this process) pushes a DOWN to the receiver (QoS0, or QoS1
-//!   with `qos1`) and answers Stored → UP_ACK to the sender.
+//!   with `qos1`) and answers `UplinkReply::Stored` → UP_ACK to the sender.
 //! - nats: NATS request/reply: the sender publishes on `p.echo` with the receiver's
 //!   subject as reply-to; an echo service (async-nats) answers to it.
 //! - mosquitto: the sender publishes on `p/up`; an echo client republishes to
@@ -16,62 +16,52 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::StreamExt;
 use serde::Serialize;
-use serde_json::json;
-use tether_business::{Business, Push, Stored};
-use tether_schemas::{Frame, pb};
+use serde_json::{Value, json};
+use tether_business::{Business, Push, UplinkReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
 use crate::BenchError;
-use crate::compare::{Comparison, Figure, Outcome};
+use crate::client_codec::{self, Incoming, Proto, now_ns};
+use crate::compare::Figure;
 use crate::fleet::{self, Plan};
 use crate::progress::Progress;
 use crate::reader::{self, Counters};
-use crate::stack::{Running, Target};
+use crate::scenario::{self, CommonArgs, Report, RunningArgs, Scenario, source_range};
+use crate::stack::{Target, nats_client};
 use crate::stats::{Percentiles, Sink};
-use crate::wire::{self, Incoming, Proto, now_ns};
 
 /// Arguments of the `p2p` scenario.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct P2pArgs {
     /// Sender/receiver pairs.
+    #[arg(long, default_value_t = 100)]
     pub pairs: usize,
-    /// Messages per second offered, all pairs together.
+    /// Messages per second offered (all pairs).
+    #[arg(long, default_value_t = 10_000)]
     pub rate: u32,
     /// Seconds of sending.
+    #[arg(long = "duration", value_name = "DURATION", default_value_t = 10.0)]
     pub duration_secs: f64,
-    /// Tether echo pushes QoS1 (stored, acknowledged) instead of QoS0.
+    /// The echo pushes QoS1 (stored in the device inbox) instead of QoS0.
+    #[arg(long)]
     pub qos1: bool,
-    /// Client source addresses.
-    pub source_addrs: Vec<IpAddr>,
-    /// App id.
-    pub app: String,
-    /// A running Tether stack to target instead of starting one.
-    pub running: Option<Running>,
-    /// Peers measured after Tether.
-    pub peers: Vec<Proto>,
-    /// Print the JSON line.
-    pub json: bool,
+    /// A running Tether stack to target.
+    #[command(flatten)]
+    pub running: RunningArgs,
+    /// The flags of every scenario.
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 impl Default for P2pArgs {
     fn default() -> Self {
-        P2pArgs {
-            pairs: 100,
-            rate: 10_000,
-            duration_secs: 10.0,
-            qos1: false,
-            source_addrs: crate::conns::source_range(40, 2),
-            app: "bench".into(),
-            running: None,
-            peers: Vec::new(),
-            json: false,
-        }
+        scenario::defaults()
     }
 }
 
@@ -117,49 +107,17 @@ impl std::fmt::Display for P2pReport {
     }
 }
 
-impl P2pReport {
-    /// Figures compared with peers.
-    pub fn outcome(&self) -> Outcome {
-        Outcome {
-            target: self.target.clone(),
-            figures: vec![Figure::new("achieved_rate", self.achieved_rate, "/s")]
-                .into_iter()
-                .chain(self.latency.figures(true))
-                .collect(),
-            detail: serde_json::to_value(self).unwrap_or_default(),
-        }
+impl Report for P2pReport {
+    fn target(&self) -> &str {
+        &self.target
     }
-}
 
-/// Runs Tether and the peers, prints and returns the comparison.
-pub async fn run(args: P2pArgs) -> Result<Comparison, BenchError> {
-    let mut outcomes = Vec::new();
-    for (proto, sources) in crate::compare::targets(&args.peers, &args.source_addrs) {
-        let mut a = args.clone();
-        a.source_addrs = sources;
-        let report = measure(&a, proto).await?;
-        println!("{report}");
-        outcomes.push(report.outcome());
+    fn figures(&self) -> Vec<Figure> {
+        let rate = Figure::new("achieved_rate", self.achieved_rate, "/s");
+        std::iter::once(rate)
+            .chain(self.latency.figures(true))
+            .collect()
     }
-    let comparison = Comparison {
-        scenario: "p2p".into(),
-        params: json!({
-            "pairs": args.pairs,
-            "rate": args.rate,
-            "duration_secs": args.duration_secs,
-            "qos1": args.qos1,
-            "payload_bytes": wire::PAYLOAD_LEN,
-        }),
-        outcomes,
-    };
-    comparison.print(args.json);
-    Ok(comparison)
-}
-
-pub(crate) async fn nats_client(url: &str) -> Result<async_nats::Client, BenchError> {
-    async_nats::connect(url)
-        .await
-        .map_err(|e| BenchError::Setup(format!("nats connection: {e}")))
 }
 
 /// Starts the echo service of `proto`; it runs until the target stops.
@@ -179,12 +137,12 @@ async fn start_echo(
                     .serve_uplinks("bench-echo", move |up| {
                         let pusher = pusher.clone();
                         async move {
-                            if let Some((_, to)) = wire::read_payload(&up.body) {
+                            if let Some((_, to)) = client_codec::read_payload(&up.body) {
                                 let push = Push::to_dids([format!("p{to}")], up.body);
                                 let push = if qos1 { push } else { push.qos0() };
                                 let _ = pusher.push_nowait(push).await;
                             }
-                            Stored::stored(None)
+                            UplinkReply::stored(None)
                         }
                     })
                     .await;
@@ -214,18 +172,19 @@ async fn start_echo(
                 .await
                 .map_err(BenchError::io("echo connect"))?;
             let _ = stream.set_nodelay(true);
-            let hello = wire::mqtt_hello("echo", Some("p/up"));
-            let mut buf = wire::handshake(&mut stream, proto, &hello, 2, Duration::from_secs(10))
-                .await
-                .map_err(BenchError::Setup)?;
+            let hello = client_codec::mqtt_hello("echo", Some("p/up"));
+            let mut buf =
+                client_codec::handshake(&mut stream, proto, &hello, 2, Duration::from_secs(10))
+                    .await
+                    .map_err(BenchError::Setup)?;
             tokio::spawn(async move {
                 let mut out = BytesMut::with_capacity(4096);
                 loop {
-                    while let Ok(Some(item)) = wire::decode(Proto::Mqtt, &mut buf) {
+                    while let Ok(Some(item)) = client_codec::decode(Proto::Mqtt, &mut buf) {
                         if let Incoming::Payload(p) = item
-                            && let Some((_, to)) = wire::read_payload(&p)
+                            && let Some((_, to)) = client_codec::read_payload(&p)
                         {
-                            wire::mqtt_publish(&mut out, &format!("p/{to}"), &p, None);
+                            client_codec::mqtt_publish(&mut out, &format!("p/{to}"), &p, None);
                         }
                     }
                     if !out.is_empty() && stream.write_all(&out).await.is_err() {
@@ -259,10 +218,11 @@ async fn sender(
         let mut next = Some(stamp);
         while let Some(stamp) = next {
             msg_id += 1;
-            let body = wire::payload(stamp, to);
+            let body = client_codec::payload(stamp, to);
             match proto {
-                Proto::Tether => out.extend_from_slice(&up_frame(msg_id, body)),
-                Proto::TetherWs => wire::ws_binary(&mut out, &up_frame(msg_id, body)),
+                Proto::Tether | Proto::TetherWs => {
+                    client_codec::tether_up(&mut out, proto, msg_id, body);
+                }
                 Proto::Nats => {
                     out.extend_from_slice(
                         format!("PUB p.echo p.{to} {}\r\n", body.len()).as_bytes(),
@@ -270,7 +230,7 @@ async fn sender(
                     out.extend_from_slice(&body);
                     out.extend_from_slice(b"\r\n");
                 }
-                Proto::Mqtt => wire::mqtt_publish(&mut out, "p/up", &body, None),
+                Proto::Mqtt => client_codec::mqtt_publish(&mut out, "p/up", &body, None),
             }
             next = stamps.try_recv().ok();
         }
@@ -281,142 +241,141 @@ async fn sender(
     }
 }
 
-pub(crate) fn up_frame(client_msg_id: u64, body: Bytes) -> Bytes {
-    Frame::Up {
-        header: pb::Up {
-            client_msg_id,
-            session: String::new(),
-        },
-        body,
-    }
-    .encode()
-}
+impl Scenario for P2pArgs {
+    type Report = P2pReport;
+    const NAME: &'static str = "p2p";
 
-/// Measures one target.
-pub async fn measure(args: &P2pArgs, proto: Proto) -> Result<P2pReport, BenchError> {
-    if args.pairs == 0 || args.rate == 0 || args.duration_secs <= 0.0 {
-        return Err(BenchError::Args(
-            "pairs, rate and duration must be positive".into(),
-        ));
+    fn common(&self) -> &CommonArgs {
+        &self.common
     }
-    let target = Target::start(proto, args.running.as_ref()).await?;
-    start_echo(&target, proto, &args.app, args.qos1).await?;
-    let plan = Plan {
-        proto,
-        endpoints: vec![target.endpoint],
-        sources: args.source_addrs.clone(),
-        app: args.app.clone(),
-        did_prefix: "p".into(),
-        subscribe: match proto {
-            Proto::Tether | Proto::TetherWs => None,
-            Proto::Nats => Some("p.{i}".into()),
-            Proto::Mqtt => Some("p/{i}".into()),
-        },
-        rate: 5_000,
-    };
-    let opened = fleet::open(&plan, target.signer.as_ref(), 0..2 * args.pairs, |_, _| {}).await?;
-    if opened.failed > 0 {
-        return Err(BenchError::Setup(format!(
-            "{} devices failed to connect: {}",
-            opened.failed,
-            opened.first_error.unwrap_or_default()
-        )));
+
+    fn default_sources() -> Vec<IpAddr> {
+        source_range(40, 2)
     }
-    let sink = Arc::new(Sink::default());
-    let counters = Arc::new(Counters::default());
-    let mut senders = vec![None; args.pairs];
-    let mut tasks = Vec::new();
-    for (i, stream, rest) in opened.conns {
-        let (r, w) = stream.into_split();
-        if i % 2 == 0 {
-            let (tx, rx) = mpsc::unbounded_channel();
-            senders[i / 2] = Some(tx);
-            tasks.push(tokio::spawn(sender(proto, i, w, rx)));
-            let w: Option<OwnedWriteHalf> = None;
-            let (sink, counters) = (Arc::new(Sink::default()), counters.clone());
-            tasks.push(tokio::spawn(reader::read_loop(
-                i, proto, r, w, rest, sink, counters,
-            )));
-        } else {
-            let (sink, counters) = (sink.clone(), counters.clone());
-            tasks.push(tokio::spawn(reader::read_loop(
-                i,
-                proto,
-                r,
-                Some(w),
-                rest,
-                sink,
-                counters,
+
+    fn params(&self) -> Value {
+        json!({
+            "pairs": self.pairs,
+            "rate": self.rate,
+            "duration_secs": self.duration_secs,
+            "qos1": self.qos1,
+            "payload_bytes": client_codec::PAYLOAD_LEN,
+        })
+    }
+
+    async fn measure(&self, proto: Proto, sources: &[IpAddr]) -> Result<P2pReport, BenchError> {
+        if self.pairs == 0 || self.rate == 0 || self.duration_secs <= 0.0 {
+            return Err(BenchError::Args(
+                "pairs, rate and duration must be positive".into(),
+            ));
+        }
+        let target = Target::start(proto, self.running.running().as_ref()).await?;
+        start_echo(&target, proto, &self.common.app, self.qos1).await?;
+        let plan = Plan {
+            proto,
+            endpoints: vec![target.endpoint],
+            sources: sources.to_vec(),
+            app: self.common.app.clone(),
+            did_prefix: "p".into(),
+            subscribe: match proto {
+                Proto::Tether | Proto::TetherWs => None,
+                Proto::Nats => Some("p.{i}".into()),
+                Proto::Mqtt => Some("p/{i}".into()),
+            },
+            rate: 5_000,
+        };
+        let opened = fleet::open(&plan, target.signer.as_ref(), 0..2 * self.pairs, |_, _| {})
+            .await?
+            .all()?;
+        let sink = Arc::new(Sink::default());
+        let counters = Arc::new(Counters::default());
+        let mut senders = vec![None; self.pairs];
+        let mut tasks = Vec::new();
+        for (i, stream, rest) in opened.conns {
+            let (r, w) = stream.into_split();
+            if i % 2 == 0 {
+                let (tx, rx) = mpsc::unbounded_channel();
+                senders[i / 2] = Some(tx);
+                tasks.push(tokio::spawn(sender(proto, i, w, rx)));
+                let w: Option<OwnedWriteHalf> = None;
+                let (sink, counters) = (Arc::new(Sink::default()), counters.clone());
+                tasks.push(tokio::spawn(reader::read_loop(
+                    i, proto, r, w, rest, sink, counters,
+                )));
+            } else {
+                let (sink, counters) = (sink.clone(), counters.clone());
+                tasks.push(tokio::spawn(reader::read_loop(
+                    i,
+                    proto,
+                    r,
+                    Some(w),
+                    rest,
+                    sink,
+                    counters,
+                )));
+            }
+        }
+        let senders: Vec<_> = senders.into_iter().flatten().collect();
+
+        // Warm-up: a round of one message per pair until a round fully arrives (state
+        // partitions leased, subscriptions settled), then a second of traffic at the rate.
+        let mut warm = false;
+        for _ in 0..15 {
+            sink.reset();
+            for tx in &senders {
+                let _ = tx.send(now_ns());
+            }
+            let n = senders.len() as u64;
+            warm = reader::arrived(&sink, n, Duration::from_secs(2), Duration::from_secs(4)).await;
+            if warm {
+                break;
+            }
+        }
+        if !warm {
+            return Err(BenchError::Setup(format!(
+                "warm-up: {} of {} echoes arrived",
+                sink.count(),
+                senders.len()
             )));
         }
-    }
-    let senders: Vec<_> = senders.into_iter().flatten().collect();
-
-    // Warm-up: a round of one message per pair until a round fully arrives (state
-    // partitions leased, subscriptions settled), then a second of traffic at the rate.
-    let mut warm = false;
-    for _ in 0..15 {
+        pace(&senders, self.rate, 1.0, None).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         sink.reset();
-        for tx in &senders {
-            let _ = tx.send(now_ns());
-        }
-        let (s, n) = (sink.clone(), senders.len() as u64);
-        if reader::wait_until(
-            || s.count() >= n,
-            || s.count(),
-            Duration::from_secs(2),
-            Duration::from_secs(4),
-        )
-        .await
-        {
-            warm = true;
-            break;
-        }
-    }
-    if !warm {
-        return Err(BenchError::Setup(format!(
-            "warm-up: {} of {} echoes arrived",
-            sink.count(),
-            senders.len()
-        )));
-    }
-    pace(&senders, args.rate, 1.0, None).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    sink.reset();
-    counters.receipts.store(0, Ordering::Relaxed);
+        counters.receipts.store(0, Ordering::Relaxed);
 
-    let total = (f64::from(args.rate) * args.duration_secs).round() as u64;
-    let progress = Progress::start(format!("p2p [{}]", proto.target_name()), total);
-    let start_ns = now_ns();
-    pace(&senders, args.rate, args.duration_secs, Some(&progress)).await;
-    let s = sink.clone();
-    reader::wait_until(
-        || s.count() >= total,
-        || s.count(),
-        Duration::from_secs(3),
-        Duration::from_secs(60),
-    )
-    .await;
-    progress.set(sink.count());
-    progress.finish();
-    let delivered = sink.count();
-    let last = sink.span_ns().map_or(start_ns, |(_, last)| last);
-    let report = P2pReport {
-        target: proto.target_name().into(),
-        pairs: senders.len(),
-        offered_rate: args.rate,
-        sent: total,
-        delivered,
-        receipts: counters.receipts.load(Ordering::Relaxed),
-        achieved_rate: delivered as f64 / ((last.saturating_sub(start_ns)) as f64 / 1e9).max(1e-9),
-        latency: Percentiles::of(&sink.merged()),
-    };
-    drop(senders);
-    for t in tasks {
-        t.abort();
+        let total = (f64::from(self.rate) * self.duration_secs).round() as u64;
+        let progress = Progress::start(format!("p2p [{}]", proto.target_name()), total);
+        let start_ns = now_ns();
+        pace(&senders, self.rate, self.duration_secs, Some(&progress)).await;
+        reader::arrived(
+            &sink,
+            total,
+            Duration::from_secs(3),
+            Duration::from_secs(60),
+        )
+        .await;
+        progress.set(sink.count());
+        progress.finish();
+        let delivered = sink.count();
+        let last = sink.span_ns().map_or(start_ns, |(_, last)| last);
+        let report = P2pReport {
+            target: proto.target_name().into(),
+            pairs: senders.len(),
+            offered_rate: self.rate,
+            sent: total,
+            delivered,
+            receipts: counters.receipts.load(Ordering::Relaxed),
+            achieved_rate: delivered as f64
+                / ((last.saturating_sub(start_ns)) as f64 / 1e9).max(1e-9),
+            latency: Percentiles::of(&sink.merged()),
+        };
+        drop(senders);
+        for t in tasks {
+            t.abort();
+        }
+        drop(target);
+        Ok(report)
     }
-    drop(target);
-    Ok(report)
 }
 
 /// Sends `rate × secs` messages round-robin over `senders` from a pacer thread: message

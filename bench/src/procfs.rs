@@ -2,13 +2,18 @@
 
 use std::fs;
 
-/// `VmRSS` in KiB from the text of a `/proc/<pid>/status` file.
-pub fn parse_vm_rss_kb(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+/// The number after `key` (`VmRSS:`, `Slab:`) in a `key value kB` text such as
+/// `/proc/<pid>/status` or `/proc/meminfo`.
+fn parse_kb_line(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(key))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
+}
+
+/// `VmRSS` in KiB from the text of a `/proc/<pid>/status` file.
+pub fn parse_vm_rss_kb(status: &str) -> Option<u64> {
+    parse_kb_line(status, "VmRSS:")
 }
 
 /// The `mem` field (pages) of the `TCP:` line of `/proc/net/sockstat`.
@@ -25,11 +30,7 @@ pub fn parse_sockstat_tcp_mem_pages(sockstat: &str) -> Option<u64> {
 
 /// The `Slab:` line of a `/proc/meminfo` text, KiB.
 pub fn parse_meminfo_slab_kb(meminfo: &str) -> Option<u64> {
-    meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("Slab:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
+    parse_kb_line(meminfo, "Slab:")
 }
 
 /// Kernel slab memory (system-wide, KiB): where socket structures live; noisy when

@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::client_codec::{self, Incoming, Proto, now_ns};
 use crate::stats::{Sink, since_us};
-use crate::wire::{self, Incoming, Proto, now_ns};
 
 /// Counters shared by reader tasks besides the latency sink.
 #[derive(Default)]
@@ -40,9 +41,9 @@ pub async fn read_loop<R, W>(
     loop {
         let now = now_ns();
         loop {
-            match wire::decode(proto, &mut buf) {
+            match client_codec::decode(proto, &mut buf) {
                 Ok(Some(Incoming::Payload(p))) => {
-                    if let Some((stamp, _)) = wire::read_payload(&p) {
+                    if let Some((stamp, _)) = client_codec::read_payload(&p) {
                         latencies.push(since_us(stamp, now));
                     }
                 }
@@ -113,4 +114,10 @@ pub async fn wait_until(
         }
     }
     true
+}
+
+/// Waits until `sink` counted `n` arrivals, or nothing new arrived for `idle`, or `limit`
+/// passed. Returns whether all arrived.
+pub async fn arrived(sink: &Sink, n: u64, idle: Duration, limit: Duration) -> bool {
+    wait_until(|| sink.count() >= n, || sink.count(), idle, limit).await
 }

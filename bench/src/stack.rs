@@ -14,7 +14,7 @@ use tether_auth::TokenSigner;
 use tether_nats::server::{NatsServer, ServerSpec, free_port, locate_binary};
 use tokio::net::TcpStream;
 
-use crate::wire::Proto;
+use crate::client_codec::Proto;
 use crate::{BenchError, procfs};
 
 /// The address every started process listens on.
@@ -81,24 +81,43 @@ async fn spawn_role(
     log_path: &Path,
     ready: SocketAddr,
 ) -> Result<ChildGuard, BenchError> {
-    let log = File::create(log_path).map_err(BenchError::io("role log"))?;
-    let log_err = log.try_clone().map_err(BenchError::io("role log"))?;
-    let child = Command::new(tether)
+    let mut command = Command::new(tether);
+    command
         .args(args)
         .envs(envs.iter().copied())
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn");
+    let what = format!("tether {}", args.first().map_or("", String::as_str));
+    spawn_listening(command, &what, log_path, ready, Duration::from_secs(30)).await
+}
+
+/// Starts `command` with its output in `log_path` and waits until `ready` accepts TCP;
+/// fails when it exits first or after `timeout` (`what` names it in the error).
+async fn spawn_listening(
+    mut command: Command,
+    what: &str,
+    log_path: &Path,
+    ready: SocketAddr,
+    timeout: Duration,
+) -> Result<ChildGuard, BenchError> {
+    let log = File::create(log_path).map_err(BenchError::io(format!("{what} log")))?;
+    let log_err = log
+        .try_clone()
+        .map_err(BenchError::io(format!("{what} log")))?;
+    let child = command
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
         .spawn()
-        .map_err(BenchError::io(format!("start {}", tether.display())))?;
+        .map_err(BenchError::io(format!(
+            "start {}",
+            Path::new(command.get_program()).display()
+        )))?;
     let mut guard = ChildGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = guard.0.try_wait() {
             return Err(BenchError::Setup(format!(
-                "tether {} exited ({status}): {}",
-                args.first().map_or("", String::as_str),
+                "{what} exited ({status}): {}",
                 tail(log_path)
             )));
         }
@@ -107,13 +126,21 @@ async fn spawn_role(
         }
         if Instant::now() > deadline {
             return Err(BenchError::Setup(format!(
-                "tether {} not listening on {ready} after 30 s: {}",
-                args.first().map_or("", String::as_str),
+                "{what} not listening on {ready} after {} s: {}",
+                timeout.as_secs(),
                 tail(log_path)
             )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A client of the NATS server at `url` (the business side of a scenario, or a client of
+/// the nats peer).
+pub async fn nats_client(url: &str) -> Result<async_nats::Client, BenchError> {
+    async_nats::connect(url)
+        .await
+        .map_err(|e| BenchError::Setup(format!("nats connection: {e}")))
 }
 
 /// One gateway child.
@@ -343,34 +370,11 @@ impl PeerServer {
             ),
         )
         .map_err(BenchError::io("write mosquitto.conf"))?;
+        let mut command = Command::new(&bin);
+        command.arg("-c").arg(&conf);
         let log_path = dir.path().join("mosquitto.log");
-        let log = File::create(&log_path).map_err(BenchError::io("mosquitto log"))?;
-        let log_err = log.try_clone().map_err(BenchError::io("mosquitto log"))?;
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(BenchError::io(format!("start {}", bin.display())))?;
-        let mut guard = ChildGuard(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(addr).await.is_err() {
-            if let Ok(Some(status)) = guard.0.try_wait() {
-                return Err(BenchError::Setup(format!(
-                    "mosquitto exited ({status}): {}",
-                    tail(&log_path)
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(BenchError::Setup(format!(
-                    "mosquitto not listening on {addr}: {}",
-                    tail(&log_path)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let timeout = Duration::from_secs(15);
+        let guard = spawn_listening(command, "mosquitto", &log_path, addr, timeout).await?;
         let pid = guard.id();
         eprintln!("started peer mosquitto {addr} (pid {pid})");
         Ok(PeerServer {

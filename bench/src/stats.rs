@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::wire::now_ns;
+use crate::client_codec::now_ns;
 
 /// A histogram of 1 µs .. 10 min with 3 significant digits.
 pub fn histogram() -> Histogram<u64> {

@@ -1,6 +1,7 @@
 //! `tether bench suite` (what `make bench` runs): every scenario at the sizes of
 //! BENCHMARKS.md, Tether and its peers, then `results.json`, `table.md` and the charts
-//! in the output folder. `quick` runs the same at tiny sizes (the smoke test).
+//! in the output folder. `quick` runs the same at tiny sizes (the smoke test). Every
+//! scenario runs through [`scenario::run`], under the name it has in the table.
 
 use std::path::PathBuf;
 
@@ -8,26 +9,31 @@ use serde_json::{Value, json};
 
 use crate::BenchError;
 use crate::chart::{BarChart, Group};
+use crate::client_codec::Proto;
 use crate::compare::{self, Comparison};
-use crate::conns::{self, ConnsArgs, source_range};
-use crate::fanout::{self, FanoutArgs};
-use crate::p2p::{self, P2pArgs};
-use crate::uplink::{self, UplinkArgs};
-use crate::wire::Proto;
+use crate::conns::ConnsArgs;
+use crate::fanout::FanoutArgs;
+use crate::p2p::P2pArgs;
+use crate::scenario::{self, CommonArgs, Scenario, parse_peer, source_range};
+use crate::uplink::UplinkArgs;
 
 /// Arguments of the suite.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct SuiteArgs {
-    /// Folder for results.json, table.md and the PNG charts.
+    /// Output folder (results.json, table.md, PNG charts).
+    #[arg(long, default_value = "docs/bench")]
     pub out: PathBuf,
-    /// Tiny sizes (seconds instead of minutes).
+    /// Tiny sizes: checks that everything runs.
+    #[arg(long)]
     pub quick: bool,
-    /// Peers measured beside Tether.
+    /// Peers (default nats and mosquitto).
+    #[arg(long = "peer", value_delimiter = ',', value_parser = parse_peer, default_values = ["nats", "mosquitto"])]
     pub peers: Vec<Proto>,
-    /// First 127.0.0.x source address used (each run takes fresh ones after it).
+    /// First 127.0.0.x source address (each run takes fresh ones after it).
+    #[arg(long, default_value_t = 100)]
     pub first_source: u16,
-    /// Run only these scenarios (`conns`, `conns_ws`, `conns_multi`, `fanout`, `p2p`,
-    /// `p2p_1k`, `uplink`); all when empty.
+    /// Only these scenarios (conns, conns_ws, conns_multi, fanout, p2p, p2p_1k, uplink).
+    #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
 
@@ -35,10 +41,46 @@ pub struct SuiteArgs {
 struct Sources(u16);
 
 impl Sources {
-    fn take(&mut self, n: u16, runs: usize) -> Vec<std::net::IpAddr> {
-        let out = source_range(self.0, n);
+    /// The flags of one scenario: `n` fresh source addresses for each of its `runs`
+    /// (Tether, then each peer), and `peers`.
+    fn common(&mut self, n: u16, runs: usize, peers: &[Proto]) -> CommonArgs {
+        let sources = source_range(self.0, n);
         self.0 += n * runs as u16;
-        out
+        CommonArgs {
+            sources,
+            peers: peers.to_vec(),
+            ..CommonArgs::default()
+        }
+    }
+}
+
+/// The comparisons of the suite so far.
+struct Results<'a> {
+    only: &'a [String],
+    done: Vec<Comparison>,
+}
+
+impl Results<'_> {
+    /// Runs `scenario` under `name` (unless `--only` leaves it out); a failure is
+    /// recorded with its error.
+    async fn run<S: Scenario>(&mut self, name: &str, scenario: &S) {
+        if !self.only.is_empty() && !self.only.iter().any(|o| o == name) {
+            return;
+        }
+        match scenario::run(scenario).await {
+            Ok(ran) => self.done.push(Comparison {
+                scenario: name.into(),
+                ..ran.comparison
+            }),
+            Err(e) => {
+                eprintln!("suite: {name} failed: {e}");
+                self.done.push(Comparison {
+                    scenario: name.into(),
+                    params: json!({}),
+                    outcomes: vec![compare::failed("tether", &e)],
+                });
+            }
+        }
     }
 }
 
@@ -46,52 +88,28 @@ impl Sources {
 pub async fn run(args: SuiteArgs) -> Result<Vec<Comparison>, BenchError> {
     std::fs::create_dir_all(&args.out).map_err(BenchError::io("create output folder"))?;
     let q = args.quick;
-    let runs = 1 + args.peers.len();
+    let (peers, runs) = (&args.peers[..], 1 + args.peers.len());
     let mut src = Sources(args.first_source.max(2));
-    let mut results: Vec<Comparison> = Vec::new();
-    let mut record = |name: &str, r: Result<Comparison, BenchError>| match r {
-        Ok(c) => results.push(c),
-        Err(e) => {
-            eprintln!("suite: {name} failed: {e}");
-            results.push(Comparison {
-                scenario: name.into(),
-                params: json!({}),
-                outcomes: vec![compare::failed("tether", &e)],
-            });
-        }
+    let mut results = Results {
+        only: &args.only,
+        done: Vec::new(),
     };
-
-    let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
 
     let one = ConnsArgs {
         connections: if q { 50 } else { 19_500 },
         rate: if q { 1_000 } else { 10_000 },
         hold_secs: if q { 2 } else { 5 },
-        source_addrs: src.take(4, runs),
-        peers: args.peers.clone(),
+        common: src.common(4, runs, peers),
         ..ConnsArgs::default()
     };
-    if want("conns") {
-        record("conns", conns::run(one).await.map(|(c, _)| c));
-    }
+    results.run("conns", &one).await;
 
     let ws = ConnsArgs {
-        connections: if q { 50 } else { 19_500 },
-        rate: if q { 1_000 } else { 10_000 },
-        hold_secs: if q { 2 } else { 5 },
         ws: true,
-        source_addrs: src.take(4, 1),
-        ..ConnsArgs::default()
+        common: src.common(4, 1, &[]),
+        ..one
     };
-    if want("conns_ws") {
-        record(
-            "conns_ws",
-            conns::run(ws).await.map(|(mut c, _)| {
-                c.scenario = "conns_ws".into();
-                c
-            }),
-        );
-    }
+    results.run("conns_ws", &ws).await;
 
     let many = ConnsArgs {
         connections: if q { 200 } else { 100_000 },
@@ -99,76 +117,51 @@ pub async fn run(args: SuiteArgs) -> Result<Vec<Comparison>, BenchError> {
         hold_secs: if q { 2 } else { 5 },
         gateways: if q { 2 } else { 6 },
         workers: Some(if q { 2 } else { 6 }),
-        source_addrs: src.take(8, 1),
+        common: src.common(8, 1, &[]),
         ..ConnsArgs::default()
     };
-    if want("conns_multi") {
-        record(
-            "conns_multi",
-            conns::run(many).await.map(|(mut c, _)| {
-                c.scenario = "conns_multi".into();
-                c
-            }),
-        );
-    }
+    results.run("conns_multi", &many).await;
 
     let fan = FanoutArgs {
         members: if q { 20 } else { 10_000 },
         messages: if q { 5 } else { 100 },
         rate: if q { 10 } else { 20 },
-        source_addrs: src.take(2, runs),
-        peers: args.peers.clone(),
+        common: src.common(2, runs, peers),
         ..FanoutArgs::default()
     };
-    if want("fanout") {
-        record("fanout", fanout::run(fan).await);
-    }
+    results.run("fanout", &fan).await;
 
     let pp = P2pArgs {
         pairs: if q { 4 } else { 100 },
         rate: if q { 200 } else { 10_000 },
         duration_secs: if q { 1.0 } else { 10.0 },
-        source_addrs: src.take(1, runs),
-        peers: args.peers.clone(),
+        common: src.common(1, runs, peers),
         ..P2pArgs::default()
     };
-    if want("p2p") {
-        record("p2p", p2p::run(pp).await);
-    }
+    results.run("p2p", &pp).await;
 
     // The same at a rate Tether sustains on this box, for its latency without a backlog.
     let slow = P2pArgs {
         pairs: if q { 2 } else { 100 },
         rate: if q { 100 } else { 1_000 },
-        duration_secs: if q { 1.0 } else { 10.0 },
-        source_addrs: src.take(1, runs),
-        peers: args.peers.clone(),
-        ..P2pArgs::default()
+        common: src.common(1, runs, peers),
+        ..pp
     };
-    if want("p2p_1k") && !q {
-        record(
-            "p2p_1k",
-            p2p::run(slow).await.map(|mut c| {
-                c.scenario = "p2p_1k".into();
-                c
-            }),
-        );
+    if !q {
+        results.run("p2p_1k", &slow).await;
     }
 
     let up = UplinkArgs {
         devices: if q { 4 } else { 50 },
         window: if q { 4 } else { 32 },
         duration_secs: if q { 1.0 } else { 10.0 },
-        source_addrs: src.take(1, runs),
-        peers: args.peers.clone(),
+        common: src.common(1, runs, peers),
         ..UplinkArgs::default()
     };
-    if want("uplink") {
-        record("uplink", uplink::run(up).await);
-    }
+    results.run("uplink", &up).await;
 
-    write_outputs(&args, &results)?;
-    Ok(results)
+    write_outputs(&args, &results.done)?;
+    Ok(results.done)
 }
 
 fn write_outputs(args: &SuiteArgs, results: &[Comparison]) -> Result<(), BenchError> {

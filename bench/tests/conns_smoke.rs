@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use tether_auth::TokenSigner;
-use tether_bench::conns::{self, ConnsArgs};
+use tether_bench::conns::ConnsArgs;
+use tether_bench::scenario::{self, CommonArgs};
 use tether_gateway::GatewayConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -25,22 +26,27 @@ async fn fifty_connections_in_process() -> Result<(), Box<dyn std::error::Error>
         ws_listen: None,
         admin_listen: "127.0.0.1:0".parse()?,
         token_public_key: public,
+        await_registration: false,
         ..GatewayConfig::default()
     };
     let gateway = tether_gateway::start(config, shutdown.clone()).await?;
     let endpoint = gateway.tcp_addr.ok_or("no tcp address")?;
 
-    let (comparison, report) = conns::run(ConnsArgs {
+    let ran = scenario::run(&ConnsArgs {
         gateway_pid: Some(std::process::id()),
         endpoint: Some(endpoint),
         connections: 50,
         rate: 1_000,
         key: Some(key),
         hold_secs: 2,
-        json: true,
+        common: CommonArgs {
+            json: true,
+            ..CommonArgs::default()
+        },
         ..ConnsArgs::default()
     })
     .await?;
+    let (comparison, report) = (ran.comparison, ran.tether.ok_or("no tether report")?);
     assert_eq!(report.connections, 50, "{report}");
     assert_eq!(report.failed, 0, "{report}");
     assert!(report.gateway_rss_after_kb.is_some_and(|kb| kb > 0));

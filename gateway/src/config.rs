@@ -66,6 +66,13 @@ pub struct GatewayConfig {
     pub login_timeout_secs: u64,
     /// Heartbeat interval announced to clients in LOGIN_ACK.
     pub heartbeat_secs: u64,
+    /// LOGIN_ACK waits until state registered the connection (route, user index, token
+    /// sessions written), so a push sent after LOGIN_ACK reaches the device; a login not
+    /// registered within `registration_timeout_ms` is refused with `unavailable`. Off only
+    /// for a gateway running without state (tests of the gateway alone).
+    pub await_registration: bool,
+    /// How long a login waits for its `conn.up` to be stored and registered.
+    pub registration_timeout_ms: u64,
     /// A logged-in connection silent for this long is closed (`heartbeat_timeout`).
     pub idle_timeout_secs: u64,
     /// Largest frame accepted from a client, in bytes (header included).
@@ -106,6 +113,8 @@ impl Default for GatewayConfig {
             apps: Vec::new(),
             login_timeout_secs: limits::DEFAULT_LOGIN_TIMEOUT_SECS,
             heartbeat_secs: limits::DEFAULT_HEARTBEAT_SECS,
+            await_registration: true,
+            registration_timeout_ms: 10_000,
             idle_timeout_secs: limits::DEFAULT_IDLE_TIMEOUT_SECS,
             max_frame_len: limits::DEFAULT_MAX_FRAME_LEN,
             max_frames_per_sec: 200,

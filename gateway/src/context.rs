@@ -30,6 +30,8 @@ pub struct GatewayCtx {
     pub outbound: Outbound,
     /// Metrics.
     pub metrics: GatewayMetrics,
+    /// Logins waiting for state's registration.
+    pub logins: crate::logins::PendingLogins,
     conn_ids: AtomicU64,
 }
 
@@ -59,6 +61,7 @@ impl GatewayCtx {
             clock,
             outbound,
             metrics,
+            logins: Default::default(),
             conn_ids: AtomicU64::new(prefix | 1),
         }
     }

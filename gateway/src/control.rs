@@ -1,4 +1,5 @@
-//! Control messages from state on `tether.gw.<gw>.ctl` (JSON).
+//! Control messages from state on `tether.gw.<gw>.ctl` (JSON), received by the downlink
+//! subscription in order with the gateway's downlinks.
 //!
 //! `{"op":"sessions","app":"demo","did":"d1","sessions":["room-1"]}`: the device's complete
 //! set of sessions. Applied only when the device is connected here; the gateway then
@@ -11,30 +12,11 @@
 
 use std::sync::Arc;
 
-use tether_nats::subjects;
 use tether_schemas::bus::{GatewayControl, valid_id};
 
 use crate::conn::CloseReason;
 use crate::context::GatewayCtx;
 use crate::rooms;
-use crate::shutdown::Shutdown;
-
-/// Subscribes and applies control messages until shutdown.
-pub async fn run(
-    ctx: Arc<GatewayCtx>,
-    shutdown: Shutdown,
-) -> Result<(), async_nats::SubscribeError> {
-    let client = ctx.outbound.client().clone();
-    let messages = client
-        .subscribe(subjects::gateway_ctl(&ctx.config.id))
-        .await?;
-    tokio::spawn(tether_nats::serve::serve_subscription(
-        messages,
-        shutdown,
-        move |message| apply(&ctx, &message.payload),
-    ));
-    Ok(())
-}
 
 /// Closes the device's connection `conn` if it is here (a newer login elsewhere replaced it).
 fn close(ctx: &GatewayCtx, app: &str, did: &str, conn: u64, code: tether_schemas::ErrorCode) {
@@ -48,6 +30,21 @@ fn close(ctx: &GatewayCtx, app: &str, did: &str, conn: u64, code: tether_schemas
     ));
 }
 
+/// State registered connection `conn`: its LOGIN_ACK is queued now, before any downlink
+/// state sent after the registration, and the waiting login goes on.
+fn registered(ctx: &GatewayCtx, app: &str, did: &str, conn: u64, last_acked_seq: u64) {
+    let Some(found) = ctx.registry.get(app, did).filter(|c| c.id == conn) else {
+        let _ = ctx.logins.cancel(conn);
+        return;
+    };
+    if !ctx.logins.is_waiting(conn) {
+        return; // timed out already, or registered twice (a redelivered conn.up)
+    }
+    let ack = crate::conn::driver::login_ack(ctx, conn, last_acked_seq).encode();
+    found.push(ack, true, ctx.config.max_queued_frames);
+    ctx.logins.complete(conn, last_acked_seq);
+}
+
 /// Applies one control message.
 pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) {
     let (app, did, sessions) = match GatewayControl::from_json(payload) {
@@ -59,6 +56,15 @@ pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) {
             code,
         }) => {
             close(ctx, &app, &did, conn, code);
+            return;
+        }
+        Ok(GatewayControl::Registered {
+            app,
+            did,
+            conn,
+            last_acked_seq,
+        }) => {
+            registered(ctx, &app, &did, conn, last_acked_seq);
             return;
         }
         Ok(GatewayControl::Unknown) => {

@@ -1,7 +1,8 @@
 //! Downlink: frames from NATS to local connections.
 //!
-//! Three subscriptions: this gateway's own subject `tether.gw.<id>.down` (state addresses
-//! devices it knows are here), `tether.*.bcast` (broadcasts) and `tether.*.room.*`
+//! Three subscriptions: this gateway's own subjects `tether.gw.<id>.*` (`down`: state
+//! addresses devices it knows are here; `ctl`: control messages, handled in order with the
+//! downlinks), `tether.*.bcast` (broadcasts) and `tether.*.room.*`
 //! (recoverable room broadcasts, as stored in the room stream). Each message carries one
 //! complete client frame as its payload, encoded once and shared by every connection it
 //! is written to; `Tether-Did` headers (repeatable, or comma separated) name the target
@@ -27,8 +28,10 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), async_nats::SubscribeError> {
     let client = ctx.outbound.client().clone();
+    // Downlinks and control messages of this gateway on one subscription: state's
+    // `registered` must be handled before the replayed downlinks it sends after it.
     let direct = client
-        .subscribe(subjects::gateway_down(&ctx.config.id))
+        .subscribe(subjects::gateway_all(&ctx.config.id))
         .await?;
     let bcast = client.subscribe(subjects::broadcast_all()).await?;
     let rooms = client.subscribe(subjects::room_all()).await?;
@@ -49,7 +52,14 @@ pub async fn run(
 }
 
 /// Delivers one downlink message to its local targets.
-pub fn deliver(ctx: &GatewayCtx, message: &Message) {
+pub fn deliver(ctx: &Arc<GatewayCtx>, message: &Message) {
+    if matches!(
+        Subject::parse(&message.subject),
+        Some(Subject::GatewayCtl { .. })
+    ) {
+        crate::control::apply(ctx, &message.payload);
+        return;
+    }
     let metrics = &ctx.metrics;
     metrics.downlink_messages.inc();
     let frame = &message.payload;
@@ -136,6 +146,11 @@ pub fn deliver(ctx: &GatewayCtx, message: &Message) {
         found
     };
     for conn in targets {
+        if ctx.logins.is_waiting(conn.id) {
+            // No LOGIN_ACK yet: nothing may precede it (QoS1 is resent after it).
+            metrics.downlink_held.inc();
+            continue;
+        }
         match conn.push(frame.clone(), qos1, limit) {
             Enqueued::Queued => {
                 metrics.downlink_delivered.inc();

@@ -23,6 +23,7 @@ pub mod control;
 pub mod downlink;
 pub mod heartbeat;
 pub mod listener;
+pub mod logins;
 pub mod metrics;
 pub mod outbound;
 pub mod registry;

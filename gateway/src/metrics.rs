@@ -48,6 +48,8 @@ pub struct GatewayMetrics {
     pub downlink_no_route: Counter,
     /// Malformed downlink messages dropped.
     pub downlink_invalid: Counter,
+    /// Downlinks not delivered because their connection had no LOGIN_ACK yet.
+    pub downlink_held: Counter,
     /// Input refused at the trust boundary, by reason: device fields (`login_field`,
     /// `up_session`) and downlinks a business may not send (`foreign_app`, `frame_type`,
     /// `room_seq`).
@@ -180,6 +182,11 @@ impl GatewayMetrics {
             "downlink_invalid",
             "malformed downlink messages dropped",
             self.downlink_invalid.clone(),
+        );
+        registry.register(
+            "downlink_held",
+            "downlinks for connections still waiting for their login ack",
+            self.downlink_held.clone(),
         );
         registry.register(
             "refused",

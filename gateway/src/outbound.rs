@@ -126,15 +126,17 @@ impl Outbound {
 
     /// Appends a connection event to the events stream. The publish is sent in call order
     /// (so `conn.up` precedes `conn.down`); its confirmation is awaited in the background.
-    pub async fn conn_event(&self, event: &Event) {
+    ///
+    /// The returned task ends with whether JetStream stored the event.
+    pub async fn conn_event(&self, event: &Event) -> tokio::task::JoinHandle<bool> {
         let (Event::ConnUp(conn) | Event::ConnDown(conn)) = event else {
-            return;
+            return tokio::spawn(async { false });
         };
         let payload = match event.to_json() {
             Ok(bytes) => bytes,
             Err(error) => {
                 tracing::error!(%error, "cannot encode connection event");
-                return;
+                return tokio::spawn(async { false });
             }
         };
         let kind = event.kind();
@@ -154,11 +156,15 @@ impl Outbound {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                 Err(error) => Err(error.to_string()),
             };
-            if let Err(error) = result {
-                metrics.events_failed.inc();
-                tracing::warn!(conn, kind, %error, "connection event not stored");
+            match result {
+                Ok(()) => true,
+                Err(error) => {
+                    metrics.events_failed.inc();
+                    tracing::warn!(conn, kind, %error, "connection event not stored");
+                    false
+                }
             }
-        });
+        })
     }
 }
 

@@ -18,7 +18,7 @@ use crate::conn::{CloseReason, Transport};
 use crate::context::GatewayCtx;
 use crate::metrics::GatewayMetrics;
 use crate::outbound::Outbound;
-use crate::{control, downlink, listener, tls};
+use crate::{downlink, listener, tls};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -126,9 +126,6 @@ pub async fn start(
     let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
     let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
 
-    control::run(ctx.clone(), internal.clone())
-        .await
-        .map_err(|e| GatewayError::Subscribe(e.to_string()))?;
     downlink::run(ctx.clone(), internal.clone())
         .await
         .map_err(|e| GatewayError::Subscribe(e.to_string()))?;

@@ -98,6 +98,12 @@ pub fn gateway_down_all() -> String {
     format!("{PREFIX}.gw.*.down")
 }
 
+/// Everything for one gateway, downlinks and control, as one subscription (so the two
+/// arrive in the order state sent them): `tether.gw.<gw>.*`.
+pub fn gateway_all(gw: &str) -> String {
+    format!("{PREFIX}.gw.{gw}.*")
+}
+
 /// Control messages for one gateway: `tether.gw.<gw>.ctl` (core NATS).
 pub fn gateway_ctl(gw: &str) -> String {
     format!("{PREFIX}.gw.{gw}.ctl")

@@ -18,6 +18,6 @@ pub mod telemetry;
 pub use admin::{AdminServer, Health};
 pub use config::{ConfigError, load_config};
 pub use operations::OperationsGuard;
-pub use role::{NatsRole, NatsRoleBuilder, RoleError};
+pub use role::{CheckFn, NatsRole, NatsRoleBuilder, RoleError};
 pub use shutdown::Shutdown;
 pub use tether_nats::NatsAuth;

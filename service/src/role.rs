@@ -56,7 +56,11 @@ pub struct NatsRoleBuilder {
     admin_listen: SocketAddr,
     registry: Registry,
     routes: axum::Router,
+    checks: Vec<(&'static str, CheckFn)>,
 }
+
+/// One extra health check: `(ok, state)`, e.g. `(false, "2 partitions failing")`.
+pub type CheckFn = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
 
 impl NatsRoleBuilder {
     /// Role `name` (used in the NATS client name and `/healthz`) connecting to `nats_url`
@@ -71,7 +75,14 @@ impl NatsRoleBuilder {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             registry: Registry::default(),
             routes: axum::Router::new(),
+            checks: Vec::new(),
         }
+    }
+
+    /// An extra `/healthz` check beside the NATS connection.
+    pub fn check(mut self, name: &'static str, check: CheckFn) -> Self {
+        self.checks.push((name, check));
+        self
     }
 
     /// Credentials and TLS settings of the NATS connection (the role's `[nats]` table).
@@ -114,6 +125,7 @@ impl NatsRoleBuilder {
             admin_listen,
             registry,
             routes,
+            checks,
         } = self;
         let client = tether_nats::connect_with(&nats_url, &format!("tether-{name}"), &auth).await?;
         let layout = tether_nats::BusLayout {
@@ -123,11 +135,14 @@ impl NatsRoleBuilder {
         tether_nats::ensure_layout(&async_nats::jetstream::new(client.clone()), &layout).await?;
         let health_client = client.clone();
         let health = Arc::new(move || {
-            let (ok, state) = nats_health(&health_client);
-            Health {
-                ok,
-                checks: vec![("nats".into(), state)],
+            let (mut ok, state) = nats_health(&health_client);
+            let mut report = vec![("nats".into(), state)];
+            for (name, check) in &checks {
+                let (passed, state) = check();
+                ok &= passed;
+                report.push(((*name).to_string(), state));
             }
+            Health { ok, checks: report }
         });
         let admin = AdminServer::start(
             admin_listen,

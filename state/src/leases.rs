@@ -53,7 +53,7 @@ use async_nats::jetstream::{self, kv};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rand::seq::SliceRandom;
 use tether_nats::subjects::PARTITIONS;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -146,6 +146,7 @@ pub struct Leases {
     /// The partitions this instance owns right now. A partition leaves the set before its
     /// lease can be taken by another instance; stop working on it when it does.
     pub owned: watch::Receiver<BTreeSet<u16>>,
+    give_up: mpsc::UnboundedSender<u16>,
     task: JoinHandle<()>,
 }
 
@@ -153,6 +154,12 @@ impl Leases {
     /// The partitions owned right now.
     pub fn owned_now(&self) -> BTreeSet<u16> {
         self.owned.borrow().clone()
+    }
+
+    /// Gives `partition` up (its worker keeps failing): the lease is released at the next
+    /// round and not taken again by this instance for a while, so another one serves it.
+    pub fn give_up(&self, partition: u16) {
+        let _ = self.give_up.send(partition);
     }
 
     /// Waits until the loop has stopped: after the shutdown token fired and the leases were
@@ -181,6 +188,19 @@ pub async fn start(
     config: LeaseConfig,
     shutdown: CancellationToken,
 ) -> Result<Leases, LeaseError> {
+    let (_never, workers) = watch::channel(BTreeSet::new());
+    start_with_workers(js, config, shutdown, workers).await
+}
+
+/// Like [`start`], with the set of partitions whose workers still run: a released lease
+/// is deleted only after its worker stopped (or after half a TTL; then it expires on its
+/// own), so the next owner never runs beside the previous one.
+pub async fn start_with_workers(
+    js: jetstream::Context,
+    config: LeaseConfig,
+    shutdown: CancellationToken,
+    workers: watch::Receiver<BTreeSet<u16>>,
+) -> Result<Leases, LeaseError> {
     config.validate()?;
     let store = js
         .create_or_update_key_value(tether_nats::layout::leases_bucket(
@@ -190,9 +210,14 @@ pub async fn start(
         ))
         .await?;
     let (tx, rx) = watch::channel(BTreeSet::new());
-    let looper = Looper::new(store, &config, tx);
+    let (give_up, given_up) = mpsc::unbounded_channel();
+    let looper = Looper::new(store, &config, tx, workers, given_up);
     let task = tokio::spawn(looper.run(shutdown));
-    Ok(Leases { owned: rx, task })
+    Ok(Leases {
+        owned: rx,
+        give_up,
+        task,
+    })
 }
 
 /// A held lease.
@@ -288,6 +313,12 @@ struct Looper {
     /// Bound of one phase of NATS operations.
     op_timeout: Duration,
     table: Table,
+    /// Partitions whose workers still run.
+    workers: watch::Receiver<BTreeSet<u16>>,
+    /// Partitions the workers gave up on.
+    given_up: mpsc::UnboundedReceiver<u16>,
+    /// Partitions not to take again before the instant.
+    cooldown: BTreeMap<u16, Instant>,
 }
 
 fn part_key(partition: u16) -> String {
@@ -295,7 +326,13 @@ fn part_key(partition: u16) -> String {
 }
 
 impl Looper {
-    fn new(store: kv::Store, config: &LeaseConfig, tx: watch::Sender<BTreeSet<u16>>) -> Self {
+    fn new(
+        store: kv::Store,
+        config: &LeaseConfig,
+        tx: watch::Sender<BTreeSet<u16>>,
+        workers: watch::Receiver<BTreeSet<u16>>,
+        given_up: mpsc::UnboundedReceiver<u16>,
+    ) -> Self {
         let ttl = config.ttl;
         Self {
             store,
@@ -309,7 +346,57 @@ impl Looper {
                 owned: BTreeMap::new(),
                 tx,
             },
+            workers,
+            given_up,
+            cooldown: BTreeMap::new(),
         }
+    }
+
+    /// Waits (at most half a TTL) until none of `partitions` has a running worker.
+    async fn wait_workers_stopped(&mut self, partitions: &[u16]) {
+        let deadline = Instant::now() + self.ttl / 2;
+        loop {
+            let running = {
+                let workers = self.workers.borrow_and_update();
+                partitions.iter().any(|p| workers.contains(p))
+            };
+            if !running {
+                return;
+            }
+            let workers = &mut self.workers;
+            match self.table.guard(workers.changed(), deadline).await {
+                Some(Ok(())) => {}
+                // No manager (plain `start`) or the deadline: the keys expire on their own.
+                Some(Err(_)) => return,
+                None => {
+                    tracing::warn!(
+                        ?partitions,
+                        "workers still running after half a ttl; leases left to expire"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Releases the partitions whose workers gave up, and keeps them for a cooldown.
+    async fn release_given_up(&mut self) {
+        let mut released = Vec::new();
+        while let Ok(partition) = self.given_up.try_recv() {
+            self.cooldown
+                .insert(partition, Instant::now() + self.ttl * 5);
+            if let Some(held) = self.table.owned.remove(&partition) {
+                released.push((partition, held.revision));
+            }
+        }
+        if released.is_empty() {
+            return;
+        }
+        self.table.publish();
+        tracing::warn!(partitions = ?released.iter().map(|(p, _)| *p).collect::<Vec<_>>(), "releasing leases of failing partitions");
+        let partitions: Vec<u16> = released.iter().map(|(p, _)| *p).collect();
+        self.wait_workers_stopped(&partitions).await;
+        self.delete_keys(&released).await;
     }
 
     async fn run(mut self, shutdown: CancellationToken) {
@@ -348,7 +435,8 @@ impl Looper {
             None => tracing::warn!("lease heartbeat timed out"),
         }
 
-        // 2. Renew what we own.
+        // 2. Renew what we own (after letting go of partitions whose workers gave up).
+        self.release_given_up().await;
         self.renew_all().await;
         if shutdown.is_cancelled() {
             return;
@@ -439,9 +527,12 @@ impl Looper {
                 released.push((partition, held.revision));
             }
         }
-        // The caller hears about the release before anyone else can take the partitions.
+        // The caller hears about the release before anyone else can take the partitions,
+        // and the keys go only once its workers stopped.
         self.table.publish();
         tracing::info!(partitions = ?released.iter().map(|(p, _)| *p).collect::<Vec<_>>(), target, "releasing leases for rebalance");
+        let partitions: Vec<u16> = released.iter().map(|(p, _)| *p).collect();
+        self.wait_workers_stopped(&partitions).await;
         self.delete_keys(&released).await;
     }
 
@@ -451,8 +542,14 @@ impl Looper {
         taken: &BTreeSet<u16>,
         shutdown: &CancellationToken,
     ) {
+        let now = Instant::now();
+        self.cooldown.retain(|_, until| *until > now);
         let mut candidates: Vec<u16> = (0..PARTITIONS)
-            .filter(|p| !taken.contains(p) && !self.table.owned.contains_key(p))
+            .filter(|p| {
+                !taken.contains(p)
+                    && !self.table.owned.contains_key(p)
+                    && !self.cooldown.contains_key(p)
+            })
             .collect();
         candidates.shuffle(&mut rand::thread_rng());
         // Taking stops in time for the next round's renewals.
@@ -527,6 +624,8 @@ impl Looper {
             .collect();
         self.table.owned.clear();
         self.table.publish();
+        let partitions: Vec<u16> = released.iter().map(|(p, _)| *p).collect();
+        self.wait_workers_stopped(&partitions).await;
         self.delete_keys(&released).await;
         let deadline = Instant::now() + self.op_timeout;
         let delete = self.store.delete(&self.member_key);

@@ -17,15 +17,17 @@
 pub mod config;
 pub mod context;
 pub mod index;
+pub mod inputs;
 pub mod leases;
 pub mod metrics;
 pub mod partition;
 pub mod push;
 pub mod sessions;
 pub mod store;
+pub mod supervise;
 pub mod uplink;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,7 +84,10 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
     let metrics = StateMetrics::default();
     let mut registry = Registry::with_prefix("tether_state");
     metrics.register(&mut registry);
+    let failing = supervise::Failing::default();
+    let health_failing = failing.clone();
     let role = NatsRoleBuilder::new("state", &config.nats_url)
+        .check("partitions", Arc::new(move || health_failing.check()))
         .auth(config.nats.clone())
         .replicas(config.stream_replicas)
         .admin(config.admin_listen)
@@ -133,10 +138,13 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         replicas: config.stream_replicas,
         ..Default::default()
     };
-    let leases = leases::start(js, lease_config, shutdown.clone())
+    let (workers_tx, workers_rx) = tokio::sync::watch::channel(BTreeSet::new());
+    let leases = leases::start_with_workers(js, lease_config, shutdown.clone(), workers_rx)
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
-    let task = tokio::spawn(manage_partitions(ctx, leases, shutdown));
+    let task = tokio::spawn(supervise::manage_partitions(
+        ctx, leases, workers_tx, failing, shutdown,
+    ));
     tracing::info!(instance = %instance_id, admin = %role.admin.addr, "state started");
     Ok(RunningState {
         admin_addr: role.admin.addr,
@@ -144,42 +152,4 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         role,
         task,
     })
-}
-
-/// Starts a worker for each partition this instance comes to own and stops it when the
-/// lease is lost.
-async fn manage_partitions(ctx: Arc<StateCtx>, leases: leases::Leases, shutdown: Shutdown) {
-    let mut owned_rx = leases.owned.clone();
-    let mut running: BTreeMap<u16, (Shutdown, tokio::task::JoinHandle<()>)> = BTreeMap::new();
-    loop {
-        let owned: BTreeSet<u16> = owned_rx.borrow_and_update().clone();
-        for (partition, (stop, _)) in running.iter() {
-            if !owned.contains(partition) {
-                tracing::info!(partition, "partition released");
-                stop.cancel();
-            }
-        }
-        running.retain(|partition, _| owned.contains(partition));
-        for partition in owned {
-            running.entry(partition).or_insert_with(|| {
-                let stop = shutdown.child_token();
-                let task = tokio::spawn(partition::Partition::run(
-                    ctx.clone(),
-                    partition,
-                    stop.clone(),
-                ));
-                (stop, task)
-            });
-        }
-        ctx.metrics.partitions.set(running.len() as i64);
-        tokio::select! {
-            changed = owned_rx.changed() => if changed.is_err() { break },
-            _ = shutdown.cancelled() => break,
-        }
-    }
-    for (_, (stop, task)) in running {
-        stop.cancel();
-        let _ = task.await;
-    }
-    leases.stopped().await;
 }

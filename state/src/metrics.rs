@@ -40,6 +40,15 @@ pub struct StateMetrics {
     /// Input refused at the trust boundary, by reason (`event_identity`, `not_an_up`,
     /// `ack_above_sent`, `resume_above_sent`, `room_foreign`, `push_too_large`).
     pub refused: Family<Label, Counter>,
+    /// Events skipped because a newer event of the device was applied already (stale
+    /// redeliveries after a crash or an owner change).
+    pub stale_events: Counter,
+    /// Events whose effect could not be written, retried with backoff.
+    pub event_retries: Counter,
+    /// Partition worker failures (errors and panics), each followed by a restart.
+    pub partition_failures: Counter,
+    /// Partitions whose worker is failing right now.
+    pub partitions_failing: Gauge,
 }
 
 impl StateMetrics {
@@ -86,6 +95,26 @@ impl StateMetrics {
         registry.register("retransmits", "qos1 resends", self.retransmits.clone());
         registry.register("acks", "device acks received", self.acks.clone());
         registry.register("presence", "presence notifications", self.presence.clone());
+        registry.register(
+            "stale_events",
+            "events skipped as stale redeliveries",
+            self.stale_events.clone(),
+        );
+        registry.register(
+            "event_retries",
+            "events retried because their effect was not written",
+            self.event_retries.clone(),
+        );
+        registry.register(
+            "partition_failures",
+            "partition worker failures, each followed by a restart",
+            self.partition_failures.clone(),
+        );
+        registry.register(
+            "partitions_failing",
+            "partitions whose worker is failing now",
+            self.partitions_failing.clone(),
+        );
         registry.register(
             "refused",
             "input refused at the trust boundary, by reason",

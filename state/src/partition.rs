@@ -9,14 +9,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
 use tether_nats::layout::PartitionConsumer;
 use tether_nats::subjects::{self, Subject};
 use tether_schemas::bus::{
     ConnEvent, Event, GatewayControl, MembershipChange, MembershipEvent, PresenceEvent,
-    SessionChange, SessionOp, unix_now_ms, valid_id,
+    SessionChange, SessionOp, unix_now_ms,
 };
 use tether_schemas::{ErrorCode, Frame, RawFrame, limits};
 use tokio::sync::{Semaphore, mpsc};
@@ -71,23 +71,31 @@ async fn consumer(
 }
 
 impl Partition {
-    /// Runs the partition until `stop` fires (ownership lost or shutdown).
-    pub async fn run(ctx: Arc<StateCtx>, partition: u16, stop: tether_service::Shutdown) {
+    /// Serves the partition until `stop` fires (ownership lost or shutdown): one attempt;
+    /// `Err` when the worker cannot go on (the supervisor restarts it).
+    pub async fn run(
+        ctx: Arc<StateCtx>,
+        partition: u16,
+        stop: tether_service::Shutdown,
+    ) -> Result<(), String> {
         let mut worker = Partition {
             ctx: ctx.clone(),
             partition,
             devices: HashMap::new(),
         };
-        if let Err(error) = worker.serve(stop).await {
-            tracing::error!(partition, %error, "partition worker failed");
-        }
+        let result = worker.serve(stop).await;
         ctx.metrics.devices.dec_by(worker.devices.len() as i64);
+        result
     }
 
     async fn serve(&mut self, stop: tether_service::Shutdown) -> Result<(), String> {
         let p = self.partition;
         let ctx = self.ctx.clone();
-        let uplink_wait = Duration::from_millis(ctx.config.business_timeout_ms.max(1000));
+        // Long enough that a business answering slowly (every retry included) is not
+        // redelivered meanwhile; progress is also signalled between attempts.
+        let business = Duration::from_millis(ctx.config.business_timeout_ms);
+        let uplink_wait =
+            (business * (ctx.config.business_retries + 2)).max(Duration::from_secs(30));
         let ack_wait = Duration::from_secs(10);
         let mut events = consumer(&ctx, PartitionConsumer::Events, p, ack_wait).await?;
         let mut uplinks = consumer(&ctx, PartitionConsumer::Uplinks, p, uplink_wait).await?;
@@ -100,61 +108,105 @@ impl Partition {
         tether_nats::sync_with_server(&ctx.client)
             .await
             .map_err(|e| e.to_string())?;
-        self.rebuild().await;
+        self.rebuild().await?;
         tracing::info!(
             partition = p,
             devices = self.devices.len(),
             "partition taken"
         );
 
-        let (done_tx, mut done_rx) = mpsc::channel::<UplinkDone>(1024);
+        let (done_tx, mut done_rx) = mpsc::channel::<UplinkFinished>(1024);
         let permits = Arc::new(Semaphore::new(ctx.config.uplink_concurrency));
+        let mut order = uplink::DeviceQueues::default();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
+        let outcome = loop {
             tokio::select! {
-                _ = stop.cancelled() => break,
-                Some(message) = events.next() => {
-                    if let Ok(message) = message {
-                        self.on_event(&message).await;
+                _ = stop.cancelled() => break Ok(()),
+                message = events.next() => match message {
+                    Some(Ok(message)) => {
+                        if !self.apply_event(&message, &stop).await {
+                            // Stopped before the effect was written: the next owner gets it.
+                            let _ = message.ack_with(AckKind::Nak(None)).await;
+                            break Ok(());
+                        }
                         let _ = message.ack().await;
                     }
-                }
-                Some(message) = uplinks.next(), if permits.available_permits() > 0 => {
-                    if let Ok(message) = message {
-                        let (ctx, done, permits) = (ctx.clone(), done_tx.clone(), permits.clone());
-                        tokio::spawn(async move {
-                            let Ok(_permit) = permits.acquire().await else { return };
-                            if let Some(outcome) = uplink::process(ctx, message).await {
-                                let _ = done.send(outcome).await;
-                            }
-                        });
+                    Some(Err(error)) => tracing::debug!(partition = p, %error, "events consumer hiccup"),
+                    None => break Err("events consumer ended".to_string()),
+                },
+                message = uplinks.next(), if permits.available_permits() > 0 => match message {
+                    Some(Ok(message)) => {
+                        // One device's uplinks are processed in order, devices concurrently.
+                        if let Some(message) = order.admit(message) {
+                            spawn_uplink(&ctx, &permits, &done_tx, message);
+                        }
+                    }
+                    Some(Err(error)) => tracing::debug!(partition = p, %error, "uplinks consumer hiccup"),
+                    None => break Err("uplinks consumer ended".to_string()),
+                },
+                Some(finished) = done_rx.recv() => {
+                    if let Some(next) = order.finished(&finished.device) {
+                        spawn_uplink(&ctx, &permits, &done_tx, next);
+                    }
+                    if let Some(done) = finished.done {
+                        self.on_uplink_done(done).await;
                     }
                 }
-                Some(done) = done_rx.recv() => self.on_uplink_done(done).await,
-                Some(message) = inbox.next() => {
-                    if let Ok(message) = message {
+                message = inbox.next() => match message {
+                    Some(Ok(message)) => {
                         self.on_inbox(&message).await;
                         let _ = message.ack().await;
                     }
-                }
+                    Some(Err(error)) => tracing::debug!(partition = p, %error, "inbox consumer hiccup"),
+                    None => break Err("inbox consumer ended".to_string()),
+                },
                 Some(message) = acks.next() => self.on_ack(&message).await,
-                _ = tick.tick() => self.on_tick().await,
+                _ = tick.tick() => {
+                    order.keep_alive().await;
+                    self.on_tick().await;
+                }
             }
-        }
+        };
+        // Messages fetched but not handled go back at once (in order) to whoever serves
+        // the partition next, instead of waiting out their ack wait.
+        order.release().await;
+        release_prefetched(&mut events).await;
+        release_prefetched(&mut uplinks).await;
+        release_prefetched(&mut inbox).await;
         self.flush_cursors().await;
-        Ok(())
+        outcome
+    }
+
+    /// Applies one event, retrying with backoff while its effect cannot be written; false
+    /// when `stop` fired first.
+    async fn apply_event(&mut self, message: &Message, stop: &tether_service::Shutdown) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.on_event(message).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    self.ctx.metrics.event_retries.inc();
+                    tracing::warn!(partition = self.partition, %error, retry_in = ?backoff, "event not applied, retrying");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// After a takeover: every device with a route in this partition is online somewhere;
     /// resend what it has not acknowledged.
-    async fn rebuild(&mut self) {
-        let routes = match self.ctx.store.routes_of_partition(self.partition).await {
-            Ok(routes) => routes,
-            Err(error) => {
-                tracing::warn!(partition = self.partition, %error, "cannot list routes");
-                return;
-            }
-        };
+    async fn rebuild(&mut self) -> Result<(), String> {
+        // A takeover with an incomplete picture would skip devices: fail and retry instead.
+        let routes = self
+            .ctx
+            .store
+            .routes_of_partition(self.partition)
+            .await
+            .map_err(|e| format!("cannot list routes: {e}"))?;
         for (app, did, route) in routes {
             let cursor = self.ctx.store.cursor(&app, &did).await.unwrap_or_default();
             let device = Device {
@@ -169,23 +221,18 @@ impl Partition {
         }
         // The previous owner may have died between writing a membership and telling the
         // gateway: send every online device's sessions to its gateway again (idempotent).
-        match self
+        let memberships = self
             .ctx
             .store
             .memberships_of_partition(self.partition)
             .await
-        {
-            Ok(memberships) => {
-                for (app, did, membership) in memberships {
-                    if !membership.sessions.is_empty() {
-                        self.sync_gateway(&app, &did, &membership.sessions).await;
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::warn!(partition = self.partition, %error, "cannot list memberships");
+            .map_err(|e| format!("cannot list memberships: {e}"))?;
+        for (app, did, membership) in memberships {
+            if !membership.sessions.is_empty() {
+                self.sync_gateway(&app, &did, &membership.sessions).await;
             }
         }
+        Ok(())
     }
 
     async fn load(&mut self, app: &str, did: &str) -> &mut Device {
@@ -204,38 +251,64 @@ impl Partition {
         self.devices.entry(key).or_default()
     }
 
-    async fn on_event(&mut self, message: &Message) {
-        let event = match Event::from_json(&message.payload) {
+    /// Applies one event; `Err` when its effect could not be written (the caller retries
+    /// with backoff and acks only after success). Refused and stale events are `Ok`.
+    async fn on_event(&mut self, message: &Message) -> Result<(), String> {
+        // Identity comes from the subject: a payload naming another app, a device of
+        // another partition or an event kind of another subject is forged.
+        let event = match crate::inputs::event(&message.subject, &message.payload) {
             Ok(event) => event,
-            Err(error) => {
-                self.ctx.metrics.refused("event_unreadable");
-                tracing::warn!(subject = %message.subject, %error, "unreadable event, skipped");
-                return;
+            Err(refusal) => {
+                self.ctx.metrics.refused(refusal.reason);
+                tracing::warn!(subject = %message.subject, reason = refusal.reason, error = %refusal.message, "event refused");
+                return Ok(());
             }
         };
-        if !event_matches_subject(&event, &message.subject) {
-            // Identity comes from the subject: a payload naming another app, a device of
-            // another partition or an event kind of another subject is forged.
-            self.ctx.metrics.refused("event_identity");
-            tracing::warn!(subject = %message.subject, kind = event.kind(), "event does not match its subject, refused");
-            return;
+        let (app, did) = match &event {
+            Event::ConnUp(e) | Event::ConnDown(e) => (e.app.clone(), e.did.clone()),
+            Event::SessBind(c) | Event::SessUnbind(c) | Event::SessReplace(c) => {
+                (c.app.clone(), c.did.clone())
+            }
+        };
+        // Events apply in stream order per device: one at or below the last applied is
+        // a redelivery (after a crash or an owner change) and must not overwrite newer state.
+        let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        if stream_seq > 0 && stream_seq <= self.load(&app, &did).await.cursor.event_seq {
+            self.ctx.metrics.stale_events.inc();
+            return Ok(());
         }
         match event {
-            Event::ConnUp(event) => self.on_conn_up(event).await,
-            Event::ConnDown(event) => self.on_conn_down(event).await,
-            Event::SessBind(change) => self.on_session_change(change, SessionOp::Bind).await,
-            Event::SessUnbind(change) => self.on_session_change(change, SessionOp::Unbind).await,
-            Event::SessReplace(change) => self.on_session_change(change, SessionOp::Replace).await,
+            Event::ConnUp(event) => self.on_conn_up(event).await?,
+            Event::ConnDown(event) => self.on_conn_down(event).await?,
+            Event::SessBind(change) => self.on_session_change(change, SessionOp::Bind).await?,
+            Event::SessUnbind(change) => self.on_session_change(change, SessionOp::Unbind).await?,
+            Event::SessReplace(change) => {
+                self.on_session_change(change, SessionOp::Replace).await?
+            }
         }
+        if let Some(device) = self.devices.get_mut(&(app, did)) {
+            device.cursor.event_seq = device.cursor.event_seq.max(stream_seq);
+            device.cursor_dirty = true;
+        }
+        Ok(())
     }
 
     /// Applies a business bind, unbind or replace of one device and tells its gateway.
-    async fn on_session_change(&mut self, change: SessionChange, op: SessionOp) {
-        if let Some((sessions, true)) = self
+    async fn on_session_change(
+        &mut self,
+        change: SessionChange,
+        op: SessionOp,
+    ) -> Result<(), String> {
+        match self
             .change_membership(&change.app, &change.did, op, &change.sessions)
             .await
         {
-            self.sync_gateway(&change.app, &change.did, &sessions).await;
+            Some((sessions, true)) => {
+                self.sync_gateway(&change.app, &change.did, &sessions).await;
+                Ok(())
+            }
+            Some((_, false)) => Ok(()),
+            None => Err(format!("membership of {} not written", change.did)),
         }
     }
 
@@ -286,7 +359,10 @@ impl Partition {
             for (sessions, member) in [(&joined, true), (&left, false)] {
                 for session in sessions.iter() {
                     if let Err(error) = store.index_member(app, session, did, member).await {
+                        // The membership is written; the index entry is retried with the
+                        // event (applying it again is idempotent).
                         tracing::warn!(did, session = %session, %error, "session index not updated");
+                        return None;
                     }
                     self.ctx.metrics.membership_changes.inc();
                     if events {
@@ -342,7 +418,7 @@ impl Partition {
         }
     }
 
-    async fn on_conn_up(&mut self, event: ConnEvent) {
+    async fn on_conn_up(&mut self, event: ConnEvent) -> Result<(), String> {
         let ctx = self.ctx.clone();
         let route = Route {
             uid: event.uid.clone(),
@@ -350,7 +426,20 @@ impl Partition {
             conn: event.conn,
             region: event.region.clone(),
         };
-        let device = self.load(&event.app, &event.did).await;
+        let key = (event.app.clone(), event.did.clone());
+        self.load(&event.app, &event.did).await;
+        // Written first: a push resolved after this event sees the device (route, user).
+        ctx.store
+            .put_route(&event.app, &event.did, &route)
+            .await
+            .map_err(|e| format!("route not stored: {e}"))?;
+        ctx.store
+            .add_user_device(&event.app, &event.uid, &event.did)
+            .await
+            .map_err(|e| format!("user index not updated: {e}"))?;
+        let Some(device) = self.devices.get_mut(&key) else {
+            return Ok(());
+        };
         let returning = device.offline_at.take().is_some() || device.route.is_some();
         device.uid = event.uid.clone();
         let previous = device.route.replace(route.clone());
@@ -359,10 +448,7 @@ impl Partition {
             .filter(|resume| *resume > device.cursor.acked);
         if let Some(resume) = resume {
             if self.seq_was_sent(&event.app, &event.did, resume).await {
-                if let Some(device) = self
-                    .devices
-                    .get_mut(&(event.app.clone(), event.did.clone()))
-                {
+                if let Some(device) = self.devices.get_mut(&key) {
                     device.cursor.acked = resume;
                     device.cursor_dirty = true;
                 }
@@ -381,47 +467,74 @@ impl Partition {
         if let Some(old) = previous.filter(|old| old.gw != route.gw) {
             self.close_on_gateway(&event.app, &event.did, &old).await;
         }
-        if let Err(error) = ctx.store.put_route(&event.app, &event.did, &route).await {
-            tracing::warn!(did = %event.did, %error, "route not stored");
-        }
-        if let Err(error) = ctx
-            .store
-            .add_user_device(&event.app, &event.uid, &event.did)
+        // Sessions in the token are bound like a business bind; the gateway then learns
+        // every session of the device (it only knows the token's from the login).
+        let Some((sessions, _)) = self
+            .change_membership(&event.app, &event.did, SessionOp::Bind, &event.sessions)
             .await
-        {
-            tracing::warn!(uid = %event.uid, %error, "user index not updated");
-        }
+        else {
+            return Err(format!("membership of {} not written", event.did));
+        };
         if !returning {
             ctx.presence(&presence(&event, true)).await;
         }
+        self.registered(&event).await;
         self.replay(&event.app, &event.did).await;
-        // Sessions in the token are bound like a business bind; the gateway then learns
-        // every session of the device (it only knows the token's from the login).
-        if let Some((sessions, _)) = self
-            .change_membership(&event.app, &event.did, SessionOp::Bind, &event.sessions)
-            .await
-            && !sessions.is_empty()
-        {
+        if !sessions.is_empty() {
             self.sync_gateway(&event.app, &event.did, &sessions).await;
+        }
+        Ok(())
+    }
+
+    /// Tells the gateway that the connection is registered (route, user index and token
+    /// sessions written): the gateway answers LOGIN_ACK now, so a push sent after it
+    /// reaches the device. Sent before any replayed DOWN, on the same connection, so the
+    /// gateway sees it first.
+    async fn registered(&self, event: &ConnEvent) {
+        let acked = self
+            .devices
+            .get(&(event.app.clone(), event.did.clone()))
+            .map_or(0, |d| d.cursor.acked);
+        let control = GatewayControl::Registered {
+            app: event.app.clone(),
+            did: event.did.clone(),
+            conn: event.conn,
+            last_acked_seq: acked,
+        };
+        let Ok(body) = control.to_json() else {
+            return;
+        };
+        if let Err(error) = self
+            .ctx
+            .client
+            .publish(subjects::gateway_ctl(&event.gw), body)
+            .await
+        {
+            tracing::warn!(gw = %event.gw, did = %event.did, %error, "registration not sent");
         }
     }
 
-    async fn on_conn_down(&mut self, event: ConnEvent) {
+    async fn on_conn_down(&mut self, event: ConnEvent) -> Result<(), String> {
         let window = Duration::from_millis(self.ctx.config.reconnect_window_ms);
         let key = (event.app.clone(), event.did.clone());
-        let Some(device) = self.devices.get_mut(&key) else {
-            return;
+        let Some(device) = self.devices.get(&key) else {
+            return Ok(());
         };
         if device.route.as_ref().is_none_or(|r| r.conn != event.conn) {
-            return; // an older connection, already replaced
+            return Ok(()); // an older connection, already replaced
         }
-        device.route = None;
-        device.inflight.clear();
-        device.retransmit_at = None;
-        device.offline_at = Some(Instant::now() + window);
-        if let Err(error) = self.ctx.store.delete_route(&event.app, &event.did).await {
-            tracing::warn!(did = %event.did, %error, "route not deleted");
+        self.ctx
+            .store
+            .delete_route(&event.app, &event.did)
+            .await
+            .map_err(|e| format!("route not deleted: {e}"))?;
+        if let Some(device) = self.devices.get_mut(&key) {
+            device.route = None;
+            device.inflight.clear();
+            device.retransmit_at = None;
+            device.offline_at = Some(Instant::now() + window);
         }
+        Ok(())
     }
 
     /// Sends every stored message the device has not acknowledged, in order.
@@ -669,34 +782,42 @@ fn presence(event: &ConnEvent, online: bool) -> PresenceEvent {
     }
 }
 
-/// True when an event's identity agrees with its subject: the app is the subject's, the did
-/// belongs to the subject's partition, connection events arrive on `evt.conn` and session
-/// events on `evt.sess`, and every id obeys the id rule.
-fn event_matches_subject(event: &Event, subject: &str) -> bool {
-    let parsed = Subject::parse(subject);
-    let (app, did, ids_ok, on_subject) = match event {
-        Event::ConnUp(e) | Event::ConnDown(e) => (
-            &e.app,
-            &e.did,
-            valid_id(&e.uid) && valid_id(&e.gw) && e.sessions.iter().all(|s| valid_id(s)),
-            matches!(parsed, Some(Subject::ConnEvents { .. })),
-        ),
-        Event::SessBind(e) | Event::SessUnbind(e) | Event::SessReplace(e) => (
-            &e.app,
-            &e.did,
-            e.sessions.iter().all(|s| valid_id(s)),
-            matches!(parsed, Some(Subject::SessionEvents { .. })),
-        ),
-    };
-    let partition = match parsed {
-        Some(Subject::ConnEvents { partition, .. } | Subject::SessionEvents { partition, .. }) => {
-            partition
+/// An uplink's processing ended (answered or terminated).
+struct UplinkFinished {
+    device: uplink::DeviceKey,
+    done: Option<UplinkDone>,
+}
+
+fn spawn_uplink(
+    ctx: &Arc<StateCtx>,
+    permits: &Arc<Semaphore>,
+    done: &mpsc::Sender<UplinkFinished>,
+    message: Message,
+) {
+    let (ctx, done, permits) = (ctx.clone(), done.clone(), permits.clone());
+    tokio::spawn(async move {
+        let Ok(_permit) = permits.acquire().await else {
+            return;
+        };
+        let device = uplink::device_of(&message);
+        let outcome = uplink::process(ctx, message).await;
+        let _ = done
+            .send(UplinkFinished {
+                device,
+                done: outcome,
+            })
+            .await;
+    });
+}
+
+/// Naks what a consumer stream already fetched (it is redelivered at once, in order).
+async fn release_prefetched(stream: &mut pull::Stream) {
+    for _ in 0..10_000 {
+        match tokio::time::timeout(Duration::from_millis(20), stream.next()).await {
+            Ok(Some(Ok(message))) => {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+            _ => return,
         }
-        _ => return false,
-    };
-    on_subject
-        && ids_ok
-        && valid_id(did)
-        && parsed.and_then(|s| s.app()) == Some(app.as_str())
-        && subjects::partition(did) == partition
+    }
 }

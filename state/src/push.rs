@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use async_nats::Message;
 use bytes::Bytes;
-use tether_nats::headers::HeaderCodec;
-use tether_nats::subjects::{self, Subject};
+use tether_nats::subjects;
 use tether_schemas::bus::{Accepted, Push, PushReply, PushReplyWire, unix_now_ms};
 use tether_schemas::{ErrorCode, Frame, pb};
 
@@ -28,14 +27,19 @@ pub async fn serve(
 
 async fn handle(ctx: &StateCtx, message: Message) {
     ctx.metrics.pushes.inc();
-    let reply = match Subject::parse(&message.subject).and_then(|s| s.app()) {
-        None => PushReplyWire::error(ErrorCode::BadRequest, "push subject has no app"),
-        Some(app) => match Push::from_message(message.headers.as_ref(), message.payload.clone()) {
-            Err(error) => PushReplyWire::Error { error },
-            Ok(push) => match deliver(ctx, app, push).await {
-                Ok(reply) => PushReplyWire::Ok(reply),
-                Err((code, text)) => PushReplyWire::error(code, text),
-            },
+    let input = crate::inputs::push(
+        &message.subject,
+        message.headers.as_ref(),
+        message.payload.clone(),
+    );
+    let reply = match input {
+        Err(error) => {
+            ctx.metrics.refused("push_invalid");
+            PushReplyWire::Error { error }
+        }
+        Ok((app, push)) => match deliver(ctx, &app, push).await {
+            Ok(reply) => PushReplyWire::Ok(reply),
+            Err((code, text)) => PushReplyWire::error(code, text),
         },
     };
     if let Some(reply_to) = message.reply.clone() {
@@ -44,26 +48,6 @@ async fn handle(ctx: &StateCtx, message: Message) {
 }
 
 async fn deliver(ctx: &StateCtx, app: &str, push: Push) -> Result<PushReply, (ErrorCode, String)> {
-    // Outside data becomes a frame: the largest one this push can produce must encode
-    // (sequences at their maximum), or nothing is stored or sent.
-    let largest = Frame::Down {
-        header: pb::Down {
-            seq: u64::MAX,
-            session: push.session.clone().unwrap_or_default(),
-            room_seq: u64::MAX,
-            sent_at_ms: u64::MAX,
-            meta: push.meta.clone(),
-        },
-        qos1: push.qos1,
-        body: Bytes::new(),
-    };
-    if largest.try_encode().is_err() {
-        ctx.metrics.refused("push_too_large");
-        return Err((
-            ErrorCode::BadRequest,
-            "push metadata too large for one frame".into(),
-        ));
-    }
     if let (true, Some(session)) = (push.is_session_push(), push.session.clone()) {
         return deliver_to_session(ctx, app, &session, push).await;
     }

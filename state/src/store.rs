@@ -47,6 +47,11 @@ pub struct Cursor {
     pub acked: u64,
     /// Inbox stream sequence of that message (reading resumes after it).
     pub stream_seq: u64,
+    /// Events-stream sequence of the last connection or session event applied to the
+    /// device: an event at or below it is stale (a redelivery after an owner change) and
+    /// is not applied again.
+    #[serde(default)]
+    pub event_seq: u64,
 }
 
 /// One stored QoS1 message.
@@ -158,11 +163,20 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let key = keys::membership(app, did);
         let value: Bytes = serde_json::to_vec(membership).map_err(err)?.into();
-        let written = match revision {
-            Some(revision) => self.sessions.update(&key, value, revision).await.is_ok(),
-            None => self.sessions.create(&key, value).await.is_ok(),
-        };
-        Ok(written)
+        // A revision conflict is `false` (read again); anything else is an error to retry
+        // later, never mistaken for a conflict.
+        match revision {
+            Some(revision) => match self.sessions.update(&key, value, revision).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) => Err(err(e)),
+            },
+            None => match self.sessions.create(&key, value).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(err(e)),
+            },
+        }
     }
 
     /// Adds (`true`) or removes a device from a session's index entry.
@@ -291,20 +305,18 @@ impl Store {
             dids.push(did.to_string());
             let value: Bytes = serde_json::to_vec(&dids).map_err(err)?.into();
             let written = match revision {
-                Some(revision) => self
-                    .routes
-                    .update(&key, value, revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => self
-                    .routes
-                    .create(&key, value)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                Some(revision) => match self.routes.update(&key, value, revision).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                    Err(e) => return Err(err(e)),
+                },
+                None => match self.routes.create(&key, value).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(err(e)),
+                },
             };
-            if written.is_ok() {
+            if written {
                 return Ok(());
             }
         }

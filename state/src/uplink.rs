@@ -2,19 +2,20 @@
 //! into an UP_ACK. No answer is retried with backoff; the device gets `timeout`, never a
 //! false "stored".
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
-use tether_nats::headers;
 use tether_nats::subjects::{self, Subject};
-use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
+use tether_schemas::{ErrorCode, Frame, pb};
+use tokio::time::Instant;
 
 use crate::context::StateCtx;
-use tether_nats::headers::HeaderCodec;
-use tether_schemas::bus::{Uplink, UplinkReply};
+use crate::inputs;
 
 /// An UP_ACK to deliver to a device.
 #[derive(Debug)]
@@ -29,47 +30,111 @@ pub struct UplinkDone {
     pub frame: Bytes,
 }
 
+/// The device an uplink stream message is from (app, did), from its subject; an empty
+/// key for a subject that is not an uplink (such messages are terminated).
+pub type DeviceKey = (String, String);
+
+/// The device of an uplink stream message.
+pub fn device_of(message: &Message) -> DeviceKey {
+    match Subject::parse(&message.subject) {
+        Some(Subject::Uplink { app, did }) => (app.to_string(), did.to_string()),
+        _ => (String::new(), String::new()),
+    }
+}
+
+/// Keeps one device's uplinks in order: one in flight per device, the rest queued behind
+/// it (devices are processed concurrently).
+#[derive(Default)]
+pub struct DeviceQueues {
+    waiting: HashMap<DeviceKey, VecDeque<(Message, Instant)>>,
+}
+
+impl DeviceQueues {
+    /// The message to start now, or `None` when its device already has one in flight
+    /// (then it waits its turn).
+    pub fn admit(&mut self, message: Message) -> Option<Message> {
+        match self.waiting.entry(device_of(&message)) {
+            Entry::Occupied(mut queue) => {
+                queue.get_mut().push_back((message, Instant::now()));
+                None
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(VecDeque::new());
+                Some(message)
+            }
+        }
+    }
+
+    /// The device's in-flight uplink finished: its next one, if any.
+    pub fn finished(&mut self, device: &DeviceKey) -> Option<Message> {
+        let queue = self.waiting.get_mut(device)?;
+        match queue.pop_front() {
+            Some((message, _)) => Some(message),
+            None => {
+                self.waiting.remove(device);
+                None
+            }
+        }
+    }
+
+    /// Tells JetStream that queued uplinks are still being handled (so they are not
+    /// redelivered while they wait their turn).
+    pub async fn keep_alive(&mut self) {
+        let now = Instant::now();
+        for queue in self.waiting.values_mut() {
+            for (message, since) in queue.iter_mut() {
+                if now.duration_since(*since) >= KEEP_ALIVE {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    *since = now;
+                }
+            }
+        }
+    }
+
+    /// Gives every queued uplink back to JetStream (redelivered at once, in order).
+    pub async fn release(&mut self) {
+        for (_, queue) in self.waiting.drain() {
+            for (message, _) in queue {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    }
+}
+
+/// How often a queued uplink's ack deadline is pushed back.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
 /// Processes one uplink stream message; acks it once the outcome is known.
 ///
 /// The app and did come from the subject (`tether.<app>.up.<p>.<did>`); the gateway's
 /// headers add the user, gateway and connection.
 pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone> {
-    let Some(Subject::Uplink { app, did }) = Subject::parse(&message.subject) else {
-        tracing::warn!(subject = %message.subject, "uplink on an unexpected subject, terminated");
-        ctx.metrics.refused("uplink_subject");
-        let _ = message.ack_with(AckKind::Term).await;
-        return None;
+    let input = match inputs::uplink(
+        &message.subject,
+        message.headers.as_ref(),
+        message.payload.clone(),
+    ) {
+        Ok(input) => input,
+        Err(refusal) => {
+            // Nothing to answer (no client_msg_id): terminated, never redelivered.
+            tracing::warn!(subject = %message.subject, reason = refusal.reason, error = %refusal.message, "uplink terminated");
+            ctx.metrics.refused(refusal.reason);
+            let _ = message.ack_with(AckKind::Term).await;
+            return None;
+        }
     };
-    let (app, did) = (app.to_string(), did.to_string());
-    let header = |name: &str| headers::get(message.headers.as_ref(), name).unwrap_or_default();
-    let (uid, gw) = (
-        header(headers::UID).to_string(),
-        header(headers::GATEWAY).to_string(),
+    let (app, did, gw) = (
+        input.request.app.clone(),
+        input.request.did.clone(),
+        input.request.gw.clone(),
     );
-    let conn = header(headers::CONN).parse().unwrap_or(0);
-    let up = RawFrame::from_bytes(message.payload.clone(), limits::MAX_FRAME_LEN_CAP)
-        .ok()
-        .and_then(|raw| Frame::decode(&raw).ok());
-    let Some(Frame::Up { header: up, body }) = up else {
-        // Nothing to answer (no client_msg_id): terminated, never redelivered.
-        tracing::warn!(%app, %did, "uplink stream message is not an UP frame, terminated");
-        ctx.metrics.refused("not_an_up");
-        let _ = message.ack_with(AckKind::Term).await;
-        return None;
-    };
-    let request = Uplink {
-        app: app.clone(),
-        uid,
-        did: did.clone(),
-        msg_id: up.client_msg_id,
-        session: Some(up.session.clone()).filter(|s| !s.is_empty()),
-        gw: gw.clone(),
-        conn,
-        body: Bytes::new(),
-    };
-    let outcome = match request.to_headers() {
-        Ok(map) => ask_business(&ctx, &message, &app, map, body).await,
-        Err(error) => (ErrorCode::BadRequest, error.message, String::new()),
+    let up = &input.up;
+    let outcome = match inputs::business_request_headers(&input) {
+        Ok(map) => ask_business(&ctx, &message, &app, map, input.body.clone()).await,
+        Err(error) => {
+            ctx.metrics.refused("up_field");
+            (ErrorCode::BadRequest, error.message, String::new())
+        }
     };
     let (code, text, server_id) = outcome;
     let result = match code {
@@ -158,7 +223,7 @@ async fn ask_business(
             .send_request(subjects::business_up(app), request)
             .await
         {
-            Ok(reply) => return interpret(&reply.payload),
+            Ok(reply) => return inputs::business_reply(&reply.payload),
             Err(error) => {
                 tracing::debug!(app, attempt, %error, "business did not answer");
                 // Keep the stream message ours while we wait.
@@ -177,25 +242,6 @@ async fn ask_business(
     )
 }
 
-fn interpret(payload: &[u8]) -> (ErrorCode, String, String) {
-    match UplinkReply::from_json(payload) {
-        Ok(UplinkReply::Stored { id }) => (ErrorCode::Ok, String::new(), id.unwrap_or_default()),
-        Ok(UplinkReply::Error { code, message }) => {
-            let code = if code == ErrorCode::Ok {
-                ErrorCode::Rejected
-            } else {
-                code
-            };
-            (code, message, String::new())
-        }
-        Err(error) => (
-            ErrorCode::Internal,
-            format!("business reply is not valid json: {error}"),
-            String::new(),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,19 +249,22 @@ mod tests {
     #[test]
     fn replies_map_to_codes() {
         assert_eq!(
-            interpret(br#"{"status":"stored","id":"m1"}"#),
+            inputs::business_reply(br#"{"status":"stored","id":"m1"}"#),
             (ErrorCode::Ok, String::new(), "m1".into())
         );
         assert_eq!(
-            interpret(br#"{"status":"error","code":"forbidden","message":"no"}"#).0,
+            inputs::business_reply(br#"{"status":"error","code":"forbidden","message":"no"}"#).0,
             ErrorCode::Forbidden
         );
-        assert_eq!(interpret(br#"{"status":"error"}"#).0, ErrorCode::Rejected);
         assert_eq!(
-            interpret(br#"{"status":"error","code":"ok"}"#).0,
+            inputs::business_reply(br#"{"status":"error"}"#).0,
             ErrorCode::Rejected
         );
-        assert_eq!(interpret(b"nope").0, ErrorCode::Internal);
+        assert_eq!(
+            inputs::business_reply(br#"{"status":"error","code":"ok"}"#).0,
+            ErrorCode::Rejected
+        );
+        assert_eq!(inputs::business_reply(b"nope").0, ErrorCode::Internal);
     }
 
     #[test]

@@ -99,6 +99,8 @@ impl Bus {
             token_public_key: self.public_key.path().to_path_buf(),
             heartbeat_secs: 1,
             going_away_retry_ms: 200,
+            // No state here: the test plays it, and does not register logins.
+            await_registration: false,
             ..Default::default()
         }
     }
@@ -148,7 +150,7 @@ impl Bus {
         http.read_to_string(&mut answer).await?;
         let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
         let connz: serde_json::Value = serde_json::from_str(body)?;
-        let subject = subjects::gateway_down(gw);
+        let subject = subjects::gateway_all(gw);
         let connections = connz["connections"].as_array().cloned().unwrap_or_default();
         Ok(connections
             .iter()

@@ -67,6 +67,7 @@ impl Stack {
             ws_listen: Some("127.0.0.1:0".parse().unwrap()),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
             token_public_key: tether_auth::public_key_path(&self.key),
+            await_registration: false,
             ..Default::default()
         }
     }

@@ -324,15 +324,31 @@ impl Driver {
         self.ctx.metrics.logins.inc();
         self.ctx.metrics.sessions.inc();
         tracing::debug!(app = %claims.app, did = %claims.did, "logged in");
-        self.event(Event::ConnUp, None).await;
-        let heartbeat_secs = u32::try_from(config.heartbeat_secs).unwrap_or(u32::MAX);
-        self.reply(&Frame::LoginAck(pb::LoginAck {
-            conn_id: self.shared.id,
-            gateway: config.id.clone(),
-            heartbeat_secs,
-            server_time_ms: tether_auth::unix_now_ms(),
-            last_acked_seq: 0,
-        }));
+        if config.await_registration {
+            // LOGIN_ACK only once state has registered the connection (see `logins`): the
+            // control handler queues it, ahead of any downlink sent after registration.
+            let registered = self.ctx.logins.wait(self.shared.id);
+            let stored = self.event(Event::ConnUp, None).await;
+            let timeout = Duration::from_millis(config.registration_timeout_ms);
+            let outcome = tokio::time::timeout(timeout, async {
+                if stored.await.unwrap_or(false) {
+                    registered.await.is_ok()
+                } else {
+                    false
+                }
+            })
+            .await;
+            if !matches!(outcome, Ok(true)) && self.ctx.logins.cancel(self.shared.id) {
+                self.ctx.metrics.refused("login_unregistered");
+                return Err(CloseReason::error(
+                    ErrorCode::Unavailable,
+                    "login not registered in time, retry",
+                ));
+            }
+        } else {
+            drop(self.event(Event::ConnUp, None).await);
+            self.reply(&login_ack(&self.ctx, self.shared.id, 0));
+        }
         // After LOGIN_ACK is queued (so no DOWN can precede it): join the token's sessions
         // here at once (state syncs the rest after conn.up) and replay the recoverable
         // rooms the client has cursors for.
@@ -489,9 +505,13 @@ impl Driver {
         written(tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(bytes)).await)
     }
 
-    async fn event(&self, kind: fn(ConnEvent) -> Event, reason: Option<&str>) {
+    async fn event(
+        &self,
+        kind: fn(ConnEvent) -> Event,
+        reason: Option<&str>,
+    ) -> tokio::task::JoinHandle<bool> {
         let Some(identity) = self.shared.identity() else {
-            return;
+            return tokio::spawn(async { false });
         };
         let conn = ConnEvent {
             app: identity.app.to_string(),
@@ -511,7 +531,7 @@ impl Driver {
             up.resume_seq = Some(self.state.resume_seq);
             up.sessions = self.state.sessions.clone();
         }
-        self.ctx.outbound.conn_event(&event).await;
+        self.ctx.outbound.conn_event(&event).await
     }
 
     /// Says goodbye (ERROR frame with CLOSE, WebSocket close), unregisters and reports.
@@ -552,7 +572,7 @@ impl Driver {
             self.ctx.registry.release_app(&identity.app);
             self.ctx.metrics.sessions.dec();
             tracing::debug!(did = %identity.did, reason = reason.label(), text = %reason.text, "connection closed");
-            self.event(Event::ConnDown, Some(reason.label())).await;
+            drop(self.event(Event::ConnDown, Some(reason.label())).await);
         }
     }
 }
@@ -579,6 +599,17 @@ fn written<T>(
             "write timed out",
         )),
     }
+}
+
+/// The LOGIN_ACK of connection `conn` (also queued by the control handler on registration).
+pub fn login_ack(ctx: &GatewayCtx, conn: u64, last_acked_seq: u64) -> Frame {
+    Frame::LoginAck(pb::LoginAck {
+        conn_id: conn,
+        gateway: ctx.config.id.clone(),
+        heartbeat_secs: u32::try_from(ctx.config.heartbeat_secs).unwrap_or(u32::MAX),
+        server_time_ms: tether_auth::unix_now_ms(),
+        last_acked_seq,
+    })
 }
 
 /// Checks the LOGIN fields a token does not vouch for: ids that would become subject or

@@ -36,6 +36,19 @@ pub enum GatewayControl {
         /// The close code sent to the device.
         code: ErrorCode,
     },
+    /// State registered a connection (its route, user index and token sessions are
+    /// written): `{"op":"registered","app":"demo","did":"d1","conn":42,"last_acked_seq":7}`.
+    /// The gateway answers the device's LOGIN_ACK now, with `last_acked_seq`.
+    Registered {
+        /// App id.
+        app: String,
+        /// Device id.
+        did: String,
+        /// The registered connection.
+        conn: u64,
+        /// Highest per-device sequence the device acknowledged (the floor of its replay).
+        last_acked_seq: u64,
+    },
     /// An op this version does not know (ignored).
     #[serde(other)]
     Unknown,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tether_auth::TokenSigner;
 use tether_gateway::{GatewayConfig, RunningGateway};
+use tether_nats::NatsAuth;
 use tether_nats::harness::{self, Single};
 use tether_schemas::{Frame, RawFrame, limits, pb, split_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,6 +34,9 @@ pub struct Fixture {
     pub ws: SocketAddr,
     pub admin: SocketAddr,
     pub shutdown: CancellationToken,
+    /// How the gateway, the fixture's client and the states of `stack::start_state`
+    /// connect (anonymous on a plain node).
+    pub nats_auth: NatsAuth,
     _key_dir: tempfile::TempDir,
 }
 
@@ -40,7 +44,18 @@ impl Fixture {
     /// Starts everything; `tweak` adjusts the gateway config.
     pub async fn start(tweak: impl FnOnce(&mut GatewayConfig)) -> Self {
         let nats = harness::single().expect("nats-server");
-        let nats_client = tether_nats::connect(&nats.client_url(), "test")
+        Self::start_on(nats, NatsAuth::default(), tweak).await
+    }
+
+    /// Starts a gateway on `nats` (e.g. `harness::single_with_accounts`); the gateway, the
+    /// fixture's client and the states of `stack::start_state` connect with `auth` (e.g.
+    /// `nats.system_auth()`); `tweak` adjusts the gateway config.
+    pub async fn start_on(
+        nats: Single,
+        auth: NatsAuth,
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
+        let nats_client = tether_nats::connect_with(&nats.client_url(), "test", &auth)
             .await
             .expect("connect");
         let signer = TokenSigner::generate();
@@ -50,10 +65,13 @@ impl Fixture {
         let mut config = GatewayConfig {
             id: GW.into(),
             nats_url: nats.client_url(),
+            nats: auth.clone(),
             tcp_listen: Some("127.0.0.1:0".parse().expect("addr")),
             ws_listen: Some("127.0.0.1:0".parse().expect("addr")),
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
             token_public_key: public_key,
+            // Most tests run the gateway alone; those with state opt in (`registered`).
+            await_registration: false,
             ..Default::default()
         };
         tweak(&mut config);
@@ -75,7 +93,36 @@ impl Fixture {
             ws,
             admin,
             shutdown,
+            nats_auth: auth,
             _key_dir: key_dir,
+        }
+    }
+
+    /// A token of `did` (user `u-<did>`) in `app`.
+    pub fn token_for(&self, app: &str, did: &str) -> String {
+        self.signer
+            .issue(app, &format!("u-{did}"), did, Duration::from_secs(3600))
+            .expect("token")
+    }
+
+    /// A LOGIN of `did` in `app`.
+    pub fn login_frame_for(&self, app: &str, did: &str) -> Bytes {
+        Frame::Login(pb::Login {
+            token: self.token_for(app, did),
+            did: did.into(),
+            app: app.into(),
+            ..Default::default()
+        })
+        .encode()
+    }
+
+    /// Connects over TCP and logs in as `did` of `app`; returns the client and its LOGIN_ACK.
+    pub async fn login_as(&self, app: &str, did: &str) -> (RawClient, pb::LoginAck) {
+        let mut client = RawClient::connect(Transport::Tcp, self.tcp).await;
+        client.send(&self.login_frame_for(app, did)).await;
+        match client.next_frame().await {
+            Some(Frame::LoginAck(ack)) => (client, ack),
+            other => panic!("{app}/{did}: expected LOGIN_ACK, got {other:?}"),
         }
     }
 
@@ -132,10 +179,12 @@ impl Fixture {
         GatewayConfig {
             id: id.into(),
             nats_url: self.nats.client_url(),
+            nats: self.nats_auth.clone(),
             tcp_listen: Some("127.0.0.1:0".parse().expect("addr")),
             ws_listen: Some("127.0.0.1:0".parse().expect("addr")),
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
             token_public_key: self._key_dir.path().join("token.pub"),
+            await_registration: false,
             ..Default::default()
         }
     }

@@ -27,9 +27,13 @@ pub fn fast_state(nats_url: &str) -> StateConfig {
     }
 }
 
-/// Starts a state instance; it stops when `stop` fires.
+/// Starts a state instance (connecting like the fixture); it stops when `stop` fires.
 pub async fn start_state(fixture: &Fixture, stop: CancellationToken) -> RunningState {
-    tether_state::start(fast_state(&fixture.nats.client_url()), stop)
+    let config = StateConfig {
+        nats: fixture.nats_auth.clone(),
+        ..fast_state(&fixture.nats.client_url())
+    };
+    tether_state::start(config, stop)
         .await
         .expect("state starts")
 }
