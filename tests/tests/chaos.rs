@@ -541,7 +541,7 @@ impl Devices {
             .map(|i| {
                 let did = format!("{prefix}{i}");
                 let mut endpoints: Vec<Endpoint> =
-                    stack.gateway_tcp.iter().map(|a| Endpoint::tcp(a)).collect();
+                    stack.gateway_tcp.iter().map(Endpoint::tcp).collect();
                 if i % 2 == 1 {
                     endpoints.reverse();
                 }
@@ -810,13 +810,13 @@ impl Plan {
             devices: 200,
             rate: 500,
             warmup: Duration::from_secs(10),
-            after: Duration::from_secs(30),
+            after: Duration::from_secs(20),
             storm: if fault == Fault::StateRestartDuringStorm {
                 2_000
             } else {
                 0
             },
-            drain: Duration::from_secs(60),
+            drain: Duration::from_secs(45),
         }
     }
 }
