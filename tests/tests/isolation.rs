@@ -186,6 +186,19 @@ impl Tenancy {
             .expect("round trip");
     }
 
+    /// b-phone's route in `tether_routes` (state's view of where it is connected).
+    async fn route_of_b(&self) -> Option<serde_json::Value> {
+        let routes = async_nats::jetstream::new(self.fixture.nats_client.clone())
+            .get_key_value(tether_nats::layout::ROUTES_BUCKET)
+            .await
+            .expect("routes bucket");
+        let route = routes
+            .get(tether_nats::keys::route(B, B_DID))
+            .await
+            .expect("read route")?;
+        Some(serde_json::from_slice(&route).expect("route json"))
+    }
+
     /// Waits until gateway downlink messages reach `count` (every one handled).
     async fn wait_gateway_downlinks(&self, count: u64) {
         wait_metric(
@@ -254,6 +267,11 @@ async fn watch_presence(business: &Business) -> mpsc::UnboundedReceiver<Presence
         }
     });
     rx
+}
+
+/// Everything received so far.
+fn drain<T>(channel: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+    std::iter::from_fn(|| channel.try_recv().ok()).collect()
 }
 
 /// A QoS0 DOWN frame with `body`, in `session` when not empty.
@@ -634,7 +652,17 @@ async fn forged_events_do_not_touch_the_other_apps_devices() {
         .sessions(SessionRequest::bind([B_DID], ["after-forgery"]))
         .await
         .expect("bind");
-    wait_members(t.fixture.admin, B, "after-forgery", 1).await;
+    let deadline = tokio::time::Instant::now() + BARRIER;
+    while local_members(t.fixture.admin, B, "after-forgery").await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b-phone's gateway never got its new session: state no longer routes b-phone \
+             to its connection (route now {:?}, presence of app B {:?})",
+            t.route_of_b().await,
+            drain(&mut t.b_presence)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Still in its room, on the gateway and for a session push.
     assert_eq!(
@@ -654,23 +682,14 @@ async fn forged_events_do_not_touch_the_other_apps_devices() {
     );
     expect_down(&mut t.b_dev, "b-phone", b"room-canary").await;
     // Still routed to its real connection, and online.
-    let routes = async_nats::jetstream::new(t.fixture.nats_client.clone())
-        .get_key_value(tether_nats::layout::ROUTES_BUCKET)
-        .await
-        .expect("routes bucket");
-    let route = routes
-        .get(tether_nats::keys::route(B, B_DID))
-        .await
-        .expect("read route")
-        .expect("b-phone has a route");
-    let route: serde_json::Value = serde_json::from_slice(&route).expect("route json");
+    let route = t.route_of_b().await.expect("b-phone has a route");
     assert_eq!(
         (route["gw"].as_str(), route["conn"].as_u64()),
         (Some(GW), Some(t.b_conn)),
         "b-phone's route was changed by a forged event: {route}"
     );
     t.canary().await;
-    while let Ok(event) = t.b_presence.try_recv() {
+    for event in drain(&mut t.b_presence) {
         assert!(
             event.did != B_DID || event.online,
             "app B was told b-phone went offline: {event:?}"

@@ -21,6 +21,9 @@ pub struct AppArgs {
         global = true
     )]
     nats_url: String,
+    /// NATS credentials and TLS (also `TETHER_NATS_<FIELD>`, as for the roles).
+    #[command(flatten)]
+    nats: super::role::NatsAuthArgs,
     #[command(subcommand)]
     command: AppCommand,
 }
@@ -81,7 +84,7 @@ enum AppCommand {
 
 /// Runs `tether app …`.
 pub async fn run(args: AppArgs) -> anyhow::Result<()> {
-    let client = tether_nats::connect(&args.nats_url, "tether-app")
+    let client = tether_nats::connect_with(&args.nats_url, "tether-app", &args.nats.resolve())
         .await
         .with_context(|| format!("cannot connect to {}", args.nats_url))?;
     // The bucket exists once any role ran; create the layout here too for a fresh cluster.

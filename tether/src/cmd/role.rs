@@ -35,29 +35,57 @@ pub struct RoleArgs {
 #[derive(Args, Serialize)]
 pub struct NatsAuthArgs {
     /// NATS credentials file (user JWT and nkey seed).
-    #[arg(long = "nats-creds")]
+    #[arg(long = "nats-creds", global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub creds_file: Option<PathBuf>,
     /// File holding a NATS user nkey seed.
-    #[arg(long = "nats-nkey")]
+    #[arg(long = "nats-nkey", global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nkey_seed_file: Option<PathBuf>,
     /// NATS user name (password from `TETHER_NATS_PASSWORD` or the config file).
-    #[arg(long = "nats-user")]
+    #[arg(long = "nats-user", global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// PEM file of the CA that signed the NATS server's certificate (makes TLS required).
-    #[arg(long = "nats-tls-ca")]
+    #[arg(long = "nats-tls-ca", global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
     /// Client certificate for mutual TLS with NATS, PEM (with `--nats-tls-key`).
-    #[arg(long = "nats-tls-cert")]
+    #[arg(long = "nats-tls-cert", global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
     /// Private key of `--nats-tls-cert`, PEM.
-    #[arg(long = "nats-tls-key")]
+    #[arg(long = "nats-tls-key", global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+}
+
+impl NatsAuthArgs {
+    /// The NATS settings of a command without a config file (`tether app`): the shared
+    /// `TETHER_NATS_<FIELD>` variables, overridden by these flags.
+    pub fn resolve(&self) -> tether_nats::NatsAuth {
+        let env = |field: &str| {
+            tether_nats::NatsAuth::ENV
+                .iter()
+                .find(|(_, f)| *f == field)
+                .and_then(|(var, _)| std::env::var(var).ok())
+                .filter(|value| !value.is_empty())
+        };
+        let path = |flag: &Option<PathBuf>, field: &str| {
+            flag.clone().or_else(|| env(field).map(PathBuf::from))
+        };
+        tether_nats::NatsAuth {
+            creds_file: path(&self.creds_file, "creds_file"),
+            nkey_seed_file: path(&self.nkey_seed_file, "nkey_seed_file"),
+            user: self.user.clone().or_else(|| env("user")),
+            password: env("password"),
+            token: env("token"),
+            tls_ca_file: path(&self.tls_ca_file, "tls_ca_file"),
+            tls_cert_file: path(&self.tls_cert_file, "tls_cert_file"),
+            tls_key_file: path(&self.tls_key_file, "tls_key_file"),
+            inbox_prefix: env("inbox_prefix"),
+        }
+    }
 }
 
 /// Flags of `tether gateway`.
