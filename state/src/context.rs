@@ -67,6 +67,8 @@ pub struct StateCtx {
     pub index: std::sync::Arc<SessionIndex>,
     /// Metrics.
     pub metrics: StateMetrics,
+    /// Which gateways are alive (heartbeats).
+    pub gateways: Arc<crate::liveness::GatewayLiveness>,
 }
 
 impl StateCtx {

@@ -202,13 +202,27 @@ pub async fn start_with_workers(
     workers: watch::Receiver<BTreeSet<u16>>,
 ) -> Result<Leases, LeaseError> {
     config.validate()?;
-    let store = js
-        .create_or_update_key_value(tether_nats::layout::leases_bucket(
-            &config.bucket,
-            config.ttl,
-            config.replicas,
-        ))
-        .await?;
+    // On a fresh replicated cluster the bucket's stream needs a leader first: retry
+    // unavailability with backoff (about 30 s in all) before giving up.
+    let mut backoff = Duration::from_millis(250);
+    let store = loop {
+        let created = js
+            .create_or_update_key_value(tether_nats::layout::leases_bucket(
+                &config.bucket,
+                config.ttl,
+                config.replicas,
+            ))
+            .await;
+        match created {
+            Ok(store) => break store,
+            Err(error) if backoff < Duration::from_secs(8) && !shutdown.is_cancelled() => {
+                tracing::warn!(%error, retry_in = ?backoff, "lease bucket not ready, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
     let (tx, rx) = watch::channel(BTreeSet::new());
     let (give_up, given_up) = mpsc::unbounded_channel();
     let looper = Looper::new(store, &config, tx, workers, given_up);

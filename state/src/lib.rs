@@ -19,6 +19,7 @@ pub mod context;
 pub mod index;
 pub mod inputs;
 pub mod leases;
+pub mod liveness;
 pub mod metrics;
 pub mod partition;
 pub mod push;
@@ -117,6 +118,15 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         metrics.clone(),
         shutdown.clone(),
     );
+    // A gateway silent for the heartbeat bucket's TTL is gone: its devices are recycled.
+    let gateways = Arc::new(liveness::GatewayLiveness::new(
+        tether_nats::BusLayout::default().gateway_ttl,
+    ));
+    let heartbeats = js
+        .get_key_value(tether_nats::layout::GATEWAYS_BUCKET)
+        .await
+        .map_err(|e| StateError::Bus(e.to_string()))?;
+    gateways.follow(heartbeats, shutdown.clone());
     let ctx = Arc::new(StateCtx {
         config: config.clone(),
         instance_id: instance_id.clone(),
@@ -125,6 +135,7 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         store,
         index,
         metrics,
+        gateways,
     });
     push::serve(ctx.clone(), shutdown.clone())
         .await

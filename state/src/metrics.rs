@@ -49,6 +49,8 @@ pub struct StateMetrics {
     pub partition_failures: Counter,
     /// Partitions whose worker is failing right now.
     pub partitions_failing: Gauge,
+    /// Devices recycled because their gateway stopped heart-beating.
+    pub gateway_recycled: Counter,
 }
 
 impl StateMetrics {
@@ -109,6 +111,11 @@ impl StateMetrics {
             "partition_failures",
             "partition worker failures, each followed by a restart",
             self.partition_failures.clone(),
+        );
+        registry.register(
+            "gateway_recycled",
+            "devices recycled because their gateway stopped heart-beating",
+            self.gateway_recycled.clone(),
         );
         registry.register(
             "partitions_failing",

@@ -26,13 +26,18 @@ use crate::context::StateCtx;
 use crate::store::{Cursor, InboxMessage, Membership, Route, seq_of};
 use crate::uplink::{self, UplinkDone};
 
-/// Messages resent or replayed for one device at once at most.
-const MAX_INFLIGHT: usize = 10_000;
+/// QoS1 messages in flight per device (sent, not yet acknowledged) at most; the rest
+/// waits in the inbox and follows as acks come (PROTOCOL 6.4).
+pub const INFLIGHT_WINDOW: usize = 256;
 
 /// A device of this partition, held while online or inside its reconnect window.
 #[derive(Debug, Default)]
 struct Device {
     route: Option<Route>,
+    /// The route of the last connection, kept for the offline presence event.
+    last_route: Option<Route>,
+    /// Messages past the in-flight window wait in the inbox; read when acks free it.
+    more_in_inbox: bool,
     uid: String,
     cursor: Cursor,
     cursor_dirty: bool,
@@ -529,7 +534,7 @@ impl Partition {
             .await
             .map_err(|e| format!("route not deleted: {e}"))?;
         if let Some(device) = self.devices.get_mut(&key) {
-            device.route = None;
+            device.last_route = device.route.take();
             device.inflight.clear();
             device.retransmit_at = None;
             device.offline_at = Some(Instant::now() + window);
@@ -539,6 +544,15 @@ impl Partition {
 
     /// Sends every stored message the device has not acknowledged, in order.
     async fn replay(&mut self, app: &str, did: &str) {
+        if let Some(device) = self.devices.get_mut(&(app.to_string(), did.to_string())) {
+            device.inflight.clear();
+        }
+        self.fill(app, did).await;
+    }
+
+    /// Reads the device's next stored messages into its in-flight window (after the last
+    /// one in flight, or after its cursor) and sends them, in order.
+    async fn fill(&mut self, app: &str, did: &str) {
         let ctx = self.ctx.clone();
         let Some(device) = self.devices.get_mut(&(app.to_string(), did.to_string())) else {
             return;
@@ -546,27 +560,55 @@ impl Partition {
         let Some(route) = device.route.clone() else {
             return;
         };
-        let messages = match ctx
-            .store
-            .read_inbox(app, did, device.cursor.stream_seq, MAX_INFLIGHT)
-            .await
-        {
-            Ok(messages) => messages,
-            Err(error) => {
-                tracing::warn!(did, %error, "inbox not readable");
-                return;
+        let room = INFLIGHT_WINDOW.saturating_sub(device.inflight.len());
+        let mut after = device
+            .inflight
+            .values()
+            .next_back()
+            .map_or(device.cursor.stream_seq, |m| m.stream_seq);
+        let mut fresh = Vec::new();
+        // Messages at or below the acked sequence (the cursor's stream position can lag
+        // behind a resume point) are skipped and do not use the window.
+        loop {
+            let wanted = room.saturating_sub(fresh.len());
+            if wanted == 0 {
+                device.more_in_inbox = true;
+                break;
             }
-        };
-        device.inflight.clear();
-        for message in messages.into_iter().filter(|m| m.seq > device.cursor.acked) {
-            device.inflight.insert(message.seq, message);
+            let messages = match ctx.store.read_inbox(app, did, after, wanted).await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(did, %error, "inbox not readable");
+                    device.more_in_inbox = true;
+                    break;
+                }
+            };
+            let complete = messages.len() < wanted;
+            for message in messages {
+                after = message.stream_seq;
+                if message.seq <= device.cursor.acked {
+                    device.cursor.stream_seq = device.cursor.stream_seq.max(message.stream_seq);
+                    continue;
+                }
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    device.inflight.entry(message.seq)
+                {
+                    fresh.push(message.frame.clone());
+                    slot.insert(message);
+                }
+            }
+            if complete {
+                device.more_in_inbox = false;
+                break;
+            }
         }
-        for message in device.inflight.values() {
-            ctx.send_frame(&route.gw, app, &[did], message.frame.clone())
-                .await;
+        for frame in fresh {
+            ctx.send_frame(&route.gw, app, &[did], frame).await;
         }
-        device.retransmit_at = (!device.inflight.is_empty())
-            .then(|| Instant::now() + Duration::from_millis(ctx.config.retransmit_ms));
+        if !device.inflight.is_empty() && device.retransmit_at.is_none() {
+            device.retransmit_at =
+                Some(Instant::now() + Duration::from_millis(ctx.config.retransmit_ms));
+        }
     }
 
     async fn on_inbox(&mut self, message: &Message) {
@@ -589,6 +631,12 @@ impl Partition {
             return;
         };
         if seq <= device.cursor.acked || device.inflight.contains_key(&seq) {
+            return;
+        }
+        if device.more_in_inbox || device.inflight.len() >= INFLIGHT_WINDOW {
+            // Older stored messages are still unread, or the window is full: this one
+            // follows in order when acks make room.
+            device.more_in_inbox = true;
             return;
         }
         let frame = message.payload.clone();
@@ -652,6 +700,9 @@ impl Partition {
         device.cursor_dirty = true;
         if device.inflight.is_empty() {
             device.retransmit_at = None;
+        }
+        if device.more_in_inbox && device.inflight.len() <= INFLIGHT_WINDOW / 2 {
+            self.fill(&app, &did).await;
         }
     }
 
@@ -724,8 +775,17 @@ impl Partition {
         let now = Instant::now();
         let ctx = self.ctx.clone();
         let retransmit = Duration::from_millis(ctx.config.retransmit_ms);
+        let window = Duration::from_millis(ctx.config.reconnect_window_ms);
         let mut expired = Vec::new();
+        let mut idle = Vec::new();
+        let mut gone = Vec::new();
         for ((app, did), device) in self.devices.iter_mut() {
+            if let Some(route) = device.route.as_ref()
+                && !ctx.gateways.is_alive(&route.gw)
+            {
+                gone.push((app.clone(), did.clone()));
+                continue;
+            }
             if let (Some(at), Some(route)) = (device.retransmit_at, device.route.as_ref())
                 && at <= now
             {
@@ -738,18 +798,52 @@ impl Partition {
             }
             if device.offline_at.is_some_and(|at| at <= now) {
                 expired.push((app.clone(), did.clone()));
+            } else if device.route.is_none()
+                && device.offline_at.is_none()
+                && device.inflight.is_empty()
+                && !device.cursor_dirty
+            {
+                // Loaded for an ack or event of a device not online here: nothing to keep.
+                idle.push((app.clone(), did.clone()));
+            }
+        }
+        // Devices of a gateway that stopped heart-beating (killed, cut off): recycled like
+        // a disconnect, so they go offline after the reconnect window.
+        for (app, did) in gone {
+            if let Err(error) = ctx.store.delete_route(&app, &did).await {
+                tracing::warn!(%did, %error, "route of a dead gateway not deleted; retried next tick");
+                continue;
+            }
+            if let Some(device) = self.devices.get_mut(&(app, did)) {
+                ctx.metrics.gateway_recycled.inc();
+                device.last_route = device.route.take();
+                device.inflight.clear();
+                device.retransmit_at = None;
+                device.offline_at = Some(now + window);
             }
         }
         self.flush_cursors().await;
+        for key in idle {
+            if self.devices.get(&key).is_some_and(|d| !d.cursor_dirty) {
+                self.devices.remove(&key);
+                ctx.metrics.devices.dec();
+            }
+        }
         for key in expired {
             if let Some(device) = self.devices.remove(&key) {
                 ctx.metrics.devices.dec();
+                let last = device.last_route.unwrap_or(Route {
+                    uid: device.uid.clone(),
+                    gw: String::new(),
+                    conn: 0,
+                    region: String::new(),
+                });
                 let event = PresenceEvent {
                     app: key.0.clone(),
                     uid: device.uid.clone(),
                     did: key.1.clone(),
-                    gw: String::new(),
-                    conn: 0,
+                    gw: last.gw,
+                    conn: last.conn,
                     online: false,
                     at_ms: unix_now_ms(),
                 };

@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
+use tether_nats::headers;
 use tether_nats::subjects::{self, Subject};
 use tether_schemas::{ErrorCode, Frame, pb};
 use tokio::time::Instant;
@@ -129,6 +130,25 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         input.request.gw.clone(),
     );
     let up = &input.up;
+    if is_resend(&message)
+        && let Some(frame) = kept_receipt(&ctx, &app, &did, up.client_msg_id).await
+    {
+        // A resend the gateway let through while the first copy was still being
+        // processed: that copy's receipt answers it, the business is not asked again.
+        ctx.metrics
+            .uplinks
+            .get_or_create(&[("result", "resend")])
+            .inc();
+        if let Err(error) = message.ack().await {
+            tracing::warn!(%app, %did, %error, "uplink ack failed");
+        }
+        return Some(UplinkDone {
+            app,
+            did,
+            gw,
+            frame,
+        });
+    }
     let outcome = match inputs::business_request_headers(&input) {
         Ok(map) => ask_business(&ctx, &message, &app, map, input.body.clone()).await,
         Err(error) => {
@@ -184,6 +204,31 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         gw,
         frame,
     })
+}
+
+/// Whether the stream message is a resend the gateway republished under a retry id
+/// (`<app>:<did>:<client_msg_id>:r<n>`, PROTOCOL 10.2) because the first copy had no
+/// receipt yet: timed out, or still in progress.
+fn is_resend(message: &Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|map| map.get(headers::MSG_ID))
+        .is_some_and(|id| id.as_str().split(':').nth(3).is_some())
+}
+
+/// The receipt kept for an uplink, if any.
+async fn kept_receipt(ctx: &StateCtx, app: &str, did: &str, client_msg_id: u64) -> Option<Bytes> {
+    let js = async_nats::jetstream::new(ctx.client.clone());
+    let bucket = js
+        .get_key_value(tether_nats::layout::RECEIPTS_BUCKET)
+        .await
+        .ok()?;
+    bucket
+        .get(tether_nats::keys::receipt(app, did, client_msg_id))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Longest business `message` copied into an UP_ACK, in bytes (longer ones are cut).
