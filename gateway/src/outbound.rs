@@ -2,6 +2,8 @@
 //! (core) and connection events (JetStream, the event log).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
@@ -9,6 +11,8 @@ use bytes::Bytes;
 use tether_nats::{headers, subjects};
 use tether_schemas::bus::Event;
 use tether_schemas::{ErrorCode, Frame, pb};
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::conn::{ConnShared, Identity};
 use crate::metrics::GatewayMetrics;
@@ -20,6 +24,11 @@ pub struct Outbound {
     js: jetstream::Context,
     gw: Arc<str>,
     metrics: GatewayMetrics,
+    /// Connection events whose JetStream confirmation is still awaited (and connections
+    /// about to publish one): the shutdown waits for them before closing NATS.
+    events: TaskTracker,
+    /// Numbers the republished resends of timed-out uplinks (6.3).
+    resends: Arc<AtomicU64>,
 }
 
 impl Outbound {
@@ -31,6 +40,9 @@ impl Outbound {
             js,
             gw: gw.into(),
             metrics,
+            events: TaskTracker::new(),
+            // Retry ids stay unique across restarts of a gateway within the window.
+            resends: Arc::new(AtomicU64::new(tether_schemas::bus::unix_now_ms())),
         }
     }
 
@@ -65,20 +77,20 @@ impl Outbound {
         frame: Bytes,
         queue_limit: usize,
     ) {
+        let msg_id = format!("{}:{}:{client_msg_id}", id.app, id.did);
         let mut map = self.identity_headers(id, conn.id);
-        map.insert(
-            headers::MSG_ID,
-            format!("{}:{}:{client_msg_id}", id.app, id.did).as_str(),
-        );
+        map.insert(headers::MSG_ID, msg_id.as_str());
+        let subject = subjects::uplink(&id.app, &id.did);
         let sent = self
             .js
-            .publish_with_headers(subjects::uplink(&id.app, &id.did), map, frame)
+            .publish_with_headers(subject.clone(), map.clone(), frame.clone())
             .await;
         let metrics = self.metrics.clone();
         let conn = conn.clone();
         let did = id.did.clone();
         let receipt = tether_nats::keys::receipt(&id.app, &id.did, client_msg_id);
         let js = self.js.clone();
+        let resends = self.resends.clone();
         tokio::spawn(async move {
             let stored = match sent {
                 Ok(ack) => ack.await.map(|a| a.duplicate).map_err(|e| e.to_string()),
@@ -95,18 +107,29 @@ impl Outbound {
                     metrics.uplink_duplicates.inc();
                     if let Some(frame) = stored_receipt(&js, &receipt).await {
                         conn.push(frame, true, queue_limit);
+                        return;
+                    }
+                    // No receipt: the first copy is still being processed, or it was
+                    // answered `timeout` (state keeps no receipt then). Either way the
+                    // resend goes through once more under a retry id, and state answers
+                    // it: from the receipt if the first copy got one meanwhile, else by
+                    // asking the business again (PROTOCOL 6.3, 11.1).
+                    let n = resends.fetch_add(1, Ordering::Relaxed);
+                    map.insert(headers::MSG_ID, format!("{msg_id}:r{n}").as_str());
+                    let again = match js.publish_with_headers(subject, map, frame).await {
+                        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                        Err(error) => Err(error.to_string()),
+                    };
+                    if let Err(error) = again {
+                        metrics.uplink_failed.inc();
+                        tracing::warn!(%did, conn = conn.id, client_msg_id, %error, "uplink resend not stored");
+                        conn.push(unavailable(client_msg_id), true, queue_limit);
                     }
                 }
                 Err(error) => {
                     metrics.uplink_failed.inc();
                     tracing::warn!(%did, conn = conn.id, client_msg_id, %error, "uplink not stored");
-                    let nack = Frame::UpAck(pb::UpAck {
-                        client_msg_id,
-                        code: u32::from(ErrorCode::Unavailable.as_u16()),
-                        message: "uplink stream unavailable, retry".into(),
-                        server_msg_id: String::new(),
-                    });
-                    conn.push(nack.encode(), true, queue_limit);
+                    conn.push(unavailable(client_msg_id), true, queue_limit);
                 }
             };
         });
@@ -127,7 +150,8 @@ impl Outbound {
     /// Appends a connection event to the events stream. The publish is sent in call order
     /// (so `conn.up` precedes `conn.down`); its confirmation is awaited in the background.
     ///
-    /// The returned task ends with whether JetStream stored the event.
+    /// The returned task ends with whether JetStream stored the event. Events are tracked:
+    /// [`Outbound::events_stored`] waits for them.
     pub async fn conn_event(&self, event: &Event) -> tokio::task::JoinHandle<bool> {
         let (Event::ConnUp(conn) | Event::ConnDown(conn)) = event else {
             return tokio::spawn(async { false });
@@ -151,7 +175,7 @@ impl Outbound {
             .await;
         let metrics = self.metrics.clone();
         let conn = conn.conn;
-        tokio::spawn(async move {
+        self.events.spawn(async move {
             let result = match sent {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                 Err(error) => Err(error.to_string()),
@@ -166,6 +190,42 @@ impl Outbound {
             }
         })
     }
+}
+
+impl Outbound {
+    /// Holds the shutdown's wait for events open while a connection is about to publish
+    /// its `conn.down` (taken before it leaves the registry, dropped once published).
+    pub fn event_pending(&self) -> TaskTrackerToken {
+        self.events.token()
+    }
+
+    /// Waits, up to `timeout`, until every connection event published so far is confirmed
+    /// by JetStream (or failed); whether all were. Called at shutdown, before NATS closes,
+    /// so that no disconnect is lost (PROTOCOL 10.3).
+    pub async fn events_stored(&self, timeout: Duration) -> bool {
+        self.events.close();
+        let done = tokio::time::timeout(timeout, self.events.wait())
+            .await
+            .is_ok();
+        if !done {
+            tracing::warn!(
+                pending = self.events.len(),
+                "connection events not confirmed before shutdown"
+            );
+        }
+        done
+    }
+}
+
+/// The UP_ACK of an uplink the stream did not confirm (the client may retry).
+fn unavailable(client_msg_id: u64) -> Bytes {
+    Frame::UpAck(pb::UpAck {
+        client_msg_id,
+        code: u32::from(ErrorCode::Unavailable.as_u16()),
+        message: "uplink stream unavailable, retry".into(),
+        server_msg_id: String::new(),
+    })
+    .encode()
 }
 
 /// The UP_ACK state kept for a processed uplink, if any.

@@ -159,6 +159,18 @@ pub async fn start(
         shutdown.cancelled().await;
         accepting.cancel();
         drain(&drain_ctx).await;
+        // Every disconnect is recorded (10.3): connections still saying goodbye after the
+        // grace period finish (their writes are bounded), and the conn.down events of all
+        // of them are confirmed by JetStream, before NATS is closed; bounded in all.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(EVENTS_STORED_SECS);
+        while !drain_ctx.registry.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        drain_ctx
+            .outbound
+            .events_stored(left.max(Duration::from_secs(1)))
+            .await;
         internal.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), beat).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
@@ -173,6 +185,10 @@ pub async fn start(
         task,
     })
 }
+
+/// How long the shutdown waits, after the grace period, for the last connections to close
+/// and for the connection events of all of them to be stored.
+const EVENTS_STORED_SECS: u64 = 10;
 
 /// Tells every client to go away (with a random retry hint so they do not all come back
 /// at once) and waits for them to close, up to the grace period.

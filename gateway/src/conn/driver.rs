@@ -206,37 +206,45 @@ impl Driver {
 
     async fn handle(&mut self, raw: RawFrame) -> Handled {
         self.shared.touch(self.ctx.clock.now());
-        if !self.take_rate_token() {
-            return Err(CloseReason::error(
-                ErrorCode::RateLimited,
-                "too many frames per second",
-            ));
+        if let Err(retry_after_ms) = self.take_rate_token() {
+            let mut reason =
+                CloseReason::error(ErrorCode::RateLimited, "too many frames per second");
+            reason.retry_after_ms = retry_after_ms;
+            return Err(reason);
         }
-        let kind = match raw.kind() {
-            Ok(kind) => kind,
-            Err(_) => {
-                self.reply_error(ErrorCode::BadFrame, "unknown frame type, ignored");
-                return Ok(());
-            }
-        };
-        self.ctx
-            .metrics
-            .frames_in
-            .get_or_create(&[("type", kind.as_str())])
-            .inc();
+        let kind = raw.kind().ok();
         if self.shared.identity().is_none() {
+            // Before LOGIN_ACK only LOGIN is accepted: any other type, reserved ones
+            // included, closes with login_required (PROTOCOL 6.1).
             return match kind {
-                FrameType::Login => self.login(&raw).await,
+                Some(FrameType::Login) => {
+                    self.count_in(FrameType::Login);
+                    self.login(&raw).await
+                }
                 _ => Err(CloseReason::error(
                     ErrorCode::LoginRequired,
                     "the first frame must be LOGIN",
                 )),
             };
         }
+        let Some(kind) = kind else {
+            // A reserved type after login: skipped, the connection stays (PROTOCOL 3.3).
+            self.reply_error(ErrorCode::BadFrame, "unknown frame type, ignored");
+            return Ok(());
+        };
+        self.count_in(kind);
         match kind {
             FrameType::Ping => {
-                self.reply(&Frame::Pong(raw.body()));
-                Ok(())
+                // PING has no variable header (3.3): one is a malformed frame.
+                if raw.header.header_len == 0 {
+                    self.reply(&Frame::Pong(raw.body()));
+                    Ok(())
+                } else {
+                    Err(CloseReason::error(
+                        ErrorCode::BadFrame,
+                        "ping must have no variable header",
+                    ))
+                }
             }
             FrameType::Up => self.uplink(raw).await,
             FrameType::DownAck => self.down_ack(raw).await,
@@ -456,11 +464,20 @@ impl Driver {
         self.reply(&Frame::error(code, text, false));
     }
 
-    /// Token bucket: `max_frames_per_sec` per second, bursts of twice that.
-    fn take_rate_token(&mut self) -> bool {
+    fn count_in(&self, kind: FrameType) {
+        self.ctx
+            .metrics
+            .frames_in
+            .get_or_create(&[("type", kind.as_str())])
+            .inc();
+    }
+
+    /// Token bucket: `max_frames_per_sec` per second, bursts of twice that. Over it: the
+    /// milliseconds until the bucket holds a token again (at least 1).
+    fn take_rate_token(&mut self) -> Result<(), u32> {
         let rate = self.ctx.config.max_frames_per_sec;
         if rate == 0 {
-            return true;
+            return Ok(());
         }
         let now = self.ctx.clock.now_ms();
         let elapsed = now.saturating_sub(self.state.rate_refilled_ms);
@@ -470,10 +487,10 @@ impl Driver {
         self.state.rate_refilled_ms = now;
         if tokens < 1000 {
             self.state.rate_tokens_milli = u32::try_from(tokens).unwrap_or(u32::MAX);
-            return false;
+            return Err(refill_wait_ms(tokens, rate));
         }
         self.state.rate_tokens_milli = u32::try_from(tokens - 1000).unwrap_or(u32::MAX);
-        true
+        Ok(())
     }
 
     /// Writes what is queued; returns the close reason when one was requested or the write failed.
@@ -566,6 +583,9 @@ impl Driver {
             .get_or_create(&[("reason", reason.label())])
             .inc();
         if let Some(identity) = self.shared.identity() {
+            // Taken before the connection leaves the registry (which the shutdown's drain
+            // watches), so the shutdown also waits for this conn.down to be stored.
+            let _pending = self.ctx.outbound.event_pending();
             if self.ctx.registry.remove(&self.shared) {
                 self.ctx.sessions.leave_device(&identity.app, &identity.did);
             }
@@ -635,6 +655,14 @@ fn check_login_fields(login: &pb::Login) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Milliseconds until a bucket holding `tokens_milli` thousandths of a token, refilled with
+/// `rate` tokens per second, holds a whole token again (at least 1).
+fn refill_wait_ms(tokens_milli: u64, rate: u32) -> u32 {
+    let missing = 1000u64.saturating_sub(tokens_milli);
+    let wait = missing.div_ceil(u64::from(rate.max(1)));
+    u32::try_from(wait.max(1)).unwrap_or(u32::MAX)
+}
+
 fn frame_error(error: &FrameError) -> CloseReason {
     CloseReason::error(error.code(), error.to_string())
 }
@@ -645,6 +673,14 @@ mod tests {
 
     fn future_size<T, F: Future>(_: impl FnOnce(T) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn rate_limited_waits_until_the_bucket_has_a_token() {
+        assert_eq!(refill_wait_ms(0, 200), 5);
+        assert_eq!(refill_wait_ms(999, 200), 1);
+        assert_eq!(refill_wait_ms(0, 1), 1000);
+        assert_eq!(refill_wait_ms(500, 3), 167);
     }
 
     /// An idle connection costs its task, and the task is mostly this future: keep it
