@@ -23,7 +23,7 @@ enum Command {
     /// Run the whole stack locally: nats-server (unless --nats), gateway, state, ipconfig, ops.
     Up(cmd::up::UpArgs),
     /// Run a gateway (client sockets ⇄ NATS).
-    Gateway(cmd::role::GatewayArgs),
+    Gateway(Box<cmd::role::GatewayArgs>),
     /// Run the state service.
     State(cmd::role::RoleArgs),
     /// Run the ipconfig service.
@@ -59,7 +59,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up(args) => cmd::up::run(args).await,
-            Command::Gateway(args) => cmd::role::gateway(args).await,
+            Command::Gateway(args) => cmd::role::gateway(*args).await,
             Command::State(args) => cmd::role::state(args).await,
             Command::Ipconfig(args) => cmd::role::ipconfig(args).await,
             Command::Ops(args) => cmd::role::ops(args).await,

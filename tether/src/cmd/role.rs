@@ -90,6 +90,9 @@ impl NatsAuthArgs {
 
 /// Flags of `tether gateway`.
 #[derive(Args, Serialize)]
+#[command(
+    after_help = "Every gateway setting (TOML field, TETHER_GATEWAY_<FIELD> variable, default) is in docs/configuration.md."
+)]
 pub struct GatewayArgs {
     #[command(flatten)]
     #[serde(flatten)]
@@ -114,6 +117,49 @@ pub struct GatewayArgs {
     #[arg(long = "token-public-key")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_public_key: Option<PathBuf>,
+    /// Apps this gateway serves, comma separated [default: every app]. Others: wrong_app.
+    #[arg(long, value_delimiter = ',', help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apps: Option<Vec<String>>,
+    /// Frames per second one connection may send (token bucket, bursts of twice this; 0 =
+    /// no limit); over it: rate_limited + CLOSE [default: 200].
+    #[arg(long, help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_frames_per_sec: Option<u32>,
+    /// Connections this gateway holds at most; more: too_many_connections [default: 1000000].
+    #[arg(long, help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Connections one app may hold on this gateway (0 = no limit) [default: 0].
+    #[arg(long, help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_app: Option<usize>,
+    /// Frames queued for one connection; a QoS1 DOWN beyond it: slow_consumer + CLOSE, a
+    /// QoS0 one is dropped [default: 1024].
+    #[arg(long, help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued_frames: Option<usize>,
+    /// Largest frame accepted from a client, bytes (cap 16 MiB); more: frame_too_large
+    /// [default: 65536].
+    #[arg(long, help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_frame_len: Option<usize>,
+    /// Seconds a new connection has to send LOGIN; then login_timeout [default: 10].
+    #[arg(long, help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub login_timeout_secs: Option<u64>,
+    /// Seconds of client silence before heartbeat_timeout [default: 660].
+    #[arg(long, help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
+    /// PING interval announced in LOGIN_ACK, seconds [default: 300].
+    #[arg(long, help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_secs: Option<u64>,
+    /// Seconds clients get to leave at shutdown (going_away) [default: 5].
+    #[arg(long, help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_secs: Option<u64>,
 }
 
 /// Flags of `tether ipconfig`.
