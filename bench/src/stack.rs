@@ -229,7 +229,12 @@ impl Stack {
             _dir: dir,
         };
         let dir = stack._dir.path().to_path_buf();
-        let envs = [("TETHER_GATEWAY_MAX_FRAMES_PER_SEC", "0")];
+        // Without state nobody registers logins: the gateway answers LOGIN_ACK at once.
+        let register = if spec.state { "true" } else { "false" };
+        let envs = [
+            ("TETHER_GATEWAY_MAX_FRAMES_PER_SEC", "0"),
+            ("TETHER_GATEWAY_AWAIT_REGISTRATION", register),
+        ];
         for i in 0..spec.gateways.max(1) {
             let (tcp, ws, admin) = (loopback(port()?), loopback(port()?), loopback(port()?));
             let args: Vec<String> = [
