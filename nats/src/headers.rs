@@ -35,6 +35,8 @@ pub const MSG_ID_CLIENT: &str = "Tether-Msg-Id";
 pub const QOS: &str = "Tether-Qos";
 /// Per-device sequence of an inbox message, or room sequence of a room message (decimal).
 pub const SEQ: &str = "Tether-Seq";
+/// Push id: a retried push with the same id stores nothing new (PROTOCOL 11.2).
+pub const PUSH_ID: &str = "Tether-Push-Id";
 /// Prefix of push metadata headers (`Tether-Meta-<name>`).
 pub const META_PREFIX: &str = "Tether-Meta-";
 
@@ -131,6 +133,9 @@ impl HeaderCodec for Push {
             put(&mut map, UID, &self.uids.join(","))?;
         }
         put(&mut map, QOS, if self.qos1 { "1" } else { "0" })?;
+        if let Some(id) = &self.id {
+            put(&mut map, PUSH_ID, id)?;
+        }
         if let Some(session) = &self.session {
             put(&mut map, SESSION, session)?;
         }
@@ -184,6 +189,10 @@ impl HeaderCodec for Push {
             session,
             meta,
             body,
+            id: single(map, PUSH_ID)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
         };
         push.validate()?;
         Ok(push)

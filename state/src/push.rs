@@ -90,7 +90,12 @@ async fn deliver_to_session(
         // room subject and deliver it to their members.
         let room_seq = ctx
             .store
-            .append_room(app, session, encode)
+            .append_room(
+                app,
+                session,
+                push.id.as_ref().map(|id| format!("{app}:{id}:room")),
+                encode,
+            )
             .await
             .map_err(|e| (ErrorCode::Unavailable, format!("room {session}: {e}")))?;
         return Ok(PushReply {
@@ -169,7 +174,12 @@ async fn deliver_to_devices(
         for did in &dids {
             let seq = ctx
                 .store
-                .append_inbox(app, did, &encode)
+                .append_inbox(
+                    app,
+                    did,
+                    push.id.as_ref().map(|id| format!("{app}:{id}:{did}")),
+                    &encode,
+                )
                 .await
                 .map_err(|e| (ErrorCode::Unavailable, format!("inbox of {did}: {e}")))?;
             ctx.metrics.inbox_appended.inc();

@@ -235,9 +235,10 @@ impl Store {
         &self,
         app: &str,
         session: &str,
+        dedupe: Option<String>,
         encode: impl Fn(u64) -> Bytes,
     ) -> Result<u64, StoreError> {
-        self.append_next(&self.rooms, subjects::room(app, session), 0, encode)
+        self.append_next(&self.rooms, subjects::room(app, session), 0, dedupe, encode)
             .await
     }
 
@@ -346,15 +347,25 @@ impl Store {
     /// The sequence is the last one in the inbox (or the acked cursor, when retention
     /// removed older messages) plus one; the append states the subject's last stream
     /// sequence, so two writers racing for one device cannot both win (JetStream arbitrates).
+    ///
+    /// With `dedupe` (a push id), a retried push within the stream's de-duplication window
+    /// stores nothing new and returns the sequence the first one got.
     pub async fn append_inbox(
         &self,
         app: &str,
         did: &str,
+        dedupe: Option<String>,
         encode: impl Fn(u64) -> Bytes,
     ) -> Result<u64, StoreError> {
         let cursor = self.cursor(app, did).await?;
-        self.append_next(&self.inbox, subjects::inbox(app, did), cursor.acked, encode)
-            .await
+        self.append_next(
+            &self.inbox,
+            subjects::inbox(app, did),
+            cursor.acked,
+            dedupe,
+            encode,
+        )
+        .await
     }
 
     /// Appends `encode(seq)` to `subject` in `stream`, where `seq` is the last `Tether-Seq`
@@ -365,6 +376,7 @@ impl Store {
         stream: &stream::Stream,
         subject: String,
         floor: u64,
+        dedupe: Option<String>,
         encode: impl Fn(u64) -> Bytes,
     ) -> Result<u64, StoreError> {
         for _ in 0..100 {
@@ -389,12 +401,21 @@ impl Store {
                 headers::EXPECTED_LAST_SUBJECT_SEQUENCE,
                 last_stream_seq.to_string().as_str(),
             );
+            if let Some(id) = &dedupe {
+                map.insert(headers::MSG_ID, id.as_str());
+            }
             let ack = self
                 .js
                 .publish_with_headers(subject.clone(), map, encode(seq))
                 .await
                 .map_err(err)?;
             match ack.await {
+                // JetStream checks the id before the expected sequence: a retry within the
+                // window is answered with the first copy's stream sequence.
+                Ok(ack) if ack.duplicate => {
+                    let first = stream.direct_get(ack.sequence).await.map_err(err)?;
+                    return Ok(seq_of(&first.headers));
+                }
                 Ok(_) => return Ok(seq),
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
                 Err(e) => return Err(err(e)),

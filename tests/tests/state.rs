@@ -450,3 +450,27 @@ async fn a_resent_uplink_whose_receipt_was_lost_gets_it_again() -> TestResult {
     assert_eq!(*calls.lock().expect("lock"), 1, "stored once");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_retried_push_stores_nothing_new_and_gets_the_first_answer() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    // The same push value (same Tether-Push-Id), sent twice as a retry would.
+    let push = Push::to_dids(["idem"], b"once".to_vec());
+    let first = business.push(push.clone()).await?;
+    let again = business.push(push).await?;
+    assert_eq!(
+        first.accepted, again.accepted,
+        "the retry gets the first answer"
+    );
+    assert_eq!(first.accepted[0].seq, 1);
+    let next = business
+        .push(Push::to_dids(["idem"], b"next".to_vec()))
+        .await?;
+    assert_eq!(next.accepted[0].seq, 2, "the retry used no sequence");
+    let (_client, mut events) = device(&fixture, fixture.tcp, "idem").await;
+    assert_eq!(next_message(&mut events).await, (1, b"once".to_vec()));
+    assert_eq!(next_message(&mut events).await, (2, b"next".to_vec()));
+    Ok(())
+}

@@ -117,6 +117,10 @@ pub struct Push {
     pub meta: BTreeMap<String, String>,
     /// The payload: becomes the DOWN body.
     pub body: Bytes,
+    /// Push id (`Tether-Push-Id`): a retry with the same id within two minutes stores
+    /// nothing new (QoS1 and rooms) and gets the first answer's sequences. The SDK gives
+    /// every push a fresh id when it is built, so retrying the same value is idempotent.
+    pub id: Option<String>,
 }
 impl Push {
     /// A QoS1 push of `body` to devices.
@@ -132,6 +136,7 @@ impl Push {
             session: None,
             meta: BTreeMap::new(),
             body: body.into(),
+            id: Some(new_push_id()),
         }
     }
 
@@ -176,7 +181,13 @@ impl Push {
         self
     }
 
-    /// Adds one `DOWN.meta` entry.
+    /// Sets the push id (any valid id; unique per distinct push of the app).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Adds a meta entry (`Tether-Meta-<name>`).
     pub fn meta(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.meta.insert(name.into(), value.into());
         self
@@ -193,6 +204,11 @@ impl Push {
             return Err(WireError::bad_request(format!(
                 "more than {MAX_PUSH_TARGETS} dids and uids in one push"
             )));
+        }
+        if let Some(id) = &self.id
+            && !valid_id(id)
+        {
+            return Err(WireError::bad_request(format!("invalid push id {id:?}")));
         }
         if self.meta.len() > MAX_META_ENTRIES {
             return Err(WireError::bad_request(format!(
@@ -272,6 +288,17 @@ pub struct Accepted {
     /// The message's per-device sequence (`DOWN.seq`); 0 for QoS0.
     #[serde(default)]
     pub seq: u64,
+}
+
+/// A fresh push id: time, process and a counter, unique without coordination.
+fn new_push_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("p{nanos:x}-{:x}-{n:x}", std::process::id())
 }
 
 /// The reply body to a push request.
