@@ -968,21 +968,18 @@ async fn s11_2_pushes_right_after_login_ack_reach_200_of_200_new_devices() -> Te
                 Some(Frame::LoginAck(_)) => {}
                 other => panic!("{did}: expected LOGIN_ACK, got {other:?}"),
             }
-            let by_uid = business
-                .push(Push::to_uids([format!("u-{did}")], &b"uid"[..]))
-                .await
-                .expect("uid push");
+            // All three at once, the moment LOGIN_ACK is in.
+            let (by_uid, by_did, by_session) = tokio::join!(
+                business.push(Push::to_uids([format!("u-{did}")], &b"uid"[..])),
+                business.push(Push::to_dids([did.as_str()], &b"did"[..]).qos0()),
+                business.push(Push::to_session(session.as_str(), &b"sess"[..])),
+            );
+            let by_uid = by_uid.expect("uid push");
             assert_eq!(by_uid.accepted.len(), 1, "{did}: uid push {by_uid:?}");
-            let by_did = business
-                .push(Push::to_dids([did.as_str()], &b"did"[..]).qos0())
-                .await
-                .expect("did push");
+            let by_did = by_did.expect("did push");
             assert_eq!(by_did.accepted.len(), 1, "{did}: did push {by_did:?}");
             assert!(by_did.offline.is_empty(), "{did}: did push {by_did:?}");
-            let by_session = business
-                .push(Push::to_session(session.as_str(), &b"sess"[..]))
-                .await
-                .expect("session push");
+            let by_session = by_session.expect("session push");
             assert_eq!(by_session.members, Some(1), "{did}: {by_session:?}");
             assert_eq!(by_session.mode.as_deref(), Some("direct"));
             assert_eq!(by_session.accepted.len(), 1, "{did}: {by_session:?}");
