@@ -51,6 +51,8 @@ pub struct StateMetrics {
     pub partitions_failing: Gauge,
     /// Devices recycled because their gateway stopped heart-beating.
     pub gateway_recycled: Counter,
+    /// QoS1 messages that expired from an inbox before the device acknowledged them.
+    pub expired_unacked: Counter,
 }
 
 impl StateMetrics {
@@ -111,6 +113,11 @@ impl StateMetrics {
             "partition_failures",
             "partition worker failures, each followed by a restart",
             self.partition_failures.clone(),
+        );
+        registry.register(
+            "expired_unacked",
+            "qos1 messages expired before the device acknowledged them",
+            self.expired_unacked.clone(),
         );
         registry.register(
             "gateway_recycled",

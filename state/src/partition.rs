@@ -483,12 +483,47 @@ impl Partition {
         if !returning {
             ctx.presence(&presence(&event, true)).await;
         }
+        let lost = self.skip_expired(&event.app, &event.did).await;
         self.registered(&event).await;
+        if lost > 0 {
+            // After LOGIN_ACK (whose last_acked_seq already points past the gap).
+            let text = format!("{lost} messages expired before delivery; continuing after them");
+            let gap = Frame::error(ErrorCode::RecoveryGap, &text, false).encode();
+            ctx.send_frame(&event.gw, &event.app, &[event.did.as_str()], gap)
+                .await;
+        }
         self.replay(&event.app, &event.did).await;
         if !sessions.is_empty() {
             self.sync_gateway(&event.app, &event.did, &sessions).await;
         }
         Ok(())
+    }
+
+    /// When retention removed messages the device never acknowledged, moves its acked
+    /// sequence to just before the oldest stored one (so LOGIN_ACK's `last_acked_seq`
+    /// tells the device where delivery continues) and returns how many were lost.
+    async fn skip_expired(&mut self, app: &str, did: &str) -> u64 {
+        let Some(device) = self.devices.get(&(app.to_string(), did.to_string())) else {
+            return 0;
+        };
+        let (acked, after) = (device.cursor.acked, device.cursor.stream_seq);
+        let oldest = match self.ctx.store.read_inbox(app, did, after, 1).await {
+            Ok(messages) => messages.into_iter().next(),
+            Err(error) => {
+                tracing::warn!(did, %error, "inbox not readable for the retention check");
+                None
+            }
+        };
+        let Some(oldest) = oldest.filter(|m| m.seq > acked.saturating_add(1)) else {
+            return 0;
+        };
+        let lost = oldest.seq - acked - 1;
+        if let Some(device) = self.devices.get_mut(&(app.to_string(), did.to_string())) {
+            device.cursor.acked = oldest.seq - 1;
+            device.cursor_dirty = true;
+        }
+        self.ctx.metrics.expired_unacked.inc_by(lost);
+        lost
     }
 
     /// Tells the gateway that the connection is registered (route, user index and token

@@ -377,7 +377,8 @@ async fn chat_through_the_python_business_service() -> TestResult {
 
 #[tokio::test]
 async fn inbox_retention_follows_the_state_configuration() -> TestResult {
-    let fixture = Fixture::start(|_| {}).await;
+    // LOGIN_ACK waits for state's registration, which carries the device's floor.
+    let fixture = Fixture::start(|c| c.await_registration = true).await;
     let mut config = support::stack::fast_state(&fixture.nats.client_url());
     config.inbox_max_per_device = 3;
     config.inbox_max_age_secs = 600;
@@ -403,6 +404,34 @@ async fn inbox_retention_follows_the_state_configuration() -> TestResult {
         3,
         "only this device's newest three remain"
     );
+    // The device logs in: LOGIN_ACK's last_acked_seq points past the expired two, it is
+    // told of the gap, and delivery goes on with 3, 4, 5 instead of waiting for 1 forever.
+    use support::{RawClient, Transport};
+    use tether_schemas::{ErrorCode, Frame};
+    let mut raw = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    raw.send(&fixture.login_frame_for(APP, "away")).await;
+    let mut acked = None;
+    let mut gap = false;
+    let mut seqs = Vec::new();
+    while seqs.len() < 3 {
+        match raw.next_frame().await {
+            Some(Frame::LoginAck(ack)) => acked = Some(ack.last_acked_seq),
+            Some(Frame::Error { error, .. })
+                if error.code == u32::from(ErrorCode::RecoveryGap.as_u16()) =>
+            {
+                gap = true
+            }
+            Some(Frame::Down { header, .. }) => seqs.push(header.seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        acked,
+        Some(2),
+        "LOGIN_ACK names the floor past the expired messages"
+    );
+    assert!(gap, "the device is told that messages expired");
+    assert_eq!(seqs, [3, 4, 5]);
     Ok(())
 }
 
