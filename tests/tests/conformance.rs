@@ -141,6 +141,40 @@ async fn still_usable(client: &mut RawClient) {
     }
 }
 
+/// Busy-looping threads, for as long as it lives.
+struct CpuHog {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CpuHog {
+    fn start(threads: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                        std::hint::black_box(x);
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A frame with raw fixed-header fields.
 fn raw_frame(kind: u8, flags: u8, header: &[u8], body: &[u8]) -> Bytes {
     let mut out = BytesMut::new();
@@ -896,6 +930,92 @@ async fn s10_3_every_disconnect_is_recorded_at_sigterm() -> TestResult {
     Ok(())
 }
 
+/// A base port whose Tether listener ports (`tether up` layout) are all free.
+fn free_base_port() -> u16 {
+    loop {
+        let base = 20_000 + u16::try_from(rand_below(30_000)).unwrap_or(0);
+        let free = [0u16, 1, 2, 10, 20, 21, 30, 40]
+            .iter()
+            .all(|offset| std::net::TcpListener::bind(("127.0.0.1", base + offset)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
+
+fn rand_below(n: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    (nanos ^ u64::from(std::process::id()).wrapping_mul(2_654_435_761)) % n
+}
+
+/// Issue 14 item 10 as reported: `tether up` holding 300 connections gets SIGTERM; it
+/// stops its nats-server right after the gateway has stopped, so a `conn.down` not yet
+/// confirmed by then was lost ("connection event not stored … broken pipe").
+#[tokio::test]
+async fn s10_3_no_disconnect_lost_when_tether_up_stops() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let base = free_base_port();
+    let log = dir.path().join("up.log");
+    let mut child = std::process::Command::new(tether_bin())
+        .args(["up", "--no-demo", "--data"])
+        .arg(dir.path().join("data"))
+        .args(["--nats-port", &free_addr().port().to_string()])
+        .args(["--nats-http-port", &free_addr().port().to_string()])
+        .args(["--base-port", &base.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let tcp: std::net::SocketAddr = ([127, 0, 0, 1], base).into();
+    let key = dir.path().join("data").join("token.key");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !key.is_file() || tokio::net::TcpStream::connect(tcp).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "tether up listens");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let signer = tether_auth::TokenSigner::from_file(&key)?;
+    let mut clients = Vec::new();
+    for i in 0..300 {
+        let did = format!("up-{i}");
+        let token = signer.issue("demo", &format!("u-{did}"), &did, Duration::from_secs(600))?;
+        let mut client = RawClient::connect(Transport::Tcp, tcp).await;
+        let login = Frame::Login(pb::Login {
+            token,
+            did: did.clone(),
+            app: "demo".into(),
+            ..Default::default()
+        });
+        client.send(&login.encode()).await;
+        match client.next_frame().await {
+            Some(Frame::LoginAck(_)) => {}
+            other => panic!("{did}: expected LOGIN_ACK, got {other:?}"),
+        }
+        clients.push(client);
+    }
+    // Stopped on a busy machine, as in the report (a slow stop widens the window).
+    let hog = CpuHog::start(2);
+    let pid = child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()?;
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    drop(hog);
+    let text = std::fs::read_to_string(&log)?;
+    let lost = text
+        .lines()
+        .filter(|line| line.contains("connection event not stored"))
+        .count();
+    assert_eq!(
+        lost, 0,
+        "conn.down events lost at shutdown ({status}):\n{text}"
+    );
+    drop(clients);
+    Ok(())
+}
+
 /// The dids of the `conn.down` events of gateway `gw` in the events stream.
 async fn conn_downs(
     nats: &async_nats::Client,
@@ -938,17 +1058,7 @@ async fn conn_downs(
 #[tokio::test]
 async fn s11_2_pushes_right_after_login_ack_reach_200_of_200_new_devices() -> TestResult {
     let stack = Arc::new(Stack::start().await);
-    let hog_stop = Arc::new(AtomicBool::new(false));
-    let hog = {
-        let stop = hog_stop.clone();
-        std::thread::spawn(move || {
-            let mut x = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-                std::hint::black_box(x);
-            }
-        })
-    };
+    let hog = CpuHog::start(1);
     let reached = [
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
@@ -1004,8 +1114,7 @@ async fn s11_2_pushes_right_after_login_ack_reach_200_of_200_new_devices() -> Te
     while let Some(done) = tasks.join_next().await {
         done?;
     }
-    hog_stop.store(true, Ordering::Relaxed);
-    let _ = hog.join();
+    drop(hog);
     let figures: Vec<u64> = reached.iter().map(|r| r.load(Ordering::SeqCst)).collect();
     eprintln!("reached by uid / did / session: {figures:?} of 200");
     assert_eq!(figures, vec![200, 200, 200]);
