@@ -12,7 +12,7 @@ use crate::config::StateConfig;
 use crate::index::SessionIndex;
 use crate::metrics::StateMetrics;
 use crate::store::Store;
-use tether_schemas::bus::PresenceEvent;
+use tether_schemas::bus::{GatewayControl, PresenceEvent};
 
 /// The queue group all state instances share for the business API (pushes, sessions).
 pub const QUEUE: &str = "tether-state";
@@ -119,6 +119,21 @@ impl StateCtx {
         }
         self.metrics.frames_sent.inc();
         true
+    }
+
+    /// Sends a control message to gateway `gw` (`tether.gw.<gw>.ctl`); false when it was
+    /// not sent.
+    pub async fn control(&self, gw: &str, control: &GatewayControl) -> bool {
+        let Ok(body) = control.to_json() else {
+            return false;
+        };
+        match self.client.publish(subjects::gateway_ctl(gw), body).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(gw, %error, "gateway control message not sent");
+                false
+            }
+        }
     }
 
     /// Publishes a presence notification.

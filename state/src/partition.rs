@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{AckKind, Message};
+use bytes::Bytes;
 use futures::StreamExt;
 use tether_nats::layout::PartitionConsumer;
 use tether_nats::subjects::{self, Subject};
@@ -410,17 +411,7 @@ impl Partition {
             did: did.to_string(),
             sessions: sessions.to_vec(),
         };
-        let Ok(body) = message.to_json() else {
-            return;
-        };
-        if let Err(error) = self
-            .ctx
-            .client
-            .publish(subjects::gateway_ctl(&gw), body)
-            .await
-        {
-            tracing::warn!(gw, did, %error, "gateway session sync not sent");
-        }
+        self.ctx.control(&gw, &message).await;
     }
 
     async fn on_conn_up(&mut self, event: ConnEvent) -> Result<(), String> {
@@ -483,7 +474,13 @@ impl Partition {
         if !returning {
             ctx.presence(&presence(&event, true)).await;
         }
-        let lost = self.skip_expired(&event.app, &event.did).await;
+        // Read what the device has not acknowledged first: when retention removed some
+        // of it, its floor moves past them before LOGIN_ACK (which carries the floor).
+        if let Some(device) = self.devices.get_mut(&key) {
+            device.inflight.clear();
+        }
+        let window = self.read_window(&event.app, &event.did).await;
+        let lost = self.skip_expired(&key);
         self.registered(&event).await;
         if lost > 0 {
             // After LOGIN_ACK (whose last_acked_seq already points past the gap).
@@ -492,36 +489,34 @@ impl Partition {
             ctx.send_frame(&event.gw, &event.app, &[event.did.as_str()], gap)
                 .await;
         }
-        self.replay(&event.app, &event.did).await;
+        for frame in window.map(|(_, frames)| frames).unwrap_or_default() {
+            ctx.send_frame(&event.gw, &event.app, &[event.did.as_str()], frame)
+                .await;
+        }
         if !sessions.is_empty() {
             self.sync_gateway(&event.app, &event.did, &sessions).await;
         }
         Ok(())
     }
 
-    /// When retention removed messages the device never acknowledged, moves its acked
-    /// sequence to just before the oldest stored one (so LOGIN_ACK's `last_acked_seq`
-    /// tells the device where delivery continues) and returns how many were lost.
-    async fn skip_expired(&mut self, app: &str, did: &str) -> u64 {
-        let Some(device) = self.devices.get(&(app.to_string(), did.to_string())) else {
+    /// When retention removed messages the device never acknowledged (the oldest one in
+    /// flight is above acked + 1), moves its acked sequence to just before the oldest stored
+    /// one, so LOGIN_ACK's `last_acked_seq` says where delivery continues; returns how many
+    /// were lost.
+    fn skip_expired(&mut self, key: &DeviceKey) -> u64 {
+        let Some(device) = self.devices.get_mut(key) else {
             return 0;
         };
-        let (acked, after) = (device.cursor.acked, device.cursor.stream_seq);
-        let oldest = match self.ctx.store.read_inbox(app, did, after, 1).await {
-            Ok(messages) => messages.into_iter().next(),
-            Err(error) => {
-                tracing::warn!(did, %error, "inbox not readable for the retention check");
-                None
-            }
-        };
-        let Some(oldest) = oldest.filter(|m| m.seq > acked.saturating_add(1)) else {
+        let Some(&oldest) = device.inflight.keys().next() else {
             return 0;
         };
-        let lost = oldest.seq - acked - 1;
-        if let Some(device) = self.devices.get_mut(&(app.to_string(), did.to_string())) {
-            device.cursor.acked = oldest.seq - 1;
-            device.cursor_dirty = true;
+        let acked = device.cursor.acked;
+        if oldest <= acked.saturating_add(1) {
+            return 0;
         }
+        let lost = oldest - acked - 1;
+        device.cursor.acked = oldest - 1;
+        device.cursor_dirty = true;
         self.ctx.metrics.expired_unacked.inc_by(lost);
         lost
     }
@@ -541,17 +536,7 @@ impl Partition {
             conn: event.conn,
             last_acked_seq: acked,
         };
-        let Ok(body) = control.to_json() else {
-            return;
-        };
-        if let Err(error) = self
-            .ctx
-            .client
-            .publish(subjects::gateway_ctl(&event.gw), body)
-            .await
-        {
-            tracing::warn!(gw = %event.gw, did = %event.did, %error, "registration not sent");
-        }
+        self.ctx.control(&event.gw, &control).await;
     }
 
     async fn on_conn_down(&mut self, event: ConnEvent) -> Result<(), String> {
@@ -588,13 +573,20 @@ impl Partition {
     /// Reads the device's next stored messages into its in-flight window (after the last
     /// one in flight, or after its cursor) and sends them, in order.
     async fn fill(&mut self, app: &str, did: &str) {
+        let Some((gw, frames)) = self.read_window(app, did).await else {
+            return;
+        };
+        for frame in frames {
+            self.ctx.send_frame(&gw, app, &[did], frame).await;
+        }
+    }
+
+    /// Reads the device's next stored messages into its in-flight window; returns its
+    /// gateway and the frames to send, in order (`None` when it is not online).
+    async fn read_window(&mut self, app: &str, did: &str) -> Option<(String, Vec<Bytes>)> {
         let ctx = self.ctx.clone();
-        let Some(device) = self.devices.get_mut(&(app.to_string(), did.to_string())) else {
-            return;
-        };
-        let Some(route) = device.route.clone() else {
-            return;
-        };
+        let device = self.devices.get_mut(&(app.to_string(), did.to_string()))?;
+        let route = device.route.clone()?;
         let room = INFLIGHT_WINDOW.saturating_sub(device.inflight.len());
         let mut after = device
             .inflight
@@ -637,13 +629,11 @@ impl Partition {
                 break;
             }
         }
-        for frame in fresh {
-            ctx.send_frame(&route.gw, app, &[did], frame).await;
-        }
         if !device.inflight.is_empty() && device.retransmit_at.is_none() {
             device.retransmit_at =
                 Some(Instant::now() + Duration::from_millis(ctx.config.retransmit_ms));
         }
+        Some((route.gw, fresh))
     }
 
     async fn on_inbox(&mut self, message: &Message) {
@@ -782,17 +772,7 @@ impl Partition {
             conn: old.conn,
             code: ErrorCode::Replaced,
         };
-        let Ok(body) = control.to_json() else {
-            return;
-        };
-        if let Err(error) = self
-            .ctx
-            .client
-            .publish(subjects::gateway_ctl(&old.gw), body)
-            .await
-        {
-            tracing::warn!(gw = %old.gw, did, %error, "replace not sent to the old gateway");
-        }
+        self.ctx.control(&old.gw, &control).await;
     }
 
     async fn on_uplink_done(&mut self, done: UplinkDone) {

@@ -12,7 +12,7 @@ use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 use tether_nats::headers;
 use tether_nats::subjects::{self, Subject};
-use tether_schemas::{ErrorCode, Frame, pb};
+use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
 use tokio::time::Instant;
 
 use crate::context::StateCtx;
@@ -133,8 +133,9 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
     if is_resend(&message)
         && let Some(frame) = kept_receipt(&ctx, &app, &did, up.client_msg_id).await
     {
-        // A resend the gateway let through while the first copy was still being
-        // processed: that copy's receipt answers it, the business is not asked again.
+        // A resend the gateway passed on after a `timeout`, while an earlier retry of the
+        // same UP got a real answer meanwhile: that answer is the receipt, the business is
+        // not asked again.
         ctx.metrics
             .uplinks
             .get_or_create(&[("result", "resend")])
@@ -185,13 +186,13 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
     });
     // A resend of this UP is dropped by JetStream's de-duplication; its gateway then
     // answers from this copy, in case the first UP_ACK was lost with its connection. Kept
-    // before the UP_ACK goes out, so no resend can miss both. Timeouts are not kept:
-    // nothing was stored.
-    if code != ErrorCode::Timeout
-        && let Err(error) = ctx
-            .store
-            .put_receipt(&app, &did, up.client_msg_id, frame.clone())
-            .await
+    // before the UP_ACK goes out, so no resend can miss both. A `timeout` receipt is only
+    // a marker: the gateway never sends it, it passes the resend on under a retry id so
+    // that it is processed again (PROTOCOL 6.3).
+    if let Err(error) = ctx
+        .store
+        .put_receipt(&app, &did, up.client_msg_id, frame.clone())
+        .await
     {
         tracing::warn!(%app, %did, %error, "receipt not kept");
     }
@@ -207,8 +208,8 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
 }
 
 /// Whether the stream message is a resend the gateway republished under a retry id
-/// (`<app>:<did>:<client_msg_id>:r<n>`, PROTOCOL 10.2) because the first copy had no
-/// receipt yet: timed out, or still in progress.
+/// (`<app>:<did>:<client_msg_id>:r<n>`, PROTOCOL 10.2) because the UP had been answered
+/// `timeout`.
 fn is_resend(message: &Message) -> bool {
     message
         .headers
@@ -217,18 +218,25 @@ fn is_resend(message: &Message) -> bool {
         .is_some_and(|id| id.as_str().split(':').nth(3).is_some())
 }
 
-/// The receipt kept for an uplink, if any.
+/// The receipt kept for an uplink, if any and not a `timeout` marker.
 async fn kept_receipt(ctx: &StateCtx, app: &str, did: &str, client_msg_id: u64) -> Option<Bytes> {
     let js = async_nats::jetstream::new(ctx.client.clone());
     let bucket = js
         .get_key_value(tether_nats::layout::RECEIPTS_BUCKET)
         .await
         .ok()?;
-    bucket
+    let frame = bucket
         .get(tether_nats::keys::receipt(app, did, client_msg_id))
         .await
         .ok()
-        .flatten()
+        .flatten()?;
+    let timed_out = RawFrame::from_bytes(frame.clone(), limits::MAX_FRAME_LEN_CAP)
+        .ok()
+        .and_then(|raw| Frame::decode(&raw).ok())
+        .is_some_and(|decoded| {
+            matches!(decoded, Frame::UpAck(ack) if ack.code == u32::from(ErrorCode::Timeout.as_u16()))
+        });
+    (!timed_out).then_some(frame)
 }
 
 /// Longest business `message` copied into an UP_ACK, in bytes (longer ones are cut).
