@@ -91,6 +91,7 @@ impl Outbound {
         let receipt = tether_nats::keys::receipt(&id.app, &id.did, client_msg_id);
         let js = self.js.clone();
         let resends = self.resends.clone();
+        let frame_bytes = frame;
         tokio::spawn(async move {
             let stored = match sent {
                 Ok(ack) => ack.await.map(|a| a.duplicate).map_err(|e| e.to_string()),
@@ -105,18 +106,21 @@ impl Outbound {
                     // that is gone. If state has answered it, answer again from its copy;
                     // if not yet, state's UP_ACK will follow the device's route here.
                     metrics.uplink_duplicates.inc();
-                    if let Some(frame) = stored_receipt(&js, &receipt).await {
+                    let Some(frame) = stored_receipt(&js, &receipt).await else {
+                        // Not answered yet: state's UP_ACK of the first copy follows the
+                        // device's route here.
+                        return;
+                    };
+                    if !is_timeout(&frame) {
                         conn.push(frame, true, queue_limit);
                         return;
                     }
-                    // No receipt: the first copy is still being processed, or it was
-                    // answered `timeout` (state keeps no receipt then). Either way the
-                    // resend goes through once more under a retry id, and state answers
-                    // it: from the receipt if the first copy got one meanwhile, else by
-                    // asking the business again (PROTOCOL 6.3, 11.1).
+                    // The first copy was answered `timeout` (nothing stored): the resend is
+                    // processed again under a retry id, and state answers it (PROTOCOL
+                    // 6.3, 10.2, 11.1).
                     let n = resends.fetch_add(1, Ordering::Relaxed);
                     map.insert(headers::MSG_ID, format!("{msg_id}:r{n}").as_str());
-                    let again = match js.publish_with_headers(subject, map, frame).await {
+                    let again = match js.publish_with_headers(subject, map, frame_bytes).await {
                         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                         Err(error) => Err(error.to_string()),
                     };
@@ -215,6 +219,18 @@ impl Outbound {
         }
         done
     }
+}
+
+/// Whether a kept receipt is state's `timeout` marker (kept so a resend is processed again,
+/// never sent to the device).
+fn is_timeout(receipt: &Bytes) -> bool {
+    let decoded = tether_schemas::RawFrame::from_bytes(
+        receipt.clone(),
+        tether_schemas::limits::MAX_FRAME_LEN_CAP,
+    )
+    .ok()
+    .and_then(|raw| Frame::decode(&raw).ok());
+    matches!(decoded, Some(Frame::UpAck(ack)) if ack.code == u32::from(ErrorCode::Timeout.as_u16()))
 }
 
 /// The UP_ACK of an uplink the stream did not confirm (the client may retry).
