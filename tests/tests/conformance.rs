@@ -1158,3 +1158,36 @@ async fn s11_4_session_push_reply_shape() -> TestResult {
     assert!(empty.accepted.is_empty());
     Ok(())
 }
+
+/// Issue 14 item 1 for sessions: a session push the moment LOGIN_ACK arrives counts the
+/// device (its token `sess` membership is registered before LOGIN_ACK), on a busy machine.
+#[tokio::test]
+async fn s6_1_session_push_right_after_login_ack_counts_the_member() -> TestResult {
+    let stack = Stack::start().await;
+    let business = stack.business();
+    let hog = CpuHog::start(2);
+    let mut missed = Vec::new();
+    for round in 0..100 {
+        let did = format!("joiner-{round}");
+        let session = format!("fresh-{round}");
+        let mut claims = claims(&did);
+        claims.sess = vec![session.clone()];
+        let mut client = stack.login_with(&claims, &did).await;
+        assert!(matches!(
+            client.next_frame().await,
+            Some(Frame::LoginAck(_))
+        ));
+        let reply = business
+            .push(Push::to_session(session.as_str(), &b"now"[..]))
+            .await?;
+        if reply.members != Some(1) {
+            missed.push((round, reply.members));
+        }
+    }
+    drop(hog);
+    assert!(
+        missed.is_empty(),
+        "session pushes that missed the new member: {missed:?}"
+    );
+    Ok(())
+}
