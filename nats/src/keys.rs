@@ -48,6 +48,9 @@ pub fn session_member(app: &str, session: &str, did: &str) -> String {
     format!("i.{app}.{session}.{did}")
 }
 
+/// Prefix of every session index key: `i.`.
+pub const SESSION_INDEX_PREFIX: &str = "i.";
+
 /// The whole session index (for a watch): `i.>`.
 pub const SESSION_INDEX: &str = "i.>";
 
@@ -55,6 +58,9 @@ pub const SESSION_INDEX: &str = "i.>";
 pub fn session_settings(app: &str, session: &str) -> String {
     format!("s.{app}.{session}")
 }
+
+/// Prefix of every session settings key: `s.`.
+pub const SESSION_SETTINGS_PREFIX: &str = "s.";
 
 /// Every session's settings (for a watch): `s.>`.
 pub const SESSION_SETTINGS: &str = "s.>";

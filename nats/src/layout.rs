@@ -51,6 +51,11 @@ pub fn leases_bucket(name: &str, ttl: Duration, replicas: usize) -> kv::Config {
 /// Deliveries of one message to a partition consumer before JetStream gives up on it.
 pub const MAX_DELIVER: i64 = 20;
 
+/// The stream behind KV bucket `bucket` (`KV_<bucket>`).
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
 /// The durable consumers of one state partition: which stream each reads, with which
 /// filter. Every state instance uses the same names, so the owner of a partition resumes
 /// where the previous owner stopped.

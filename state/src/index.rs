@@ -7,7 +7,10 @@
 //! it from the bucket's history.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
+
+use tokio::sync::Notify;
 
 use async_nats::jetstream::kv;
 use tether_nats::keys;
@@ -23,6 +26,9 @@ type SessionKey = (String, String);
 pub struct SessionIndex {
     members: RwLock<HashMap<SessionKey, HashSet<String>>>,
     settings: RwLock<HashMap<SessionKey, SessionSettings>>,
+    /// Highest bucket revision applied.
+    revision: AtomicU64,
+    advanced: Notify,
 }
 
 impl SessionIndex {
@@ -50,6 +56,28 @@ impl SessionIndex {
             .get(&(app.to_string(), session.to_string()))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// Records that the watch applied `revision`.
+    fn applied(&self, revision: u64) {
+        self.revision.fetch_max(revision, Ordering::AcqRel);
+        self.advanced.notify_waiters();
+    }
+
+    /// Waits (at most `limit`) until the index holds every write of the bucket up to
+    /// `revision`: a session push after a registration or bind then sees its member.
+    /// False when the limit passed first.
+    pub async fn catch_up(&self, revision: u64, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let advanced = self.advanced.notified();
+            if self.revision.load(Ordering::Acquire) >= revision {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, advanced).await.is_err() {
+                return self.revision.load(Ordering::Acquire) >= revision;
+            }
+        }
     }
 
     fn apply_member(&self, key: &str, present: bool) -> Option<bool> {
@@ -98,7 +126,8 @@ impl SessionIndex {
 }
 
 /// Watches the bucket and keeps `index` current until `shutdown`; restarts the watch
-/// after an error (a NATS reconnect, a leader change).
+/// after an error (a NATS reconnect, a leader change). One watch over the whole bucket, so
+/// the revision applied can be compared with the bucket's last one ([`SessionIndex::catch_up`]).
 pub fn spawn_watchers(
     bucket: kv::Store,
     index: std::sync::Arc<SessionIndex>,
@@ -106,30 +135,25 @@ pub fn spawn_watchers(
     shutdown: tether_service::Shutdown,
 ) {
     // After a restart of a watch the history is replayed: applying an entry twice is
-    // harmless (sets), so no revision bookkeeping is needed.
-    let members_index = index.clone();
-    tokio::spawn(watch_kv(
-        bucket.clone(),
-        keys::SESSION_INDEX.to_string(),
-        None,
-        shutdown.clone(),
-        move |entry| {
-            let present = entry.operation == kv::Operation::Put;
-            match members_index.apply_member(&entry.key, present) {
-                Some(true) if present => metrics.session_index.inc(),
-                Some(true) => metrics.session_index.dec(),
-                _ => 0,
-            };
-        },
-    ));
+    // harmless (sets).
     tokio::spawn(watch_kv(
         bucket,
-        keys::SESSION_SETTINGS.to_string(),
+        ">".to_string(),
         None,
         shutdown,
         move |entry| {
-            let value = (entry.operation == kv::Operation::Put).then_some(&entry.value[..]);
-            index.apply_settings(&entry.key, value);
+            let present = entry.operation == kv::Operation::Put;
+            if entry.key.starts_with(keys::SESSION_INDEX_PREFIX) {
+                match index.apply_member(&entry.key, present) {
+                    Some(true) if present => metrics.session_index.inc(),
+                    Some(true) => metrics.session_index.dec(),
+                    _ => 0,
+                };
+            } else if entry.key.starts_with(keys::SESSION_SETTINGS_PREFIX) {
+                let value = present.then_some(&entry.value[..]);
+                index.apply_settings(&entry.key, value);
+            }
+            index.applied(entry.revision);
         },
     ));
 }

@@ -13,6 +13,9 @@ use tether_schemas::{ErrorCode, Frame, pb};
 
 use crate::context::{MAX_DIDS_PER_MESSAGE, StateCtx, serve_queue};
 
+/// How long a session push waits for the session index to catch up with the bucket.
+const INDEX_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Serves pushes until `shutdown`.
 pub async fn serve(
     ctx: Arc<StateCtx>,
@@ -62,6 +65,21 @@ async fn deliver_to_session(
     session: &str,
     mut push: Push,
 ) -> Result<PushReply, (ErrorCode, String)> {
+    // Every membership written before this push (a registration's token sessions, a bind
+    // applied by a partition owner) must be in this instance's index first.
+    let revision = ctx
+        .store
+        .sessions_revision()
+        .await
+        .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;
+    if !ctx.index.catch_up(revision, INDEX_CATCH_UP).await {
+        tracing::warn!(
+            app,
+            session,
+            revision,
+            "session index behind the bucket; pushing with what it has"
+        );
+    }
     let members = ctx.index.size(app, session);
     let sent_at_ms = unix_now_ms();
     let encode = |room_seq: u64| -> Bytes {

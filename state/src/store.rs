@@ -126,6 +126,16 @@ impl Store {
         Ok(())
     }
 
+    /// The sessions bucket's last revision (every write up to it is stored).
+    pub async fn sessions_revision(&self) -> Result<u64, StoreError> {
+        let mut stream = self
+            .js
+            .get_stream(tether_nats::layout::kv_stream(SESSIONS_BUCKET))
+            .await
+            .map_err(err)?;
+        Ok(stream.info().await.map_err(err)?.state.last_sequence)
+    }
+
     /// The sessions bucket (memberships, index, settings).
     pub fn sessions_bucket(&self) -> &kv::Store {
         &self.sessions
