@@ -70,7 +70,9 @@ async fn consumer(
         .await
         .map_err(|e| e.to_string())?;
     let consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(&kind.name(partition), kind.config(partition, ack_wait))
+        // Create or update: a consumer made by an older version gets today's settings
+        // (ack wait, max deliver).
+        .create_consumer(kind.config(partition, ack_wait))
         .await
         .map_err(|e| e.to_string())?;
     consumer.messages().await.map_err(|e| e.to_string())
@@ -97,24 +99,31 @@ impl Partition {
     async fn serve(&mut self, stop: tether_service::Shutdown) -> Result<(), String> {
         let p = self.partition;
         let ctx = self.ctx.clone();
-        // Long enough that a business answering slowly (every retry included) is not
-        // redelivered meanwhile; progress is also signalled between attempts.
-        let business = Duration::from_millis(ctx.config.business_timeout_ms);
-        let uplink_wait =
-            (business * (ctx.config.business_retries + 2)).max(Duration::from_secs(30));
+        // Uplinks waiting for the business send progress every second (`uplink.rs`), so
+        // the ack wait only decides how soon a dead owner's uplinks are redelivered.
+        let uplink_wait = uplink::ACK_WAIT;
         let ack_wait = Duration::from_secs(10);
-        let mut events = consumer(&ctx, PartitionConsumer::Events, p, ack_wait).await?;
-        let mut uplinks = consumer(&ctx, PartitionConsumer::Uplinks, p, uplink_wait).await?;
-        let mut inbox = consumer(&ctx, PartitionConsumer::Inbox, p, ack_wait).await?;
-        let mut acks = ctx
-            .client
-            .subscribe(subjects::ack_partition(p))
-            .await
-            .map_err(|e| e.to_string())?;
-        tether_nats::sync_with_server(&ctx.client)
-            .await
-            .map_err(|e| e.to_string())?;
-        self.rebuild().await?;
+        // Taking the partition over (consumers, takeover snapshot) stops at once when the
+        // lease goes again meanwhile: nothing was acknowledged yet, the next owner redoes it.
+        let setup = async {
+            let events = consumer(&ctx, PartitionConsumer::Events, p, ack_wait).await?;
+            let uplinks = consumer(&ctx, PartitionConsumer::Uplinks, p, uplink_wait).await?;
+            let inbox = consumer(&ctx, PartitionConsumer::Inbox, p, ack_wait).await?;
+            let acks = ctx
+                .client
+                .subscribe(subjects::ack_partition(p))
+                .await
+                .map_err(|e| e.to_string())?;
+            tether_nats::sync_with_server(&ctx.client)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.rebuild().await?;
+            Ok::<_, String>((events, uplinks, inbox, acks))
+        };
+        let (mut events, mut uplinks, mut inbox, mut acks) = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            taken = setup => taken?,
+        };
         tracing::info!(
             partition = p,
             devices = self.devices.len(),

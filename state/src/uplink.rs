@@ -102,8 +102,13 @@ impl DeviceQueues {
     }
 }
 
-/// How often a queued uplink's ack deadline is pushed back.
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How often an uplink waiting for the business (or queued behind its device's previous
+/// one) tells JetStream it is still in progress; well below the uplink ack wait.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// The uplink consumer's ack wait: how soon an uplink held by an instance that died is
+/// redelivered to the next owner (progress keeps live ones from being redelivered).
+pub const ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// Processes one uplink stream message; acks it once the outcome is known.
 ///
@@ -239,6 +244,20 @@ async fn kept_receipt(ctx: &StateCtx, app: &str, did: &str, client_msg_id: u64) 
     (!timed_out).then_some(frame)
 }
 
+/// Runs `work` while telling JetStream every [`KEEP_ALIVE`] that `message` is in progress.
+async fn with_progress<T>(message: &Message, work: impl std::future::Future<Output = T>) -> T {
+    tokio::pin!(work);
+    let mut ticks = tokio::time::interval_at(Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticks.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
 /// Longest business `message` copied into an UP_ACK, in bytes (longer ones are cut).
 pub const MAX_REPLY_TEXT: usize = 1024;
 /// Longest business `id` copied into `UpAck.server_msg_id`, in bytes.
@@ -271,11 +290,11 @@ async fn ask_business(
             .headers(map.clone())
             .payload(body.clone())
             .timeout(Some(timeout));
-        match ctx
-            .client
-            .send_request(subjects::business_up(app), request)
-            .await
-        {
+        // Keep the stream message ours while the business thinks: a short ack wait then
+        // only matters when this instance dies (redelivery to the next owner comes soon).
+        let asked = ctx.client.send_request(subjects::business_up(app), request);
+        let answer = with_progress(message, asked).await;
+        match answer {
             Ok(reply) => return inputs::business_reply(&reply.payload),
             Err(error) => {
                 tracing::debug!(app, attempt, %error, "business did not answer");
