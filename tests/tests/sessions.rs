@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use support::stack::{device, fast_state};
 use support::{APP, Fixture, RawClient, TestResult, Transport, WAIT, http_get};
@@ -477,5 +478,37 @@ async fn indexes_are_rebuilt_after_gateway_and_state_restarts() -> TestResult {
     devices.push(newcomer);
     push_and_check(&mut devices, "after state restart").await?;
     shutdown.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_login_on_another_gateway_replaces_the_older_connection() -> TestResult {
+    // PROTOCOL 6.1: a new LOGIN of the device elsewhere closes the old connection with
+    // `replaced`, also when "elsewhere" is another gateway (state tells the old one).
+    let fixture = Fixture::start(|c| c.await_registration = true).await;
+    let mut config = fixture.gateway_config("gw-two");
+    config.await_registration = true;
+    let gw2 = tether_gateway::start(config, fixture.shutdown.clone())
+        .await
+        .expect("second gateway");
+    let gw2_tcp = gw2.tcp_addr.expect("tcp");
+    let _state = support::stack::start_state(&fixture, CancellationToken::new()).await;
+
+    let (mut first, _) = fixture.login_as(APP, "roamer").await;
+    let mut second = RawClient::connect(Transport::Tcp, gw2_tcp).await;
+    second.send(&fixture.login_frame_for(APP, "roamer")).await;
+    match second.next_frame().await {
+        Some(Frame::LoginAck(_)) => {}
+        other => panic!("the new connection logs in, got {other:?}"),
+    }
+    first.expect_close(ErrorCode::Replaced).await;
+    // The new connection keeps working: it answers a PING.
+    second
+        .send(&Frame::Ping(Bytes::from_static(b"still-here")).encode())
+        .await;
+    assert_eq!(
+        second.next_frame().await,
+        Some(Frame::Pong(Bytes::from_static(b"still-here")))
+    );
     Ok(())
 }
