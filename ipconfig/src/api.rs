@@ -255,10 +255,15 @@ mod tests {
     const SECRET: &str = "in-process-secret-01";
 
     fn state() -> ApiState {
+        state_with(false)
+    }
+
+    fn state_with(rooms: bool) -> ApiState {
         let config = IpconfigConfig {
             apps: vec![AppRecord {
                 id: "demo".into(),
                 secrets: vec![SECRET.into()],
+                rooms,
                 ..Default::default()
             }],
             ..Default::default()
@@ -324,6 +329,22 @@ mod tests {
         let token = body["token"].as_str().unwrap_or_default();
         let claims = verifier.verify(token, tether_auth::unix_now());
         assert!(claims.is_ok_and(|c| c.did == "d1" && c.app == "demo"));
+    }
+
+    #[tokio::test]
+    async fn the_rooms_right_follows_the_app_record() {
+        for rooms in [false, true] {
+            let state = state_with(rooms);
+            let verifier = state.signer.verifier();
+            let (status, body) = call(state, Some(&credential(60))).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let token = body["token"].as_str().unwrap_or_default();
+            let claims = verifier.verify(token, tether_auth::unix_now());
+            assert!(
+                claims.is_ok_and(|c| c.may_use_rooms() == rooms && c.may_uplink()),
+                "rooms right {rooms}"
+            );
+        }
     }
 
     #[tokio::test]
