@@ -803,7 +803,16 @@ impl Partition {
         let mut expired = Vec::new();
         let mut idle = Vec::new();
         let mut gone = Vec::new();
+        let mut refill = Vec::new();
         for ((app, did), device) in self.devices.iter_mut() {
+            // Stored messages wait outside the window (it was full, or a read failed):
+            // read them when there is room, also without an ack to trigger it.
+            if device.more_in_inbox
+                && device.route.is_some()
+                && device.inflight.len() <= INFLIGHT_WINDOW / 2
+            {
+                refill.push((app.clone(), did.clone()));
+            }
             if let Some(route) = device.route.as_ref()
                 && !ctx.gateways.is_alive(&route.gw)
             {
@@ -845,6 +854,9 @@ impl Partition {
                 device.retransmit_at = None;
                 device.offline_at = Some(now + window);
             }
+        }
+        for (app, did) in refill {
+            self.fill(&app, &did).await;
         }
         self.flush_cursors().await;
         for key in idle {
