@@ -305,9 +305,20 @@ pub fn rss_sum_kb(pids: &[u32]) -> Option<u64> {
 /// Starts the pinned nats-server with JetStream, its store in `store`.
 pub fn start_nats(store: PathBuf) -> Result<NatsServer, BenchError> {
     let bin = locate_binary().map_err(|e| BenchError::Setup(e.to_string()))?;
-    let spec = ServerSpec::single("bench", HOST, port()?, port()?, store);
-    NatsServer::start(spec, &bin, Duration::from_secs(30))
-        .map_err(|e| BenchError::Setup(format!("nats-server: {e}")))
+    // A free port can be taken by another process before nats-server binds it: try
+    // again with fresh ports, as the test harness does.
+    let mut last = None;
+    for _ in 0..3 {
+        let spec = ServerSpec::single("bench", HOST, port()?, port()?, store.clone());
+        match NatsServer::start(spec, &bin, Duration::from_secs(30)) {
+            Ok(server) => return Ok(server),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(BenchError::Setup(format!(
+        "nats-server: {}",
+        last.map_or_else(|| "not started".to_string(), |e| e.to_string())
+    )))
 }
 
 /// A peer server started for one run: nats-server alone or Mosquitto.
