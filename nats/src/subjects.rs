@@ -336,12 +336,6 @@ impl<'a> Subject<'a> {
     }
 }
 
-/// The app id of a subject `tether.<app>.…`, if it has one.
-pub fn app_of(subject: &str) -> Option<&str> {
-    let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
-    rest.split('.').next().filter(|app| !app.is_empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,9 +347,6 @@ mod tests {
             format!("tether.chat.up.{}.d1", partition("d1"))
         );
         assert_eq!(gateway_down("gw-1"), "tether.gw.gw-1.down");
-        assert_eq!(app_of(&uplink("chat", "d1")), Some("chat"));
-        assert_eq!(app_of("other.chat.up"), None);
-        assert_eq!(app_of("tether."), None);
     }
 
     #[test]

@@ -32,11 +32,6 @@ impl GatewayLiveness {
         }
     }
 
-    /// How long a gateway may be silent before it counts as gone.
-    pub fn dead_after(&self) -> Duration {
-        self.dead_after
-    }
-
     /// Follows the heartbeat bucket until `shutdown`.
     pub fn follow(self: &Arc<Self>, bucket: kv::Store, shutdown: Shutdown) {
         let table = self.clone();
