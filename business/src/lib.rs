@@ -44,6 +44,7 @@ pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::Client;
 use futures::{Stream, StreamExt, future};
@@ -98,6 +99,9 @@ pub struct Business {
     app: String,
     concurrency: usize,
 }
+
+/// How long a session request waits for its reply at least (more for many devices).
+const SESSION_TIMEOUT_BASE: Duration = Duration::from_secs(15);
 
 impl Business {
     /// A handle for `app` on an existing NATS connection.
@@ -207,9 +211,16 @@ impl Business {
     /// moments later.
     pub async fn sessions(&self, request: SessionRequest) -> Result<SessionReply, BusinessError> {
         request.validate()?;
+        // The reply comes once every device's change is applied (PROTOCOL 11.5), which
+        // takes longer for a large request: state allows 10 s plus 1 ms per device.
+        let devices = request.all_dids().len() + 100 * request.all_uids().len();
+        let budget = SESSION_TIMEOUT_BASE + Duration::from_millis(2 * devices as u64);
+        let asked = async_nats::Request::new()
+            .payload(request.to_json())
+            .timeout(Some(budget));
         let reply = self
             .client
-            .request(subjects::session(&self.app), request.to_json())
+            .send_request(subjects::session(&self.app), asked)
             .await?;
         Ok(session::SessionReplyWire::from_json(&reply.payload)?.into_result()?)
     }

@@ -58,6 +58,10 @@ pub fn deliver(ctx: &Arc<GatewayCtx>, message: &Message) {
         Some(Subject::GatewayCtl { .. })
     ) {
         crate::control::apply(ctx, &message.payload);
+        // State asked to know when it is applied (a session change a business waits for).
+        if let Some(reply) = message.reply.clone() {
+            ctx.outbound.confirm(reply);
+        }
         return;
     }
     let metrics = &ctx.metrics;

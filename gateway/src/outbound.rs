@@ -139,6 +139,17 @@ impl Outbound {
         });
     }
 
+    /// Answers a control message that asked for confirmation (an empty reply once it is
+    /// applied here).
+    pub fn confirm(&self, reply: async_nats::Subject) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if let Err(error) = client.publish(reply, Bytes::new()).await {
+                tracing::debug!(%error, "control confirmation not sent");
+            }
+        });
+    }
+
     /// Forwards a DOWN_ACK frame, unchanged, to `tether.<app>.ack.<did>`.
     pub async fn publish_ack(&self, id: &Identity, conn: u64, frame: Bytes) {
         let map = self.identity_headers(id, conn);

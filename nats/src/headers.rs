@@ -37,6 +37,10 @@ pub const QOS: &str = "Tether-Qos";
 pub const SEQ: &str = "Tether-Seq";
 /// Push id: a retried push with the same id stores nothing new (PROTOCOL 11.2).
 pub const PUSH_ID: &str = "Tether-Push-Id";
+/// On a session event (state to state): the inbox the applying partition owner tells,
+/// with the device id as body, once the change is written and its gateway has it; the
+/// session request is answered after every device's notice (PROTOCOL 11.5).
+pub const APPLIED_TO: &str = "Tether-Applied-To";
 /// Prefix of push metadata headers (`Tether-Meta-<name>`).
 pub const META_PREFIX: &str = "Tether-Meta-";
 

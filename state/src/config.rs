@@ -25,6 +25,10 @@ pub struct StateConfig {
     pub lease_ttl_ms: u64,
     /// How long to wait for a business service to answer an uplink.
     pub business_timeout_ms: u64,
+    /// How long a session request waits for the partition owners to apply its change
+    /// before it answers `timeout` (the change is stored and still applies); plus 1 ms per
+    /// device of the request.
+    pub session_apply_timeout_ms: u64,
     /// Retries of an unanswered uplink request (with backoff 200, 400, 800 ms, …).
     pub business_retries: u32,
     /// Unacknowledged QoS1 messages are resent after this long (and again after each resend).
@@ -33,6 +37,9 @@ pub struct StateConfig {
     pub reconnect_window_ms: u64,
     /// Uplinks processed at once per partition.
     pub uplink_concurrency: usize,
+    /// Business requests (pushes, session calls) handled at once by this instance; more
+    /// are answered `unavailable` at once ("busy"), so the business backs off.
+    pub max_requests_in_progress: usize,
     /// How long QoS1 messages stay in a device's inbox for resume (seconds).
     pub inbox_max_age_secs: u64,
     /// QoS1 messages kept per device inbox (older ones are dropped first).
@@ -72,10 +79,12 @@ impl Default for StateConfig {
             instance_id: String::new(),
             lease_ttl_ms: 6_000,
             business_timeout_ms: 5_000,
+            session_apply_timeout_ms: 10_000,
             business_retries: 3,
             retransmit_ms: 5_000,
             reconnect_window_ms: 60_000,
             uplink_concurrency: 64,
+            max_requests_in_progress: 4_096,
             inbox_max_age_secs: 24 * 3600,
             inbox_max_per_device: 10_000,
             rooms_max_age_secs: 3600,
@@ -109,8 +118,14 @@ impl StateConfig {
         if self.lease_ttl_ms < 300 {
             return Err("lease_ttl_ms must be at least 300".into());
         }
-        if self.retransmit_ms == 0 || self.business_timeout_ms == 0 {
-            return Err("retransmit_ms and business_timeout_ms must be positive".into());
+        if self.retransmit_ms == 0
+            || self.business_timeout_ms == 0
+            || self.session_apply_timeout_ms == 0
+        {
+            return Err(
+                "retransmit_ms, business_timeout_ms and session_apply_timeout_ms must be positive"
+                    .into(),
+            );
         }
         if self.inbox_max_age_secs == 0 || self.inbox_max_per_device <= 0 {
             return Err("inbox_max_age_secs and inbox_max_per_device must be positive".into());
@@ -118,8 +133,8 @@ impl StateConfig {
         if self.rooms_max_age_secs == 0 || self.rooms_max_per_room <= 0 {
             return Err("rooms_max_age_secs and rooms_max_per_room must be positive".into());
         }
-        if self.uplink_concurrency == 0 {
-            return Err("uplink_concurrency must be positive".into());
+        if self.uplink_concurrency == 0 || self.max_requests_in_progress == 0 {
+            return Err("uplink_concurrency and max_requests_in_progress must be positive".into());
         }
         if !self.instance_id.is_empty()
             && !self

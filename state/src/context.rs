@@ -18,7 +18,7 @@ use tether_schemas::bus::{GatewayControl, PresenceEvent};
 pub const QUEUE: &str = "tether-state";
 
 /// Serves requests on `subject` in the [`QUEUE`] group until `shutdown`, one task per
-/// message. The subscription is confirmed with the server before this returns, so requests
+/// message, at most `max_requests_in_progress` at once (more are refused "busy"). The subscription is confirmed with the server before this returns, so requests
 /// sent right after start find it.
 pub async fn serve_queue<F, Fut>(
     ctx: Arc<StateCtx>,
@@ -37,14 +37,43 @@ where
     if let Err(error) = tether_nats::sync_with_server(&ctx.client).await {
         tracing::warn!(%subject, %error, "cannot confirm the subscription");
     }
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        ctx.config.max_requests_in_progress,
+    ));
     tokio::spawn(tether_nats::serve::serve_subscription(
         subscription,
         shutdown,
-        move |message| {
-            tokio::spawn(handle(ctx.clone(), message));
+        move |message| match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let work = handle(ctx.clone(), message);
+                tokio::spawn(async move {
+                    work.await;
+                    drop(permit);
+                });
+            }
+            Err(_) => refuse_busy(&ctx, message),
         },
     ));
     Ok(())
+}
+
+/// Answers a request this instance has no room for with `unavailable` ("busy"): the
+/// business retries with backoff (with the same push id, a retried push stores nothing
+/// twice) instead of the instance piling up tasks.
+fn refuse_busy(ctx: &Arc<StateCtx>, message: async_nats::Message) {
+    ctx.metrics.busy.inc();
+    let Some(reply) = message.reply else {
+        return;
+    };
+    let body = tether_schemas::bus::ReplyWire::<()>::error(
+        tether_schemas::ErrorCode::Unavailable,
+        "state busy: too many requests in progress; retry with backoff",
+    )
+    .to_json();
+    let client = ctx.client.clone();
+    tokio::spawn(async move {
+        let _ = client.publish(reply, body).await;
+    });
 }
 
 /// Most devices named in one downlink message (`Tether-Did` values); longer target lists
@@ -131,6 +160,33 @@ impl StateCtx {
             Ok(()) => true,
             Err(error) => {
                 tracing::warn!(gw, %error, "gateway control message not sent");
+                false
+            }
+        }
+    }
+
+    /// Sends a control message and waits (at most `limit`) until the gateway says it is
+    /// applied; false when it did not answer in time (gone, or slow).
+    pub async fn control_confirmed(
+        &self,
+        gw: &str,
+        control: &GatewayControl,
+        limit: std::time::Duration,
+    ) -> bool {
+        let Ok(body) = control.to_json() else {
+            return false;
+        };
+        let request = async_nats::Request::new()
+            .payload(body)
+            .timeout(Some(limit));
+        match self
+            .client
+            .send_request(subjects::gateway_ctl(gw), request)
+            .await
+        {
+            Ok(_) => true,
+            Err(error) => {
+                tracing::debug!(gw, %error, "gateway did not confirm a control message");
                 false
             }
         }

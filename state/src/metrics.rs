@@ -53,11 +53,33 @@ pub struct StateMetrics {
     pub gateway_recycled: Counter,
     /// QoS1 messages that expired from an inbox before the device acknowledged them.
     pub expired_unacked: Counter,
+    /// Uplink receipts that could not be kept (a redelivery of such an uplink asks the
+    /// business again).
+    pub receipts_not_kept: Counter,
+    /// Uplinks answered from their kept receipt instead of asking the business again.
+    pub receipts_reused: Counter,
+    /// Requests (pushes, session calls) refused because too many were in progress.
+    pub busy: Counter,
 }
 
 impl StateMetrics {
     /// Registers every metric.
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "receipts_not_kept",
+            "uplink receipts that could not be kept",
+            self.receipts_not_kept.clone(),
+        );
+        registry.register(
+            "receipts_reused",
+            "uplinks answered from their kept receipt (resends, redeliveries)",
+            self.receipts_reused.clone(),
+        );
+        registry.register(
+            "busy",
+            "requests refused because too many were in progress",
+            self.busy.clone(),
+        );
         registry.register("partitions", "partitions owned", self.partitions.clone());
         registry.register("devices", "devices in memory", self.devices.clone());
         registry.register(

@@ -31,6 +31,10 @@ use crate::uplink::{self, UplinkDone};
 /// waits in the inbox and follows as acks come (PROTOCOL 6.4).
 pub const INFLIGHT_WINDOW: usize = 256;
 
+/// How long a session change waits for the device's gateway to confirm it (a gateway
+/// that does not answer in time is gone or overloaded; the change still stands).
+const GATEWAY_CONFIRM: Duration = Duration::from_millis(500);
+
 /// A device of this partition, held while online or inside its reconnect window.
 #[derive(Debug, Default)]
 struct Device {
@@ -288,36 +292,87 @@ impl Partition {
         // Events apply in stream order per device: one at or below the last applied is
         // a redelivery (after a crash or an owner change) and must not overwrite newer state.
         let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let applied_to = self.applied_to(message);
         if stream_seq > 0 && stream_seq <= self.load(&app, &did).await.cursor.event_seq {
             self.ctx.metrics.stale_events.inc();
+            self.tell_applied(applied_to, &did).await;
             return Ok(());
         }
+        let confirm = applied_to.is_some();
         match event {
             Event::ConnUp(event) => self.on_conn_up(event).await?,
             Event::ConnDown(event) => self.on_conn_down(event).await?,
-            Event::SessBind(change) => self.on_session_change(change, SessionOp::Bind).await?,
-            Event::SessUnbind(change) => self.on_session_change(change, SessionOp::Unbind).await?,
+            Event::SessBind(change) => {
+                self.on_session_change(change, SessionOp::Bind, confirm)
+                    .await?
+            }
+            Event::SessUnbind(change) => {
+                self.on_session_change(change, SessionOp::Unbind, confirm)
+                    .await?
+            }
             Event::SessReplace(change) => {
-                self.on_session_change(change, SessionOp::Replace).await?
+                self.on_session_change(change, SessionOp::Replace, confirm)
+                    .await?
             }
         }
-        if let Some(device) = self.devices.get_mut(&(app, did)) {
+        if let Some(device) = self.devices.get_mut(&(app, did.clone())) {
             device.cursor.event_seq = device.cursor.event_seq.max(stream_seq);
             device.cursor_dirty = true;
         }
+        self.tell_applied(applied_to, &did).await;
         Ok(())
     }
 
-    /// Applies a business bind, unbind or replace of one device and tells its gateway.
+    /// The inbox a session request waits on for this event (`Tether-Applied-To`), when it
+    /// is one of this service's own inboxes (anything else is ignored: state publishes
+    /// only to its own reply inboxes).
+    fn applied_to(&self, message: &Message) -> Option<async_nats::Subject> {
+        let value = message
+            .headers
+            .as_ref()?
+            .get(tether_nats::headers::APPLIED_TO)?;
+        let own = self.ctx.client.new_inbox();
+        let prefix = own.rsplit_once('.').map_or(own.as_str(), |(p, _)| p);
+        let target = value.as_str();
+        let token = target.strip_prefix(prefix)?.strip_prefix('.')?;
+        let valid = !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        valid.then(|| async_nats::Subject::from(target))
+    }
+
+    /// Tells the waiting session request that the device's change is applied.
+    async fn tell_applied(&self, to: Option<async_nats::Subject>, did: &str) {
+        if let Some(to) = to
+            && let Err(error) = self
+                .ctx
+                .client
+                .publish(to, Bytes::copy_from_slice(did.as_bytes()))
+                .await
+        {
+            tracing::debug!(did, %error, "applied notice not sent");
+        }
+    }
+
+    /// Applies a business bind, unbind or replace of one device and tells its gateway;
+    /// with `confirm`, waits (briefly) until the gateway has it too, so a broadcast sent
+    /// after the session request's reply reaches the new member.
     async fn on_session_change(
         &mut self,
         change: SessionChange,
         op: SessionOp,
+        confirm: bool,
     ) -> Result<(), String> {
         match self
             .change_membership(&change.app, &change.did, op, &change.sessions)
             .await
         {
+            Some((sessions, true)) if confirm => {
+                self.sync_gateway_confirmed(&change.app, &change.did, &sessions)
+                    .await;
+                Ok(())
+            }
             Some((sessions, true)) => {
                 self.sync_gateway(&change.app, &change.did, &sessions).await;
                 Ok(())
@@ -421,6 +476,26 @@ impl Partition {
             sessions: sessions.to_vec(),
         };
         self.ctx.control(&gw, &message).await;
+    }
+
+    /// Like [`Self::sync_gateway`], waiting at most [`GATEWAY_CONFIRM`] for the gateway to
+    /// say it applied the sessions.
+    async fn sync_gateway_confirmed(&self, app: &str, did: &str, sessions: &[String]) {
+        let Some(gw) = self
+            .devices
+            .get(&(app.to_string(), did.to_string()))
+            .and_then(|d| d.route.as_ref().map(|r| r.gw.clone()))
+        else {
+            return;
+        };
+        let message = GatewayControl::Sessions {
+            app: app.to_string(),
+            did: did.to_string(),
+            sessions: sessions.to_vec(),
+        };
+        self.ctx
+            .control_confirmed(&gw, &message, GATEWAY_CONFIRM)
+            .await;
     }
 
     async fn on_conn_up(&mut self, event: ConnEvent) -> Result<(), String> {

@@ -1,13 +1,19 @@
 //! The session binding API (`tether.<app>.session`, queue group `tether-state`).
 //!
 //! A bind, unbind or replace becomes one event per device on the events stream
-//! (`tether.<app>.evt.sess.<p>`), so the change is in the event log, replayable, before the
-//! request is answered; the device's partition owner applies it (membership, index,
-//! gateway sync). `configure` writes the session's settings straight to the bucket.
+//! (`tether.<app>.evt.sess.<p>`), so the change is in the event log, replayable; the
+//! device's partition owner applies it (membership, index, gateway sync) and tells the
+//! request's inbox, which is answered once every device's change is applied: a push sent
+//! after the reply includes it. `configure` writes the session's settings straight to the
+//! bucket.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::Message;
+use futures::StreamExt;
+use tether_nats::headers;
 use tether_nats::subjects::{self, Subject};
 use tether_schemas::ErrorCode;
 use tether_schemas::bus::{
@@ -87,6 +93,14 @@ async fn apply(
     dids.dedup();
     let sessions = request.all_sessions();
     let at_ms = unix_now_ms();
+    // Each device's owner tells this inbox once the change is applied (membership, index,
+    // gateway): the reply then means a push sent after it includes the change.
+    let applied_to = ctx.client.new_inbox();
+    let mut applied = ctx
+        .client
+        .subscribe(applied_to.clone())
+        .await
+        .map_err(|e| unavailable(&e))?;
     // Publish every event first, then wait for the acks: one round trip for the batch.
     let mut acks = Vec::with_capacity(dids.len());
     for did in &dids {
@@ -100,9 +114,11 @@ async fn apply(
             break;
         };
         let body = event.to_json().map_err(|e| unavailable(&e))?;
+        let mut map = async_nats::HeaderMap::new();
+        map.insert(headers::APPLIED_TO, applied_to.as_str());
         let ack = ctx
             .js
-            .publish(subjects::session_events(app, did), body)
+            .publish_with_headers(subjects::session_events(app, did), map, body)
             .await
             .map_err(|e| unavailable(&e))?;
         acks.push(ack);
@@ -110,7 +126,43 @@ async fn apply(
     for ack in acks {
         ack.await.map_err(|e| unavailable(&e))?;
     }
+    // Owners apply about a thousand devices a second each even when busy: large requests
+    // get a millisecond more per device.
+    let limit = Duration::from_millis(ctx.config.session_apply_timeout_ms)
+        + Duration::from_millis(dids.len() as u64);
+    let waiting = wait_applied(&mut applied, &dids, limit).await;
+    let _ = applied.unsubscribe().await;
+    if waiting > 0 {
+        return Err((
+            ErrorCode::Timeout,
+            format!(
+                "the change is stored but {waiting} of {} devices were not applied within {} ms; it still applies (retrying is safe)",
+                dids.len(),
+                limit.as_millis()
+            ),
+        ));
+    }
     Ok(SessionReply {
         devices: dids.len(),
     })
+}
+
+/// Waits until every device of `dids` was reported applied (or `limit` passed); returns
+/// how many were not.
+async fn wait_applied(
+    applied: &mut async_nats::Subscriber,
+    dids: &[String],
+    limit: Duration,
+) -> usize {
+    let mut waiting: HashSet<&[u8]> = dids.iter().map(|d| d.as_bytes()).collect();
+    let deadline = tokio::time::Instant::now() + limit;
+    while !waiting.is_empty() {
+        match tokio::time::timeout_at(deadline, applied.next()).await {
+            Ok(Some(notice)) => {
+                waiting.remove(&notice.payload[..]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    waiting.len()
 }

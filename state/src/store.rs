@@ -126,6 +126,19 @@ impl Store {
         Ok(())
     }
 
+    /// The UP_ACK kept for an uplink, if any (`Ok(None)` when none is kept).
+    pub async fn receipt(
+        &self,
+        app: &str,
+        did: &str,
+        client_msg_id: u64,
+    ) -> Result<Option<Bytes>, StoreError> {
+        self.receipts
+            .get(keys::receipt(app, did, client_msg_id))
+            .await
+            .map_err(err)
+    }
+
     /// The sessions bucket's last revision (every write up to it is stored).
     pub async fn sessions_revision(&self) -> Result<u64, StoreError> {
         let mut stream = self

@@ -135,16 +135,18 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         input.request.gw.clone(),
     );
     let up = &input.up;
-    if is_resend(&message)
+    if (is_resend(&message) || is_redelivery(&message))
         && let Some(frame) = kept_receipt(&ctx, &app, &did, up.client_msg_id).await
     {
-        // A resend the gateway passed on after a `timeout`, while an earlier retry of the
-        // same UP got a real answer meanwhile: that answer is the receipt, the business is
-        // not asked again.
+        // Answered before: a resend the gateway passed on after a `timeout` while an
+        // earlier retry got a real answer, or a redelivery whose ack was lost (an owner
+        // that died after answering, a consumer leader change). The kept answer is the
+        // receipt; the business is not asked again.
         ctx.metrics
             .uplinks
             .get_or_create(&[("result", "resend")])
             .inc();
+        ctx.metrics.receipts_reused.inc();
         if let Err(error) = message.ack().await {
             tracing::warn!(%app, %did, %error, "uplink ack failed");
         }
@@ -194,13 +196,7 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
     // before the UP_ACK goes out, so no resend can miss both. A `timeout` receipt is only
     // a marker: the gateway never sends it, it passes the resend on under a retry id so
     // that it is processed again (PROTOCOL 6.3).
-    if let Err(error) = ctx
-        .store
-        .put_receipt(&app, &did, up.client_msg_id, frame.clone())
-        .await
-    {
-        tracing::warn!(%app, %did, %error, "receipt not kept");
-    }
+    keep_receipt(&ctx, &message, &app, &did, up.client_msg_id, &frame).await;
     if let Err(error) = message.ack().await {
         tracing::warn!(%app, %did, %error, "uplink ack failed");
     }
@@ -223,18 +219,59 @@ fn is_resend(message: &Message) -> bool {
         .is_some_and(|id| id.as_str().split(':').nth(3).is_some())
 }
 
+/// Whether JetStream delivered the message before (its ack was lost, or its owner died
+/// before acking).
+fn is_redelivery(message: &Message) -> bool {
+    message.info().is_ok_and(|info| info.delivered > 1)
+}
+
+/// Attempts at keeping a receipt while the bucket is unavailable (a leader change),
+/// with backoff from 100 ms; the uplink is kept in progress meanwhile.
+const RECEIPT_ATTEMPTS: u32 = 6;
+
+/// Keeps the receipt for the de-duplication window, retrying with backoff while the
+/// bucket is unavailable: a redelivery of this uplink (its ack lost) is then answered from
+/// it instead of asking the business again. A receipt that cannot be kept is counted; the
+/// UP_ACK still goes out (the business has answered).
+async fn keep_receipt(
+    ctx: &StateCtx,
+    message: &Message,
+    app: &str,
+    did: &str,
+    client_msg_id: u64,
+    frame: &Bytes,
+) {
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 1..=RECEIPT_ATTEMPTS {
+        match ctx
+            .store
+            .put_receipt(app, did, client_msg_id, frame.clone())
+            .await
+        {
+            Ok(()) => return,
+            Err(error) if attempt == RECEIPT_ATTEMPTS => {
+                ctx.metrics.receipts_not_kept.inc();
+                tracing::warn!(%app, %did, %error, "receipt not kept");
+            }
+            Err(error) => {
+                tracing::debug!(%app, %did, %error, attempt, "receipt not kept yet, retrying");
+                let _ = message.ack_with(AckKind::Progress).await;
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+    }
+}
+
 /// The receipt kept for an uplink, if any and not a `timeout` marker.
 async fn kept_receipt(ctx: &StateCtx, app: &str, did: &str, client_msg_id: u64) -> Option<Bytes> {
-    let js = async_nats::jetstream::new(ctx.client.clone());
-    let bucket = js
-        .get_key_value(tether_nats::layout::RECEIPTS_BUCKET)
-        .await
-        .ok()?;
-    let frame = bucket
-        .get(tether_nats::keys::receipt(app, did, client_msg_id))
-        .await
-        .ok()
-        .flatten()?;
+    let frame = match ctx.store.receipt(app, did, client_msg_id).await {
+        Ok(found) => found?,
+        Err(error) => {
+            tracing::debug!(%app, %did, %error, "kept receipt not readable");
+            return None;
+        }
+    };
     let timed_out = RawFrame::from_bytes(frame.clone(), limits::MAX_FRAME_LEN_CAP)
         .ok()
         .and_then(|raw| Frame::decode(&raw).ok())

@@ -223,18 +223,9 @@ async fn small_sessions_go_per_member_and_membership_events_are_published() -> T
     joined.sort();
     assert_eq!(joined, ["a1", "b1"]);
 
-    // Two members, under the threshold: QoS1 per member, stored in each inbox.
-    let reply = {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let reply = business.push(Push::to_session("chat-1", "hello")).await?;
-            if reply.accepted.len() == 2 || tokio::time::Instant::now() > deadline {
-                break reply;
-            }
-            // The pushing instance's index follows the bucket a moment later.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    // Two members, under the threshold: QoS1 per member, stored in each inbox. The bind
+    // reply means the change is applied, so the first push after it has both.
+    let reply = business.push(Push::to_session("chat-1", "hello")).await?;
     assert_eq!(reply.mode.as_deref(), Some("direct"));
     assert_eq!(reply.accepted.len(), 2);
     for events in [&mut a_events, &mut b_events] {
@@ -276,6 +267,61 @@ async fn small_sessions_go_per_member_and_membership_events_are_published() -> T
         .await?;
     let text = String::from_utf8_lossy(&raw.payload).to_string();
     assert!(text.contains("bad_request"), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_push_sent_right_after_a_bind_reply_includes_the_new_members() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let gw2 = tether_gateway::start(fixture.gateway_config("gw-two"), fixture.shutdown.clone())
+        .await
+        .expect("second gateway");
+    let mut config = fast_state(&fixture.nats.client_url());
+    // Two members go per member, three as one broadcast to the gateways.
+    config.broadcast_threshold = 2;
+    let _state = tether_state::start(config, CancellationToken::new()).await?;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let mut clients = raw_devices(&fixture, fixture.tcp, &["p1".into(), "p2".into()]).await;
+    clients.extend(raw_devices(&fixture, gw2.tcp_addr.expect("tcp"), &["p3".into()]).await);
+
+    // No waiting between the reply and the push: the reply is the guarantee.
+    for round in 0..10 {
+        let direct = format!("d{round}");
+        let reply = business
+            .sessions(SessionRequest::bind(["p1", "p2"], [direct.as_str()]))
+            .await?;
+        assert_eq!(reply.devices, 2);
+        let body = format!("direct {round}");
+        let pushed = business
+            .push(Push::to_session(direct.as_str(), body.clone()).qos0())
+            .await?;
+        assert_eq!(pushed.mode.as_deref(), Some("direct"));
+        assert_eq!(pushed.accepted.len(), 2, "round {round}: {pushed:?}");
+        all_receive(&mut clients[..2], &direct, body.as_bytes()).await;
+
+        let wide = format!("b{round}");
+        business
+            .sessions(SessionRequest::bind(["p1", "p2", "p3"], [wide.as_str()]))
+            .await?;
+        let body = format!("broadcast {round}");
+        let pushed = business
+            .push(Push::to_session(wide.as_str(), body.clone()).qos0())
+            .await?;
+        assert_eq!(pushed.mode.as_deref(), Some("broadcast"));
+        assert_eq!(pushed.members, Some(3), "round {round}");
+        // Each gateway has its members' new set: every device gets it, none misses it.
+        all_receive(&mut clients, &wide, body.as_bytes()).await;
+
+        // An unbind reply means the member is gone for the next push.
+        business
+            .sessions(SessionRequest::unbind(["p3"], [wide.as_str()]))
+            .await?;
+        let pushed = business
+            .push(Push::to_session(wide.as_str(), "after").qos0())
+            .await?;
+        assert_eq!(pushed.members, Some(2), "round {round}");
+        all_receive(&mut clients[..2], &wide, b"after").await;
+    }
     Ok(())
 }
 

@@ -503,3 +503,51 @@ async fn a_retried_push_stores_nothing_new_and_gets_the_first_answer() -> TestRe
     assert_eq!(next_message(&mut events).await, (2, b"next".to_vec()));
     Ok(())
 }
+
+#[tokio::test]
+async fn requests_beyond_the_instance_limit_are_refused_busy_and_succeed_on_retry() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let mut config = support::stack::fast_state(&fixture.nats.client_url());
+    config.max_requests_in_progress = 1;
+    let state = tether_state::start(config, CancellationToken::new()).await?;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    // A burst of QoS1 pushes: one is handled at a time, the others are told at once.
+    let replies = futures::future::join_all((0..100).map(|i| {
+        let business = business.clone();
+        async move {
+            business
+                .push(Push::to_dids([format!("busy{i}")], "x").id(format!("p{i}")))
+                .await
+        }
+    }))
+    .await;
+    let mut busy = Vec::new();
+    for (i, reply) in replies.into_iter().enumerate() {
+        match reply {
+            Ok(reply) => assert_eq!(reply.accepted.len(), 1),
+            Err(tether_business::BusinessError::Refused(ErrorCode::Unavailable, text)) => {
+                assert!(text.contains("busy"), "{text}");
+                busy.push(i);
+            }
+            Err(other) => panic!("push {i}: {other}"),
+        }
+    }
+    assert!(
+        !busy.is_empty(),
+        "a burst of 100 over a limit of 1 was all taken"
+    );
+    // Retried one at a time (same push ids), every refused push is stored once.
+    for i in &busy {
+        let reply = business
+            .push(Push::to_dids([format!("busy{i}")], "x").id(format!("p{i}")))
+            .await?;
+        assert_eq!(reply.accepted.len(), 1);
+        assert_eq!(reply.accepted[0].seq, 1, "stored once");
+    }
+    let metrics = support::http_get(state.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains(&format!("tether_state_busy_total {}", busy.len())),
+        "{metrics}"
+    );
+    Ok(())
+}
