@@ -494,23 +494,61 @@ impl Store {
 }
 
 /// The current entries under `filter` (a key wildcard): `(key, value)` of every put.
+///
+/// Complete or an error: a takeover must not skip devices because the bucket answered
+/// slowly or a leader changed mid-read. The watch says how many entries are still to come
+/// (`delta`); a read that stops before the last one fails, and a watch that yields nothing
+/// is checked against the bucket's stream (empty for real, or not answering).
 async fn snapshot(bucket: &kv::Store, filter: String) -> Result<Vec<(String, Bytes)>, StoreError> {
     use futures::StreamExt;
-    let mut watch = bucket.watch_with_history(filter).await.map_err(err)?;
+    let mut watch = bucket
+        .watch_with_history(filter.clone())
+        .await
+        .map_err(err)?;
     let mut found = Vec::new();
+    let mut seen = 0usize;
     loop {
-        let next = tokio::time::timeout(Duration::from_millis(500), watch.next()).await;
-        let Ok(Some(Ok(entry))) = next else { break };
+        let next = tokio::time::timeout(SNAPSHOT_QUIET, watch.next()).await;
+        let entry = match next {
+            Ok(Some(Ok(entry))) => entry,
+            Ok(Some(Err(e))) => return Err(err(e)),
+            Ok(None) => return Err(StoreError(format!("watch of {filter} ended early"))),
+            Err(_) if seen == 0 => {
+                // Nothing came: an empty range, or a bucket that does not answer.
+                let subject = format!("{}{filter}", bucket.prefix);
+                return match bucket
+                    .stream
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                {
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                        Ok(found)
+                    }
+                    Ok(_) => Err(StoreError(format!(
+                        "{filter}: entries exist but the watch delivered none within {SNAPSHOT_QUIET:?}"
+                    ))),
+                    Err(e) => Err(err(e)),
+                };
+            }
+            Err(_) => {
+                return Err(StoreError(format!(
+                    "{filter}: read {seen} entries, then nothing for {SNAPSHOT_QUIET:?} before the last"
+                )));
+            }
+        };
+        seen += 1;
         let last = entry.delta == 0;
         if entry.operation == kv::Operation::Put {
             found.push((entry.key, entry.value));
         }
         if last {
-            break;
+            return Ok(found);
         }
     }
-    Ok(found)
 }
+
+/// How long a takeover snapshot waits for the next entry before it counts as incomplete.
+const SNAPSHOT_QUIET: Duration = Duration::from_secs(2);
 
 /// The `Tether-Seq` header of an inbox message (0 if missing).
 pub use tether_nats::headers::seq as seq_of;
