@@ -16,6 +16,7 @@
 //!   3-node cluster, a hub with two leaf-node regions (each its own JetStream domain).
 
 pub mod connect;
+pub mod direct;
 pub mod harness;
 pub mod headers;
 pub mod keys;

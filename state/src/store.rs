@@ -460,7 +460,9 @@ impl Store {
         }
     }
 
-    /// Inbox messages of a device after stream sequence `after`, in order, at most `limit`.
+    /// Inbox messages of a device after stream sequence `after`, in order, at most `limit`:
+    /// batched direct gets (one request per [`tether_nats::direct::MAX_BATCH`] messages),
+    /// so a deep inbox is one round trip, not one per message.
     pub async fn read_inbox(
         &self,
         app: &str,
@@ -468,30 +470,43 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<InboxMessage>, StoreError> {
+        use tether_nats::direct;
         let subject = subjects::inbox(app, did);
+        let client = self.js.client();
         let mut found = Vec::new();
         let mut next = after + 1;
         while found.len() < limit {
-            match self
-                .inbox
-                .direct_get_next_for_subject(subject.clone(), Some(next))
-                .await
-            {
-                Ok(message) => {
-                    next = message.sequence + 1;
-                    found.push(InboxMessage {
-                        seq: seq_of(&message.headers),
-                        stream_seq: message.sequence,
-                        frame: message.payload,
-                    });
-                }
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(err(e)),
+            let batch = direct::next_batch(
+                &client,
+                direct::JS_API_PREFIX,
+                INBOX_STREAM,
+                &subject,
+                next,
+                limit - found.len(),
+                READ_WAIT,
+            )
+            .await
+            .map_err(err)?;
+            let Some(last) = batch.messages.last() else {
+                break;
+            };
+            next = last.sequence + 1;
+            let more = batch.pending > 0;
+            found.extend(batch.messages.into_iter().map(|message| InboxMessage {
+                seq: seq_of(&message.headers),
+                stream_seq: message.sequence,
+                frame: message.payload,
+            }));
+            if !more {
+                break;
             }
         }
         Ok(found)
     }
 }
+
+/// How long one batched inbox read may take.
+const READ_WAIT: Duration = Duration::from_secs(5);
 
 /// The current entries under `filter` (a key wildcard): `(key, value)` of every put.
 ///
