@@ -40,6 +40,9 @@ pub struct StateConfig {
     /// Business requests (pushes, session calls) handled at once by this instance; more
     /// are answered `unavailable` at once ("busy"), so the business backs off.
     pub max_requests_in_progress: usize,
+    /// A device offline for longer than this leaves its user's device list (pushes to the
+    /// user stop storing for it until it logs in again); 0 keeps every device forever.
+    pub forget_devices_after_secs: u64,
     /// How long QoS1 messages stay in a device's inbox for resume (seconds).
     pub inbox_max_age_secs: u64,
     /// QoS1 messages kept per device inbox (older ones are dropped first).
@@ -85,6 +88,7 @@ impl Default for StateConfig {
             reconnect_window_ms: 60_000,
             uplink_concurrency: 64,
             max_requests_in_progress: 4_096,
+            forget_devices_after_secs: 0,
             inbox_max_age_secs: 24 * 3600,
             inbox_max_per_device: 10_000,
             rooms_max_age_secs: 3600,

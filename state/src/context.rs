@@ -192,6 +192,37 @@ impl StateCtx {
         }
     }
 
+    /// The devices of a user that pushes and binds address: the user's device list, less
+    /// the devices offline for longer than `forget_devices_after_secs` (removed from the
+    /// list as they are found; a login adds a device back).
+    pub async fn user_devices(
+        &self,
+        app: &str,
+        uid: &str,
+    ) -> Result<Vec<String>, crate::store::StoreError> {
+        let dids = self.store.user_devices(app, uid).await?;
+        let forget_ms = self.config.forget_devices_after_secs.saturating_mul(1000);
+        if forget_ms == 0 {
+            return Ok(dids);
+        }
+        let now = tether_schemas::bus::unix_now_ms();
+        let mut kept = Vec::with_capacity(dids.len());
+        for did in dids {
+            let cursor = self.store.cursor(app, &did).await?;
+            let stale = cursor.last_seen_ms > 0
+                && now.saturating_sub(cursor.last_seen_ms) > forget_ms
+                && self.store.route(app, &did).await?.is_none();
+            if stale {
+                self.store.remove_user_device(app, uid, &did).await?;
+                self.metrics.devices_forgotten.inc();
+                tracing::info!(app, uid, did = %did, "device offline too long, left its user's list");
+            } else {
+                kept.push(did);
+            }
+        }
+        Ok(kept)
+    }
+
     /// Publishes a presence notification.
     pub async fn presence(&self, event: &PresenceEvent) {
         if let Err(error) = self

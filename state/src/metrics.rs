@@ -25,6 +25,9 @@ pub struct StateMetrics {
     pub frames_sent: Counter,
     /// QoS1 resends after the retransmission timer.
     pub retransmits: Counter,
+    /// Inbox reads that stopped below a message already announced (a lagging replica
+    /// answered); retried on the next tick.
+    pub inbox_short_reads: Counter,
     /// Device acks received.
     pub acks: Counter,
     /// Presence notifications published.
@@ -60,6 +63,8 @@ pub struct StateMetrics {
     pub receipts_reused: Counter,
     /// Requests (pushes, session calls) refused because too many were in progress.
     pub busy: Counter,
+    /// Devices removed from their user's list after `forget_devices_after_secs` offline.
+    pub devices_forgotten: Counter,
 }
 
 impl StateMetrics {
@@ -74,6 +79,11 @@ impl StateMetrics {
             "receipts_reused",
             "uplinks answered from their kept receipt (resends, redeliveries)",
             self.receipts_reused.clone(),
+        );
+        registry.register(
+            "devices_forgotten",
+            "devices removed from their user's list after being offline too long",
+            self.devices_forgotten.clone(),
         );
         registry.register(
             "busy",
@@ -119,6 +129,11 @@ impl StateMetrics {
             self.frames_sent.clone(),
         );
         registry.register("retransmits", "qos1 resends", self.retransmits.clone());
+        registry.register(
+            "inbox_short_reads",
+            "inbox reads that stopped below an announced message, retried",
+            self.inbox_short_reads.clone(),
+        );
         registry.register("acks", "device acks received", self.acks.clone());
         registry.register("presence", "presence notifications", self.presence.clone());
         registry.register(

@@ -35,6 +35,10 @@ pub const INFLIGHT_WINDOW: usize = 256;
 /// that does not answer in time is gone or overloaded; the change still stands).
 const GATEWAY_CONFIRM: Duration = Duration::from_millis(500);
 
+/// Inbox reads in a row (one per 100 ms tick) that may stop below a message the inbox
+/// consumer announced before the partition stops waiting for it (it expired).
+const MAX_SHORT_READS: u32 = 50;
+
 /// A device of this partition, held while online or inside its reconnect window.
 #[derive(Debug, Default)]
 struct Device {
@@ -43,6 +47,13 @@ struct Device {
     last_route: Option<Route>,
     /// Messages past the in-flight window wait in the inbox; read when acks free it.
     more_in_inbox: bool,
+    /// Highest inbox stream sequence the inbox consumer announced for this device: a
+    /// read of the inbox that stops below it came from a replica that lags behind (direct
+    /// gets are answered by any replica) and is retried, not taken as the end.
+    inbox_top: u64,
+    /// Reads in a row that stopped below `inbox_top` (bounded: a message expired by
+    /// retention can never be read).
+    short_reads: u32,
     uid: String,
     cursor: Cursor,
     cursor_dirty: bool,
@@ -522,6 +533,8 @@ impl Partition {
         };
         let returning = device.offline_at.take().is_some() || device.route.is_some();
         device.uid = event.uid.clone();
+        device.cursor.last_seen_ms = unix_now_ms();
+        device.cursor_dirty = true;
         let previous = device.route.replace(route.clone());
         let resume = event
             .resume_seq
@@ -642,6 +655,8 @@ impl Partition {
             device.inflight.clear();
             device.retransmit_at = None;
             device.offline_at = Some(Instant::now() + window);
+            device.cursor.last_seen_ms = unix_now_ms();
+            device.cursor_dirty = true;
         }
         Ok(())
     }
@@ -695,6 +710,7 @@ impl Partition {
                 }
             };
             let complete = messages.len() < wanted;
+            let read_any = !messages.is_empty();
             for message in messages {
                 after = message.stream_seq;
                 if message.seq <= device.cursor.acked {
@@ -709,6 +725,24 @@ impl Partition {
                 }
             }
             if complete {
+                if after < device.inbox_top && device.short_reads < MAX_SHORT_READS {
+                    // Announced but not in the answer: a lagging replica answered. Read
+                    // again on the next tick.
+                    device.short_reads += 1;
+                    ctx.metrics.inbox_short_reads.inc();
+                    device.more_in_inbox = true;
+                    break;
+                }
+                if after < device.inbox_top {
+                    tracing::warn!(
+                        did,
+                        after,
+                        announced = device.inbox_top,
+                        read_any,
+                        "inbox read keeps stopping below an announced message (expired?)"
+                    );
+                }
+                device.short_reads = 0;
                 device.more_in_inbox = false;
                 break;
             }
@@ -742,6 +776,7 @@ impl Partition {
         if seq <= device.cursor.acked || device.inflight.contains_key(&seq) {
             return;
         }
+        device.inbox_top = device.inbox_top.max(stream_seq);
         if device.more_in_inbox || device.inflight.len() >= INFLIGHT_WINDOW {
             // Older stored messages are still unread, or the window is full: this one
             // follows in order when acks make room.
@@ -924,6 +959,8 @@ impl Partition {
             }
             if let Some(device) = self.devices.get_mut(&(app, did)) {
                 ctx.metrics.gateway_recycled.inc();
+                device.cursor.last_seen_ms = unix_now_ms();
+                device.cursor_dirty = true;
                 device.last_route = device.route.take();
                 device.inflight.clear();
                 device.retransmit_at = None;

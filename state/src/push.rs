@@ -164,7 +164,6 @@ async fn deliver_to_devices(
     let mut dids = push.dids.clone();
     for uid in &push.uids {
         let devices = ctx
-            .store
             .user_devices(app, uid)
             .await
             .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?;

@@ -83,7 +83,6 @@ async fn apply(
     let mut dids = request.all_dids();
     for uid in request.all_uids() {
         let devices = ctx
-            .store
             .user_devices(app, &uid)
             .await
             .map_err(|e| unavailable(&e))?;

@@ -52,6 +52,10 @@ pub struct Cursor {
     /// is not applied again.
     #[serde(default)]
     pub event_seq: u64,
+    /// When the device last logged in or out (Unix ms; 0 = never recorded): a device
+    /// offline longer than `forget_devices_after_secs` leaves its user's device list.
+    #[serde(default)]
+    pub last_seen_ms: u64,
 }
 
 /// One stored QoS1 message.
@@ -342,6 +346,37 @@ impl Store {
             };
             if written {
                 return Ok(());
+            }
+        }
+        Err(StoreError(format!("user index {key} kept changing")))
+    }
+
+    /// Removes a device from its user's list (compare-and-set, retried on conflict).
+    pub async fn remove_user_device(
+        &self,
+        app: &str,
+        uid: &str,
+        did: &str,
+    ) -> Result<(), StoreError> {
+        let key = keys::user(app, uid);
+        for _ in 0..10 {
+            let Some(entry) = self.routes.entry(key.clone()).await.map_err(err)? else {
+                return Ok(());
+            };
+            if entry.operation != kv::Operation::Put {
+                return Ok(());
+            }
+            let mut dids = serde_json::from_slice::<Vec<String>>(&entry.value).unwrap_or_default();
+            let before = dids.len();
+            dids.retain(|d| d != did);
+            if dids.len() == before {
+                return Ok(());
+            }
+            let value: Bytes = serde_json::to_vec(&dids).map_err(err)?.into();
+            match self.routes.update(&key, value, entry.revision).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(err(e)),
             }
         }
         Err(StoreError(format!("user index {key} kept changing")))

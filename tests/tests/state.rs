@@ -551,3 +551,51 @@ async fn requests_beyond_the_instance_limit_are_refused_busy_and_succeed_on_retr
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_device_offline_longer_than_the_forget_window_leaves_its_users_list() -> TestResult {
+    // LOGIN_ACK after state registered the device: a push right after it finds the user.
+    let fixture = Fixture::start(|config| config.await_registration = true).await;
+    let mut config = support::stack::fast_state(&fixture.nats.client_url());
+    config.forget_devices_after_secs = 1;
+    let state = tether_state::start(config, CancellationToken::new()).await?;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+
+    let (client, mut events) = device(&fixture, fixture.tcp, "old-phone").await;
+    let reply = business.push(Push::to_uids(["u-old-phone"], "1")).await?;
+    assert_eq!(reply.accepted.len(), 1, "{reply:?}");
+    assert_eq!(next_message(&mut events).await.1, b"1");
+    drop(client);
+    drop(events);
+
+    // Offline past the window: the user's pushes no longer store for it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let forgotten = loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reply = business.push(Push::to_uids(["u-old-phone"], "2")).await?;
+        if reply.accepted.is_empty() || tokio::time::Instant::now() > deadline {
+            break reply;
+        }
+    };
+    assert!(forgotten.accepted.is_empty(), "{forgotten:?}");
+    let metrics = support::http_get(state.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("tether_state_devices_forgotten_total 1"),
+        "{metrics}"
+    );
+
+    // A login brings it back: the next push to the user reaches it.
+    let (_client, mut events) = device(&fixture, fixture.tcp, "old-phone").await;
+    let reply = business.push(Push::to_uids(["u-old-phone"], "3")).await?;
+    assert_eq!(reply.accepted.len(), 1, "{reply:?}");
+    // Messages stored while it was still listed come first, in order.
+    let mut bodies = Vec::new();
+    while bodies.last().map(Vec::as_slice) != Some(&b"3"[..]) {
+        bodies.push(next_message(&mut events).await.1);
+    }
+    assert!(
+        bodies.iter().all(|b| b.as_slice() != b"1"),
+        "acked 1 came again"
+    );
+    Ok(())
+}

@@ -180,3 +180,69 @@ async fn graceful_shutdown_releases_at_once() -> TestResult {
     a.stopped().await;
     Ok(())
 }
+
+/// A gateway is declared gone only when its heartbeat record says so: a watch that
+/// stopped delivering (its NATS node died) must not recycle a gateway that still beats,
+/// and a record that cannot be read leaves the gateway alive.
+#[tokio::test]
+async fn a_gateway_is_gone_only_when_its_heartbeat_record_says_so() -> TestResult {
+    use tether_state::liveness::GatewayLiveness;
+    let node = harness::single()?;
+    let nats = tether_nats::connect(&node.client_url(), "liveness-test").await?;
+    let js = jetstream::new(nats.clone());
+    let bucket = js
+        .create_key_value(jetstream::kv::Config {
+            bucket: "liveness_test".into(),
+            ..Default::default()
+        })
+        .await?;
+    let dead_after = Duration::from_millis(800);
+    // Never follows the bucket: this instance hears no heartbeat (a stalled watch).
+    let liveness = GatewayLiveness::new(dead_after);
+    let beating = CancellationToken::new();
+    let beat = {
+        let (bucket, beating) = (bucket.clone(), beating.clone());
+        tokio::spawn(async move {
+            while !beating.is_cancelled() {
+                let _ = bucket.put("gw-x", "alive".into()).await;
+                sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    sleep(dead_after * 2).await;
+    assert!(
+        liveness.is_alive("gw-x"),
+        "unheard is not dead before a read"
+    );
+    for _ in 0..3 {
+        liveness.verify(&bucket).await;
+        assert!(
+            liveness.is_alive("gw-x"),
+            "a gateway whose record is fresh is alive, whatever the watch heard"
+        );
+        sleep(dead_after).await;
+    }
+
+    beating.cancel();
+    beat.await?;
+    sleep(dead_after * 2).await;
+    assert!(
+        liveness.is_alive("gw-x"),
+        "silent but not yet checked: still alive"
+    );
+    liveness.verify(&bucket).await;
+    assert!(
+        !liveness.is_alive("gw-x"),
+        "a record older than the TTL: gone"
+    );
+
+    // A gateway whose record cannot be read (the bus is gone) is not declared dead.
+    let other = GatewayLiveness::new(dead_after);
+    sleep(dead_after * 2).await;
+    assert!(other.is_alive("gw-y"));
+    drop(node);
+    sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(30), other.verify(&bucket)).await?;
+    assert!(other.is_alive("gw-y"), "unknown is not dead");
+    Ok(())
+}
