@@ -599,3 +599,83 @@ async fn a_device_offline_longer_than_the_forget_window_leaves_its_users_list() 
     );
     Ok(())
 }
+
+/// A gateway killed without goodbye (no `conn.down`, heartbeats stop): once its heartbeat
+/// record is older than the TTL, state recycles its devices like disconnects: presence
+/// says offline after the reconnect window and the route is removed.
+#[tokio::test]
+async fn devices_of_a_gateway_that_stopped_heart_beating_go_offline() -> TestResult {
+    use futures::StreamExt;
+    use tether_schemas::bus::{ConnEvent, Event, PresenceEvent};
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    let heartbeats = js
+        .get_key_value(tether_nats::layout::GATEWAYS_BUCKET)
+        .await?;
+    let mut presence = fixture
+        .nats_client
+        .subscribe(tether_nats::subjects::presence(APP))
+        .await?;
+    fixture.nats_client.flush().await?;
+
+    // A gateway nobody else knows: it beats, then a device logs in on it.
+    let (gw, did) = ("gw-ghost", "ghost-phone");
+    let beating = CancellationToken::new();
+    let beat = {
+        let (heartbeats, beating) = (heartbeats.clone(), beating.clone());
+        tokio::spawn(async move {
+            while !beating.is_cancelled() {
+                let _ = heartbeats.put(gw, "{}".into()).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let up = Event::ConnUp(ConnEvent {
+        app: APP.into(),
+        uid: "u-ghost".into(),
+        did: did.into(),
+        gw: gw.into(),
+        region: String::new(),
+        conn: 7,
+        remote: "127.0.0.1:1".into(),
+        resume_seq: Some(0),
+        reason: None,
+        sessions: Vec::new(),
+        at_ms: 1,
+    });
+    js.publish(tether_nats::subjects::conn_events(APP, did), up.to_json()?)
+        .await?
+        .await?;
+    let online = tokio::time::timeout(WAIT, presence.next())
+        .await?
+        .ok_or("presence ended")?;
+    let online = PresenceEvent::from_json(&online.payload)?;
+    assert!(online.online && online.did == did && online.gw == gw);
+
+    // Alive while it beats, whatever the time: no offline event for two TTLs' worth of
+    // checks would be too slow for the suite; four seconds of beats must keep it online.
+    let quiet = tokio::time::timeout(Duration::from_secs(4), presence.next()).await;
+    assert!(
+        quiet.is_err(),
+        "a beating gateway's device went offline: {quiet:?}"
+    );
+
+    // SIGKILL: the beats stop, no conn.down. Offline after TTL (15 s) + window.
+    beating.cancel();
+    beat.await?;
+    let offline = tokio::time::timeout(Duration::from_secs(40), presence.next())
+        .await?
+        .ok_or("presence ended")?;
+    let offline = PresenceEvent::from_json(&offline.payload)?;
+    assert!(!offline.online && offline.did == did, "{offline:?}");
+    let routes = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await?;
+    assert!(
+        routes
+            .get(tether_nats::keys::route(APP, did))
+            .await?
+            .is_none(),
+        "the dead gateway's route is removed"
+    );
+    Ok(())
+}
