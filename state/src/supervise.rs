@@ -120,6 +120,9 @@ pub async fn manage_partitions(
     }
 }
 
+/// A worker attempt that served this long before failing resets the failure count.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
 /// Runs one partition's worker until `stop`, restarting it after failures.
 async fn supervise(
     ctx: Arc<StateCtx>,
@@ -132,8 +135,16 @@ async fn supervise(
     let mut failures = 0u32;
     let mut backoff = Duration::from_millis(500);
     while !stop.is_cancelled() {
+        let started = tokio::time::Instant::now();
         let attempt = tokio::spawn(Partition::run(ctx.clone(), partition, stop.clone()));
-        let error = match attempt.await {
+        let outcome = attempt.await;
+        if started.elapsed() >= HEALTHY_RUN {
+            // A worker that served for a while before failing starts a new count: only
+            // failures close together give the lease up.
+            failures = 0;
+            backoff = Duration::from_millis(500);
+        }
+        let error = match outcome {
             Ok(Ok(())) => break,
             Ok(Err(error)) => error,
             Err(join) if join.is_panic() => "worker panicked".to_string(),

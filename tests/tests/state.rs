@@ -679,3 +679,47 @@ async fn devices_of_a_gateway_that_stopped_heart_beating_go_offline() -> TestRes
     );
     Ok(())
 }
+
+/// A partition worker whose consumer disappears under it (as after a JetStream failure)
+/// fails, is restarted by its supervisor, and the partition serves again: a push to a
+/// device of that partition still arrives.
+#[tokio::test]
+async fn a_failed_partition_worker_is_restarted_and_serves_again() -> TestResult {
+    use tether_nats::layout::{INBOX_STREAM, PartitionConsumer};
+    let fixture = Fixture::start(|_| {}).await;
+    let state = start_state(&fixture, CancellationToken::new()).await;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let (_client, mut events) = device(&fixture, fixture.tcp, "sturdy").await;
+    let reply = business
+        .push(Push::to_dids(["sturdy"], b"before".to_vec()))
+        .await?;
+    assert_eq!(reply.accepted.len(), 1);
+    assert_eq!(next_message(&mut events).await, (1, b"before".to_vec()));
+
+    let metric = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let failures = |text: &str| metric(text, "tether_state_partition_failures_total");
+    let before = failures(&support::http_get(state.admin_addr, "/metrics").await);
+
+    // The inbox consumer of the device's partition is deleted under the running worker.
+    let partition = tether_nats::subjects::partition("sturdy");
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    js.get_stream(INBOX_STREAM)
+        .await?
+        .delete_consumer(&PartitionConsumer::Inbox.name(partition))
+        .await?;
+    eventually("the worker failure is counted", async || {
+        failures(&support::http_get(state.admin_addr, "/metrics").await) > before
+    })
+    .await;
+
+    let reply = business
+        .push(Push::to_dids(["sturdy"], b"after".to_vec()))
+        .await?;
+    assert_eq!(reply.accepted.len(), 1);
+    assert_eq!(next_message(&mut events).await, (2, b"after".to_vec()));
+    Ok(())
+}
