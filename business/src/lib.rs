@@ -39,6 +39,7 @@
 //! The JSON shapes (the bus contract, `tether_schemas::bus`) and the header codec
 //! ([`HeaderCodec`]) are re-exported in [`wire`]; the state service uses the same types.
 
+pub mod answers;
 pub mod session;
 pub mod wire;
 
@@ -138,6 +139,12 @@ impl Business {
     /// runs in its own task, at most [`Business::with_concurrency`] at once. A request
     /// with malformed headers is answered `bad_request` without calling the handler; a
     /// handler that panics sends no answer, so state retries it.
+    ///
+    /// The handler sees each `(did, msg_id)` once per call of this method: a repeat that
+    /// arrives while it runs gets that run's answer, and a repeat of a stored message
+    /// within two minutes gets the stored answer again ([`answers`]). Error answers are
+    /// not kept (a resend after `unavailable` is a new try). Other instances do not share
+    /// this memory, so the app's store must still be idempotent by `(app, did, msg_id)`.
     pub async fn serve_uplinks<F, Fut>(
         &self,
         queue_group: &str,
@@ -155,6 +162,7 @@ impl Business {
         debug!(%subject, queue_group, "serving uplinks");
         let handler = Arc::new(handler);
         let permits = Arc::new(Semaphore::new(self.concurrency));
+        let answers = Arc::new(answers::Answers::default());
         while let Some(message) = requests.next().await {
             let Some(reply_to) = message.reply.clone() else {
                 warn!(%subject, "uplink request without a reply subject; ignored");
@@ -165,16 +173,38 @@ impl Business {
             };
             let handler = handler.clone();
             let client = self.client.clone();
+            let answers = answers.clone();
             tokio::spawn(async move {
                 let answer =
                     match Uplink::from_message(message.headers.as_ref(), message.payload.clone()) {
-                        Ok(uplink) => handler(uplink).await,
+                        Ok(uplink) => match answers.begin(&uplink.did, uplink.msg_id) {
+                            answers::Begin::Run(running) => {
+                                let reply = handler(uplink).await;
+                                let stored = matches!(reply, UplinkReply::Stored { .. });
+                                let answer = reply.to_json();
+                                running.finish(answer.clone(), stored);
+                                answer
+                            }
+                            answers::Begin::Answer(answer) => answer,
+                            answers::Begin::Wait(mut first) => {
+                                // The same message is being handled: its answer is this one's.
+                                let answer = match first.wait_for(Option::is_some).await {
+                                    Ok(answer) => answer.clone(),
+                                    Err(_) => None,
+                                };
+                                let Some(answer) = answer else {
+                                    drop(permit);
+                                    return;
+                                };
+                                answer
+                            }
+                        },
                         Err(error) => {
                             warn!(%error, "malformed uplink request");
-                            UplinkReply::error(error.code, error.message)
+                            UplinkReply::error(error.code, error.message).to_json()
                         }
                     };
-                if let Err(error) = client.publish(reply_to, answer.to_json()).await {
+                if let Err(error) = client.publish(reply_to, answer).await {
                     warn!(%error, "could not answer an uplink request");
                 }
                 drop(permit);

@@ -331,3 +331,75 @@ async fn python_example_stores_idempotently_and_pushes() -> TestResult {
     assert!(status.success(), "chat_service.py exited with {status}");
     Ok(())
 }
+
+/// State asks again when an answer was lost (a NATS node restarting drops replies) or a
+/// device resends after a timeout: the handler still sees each `(did, msg_id)` once. A
+/// repeat while it runs waits for its answer, a later repeat gets the stored answer; an
+/// error answer is not kept, so a resend is tried again.
+#[tokio::test]
+async fn repeats_of_one_uplink_reach_the_handler_once() -> TestResult {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let node = harness::single()?;
+    let nats = tether_nats::connect(&node.client_url(), "biz-test-state").await?;
+    let biz = Business::new(
+        tether_nats::connect(&node.client_url(), "biz-test-service").await?,
+        APP,
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let server = tokio::spawn(async move {
+        biz.serve_uplinks("tether-biz", move |up: Uplink| {
+            let calls = counted.clone();
+            async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                // A slow store: repeats arrive while it runs.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if up.msg_id == 2 && n == 2 {
+                    UplinkReply::error(tether_schemas::ErrorCode::Unavailable, "store down")
+                } else {
+                    UplinkReply::stored(Some(format!("id-{}-{n}", up.msg_id)))
+                }
+            }
+        })
+        .await
+    });
+
+    // Three at once, then one more after the answer.
+    let headers = || uplink_headers("alice", "phone1", 1, None);
+    let first = request_uplink(&nats, headers(), b"hello").await?;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let repeats =
+        futures::future::join_all((0..3).map(|_| request_uplink(&nats, headers(), b"hello"))).await;
+    let later = request_uplink(&nats, headers(), b"hello").await?;
+    for reply in repeats {
+        assert_eq!(json(&reply?)?, json(&first)?);
+    }
+    assert_eq!(json(&later)?, json(&first)?);
+    assert_eq!(
+        json(&first)?,
+        serde_json::json!({"status": "stored", "id": "id-1-0"})
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one call for msg 1");
+
+    // Concurrent repeats while the first runs share its answer.
+    let together = futures::future::join_all(
+        (0..3).map(|_| request_uplink(&nats, uplink_headers("alice", "phone1", 3, None), b"x")),
+    )
+    .await;
+    let answers: Vec<serde_json::Value> = together
+        .into_iter()
+        .map(|reply| json(&reply?))
+        .collect::<Res<_>>()?;
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "one call for msg 3");
+
+    // An error answer is not kept: the resend is handled again and stored.
+    let refused = request_uplink(&nats, uplink_headers("alice", "phone1", 2, None), b"y").await?;
+    assert_eq!(json(&refused)?["code"], "unavailable");
+    let stored = request_uplink(&nats, uplink_headers("alice", "phone1", 2, None), b"y").await?;
+    assert_eq!(json(&stored)?["status"], "stored");
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    server.abort();
+    Ok(())
+}
