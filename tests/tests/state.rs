@@ -723,3 +723,91 @@ async fn a_failed_partition_worker_is_restarted_and_serves_again() -> TestResult
     assert_eq!(next_message(&mut events).await, (2, b"after".to_vec()));
     Ok(())
 }
+
+/// A business slower than the uplink stream's ack wait: state keeps the message in
+/// progress while it waits, so JetStream does not hand it out again, and the business
+/// is asked once (a raw subscriber counts the requests; no SDK de-duplication).
+#[tokio::test]
+async fn a_business_slower_than_the_ack_wait_is_asked_once() -> TestResult {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let fixture = Fixture::start(|_| {}).await;
+    let mut config = support::stack::fast_state(&fixture.nats.client_url());
+    config.nats = fixture.nats_auth.clone();
+    config.business_timeout_ms = 15_000;
+    config.business_retries = 0;
+    let _state = tether_state::start(config, CancellationToken::new()).await?;
+    let slow = tether_state::uplink::ACK_WAIT + Duration::from_secs(2);
+    let asked = Arc::new(AtomicUsize::new(0));
+    let mut requests = fixture
+        .nats_client
+        .subscribe(tether_nats::subjects::business_up(APP))
+        .await?;
+    fixture.nats_client.flush().await?;
+    let (client, count) = (fixture.nats_client.clone(), asked.clone());
+    let business = tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let client = client.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(slow).await;
+                if let Some(reply) = request.reply {
+                    let _ = client
+                        .publish(reply, UplinkReply::stored(Some("s1".into())).to_json())
+                        .await;
+                }
+            });
+        }
+    });
+    let mut config = tether_client::ClientConfig::new(
+        vec![tether_client::Endpoint::tcp(fixture.tcp)],
+        APP,
+        "patient",
+        fixture.token("patient"),
+    );
+    config.ack_timeout = Duration::from_secs(30);
+    let (client, mut events) = tether_client::Client::connect(config).await?;
+    let _ = tokio::time::timeout(WAIT, events.recv()).await?;
+    let ack = client.send(Bytes::from_static(b"take your time")).await?;
+    assert_eq!(ack.server_msg_id, "s1");
+    // Past another ack wait: a redelivery would have asked again by now.
+    tokio::time::sleep(tether_state::uplink::ACK_WAIT + Duration::from_secs(1)).await;
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        1,
+        "the business was asked again"
+    );
+    business.abort();
+    Ok(())
+}
+
+/// A login whose `conn.up` JetStream refused to store is not confirmed: the device gets
+/// ERROR `unavailable` and CLOSE instead of LOGIN_ACK (it retries); once the stream takes
+/// writes again the same login succeeds.
+#[tokio::test]
+async fn a_login_whose_conn_up_was_not_stored_is_refused_unavailable() -> TestResult {
+    use async_nats::jetstream::stream::DiscardPolicy;
+    use support::{RawClient, Transport};
+    let fixture = Fixture::start(|c| c.await_registration = true).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let (_first, _) = fixture.login(Transport::Tcp, "early").await;
+
+    // The events stream is full and refuses new writes.
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    let mut events = js.get_stream(tether_nats::layout::EVENTS_STREAM).await?;
+    let info = events.info().await?.clone();
+    let saved = info.config.clone();
+    let mut full = saved.clone();
+    full.discard = DiscardPolicy::New;
+    full.max_messages = i64::try_from(info.state.messages)?.max(1);
+    js.update_stream(full).await?;
+
+    let mut refused = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    refused.send(&fixture.login_frame("late")).await;
+    refused.expect_close(ErrorCode::Unavailable).await;
+
+    js.update_stream(saved).await?;
+    let (_late, ack) = fixture.login(Transport::Tcp, "late").await;
+    assert_eq!(ack.last_acked_seq, 0);
+    Ok(())
+}
