@@ -90,8 +90,25 @@ async fn consumer(
         .create_consumer(kind.config(partition, ack_wait))
         .await
         .map_err(|e| e.to_string())?;
-    consumer.messages().await.map_err(|e| e.to_string())
+    // Short pull requests with idle heartbeats: when the consumer's leader moves to
+    // another NATS node (a node died), the pending pull is lost with it and only a missed
+    // heartbeat (two of them) or the pull's expiry brings a new one. With the client's
+    // defaults (15 s heartbeat, 30 s expiry) the partition stalled for up to 30 s.
+    consumer
+        .stream()
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_HEARTBEAT)
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
 }
+
+/// How long one pull request of a partition consumer waits for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+
+/// Idle heartbeat of a partition consumer's pull requests (a pull is re-sent after two
+/// missed ones).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 
 impl Partition {
     /// Serves the partition until `stop` fires (ownership lost or shutdown): one attempt;
