@@ -110,8 +110,9 @@ impl Migration {
         }
     }
 
-    /// Where the migration stands.
+    /// Where the migration stands (redirected connections that left are counted first).
     pub fn status(&self, ctx: &GatewayCtx) -> MigrationStatus {
+        self.sweep(ctx);
         let inner = self.lock();
         let mut status = inner.status.clone();
         status.gw = ctx.config.id.clone();
@@ -230,7 +231,6 @@ impl Migration {
                 ..MigrationStatus::default()
             };
         }
-        tracing::info!(gw = %ctx.config.id, kind = kind.as_str(), target, rate, "migration started");
         let job = Job {
             ctx: ctx.clone(),
             kind,
@@ -239,7 +239,10 @@ impl Migration {
             rate,
             token,
         };
-        tokio::spawn(job.run());
+        let queue = job.choose(&HashSet::new());
+        self.lock().status.selected = queue.len() as u64;
+        tracing::info!(gw = %ctx.config.id, kind = kind.as_str(), target, rate, selected = queue.len(), "migration started");
+        tokio::spawn(job.run(queue));
     }
 
     /// Counts and forgets redirected connections that left; closes those past their deadline
@@ -256,12 +259,14 @@ impl Migration {
                     .get(&id.app, &id.did)
                     .is_some_and(|c| c.id == conn.id)
             });
-            if conn.is_closing() || !here {
+            if !here {
                 moved += 1;
                 return false;
             }
             if now >= pending.deadline {
-                late.push(conn.clone());
+                if !conn.is_closing() {
+                    late.push(conn.clone());
+                }
                 return false;
             }
             true
@@ -306,10 +311,8 @@ struct Job {
 }
 
 impl Job {
-    async fn run(self) {
+    async fn run(self, mut queue: VecDeque<Arc<ConnShared>>) {
         let migration = &self.ctx.migration;
-        let mut queue = self.choose(&HashSet::new());
-        migration.lock().status.selected = queue.len() as u64;
         let refill = matches!(self.selection, Selection::All { .. });
         let mut tried: HashSet<u64> = queue.iter().map(|c| c.id).collect();
         let mut budget = 0.0_f64;
@@ -366,6 +369,7 @@ impl Job {
                 queue.clear();
             }
         }
+        migration.sweep(&self.ctx);
         tracing::info!(gw = %self.ctx.config.id, kind = self.kind.as_str(), ?error, "migration finished");
         migration.finish(&self.token, error);
     }
