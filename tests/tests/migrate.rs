@@ -51,6 +51,8 @@ impl Stack {
         let fixture = Fixture::start(|c| {
             c.await_registration = true;
             c.heartbeat_interval_ms = 200;
+            // Fewer logins at once than the default: a debug build on a busy machine.
+            c.migrate_window = 200;
         })
         .await;
         let stop = CancellationToken::new();
