@@ -32,6 +32,8 @@ pub struct GatewayCtx {
     pub metrics: GatewayMetrics,
     /// Logins waiting for state's registration.
     pub logins: crate::logins::PendingLogins,
+    /// Drain and migration by REDIRECT.
+    pub migration: crate::migrate::Migration,
     conn_ids: AtomicU64,
 }
 
@@ -62,6 +64,7 @@ impl GatewayCtx {
             outbound,
             metrics,
             logins: Default::default(),
+            migration: Default::default(),
             conn_ids: AtomicU64::new(prefix | 1),
         }
     }

@@ -10,6 +10,7 @@
 //! - [`timers`]: the one timer wheel for login and idle deadlines.
 //! - [`outbound`]: what the gateway writes to NATS (uplink, acks, events).
 //! - [`downlink`]: what it receives from NATS and delivers.
+//! - [`migrate`]: drain and migration by REDIRECT (control ops, admin routes, SIGTERM).
 //! - [`heartbeat`]: live figures into the `tether_gateways` bucket for ipconfig; drain flag.
 //! - [`ws`]: the WebSocket server codec (RFC 6455), pure and allocation-free when idle.
 //! - [`tls`]: rustls acceptor from PEM files.
@@ -25,6 +26,7 @@ pub mod heartbeat;
 pub mod listener;
 pub mod logins;
 pub mod metrics;
+pub mod migrate;
 pub mod outbound;
 pub mod registry;
 pub mod rooms;

@@ -9,6 +9,7 @@
 //! - [`errors`]: the one error body (`{"error":{"code":…,"message":…}}`) and [`ReplyWire`].
 //! - [`events`]: the event log (`tether.<app>.evt.…`): connection and session events.
 //! - [`control`]: control messages to one gateway (`tether.gw.<gw>.ctl`).
+//! - [`migrate`]: drain and migration operations, their status, redirect tokens.
 //! - [`business`]: uplink requests and replies, pushes, presence (section 11).
 //! - [`sessions`]: the session binding API and membership events (11.5, 11.6).
 //! - [`discovery`]: gateway heartbeats and the ipconfig answer (section 12).
@@ -19,6 +20,7 @@ pub mod discovery;
 pub mod errors;
 pub mod events;
 pub mod ids;
+pub mod migrate;
 pub mod sessions;
 
 pub use business::{Accepted, PresenceEvent, Push, PushReply, PushReplyWire, Uplink, UplinkReply};
@@ -27,6 +29,10 @@ pub use discovery::{AdvertisedEndpoints, EndpointInfo, EndpointsAnswer, GatewayH
 pub use errors::{ErrorBody, ReplyWire, WireError};
 pub use events::{ConnEvent, Event, SessionChange};
 pub use ids::{MAX_ID_LEN, valid_id};
+pub use migrate::{
+    DrainRequest, MigrateRequest, MigrationStatus, RedirectDevice, RedirectGrant, RedirectReply,
+    RedirectRequest,
+};
 pub use sessions::{
     MembershipChange, MembershipEvent, SessionOp, SessionReply, SessionReplyWire, SessionRequest,
 };
