@@ -32,6 +32,8 @@ pub struct GatewayCtx {
     pub metrics: GatewayMetrics,
     /// Logins waiting for state's registration.
     pub logins: crate::logins::PendingLogins,
+    /// Per-app pipeline settings (paused, limits) from `tether_apps`.
+    pub app_limits: crate::app_limits::AppLimits,
     conn_ids: AtomicU64,
 }
 
@@ -62,6 +64,7 @@ impl GatewayCtx {
             outbound,
             metrics,
             logins: Default::default(),
+            app_limits: Default::default(),
             conn_ids: AtomicU64::new(prefix | 1),
         }
     }
