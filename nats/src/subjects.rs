@@ -109,6 +109,19 @@ pub fn gateway_ctl(gw: &str) -> String {
     format!("{PREFIX}.gw.{gw}.ctl")
 }
 
+/// Redirect-token requests of one gateway to ipconfig (drain and migration):
+/// `tether.gw.<gw>.redirect.req` (core NATS request/reply). Five tokens, so the gateway's
+/// own `tether.gw.<gw>.*` subscription does not receive it.
+pub fn gateway_redirect(gw: &str) -> String {
+    format!("{PREFIX}.gw.{gw}.redirect.req")
+}
+
+/// Redirect-token requests of every gateway (ipconfig's queue subscription):
+/// `tether.gw.*.redirect.req`.
+pub fn gateway_redirect_all() -> String {
+    format!("{PREFIX}.gw.*.redirect.req")
+}
+
 /// Broadcasts of one app, received by every gateway: `tether.<app>.bcast`.
 pub fn broadcast(app: &str) -> String {
     format!("{PREFIX}.{app}.bcast")
@@ -262,6 +275,11 @@ pub enum Subject<'a> {
         /// Gateway id.
         gw: &'a str,
     },
+    /// `tether.gw.<gw>.redirect.req`: a gateway asks ipconfig for redirect tokens.
+    GatewayRedirect {
+        /// Gateway id (the requester).
+        gw: &'a str,
+    },
 }
 
 impl<'a> Subject<'a> {
@@ -282,6 +300,7 @@ impl<'a> Subject<'a> {
             return match rest.as_slice() {
                 [gw, "down"] if valid_id(gw) => Some(Subject::GatewayDown { gw }),
                 [gw, "ctl"] if valid_id(gw) => Some(Subject::GatewayCtl { gw }),
+                [gw, "redirect", "req"] if valid_id(gw) => Some(Subject::GatewayRedirect { gw }),
                 _ => None,
             };
         }
@@ -331,7 +350,9 @@ impl<'a> Subject<'a> {
             | Subject::Push { app }
             | Subject::Session { app }
             | Subject::Presence { app } => Some(app),
-            Subject::GatewayDown { .. } | Subject::GatewayCtl { .. } => None,
+            Subject::GatewayDown { .. }
+            | Subject::GatewayCtl { .. }
+            | Subject::GatewayRedirect { .. } => None,
         }
     }
 }
@@ -413,6 +434,10 @@ mod tests {
         assert_eq!(
             Subject::parse(&gateway_ctl("gw1")),
             Some(Subject::GatewayCtl { gw: "gw1" })
+        );
+        assert_eq!(
+            Subject::parse(&gateway_redirect("gw1")),
+            Some(Subject::GatewayRedirect { gw: "gw1" })
         );
         assert_eq!(
             Subject::parse(&push("chat")).and_then(|s| s.app()),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::ErrorCode;
 
 /// One control message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum GatewayControl {
     /// The device's complete set of sessions:
@@ -49,6 +49,15 @@ pub enum GatewayControl {
         /// Highest per-device sequence the device acknowledged (the floor of its replay).
         last_acked_seq: u64,
     },
+    /// Move connections to other gateways by REDIRECT (PROTOCOL.md 10.7); answered with a
+    /// [`MigrationStatus`](crate::bus::MigrationStatus).
+    Migrate(crate::bus::MigrateRequest),
+    /// Mark the gateway draining and move every connection away (10.7).
+    Drain(crate::bus::DrainRequest),
+    /// Stop a drain or migration and clear the draining flag (10.7).
+    Undrain,
+    /// Answer where the migration stands (10.7).
+    MigrationStatus,
     /// An op this version does not know (ignored).
     #[serde(other)]
     Unknown,

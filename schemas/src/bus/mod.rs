@@ -9,6 +9,7 @@
 //! - [`errors`]: the one error body (`{"error":{"code":…,"message":…}}`) and [`ReplyWire`].
 //! - [`events`]: the event log (`tether.<app>.evt.…`): connection and session events.
 //! - [`control`]: control messages to one gateway (`tether.gw.<gw>.ctl`).
+//! - [`migrate`]: drain and migration operations, their status, redirect tokens.
 //! - [`business`]: uplink requests and replies, pushes, presence (section 11).
 //! - [`sessions`]: the session binding API and membership events (11.5, 11.6).
 //! - [`apps`]: per-app pipeline settings in the `tether_apps` record (12.4).
@@ -21,6 +22,7 @@ pub mod discovery;
 pub mod errors;
 pub mod events;
 pub mod ids;
+pub mod migrate;
 pub mod sessions;
 
 pub use apps::{AppPipeline, AppPipelineView, PIPELINE_KEYS};
@@ -30,6 +32,10 @@ pub use discovery::{AdvertisedEndpoints, EndpointInfo, EndpointsAnswer, GatewayH
 pub use errors::{ErrorBody, ReplyWire, WireError};
 pub use events::{ConnEvent, Event, SessionChange};
 pub use ids::{MAX_ID_LEN, valid_id};
+pub use migrate::{
+    DrainRequest, MigrateRequest, MigrationStatus, RedirectDevice, RedirectGrant, RedirectReply,
+    RedirectRequest,
+};
 pub use sessions::{
     MembershipChange, MembershipEvent, SessionOp, SessionReply, SessionReplyWire, SessionRequest,
 };
