@@ -9,12 +9,17 @@ use serde_json::{Value, json};
 use tether_ipconfig::AppAdmin;
 use tether_ipconfig::apps::AppError;
 use tether_schemas::ErrorCode;
-use tether_schemas::bus::{GatewayControl, valid_id};
+use tether_schemas::bus::{
+    DrainRequest, ErrorBody, GatewayControl, MigrateRequest, MigrationStatus, valid_id,
+};
 
 use crate::audit::AuditLog;
 use crate::error::ApiError;
 use crate::metrics::OpsMetrics;
 use crate::view::ClusterView;
+
+/// How long a gateway has to answer a drain or migration op.
+const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What every operation needs.
 pub struct Ops {
@@ -123,21 +128,63 @@ impl Ops {
         Ok(app_json(&record))
     }
 
-    /// Marks gateway `gw` draining (or not) and moves its devices away.
+    /// Marks gateway `gw` draining and moves its devices away (`on`), or stops that.
     pub async fn drain(&self, gw: &str, on: bool) -> Result<Value, ApiError> {
         self.known_gateway(gw)?;
-        let _ = on;
-        Err(ApiError::not_implemented(
-            "drain needs the gateway's drain control operation, not in this build",
-        ))
+        let op = if on {
+            GatewayControl::Drain(DrainRequest::default())
+        } else {
+            GatewayControl::Undrain
+        };
+        self.control(gw, op).await
     }
 
-    /// Moves devices of `gw` (listed, or a share) to `targets`.
-    pub async fn migrate(&self, gw: &str, _request: &Value) -> Result<Value, ApiError> {
+    /// Moves devices of `gw` as `request` says (PROTOCOL.md 10.7 `migrate`).
+    pub async fn migrate(&self, gw: &str, request: &Value) -> Result<Value, ApiError> {
         self.known_gateway(gw)?;
-        Err(ApiError::not_implemented(
-            "migrate needs the gateway's migrate control operation, not in this build",
-        ))
+        let request: MigrateRequest = serde_json::from_value(request.clone())
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("migrate: {e}")))?;
+        request
+            .validate()
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, e))?;
+        self.control(gw, GatewayControl::Migrate(request)).await
+    }
+
+    /// Where the migration of `gw` stands.
+    pub async fn migration(&self, gw: &str) -> Result<Value, ApiError> {
+        self.known_gateway(gw)?;
+        self.control(gw, GatewayControl::MigrationStatus).await
+    }
+
+    /// Sends a drain or migration op to `gw` and returns its status answer.
+    async fn control(&self, gw: &str, op: GatewayControl) -> Result<Value, ApiError> {
+        let body = op
+            .to_json()
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        let subject = tether_nats::subjects::gateway_ctl(gw);
+        let answer = tokio::time::timeout(CONTROL_TIMEOUT, self.client.request(subject, body))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::Timeout,
+                    format!("gateway {gw} did not answer in time"),
+                )
+            })?
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("gateway {gw} does not answer control requests: {e}"),
+                )
+            })?;
+        let value: Value = serde_json::from_slice(&answer.payload)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("gateway {gw} answer: {e}")))?;
+        if let Ok(error) = serde_json::from_value::<ErrorBody>(value.clone()) {
+            return Err(ApiError::new(error.error.code, error.error.message));
+        }
+        let status: MigrationStatus = serde_json::from_value(value)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("gateway {gw} status: {e}")))?;
+        self.view.put_migration(status.clone());
+        Ok(json!(status))
     }
 
     /// Rolling restart (hand-off restart of one gateway after another).

@@ -125,6 +125,7 @@ pub fn router(cell: OpsCell, guard: TokenGuard) -> axum::Router {
         .route("/v1/apps/{app}/resume", post(resume_app))
         .route("/v1/gateways/{gw}/drain", post(drain).delete(undrain))
         .route("/v1/gateways/{gw}/migrate", post(migrate))
+        .route("/v1/gateways/{gw}/migration", get(migration))
         .route("/v1/restart", post(restart))
         .route("/v1/kick", post(kick))
         .route("/v1/audit", get(audit))
@@ -284,6 +285,10 @@ async fn migrate(
     let body = json_body(body)?;
     let result = ops.migrate(&gw, &body).await;
     audited(&ops, &actor, "migrate", &gw, body, result).await
+}
+
+async fn migration(State(cell): State<OpsCell>, Path(gw): Path<String>) -> Answer {
+    ops(&cell)?.migration(&gw).await.map(Json)
 }
 
 async fn restart(

@@ -101,13 +101,31 @@ pub async fn start(config: OpsConfig, shutdown: Shutdown) -> Result<RunningOps, 
     )
     .await
     .map_err(|e| OpsError::Bus(e.message))?;
-    let _ = cell.set(Arc::new(ops));
+    let ops = Arc::new(ops);
+    let _ = cell.set(ops.clone());
+    tokio::spawn(follow_migrations(ops, shutdown.clone()));
     tokio::spawn(update_gauges(view, metrics, shutdown));
     tracing::info!(addr = %role.admin.addr, "ops started");
     Ok(RunningOps {
         admin_addr: role.admin.addr,
         role,
     })
+}
+
+/// Asks every gateway with a running migration where it stands, every second, so the
+/// dashboard shows its progress live.
+async fn follow_migrations(ops: Arc<actions::Ops>, stop: Shutdown) {
+    loop {
+        for gw in ops.view.running_migrations() {
+            if let Err(error) = ops.migration(&gw).await {
+                tracing::debug!(%gw, %error, "migration status not read");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// Keeps the view's gauges current.

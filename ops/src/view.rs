@@ -10,7 +10,7 @@ use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tether_schemas::bus::{AppPipeline, GatewayHeartbeat};
+use tether_schemas::bus::{AppPipeline, GatewayHeartbeat, MigrationStatus};
 
 /// A record and when it was last received.
 #[derive(Debug, Clone)]
@@ -144,6 +144,9 @@ pub struct ClusterSnapshot {
     pub partitions: Vec<Option<String>>,
     /// Apps with a record, by id.
     pub apps: Vec<AppView>,
+    /// The last migration status of each gateway an operator drained or migrated.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub migrations: BTreeMap<String, MigrationStatus>,
     /// The NATS servers, when monitoring endpoints are configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats: Option<NatsView>,
@@ -159,6 +162,7 @@ pub struct ClusterView {
     leases: RwLock<HashMap<u16, Seen<String>>>,
     apps: RwLock<BTreeMap<String, tether_ipconfig::AppRecord>>,
     nats: RwLock<Option<NatsView>>,
+    migrations: RwLock<BTreeMap<String, MigrationStatus>>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -180,6 +184,7 @@ impl ClusterView {
             leases: RwLock::default(),
             apps: RwLock::default(),
             nats: RwLock::default(),
+            migrations: RwLock::default(),
         }
     }
 
@@ -248,6 +253,20 @@ impl ClusterView {
         write(&self.apps).remove(id);
     }
 
+    /// A gateway's migration status (from an operation's answer or a poll).
+    pub fn put_migration(&self, status: MigrationStatus) {
+        write(&self.migrations).insert(status.gw.clone(), status);
+    }
+
+    /// Gateways with a migration running, as last seen.
+    pub fn running_migrations(&self) -> Vec<String> {
+        read(&self.migrations)
+            .values()
+            .filter(|s| s.running)
+            .map(|s| s.gw.clone())
+            .collect()
+    }
+
     /// New figures from the NATS monitoring endpoints.
     pub fn set_nats(&self, nats: NatsView) {
         *write(&self.nats) = Some(nats);
@@ -270,6 +289,8 @@ impl ClusterView {
             live.sort_by(|a, b| a.heartbeat.id.cmp(&b.heartbeat.id));
             live
         };
+        let live_ids: std::collections::BTreeSet<String> =
+            gateways.iter().map(|g| g.heartbeat.id.clone()).collect();
         let lease_stale = *read(&self.lease_stale);
         let fresh = |at: Instant| now.saturating_duration_since(at) < lease_stale;
         let mut partitions = vec![None; usize::from(tether_nats::subjects::PARTITIONS)];
@@ -331,6 +352,11 @@ impl ClusterView {
             states,
             partitions,
             apps,
+            migrations: read(&self.migrations)
+                .iter()
+                .filter(|(gw, _)| live_ids.contains(*gw))
+                .map(|(gw, s)| (gw.clone(), s.clone()))
+                .collect(),
             nats: read(&self.nats).clone(),
         }
     }

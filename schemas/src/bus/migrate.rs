@@ -75,7 +75,9 @@ impl MigrateRequest {
             && target != TARGET_IPCONFIG
             && !valid_id(target)
         {
-            return Err(format!("target {target:?} is not a gateway id or \"ipconfig\""));
+            return Err(format!(
+                "target {target:?} is not a gateway id or \"ipconfig\""
+            ));
         }
         if self.rate == Some(0) {
             return Err("rate must be positive".into());

@@ -47,19 +47,33 @@ enum CtlCommand {
         /// Gateway id.
         gw: String,
     },
-    /// Move devices of a gateway to other gateways.
+    /// Move devices of a gateway to other gateways by REDIRECT.
     Migrate {
         /// Gateway id.
         gw: String,
-        /// Devices to move (`app/did`); none with --share moves a share of all.
+        /// Only devices of this app (required with --did).
+        #[arg(long)]
+        app: Option<String>,
+        /// These devices (of --app).
         #[arg(long = "did")]
         dids: Vec<String>,
-        /// Share of the gateway's devices to move (0.0-1.0).
+        /// This share of the gateway's devices (0.0-1.0), chosen at random.
         #[arg(long)]
         share: Option<f64>,
-        /// Target gateways (default: any live one).
+        /// Every device (of --app, if given).
+        #[arg(long)]
+        all: bool,
+        /// Target gateway (default: ipconfig ranks one per device).
         #[arg(long = "to")]
-        targets: Vec<String>,
+        target: Option<String>,
+        /// REDIRECTs per second (default the gateway's).
+        #[arg(long)]
+        rate: Option<u32>,
+    },
+    /// Where a gateway's drain or migration stands.
+    Migration {
+        /// Gateway id.
+        gw: String,
     },
     /// Rolling restart of gateways by socket hand-off, one after another.
     Restart {
@@ -182,13 +196,33 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
         CtlCommand::Migrate {
             gw,
+            app,
             dids,
             share,
-            targets,
+            all,
+            target,
+            rate,
         } => {
-            let body = json!({"dids": dids, "share": share, "targets": targets});
+            let request = tether_schemas::bus::MigrateRequest {
+                app,
+                dids,
+                share,
+                all,
+                target,
+                rate,
+            };
             let v = api
-                .call("POST", &format!("/v1/gateways/{gw}/migrate"), Some(body))
+                .call(
+                    "POST",
+                    &format!("/v1/gateways/{gw}/migrate"),
+                    Some(serde_json::to_value(&request)?),
+                )
+                .await?;
+            (v.clone(), pretty(&v))
+        }
+        CtlCommand::Migration { gw } => {
+            let v = api
+                .call("GET", &format!("/v1/gateways/{gw}/migration"), None)
                 .await?;
             (v.clone(), pretty(&v))
         }
