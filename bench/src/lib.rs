@@ -11,6 +11,7 @@
 //! - [`fanout`]: N members of one session, M broadcasts: deliveries/s and latency.
 //! - [`p2p`]: device pairs through an echo service at an open-loop rate.
 //! - [`uplink`]: the highest uplink rate with store receipts.
+//! - [`drain`]: a gateway of N devices drained to another by REDIRECT: time, QoS1 lost.
 //! - [`suite`]: the table of BENCHMARKS.md (`make bench`), with [`chart`]s.
 //!
 //! Plumbing: [`client_codec`] (raw Tether/NATS/MQTT clients), [`fleet`] (opening many
@@ -22,6 +23,7 @@ pub mod chart;
 pub mod client_codec;
 pub mod compare;
 pub mod conns;
+pub mod drain;
 pub mod fanout;
 pub mod fleet;
 pub mod p2p;

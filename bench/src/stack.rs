@@ -170,6 +170,8 @@ pub struct StackSpec {
     pub state: bool,
     /// Token signing key (private PEM); a fresh one is generated when `None`.
     pub key: Option<PathBuf>,
+    /// Also start a `tether ipconfig` process knowing these apps (needed for drains).
+    pub ipconfig_apps: Vec<String>,
 }
 
 /// nats-server, gateways and maybe state, started for one run; stopped on drop (gateways
@@ -179,6 +181,8 @@ pub struct Stack {
     pub gateways: Vec<Gateway>,
     /// The `tether state` child.
     state: Option<ChildGuard>,
+    /// The `tether ipconfig` child.
+    ipconfig: Option<ChildGuard>,
     /// Signs device tokens.
     pub signer: TokenSigner,
     /// The private key file (for worker processes).
@@ -193,6 +197,7 @@ impl Drop for Stack {
     fn drop(&mut self) {
         self.gateways.clear();
         self.state = None;
+        self.ipconfig = None;
         if let Some(mut nats) = self.nats.take() {
             nats.stop();
         }
@@ -222,6 +227,7 @@ impl Stack {
         let mut stack = Stack {
             gateways: Vec::new(),
             state: None,
+            ipconfig: None,
             signer,
             key_path,
             nats_url: nats_url.clone(),
@@ -270,6 +276,34 @@ impl Stack {
                 .to_vec();
             let log = dir.join("state.log");
             stack.state = Some(spawn_role(&tether, &args, &[], &log, admin).await?);
+        }
+        if !spec.ipconfig_apps.is_empty() {
+            let config = dir.join("ipconfig.toml");
+            let apps: String = spec
+                .ipconfig_apps
+                .iter()
+                .map(|app| format!("[[apps]]\nid = \"{app}\"\nsecrets = [\"bench-secret-0123456789\"]\n"))
+                .collect();
+            std::fs::write(&config, apps).map_err(BenchError::io("ipconfig config"))?;
+            let (admin, http) = (loopback(port()?), loopback(port()?));
+            let key = stack.key_path.display().to_string();
+            let args: Vec<String> = [
+                "ipconfig",
+                "--config",
+                &config.display().to_string(),
+                "--nats",
+                &nats_url,
+                "--admin",
+                &admin.to_string(),
+                "--http",
+                &http.to_string(),
+                "--token-key",
+                &key,
+            ]
+            .map(String::from)
+            .to_vec();
+            let log = dir.join("ipconfig.log");
+            stack.ipconfig = Some(spawn_role(&tether, &args, &[], &log, http).await?);
         }
         eprintln!(
             "started nats-server {nats_url}, {} gateway(s) (pids {:?}){} from {}",
@@ -478,6 +512,7 @@ impl Target {
                     gateways: 1,
                     state: true,
                     key: None,
+                    ipconfig_apps: Vec::new(),
                 })
                 .await?;
                 Target {

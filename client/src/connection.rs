@@ -319,16 +319,26 @@ impl Task {
                 read = link.transport.recv() => {
                     let mut read = Some(read);
                     let mut handled = 0;
+                    let mut ended = None;
                     // Handle the burst of frames already received, then ack it once.
                     while let Some(result) = read.take() {
                         let raw = match result {
                             Ok(Some(raw)) => raw,
-                            Ok(None) => return End::lost("connection closed by the gateway"),
-                            Err(error) => return End::lost(error.to_string()),
+                            Ok(None) => {
+                                ended = Some(End::lost("connection closed by the gateway"));
+                                break;
+                            }
+                            Err(error) => {
+                                ended = Some(End::lost(error.to_string()));
+                                break;
+                            }
                         };
                         match self.handle(&raw).await {
                             Flow::Continue => {}
-                            Flow::End(end) => return end,
+                            Flow::End(end) => {
+                                ended = Some(end);
+                                break;
+                            }
                             Flow::Redirect(to) => {
                                 if redirect.is_some() {
                                     tracing::debug!("redirect already under way, ignored");
@@ -341,6 +351,29 @@ impl Task {
                         if handled < BURST {
                             read = link.transport.recv().now_or_never();
                         }
+                    }
+                    if let Some(end) = ended {
+                        // The old gateway closes a redirected connection once the new login
+                        // is registered, maybe before its LOGIN_ACK reached us (PROTOCOL.md
+                        // 6.6): the redirect's outcome decides, not the old connection's end.
+                        let Some(moving) = redirect.take() else {
+                            return end;
+                        };
+                        let (endpoint, token, result) = moving.await;
+                        let Ok(next) = result else {
+                            return end;
+                        };
+                        tracing::info!(%endpoint, "redirected");
+                        self.session.adopt(endpoint, token);
+                        let old = std::mem::replace(&mut link, next);
+                        tokio::spawn(old.transport.close(CLOSE_TIMEOUT));
+                        if let Err(end) = self.on_login(&mut link).await {
+                            return end;
+                        }
+                        (interval, jitter) = self.session.config.heartbeat_for(link.ack.heartbeat_secs);
+                        last_rx = Instant::now();
+                        next_ping = last_rx + jittered(interval, jitter);
+                        continue;
                     }
                     if let Some(seq) = self.inbox.take_ack()
                         && let Err(error) = link.transport.send(Frame::DownAck(pb::DownAck { seq }).encode()).await

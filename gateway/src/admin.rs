@@ -2,6 +2,10 @@
 //!
 //! `GET /v1/sessions/{app}/{session}`: how many local members a session has here
 //! (`{"app":…,"session":…,"members":n}`), for operators and tests.
+//!
+//! Drain and migration (PROTOCOL.md 10.7), each answering the migration status:
+//! `POST /v1/migrate` (body: a `migrate` op without `op`), `POST /v1/drain` (optional body:
+//! `{"target":…,"rate":…}`), `DELETE /v1/drain`, `GET /v1/migration`.
 
 use std::sync::{Arc, OnceLock};
 use tether_schemas::ErrorCode;
@@ -10,8 +14,9 @@ use tether_schemas::bus::ErrorBody;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
+use tether_schemas::bus::{DrainRequest, MigrateRequest, MigrationStatus};
 
 use crate::context::GatewayCtx;
 
@@ -22,7 +27,71 @@ pub type CtxCell = Arc<OnceLock<Arc<GatewayCtx>>>;
 pub fn router(cell: CtxCell) -> axum::Router {
     axum::Router::new()
         .route("/v1/sessions/{app}/{session}", get(session_members))
+        .route("/v1/migrate", post(migrate))
+        .route("/v1/drain", post(drain).delete(undrain))
+        .route("/v1/migration", get(status))
         .with_state(cell)
+}
+
+type Answer = (StatusCode, Json<Value>);
+
+fn starting() -> Answer {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!(ErrorBody::new(
+            ErrorCode::Unavailable,
+            "gateway starting"
+        ))),
+    )
+}
+
+fn answer(result: Result<MigrationStatus, String>) -> Answer {
+    match result {
+        Ok(status) => (StatusCode::OK, Json(json!(status))),
+        Err(text) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!(ErrorBody::new(ErrorCode::BadRequest, text))),
+        ),
+    }
+}
+
+/// Reads a JSON body; an empty one is the type's default.
+fn body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("unreadable body: {e}"))
+}
+
+async fn migrate(State(cell): State<CtxCell>, bytes: axum::body::Bytes) -> Answer {
+    let Some(ctx) = cell.get() else {
+        return starting();
+    };
+    answer(body::<MigrateRequest>(&bytes).and_then(|request| ctx.migration.migrate(ctx, &request)))
+}
+
+async fn drain(State(cell): State<CtxCell>, bytes: axum::body::Bytes) -> Answer {
+    let Some(ctx) = cell.get() else {
+        return starting();
+    };
+    answer(body::<DrainRequest>(&bytes).and_then(|request| {
+        ctx.migration
+            .drain(ctx, &request, crate::migrate::Kind::Drain)
+    }))
+}
+
+async fn undrain(State(cell): State<CtxCell>) -> Answer {
+    let Some(ctx) = cell.get() else {
+        return starting();
+    };
+    answer(Ok(ctx.migration.undrain(ctx)))
+}
+
+async fn status(State(cell): State<CtxCell>) -> Answer {
+    let Some(ctx) = cell.get() else {
+        return starting();
+    };
+    answer(Ok(ctx.migration.status(ctx)))
 }
 
 async fn session_members(

@@ -54,7 +54,7 @@ pub struct GatewayConfig {
     /// Admin HTTP listener: `/healthz`, `/metrics`.
     pub admin_listen: SocketAddr,
     /// Bearer token of the operations routes on the admin listener (`/v1/drain`,
-    /// `/v1/sessions/…`). Empty: they are served only when `admin_listen` is loopback.
+    /// `/v1/migrate`, `/v1/migration`, `/v1/sessions/…`). Empty: they are served only when `admin_listen` is loopback.
     pub admin_token: String,
     /// TLS for both client listeners.
     pub tls: Option<TlsFiles>,
@@ -89,6 +89,14 @@ pub struct GatewayConfig {
     pub shutdown_grace_secs: u64,
     /// Upper bound of the random reconnect delay suggested to clients on shutdown.
     pub going_away_retry_ms: u32,
+    /// REDIRECTs per second a drain or migration sends by default (the op may say another).
+    pub migrate_rate: u32,
+    /// Seconds a redirected device has to log in elsewhere before it is closed with
+    /// `going_away`.
+    pub migrate_timeout_secs: u64,
+    /// On SIGTERM/Ctrl-C, seconds to drain (move devices to other gateways by REDIRECT)
+    /// before the rest get `going_away`; 0 = no drain, `going_away` at once.
+    pub shutdown_drain_secs: u64,
 }
 
 impl Default for GatewayConfig {
@@ -123,6 +131,9 @@ impl Default for GatewayConfig {
             max_queued_frames: 1024,
             shutdown_grace_secs: 5,
             going_away_retry_ms: 5_000,
+            migrate_rate: 1_000,
+            migrate_timeout_secs: 30,
+            shutdown_drain_secs: 30,
         }
     }
 }
@@ -166,6 +177,9 @@ impl GatewayConfig {
             return Err(format!(
                 "pool {pool:?} must be 1-64 characters of [A-Za-z0-9_-]"
             ));
+        }
+        if self.migrate_rate == 0 || self.migrate_timeout_secs == 0 {
+            return Err("migrate_rate and migrate_timeout_secs must be positive".into());
         }
         if self.heartbeat_interval_ms == 0 {
             return Err("heartbeat_interval_ms must be positive".into());

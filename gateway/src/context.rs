@@ -34,6 +34,8 @@ pub struct GatewayCtx {
     pub logins: crate::logins::PendingLogins,
     /// Per-app pipeline settings (paused, limits) from `tether_apps`.
     pub app_limits: crate::app_limits::AppLimits,
+    /// Drain and migration by REDIRECT.
+    pub migration: crate::migrate::Migration,
     conn_ids: AtomicU64,
 }
 
@@ -65,6 +67,7 @@ impl GatewayCtx {
             metrics,
             logins: Default::default(),
             app_limits: Default::default(),
+            migration: Default::default(),
             conn_ids: AtomicU64::new(prefix | 1),
         }
     }

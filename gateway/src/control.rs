@@ -9,10 +9,18 @@
 //! `{"op":"close","app":"demo","did":"d1","conn":42,"code":"replaced"}`: the device logged
 //! in on another gateway; its connection `conn` here (if still here) is closed with `code`.
 //! Unknown ops are ignored so newer state versions can add some.
+//!
+//! `migrate`, `drain`, `undrain`, `migration_status` (PROTOCOL.md 10.7, from an operator):
+//! handled by [`crate::migrate`]; each returns the migration status (or an error body) as
+//! the answer to the request.
 
 use std::sync::Arc;
 
 use tether_schemas::bus::{GatewayControl, valid_id};
+
+use bytes::Bytes;
+use tether_schemas::ErrorCode;
+use tether_schemas::bus::ErrorBody;
 
 use crate::conn::CloseReason;
 use crate::context::GatewayCtx;
@@ -24,6 +32,12 @@ fn close(ctx: &GatewayCtx, app: &str, did: &str, conn: u64, code: tether_schemas
     let Some(found) = ctx.registry.get(app, did).filter(|c| c.id == conn) else {
         return; // gone already, or a newer connection of the device is here
     };
+    if ctx.migration.is_pending(conn) {
+        // Redirected, and its new login is registered: it leaves without an error (the
+        // device may not have read its new LOGIN_ACK yet, PROTOCOL.md 6.6).
+        found.close(CloseReason::silent(code, "moved to another gateway"));
+        return;
+    }
     ctx.metrics.error(code);
     let why = if code == tether_schemas::ErrorCode::Replaced {
         "the device logged in on another connection"
@@ -48,9 +62,35 @@ fn registered(ctx: &GatewayCtx, app: &str, did: &str, conn: u64, last_acked_seq:
     ctx.logins.complete(conn, last_acked_seq);
 }
 
-/// Applies one control message.
-pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) {
+/// The JSON answer of a migration op.
+fn answer(ctx: &GatewayCtx, result: Result<tether_schemas::bus::MigrationStatus, String>) -> Bytes {
+    let status = match result {
+        Ok(status) => status,
+        Err(text) => {
+            tracing::warn!(gw = %ctx.config.id, error = %text, "migration op refused");
+            return ErrorBody::new(ErrorCode::BadRequest, text).to_json();
+        }
+    };
+    serde_json::to_vec(&status)
+        .map(Bytes::from)
+        .unwrap_or_else(|_| ErrorBody::new(ErrorCode::Internal, "encode").to_json())
+}
+
+/// Applies one control message; returns the answer of an op that has one (migration ops).
+pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) -> Option<Bytes> {
+    let migration = &ctx.migration;
     let (app, did, sessions) = match GatewayControl::from_json(payload) {
+        Ok(GatewayControl::Migrate(request)) => {
+            return Some(answer(ctx, migration.migrate(ctx, &request)));
+        }
+        Ok(GatewayControl::Drain(request)) => {
+            let kind = crate::migrate::Kind::Drain;
+            return Some(answer(ctx, migration.drain(ctx, &request, kind)));
+        }
+        Ok(GatewayControl::Undrain) => return Some(answer(ctx, Ok(migration.undrain(ctx)))),
+        Ok(GatewayControl::MigrationStatus) => {
+            return Some(answer(ctx, Ok(migration.status(ctx))));
+        }
         Ok(GatewayControl::Sessions { app, did, sessions }) => (app, did, sessions),
         Ok(GatewayControl::Close {
             app,
@@ -59,7 +99,7 @@ pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) {
             code,
         }) => {
             close(ctx, &app, &did, conn, code);
-            return;
+            return None;
         }
         Ok(GatewayControl::Registered {
             app,
@@ -68,29 +108,30 @@ pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) {
             last_acked_seq,
         }) => {
             registered(ctx, &app, &did, conn, last_acked_seq);
-            return;
+            return None;
         }
-        Ok(_) => {
-            tracing::debug!("control op not handled by this gateway, ignored");
-            return;
+        Ok(GatewayControl::Unknown) => {
+            tracing::debug!("unknown control op, ignored");
+            return None;
         }
         Err(error) => {
             tracing::warn!(%error, "unreadable control message, dropped");
-            return;
+            return Some(
+                ErrorBody::new(ErrorCode::BadRequest, format!("unreadable: {error}")).to_json(),
+            );
         }
     };
     if !valid_id(&app) || !valid_id(&did) || !sessions.iter().all(|s| valid_id(s)) {
         tracing::warn!(%app, %did, "control message with invalid ids, dropped");
-        return;
+        return None;
     }
     let Some(conn) = ctx.registry.get(&app, &did) else {
-        return; // not here (any more): the gateway that holds it gets its own sync
+        return None; // not here (any more): the gateway that holds it gets its own sync
     };
-    let Some(identity) = conn.identity() else {
-        return;
-    };
+    let identity = conn.identity()?;
     let (app, did) = (identity.app.clone(), identity.did.clone());
     let recoveries = ctx.sessions.set(&conn, &app, &did, &sessions);
     ctx.metrics.session_syncs.inc();
     rooms::start(ctx, recoveries);
+    None
 }

@@ -57,10 +57,11 @@ pub fn deliver(ctx: &Arc<GatewayCtx>, message: &Message) {
         Subject::parse(&message.subject),
         Some(Subject::GatewayCtl { .. })
     ) {
-        crate::control::apply(ctx, &message.payload);
-        // State asked to know when it is applied (a session change a business waits for).
+        let answer = crate::control::apply(ctx, &message.payload);
+        // State asked to know when it is applied (a session change a business waits for);
+        // migration ops answer with their status.
         if let Some(reply) = message.reply.clone() {
-            ctx.outbound.confirm(reply);
+            ctx.outbound.confirm(reply, answer.unwrap_or_default());
         }
         return;
     }

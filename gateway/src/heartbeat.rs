@@ -5,8 +5,8 @@
 //!
 //! The bucket's TTL removes the record of a gateway that dies; a gateway that stops
 //! cleanly first marks itself draining (so ipconfig stops offering it while clients
-//! leave) and deletes its record at the end. Operators mark a gateway draining with
-//! `POST /v1/drain` on its admin port (and clear it with `DELETE /v1/drain`).
+//! leave) and deletes its record at the end. Operators drain a gateway with
+//! `POST /v1/drain` on its admin port or the `drain` control op ([`crate::migrate`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,10 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use axum::Json;
-use axum::extract::State;
-use axum::routing::post;
-use serde_json::{Value, json};
 use tether_nats::keys;
 use tether_nats::layout::GATEWAYS_BUCKET;
 use tether_schemas::bus::{AdvertisedEndpoints, GatewayHeartbeat};
@@ -126,24 +122,6 @@ impl Heartbeat {
             tracing::warn!(gw = %self.id, %error, "heartbeat not written");
         }
     }
-}
-
-/// The admin routes: `POST /v1/drain` marks the gateway draining, `DELETE /v1/drain`
-/// clears it; both answer `{"gw":"…","draining":bool}`.
-pub fn router(heartbeat: Arc<Heartbeat>) -> axum::Router {
-    axum::Router::new()
-        .route("/v1/drain", post(drain).delete(undrain))
-        .with_state(heartbeat)
-}
-
-async fn drain(State(heartbeat): State<Arc<Heartbeat>>) -> Json<Value> {
-    heartbeat.set_draining(true);
-    Json(json!({"gw": heartbeat.id, "draining": true}))
-}
-
-async fn undrain(State(heartbeat): State<Arc<Heartbeat>>) -> Json<Value> {
-    heartbeat.set_draining(false);
-    Json(json!({"gw": heartbeat.id, "draining": false}))
 }
 
 /// The endpoints to advertise: configured ones, else the bound addresses (an unspecified

@@ -11,6 +11,7 @@
 //! - [`outbound`]: what the gateway writes to NATS (uplink, acks, events).
 //! - [`downlink`]: what it receives from NATS and delivers.
 //! - [`app_limits`]: per-app pipeline settings from `tether_apps`, applied live.
+//! - [`migrate`]: drain and migration by REDIRECT (control ops, admin routes, SIGTERM).
 //! - [`heartbeat`]: live figures into the `tether_gateways` bucket for ipconfig; drain flag.
 //! - [`ws`]: the WebSocket server codec (RFC 6455), pure and allocation-free when idle.
 //! - [`tls`]: rustls acceptor from PEM files.
@@ -27,6 +28,7 @@ pub mod heartbeat;
 pub mod listener;
 pub mod logins;
 pub mod metrics;
+pub mod migrate;
 pub mod outbound;
 pub mod registry;
 pub mod rooms;

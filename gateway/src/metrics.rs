@@ -54,6 +54,8 @@ pub struct GatewayMetrics {
     /// `up_session`) and downlinks a business may not send (`foreign_app`, `frame_type`,
     /// `room_seq`).
     pub refused: Family<Label, Counter>,
+    /// Drain and migration, by outcome (`redirected`, `moved`, `timed_out`, `failed`).
+    pub migrations: Family<Label, Counter>,
     /// Uplinks the stream had already (resends, answered from the kept receipt).
     pub uplink_duplicates: Counter,
     /// Session broadcasts received (one per broadcast, however many local members).
@@ -193,6 +195,16 @@ impl GatewayMetrics {
             "input refused at the trust boundary, by reason",
             self.refused.clone(),
         );
+        registry.register(
+            "migrations",
+            "drain and migration: devices redirected, moved, timed out, or without a target",
+            self.migrations.clone(),
+        );
+    }
+
+    /// Counts one migration outcome.
+    pub fn migration(&self, outcome: &'static str) {
+        self.migrations.get_or_create(&[("outcome", outcome)]).inc();
     }
 
     /// Counts one refusal at the trust boundary.

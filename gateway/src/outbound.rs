@@ -141,10 +141,10 @@ impl Outbound {
 
     /// Answers a control message that asked for confirmation (an empty reply once it is
     /// applied here).
-    pub fn confirm(&self, reply: async_nats::Subject) {
+    pub fn confirm(&self, reply: async_nats::Subject, body: Bytes) {
         let client = self.client.clone();
         tokio::spawn(async move {
-            if let Err(error) = client.publish(reply, Bytes::new()).await {
+            if let Err(error) = client.publish(reply, body).await {
                 tracing::debug!(%error, "control confirmation not sent");
             }
         });

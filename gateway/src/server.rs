@@ -103,16 +103,15 @@ pub async fn start(
         .routes(
             // Operations (drain, session lookups) need the admin token, or a loopback
             // listener; /healthz and /metrics stay open.
-            OperationsGuard::new(Some(&config.admin_token), config.admin_listen).protect(
-                crate::admin::router(ctx_cell.clone())
-                    .merge(crate::heartbeat::router(heartbeat.clone())),
-            ),
+            OperationsGuard::new(Some(&config.admin_token), config.admin_listen)
+                .protect(crate::admin::router(ctx_cell.clone())),
         )
         .start(internal.clone())
         .await?;
     let (client, admin) = (role.client, role.admin);
     let outbound = Outbound::new(client.clone(), &config.id, metrics.clone());
     let ctx = Arc::new(GatewayCtx::new(config.clone(), verifier, outbound, metrics));
+    ctx.migration.set_heartbeat(heartbeat.clone());
     let _ = ctx_cell.set(ctx.clone());
 
     let tcp = match config.tcp_listen {
@@ -159,6 +158,7 @@ pub async fn start(
     let task = tokio::spawn(async move {
         shutdown.cancelled().await;
         accepting.cancel();
+        drain_by_redirect(&drain_ctx).await;
         drain(&drain_ctx).await;
         // Every disconnect is recorded (10.3): connections still saying goodbye after the
         // grace period finish (their writes are bounded), and the conn.down events of all
@@ -190,6 +190,34 @@ pub async fn start(
 /// How long the shutdown waits, after the grace period, for the last connections to close
 /// and for the connection events of all of them to be stored.
 const EVENTS_STORED_SECS: u64 = 10;
+
+/// On shutdown, first moves devices to other gateways by REDIRECT for up to
+/// `shutdown_drain_secs` (PROTOCOL.md 10.7); stops early when none is left or none can be
+/// moved (no other gateway, no ipconfig).
+async fn drain_by_redirect(ctx: &Arc<GatewayCtx>) {
+    let secs = ctx.config.shutdown_drain_secs;
+    if secs == 0 || ctx.registry.is_empty() {
+        return;
+    }
+    let request = tether_schemas::bus::DrainRequest::default();
+    if let Err(error) = ctx
+        .migration
+        .drain(ctx, &request, crate::migrate::Kind::Shutdown)
+    {
+        tracing::warn!(gw = %ctx.config.id, %error, "no drain on shutdown");
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !ctx.registry.is_empty()
+        && ctx.migration.is_running()
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ctx.migration.stop();
+    let status = ctx.migration.status(ctx);
+    tracing::info!(gw = %ctx.config.id, moved = status.moved, left = status.connections, error = ?status.error, "shutdown drain done");
+}
 
 /// Tells every client to go away (with a random retry hint so they do not all come back
 /// at once) and waits for them to close, up to the grace period.

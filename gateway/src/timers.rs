@@ -188,6 +188,8 @@ mod tests {
             uid: "u".into(),
             did: "d".into(),
             may_uplink: true,
+            rights: tether_auth::Rights::default(),
+            transport: crate::conn::Transport::Tcp,
         });
         active.touch(1);
         assert_eq!(

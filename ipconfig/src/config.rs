@@ -31,6 +31,8 @@ pub struct IpconfigConfig {
     pub token_key: PathBuf,
     /// Lifetime of the gateway tokens handed out, in seconds.
     pub token_ttl_secs: u64,
+    /// Lifetime of the gateway-bound tokens carried by REDIRECT (drain, migration), seconds.
+    pub redirect_token_ttl_secs: u64,
     /// Endpoints per answer, at most [`MAX_ENDPOINTS`].
     pub max_endpoints: usize,
     /// A gateway whose last heartbeat arrived longer ago than this is not offered
@@ -59,6 +61,7 @@ impl Default for IpconfigConfig {
             stream_replicas: 1,
             token_key: PathBuf::from(".tether/token.key"),
             token_ttl_secs: 600,
+            redirect_token_ttl_secs: 120,
             max_endpoints: MAX_ENDPOINTS,
             stale_after_ms: 15_000,
             offer_draining: false,
@@ -76,8 +79,8 @@ impl IpconfigConfig {
         if self.max_endpoints == 0 || self.max_endpoints > MAX_ENDPOINTS {
             return Err(format!("max_endpoints must be 1 to {MAX_ENDPOINTS}"));
         }
-        if self.token_ttl_secs == 0 {
-            return Err("token_ttl_secs must be positive".into());
+        if self.token_ttl_secs == 0 || self.redirect_token_ttl_secs == 0 {
+            return Err("token_ttl_secs and redirect_token_ttl_secs must be positive".into());
         }
         if self.stale_after_ms == 0 {
             return Err("stale_after_ms must be positive".into());

@@ -12,6 +12,7 @@
 //! - [`credential`]: client credentials (HS256 / EdDSA JWTs) and their checks.
 //! - [`apps`]: app records, the app table and the `tether app` operations.
 //! - [`gateways`]: live gateways from their heartbeats.
+//! - [`redirect`]: redirect tokens for gateways that drain or migrate devices.
 //! - [`score`]: eligibility, score and order of gateways for one request.
 //! - [`metrics`]: Prometheus metrics.
 
@@ -21,6 +22,7 @@ pub mod config;
 pub mod credential;
 pub mod gateways;
 pub mod metrics;
+pub mod redirect;
 pub mod score;
 
 use std::net::SocketAddr;
@@ -133,13 +135,17 @@ pub async fn start(
         addr: config.http_listen,
         error,
     })?;
-    let app = api::router(api::ApiState {
+    let state = api::ApiState {
         config: Arc::new(config),
         apps,
         gateways,
         signer,
         metrics,
-    });
+    };
+    redirect::serve(role.client.clone(), state.clone(), shutdown.clone())
+        .await
+        .map_err(|e| IpconfigError::Bucket(format!("redirect subscription: {e}")))?;
+    let app = api::router(state);
     let stopped = shutdown.clone();
     let http = tokio::spawn(async move {
         let served = axum::serve(listener, app)

@@ -20,6 +20,8 @@ pub struct IpconfigMetrics {
     pub latency: Histogram,
     /// Gateway tokens issued.
     pub tokens_issued: Counter,
+    /// Devices a gateway asked a redirect token for (drain, migration).
+    pub redirect_grants: Counter,
     /// Live gateways (fresh heartbeats), updated on every scrape and request.
     pub gateways_seen: Gauge,
     /// Apps known (bucket and config file).
@@ -36,6 +38,7 @@ impl Default for IpconfigMetrics {
                 0.000_05, 2.0, 14,
             )),
             tokens_issued: Counter::default(),
+            redirect_grants: Counter::default(),
             gateways_seen: Gauge::default(),
             apps: Gauge::default(),
         }
@@ -64,6 +67,11 @@ impl IpconfigMetrics {
             "tokens_issued",
             "gateway tokens issued",
             self.tokens_issued.clone(),
+        );
+        registry.register(
+            "redirect_requests",
+            "devices gateways asked a redirect token for",
+            self.redirect_grants.clone(),
         );
         registry.register(
             "gateways_seen",

@@ -326,6 +326,8 @@ impl Driver {
             uid: claims.uid.as_str().into(),
             did: claims.did.as_str().into(),
             may_uplink: claims.may_uplink(),
+            rights: claims.rights,
+            transport: self.state.transport,
         };
         self.shared.set_identity(identity);
         self.state.resume_seq = login.resume_seq;

@@ -22,6 +22,10 @@ pub struct Identity {
     pub did: Arc<str>,
     /// Whether the token allows UP frames.
     pub may_uplink: bool,
+    /// The token's rights (carried into a redirect token).
+    pub rights: tether_auth::Rights,
+    /// The connection's transport (a REDIRECT names an endpoint of the same kind).
+    pub transport: super::Transport,
 }
 
 /// Why a connection ends; `send_error` says whether the client gets an ERROR frame first.

@@ -4,6 +4,7 @@
 
 use clap::{Args, Subcommand};
 use tether_bench::conns::ConnsArgs;
+use tether_bench::drain::DrainArgs;
 use tether_bench::fanout::FanoutArgs;
 use tether_bench::p2p::P2pArgs;
 use tether_bench::scenario::{self, Scenario};
@@ -28,6 +29,8 @@ enum Command {
     P2p(P2pArgs),
     /// Highest uplink rate with store receipts (closed loop, W in flight per device).
     Uplink(UplinkArgs),
+    /// Drain a gateway of N devices to another by REDIRECT; report the time and QoS1 lost.
+    Drain(DrainArgs),
     /// Every scenario at the sizes of BENCHMARKS.md: results.json, table.md, charts.
     Suite(SuiteArgs),
     /// Internal: one load-generator process of a multi-process `conns` run.
@@ -55,6 +58,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
         Command::Fanout(args) => measure(&args).await,
         Command::P2p(args) => measure(&args).await,
         Command::Uplink(args) => measure(&args).await,
+        Command::Drain(args) => Ok(tether_bench::drain::run(&args).await.map(drop)?),
         Command::Suite(args) => Ok(suite::run(args).await.map(drop)?),
         Command::ConnsWorker { spec } => Ok(worker::worker_main(&spec).await?),
     }
