@@ -130,7 +130,9 @@ pub async fn run(args: &DrainArgs) -> Result<DrainReport, BenchError> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(BenchError::Setup("ipconfig never offered the target".into()));
+            return Err(BenchError::Setup(
+                "ipconfig never offered the target".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -168,12 +170,19 @@ pub async fn run(args: &DrainArgs) -> Result<DrainReport, BenchError> {
         if all_moved_secs.is_none() && moved.load(Ordering::Relaxed) >= args.devices {
             all_moved_secs = Some(drain_started.elapsed().as_secs_f64());
         }
-        let status = control(&nats, drained, &serde_json::json!({"op": "migration_status"})).await?;
+        let status = control(
+            &nats,
+            drained,
+            &serde_json::json!({"op": "migration_status"}),
+        )
+        .await?;
         if !status.running {
             break status;
         }
         if drain_started.elapsed() > Duration::from_secs(600) {
-            return Err(BenchError::Setup(format!("drain not done in 600 s: {status:?}")));
+            return Err(BenchError::Setup(format!(
+                "drain not done in 600 s: {status:?}"
+            )));
         }
     };
     let drain_secs = drain_started.elapsed().as_secs_f64();

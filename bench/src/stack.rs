@@ -282,7 +282,9 @@ impl Stack {
             let apps: String = spec
                 .ipconfig_apps
                 .iter()
-                .map(|app| format!("[[apps]]\nid = \"{app}\"\nsecrets = [\"bench-secret-0123456789\"]\n"))
+                .map(|app| {
+                    format!("[[apps]]\nid = \"{app}\"\nsecrets = [\"bench-secret-0123456789\"]\n")
+                })
                 .collect();
             std::fs::write(&config, apps).map_err(BenchError::io("ipconfig config"))?;
             let (admin, http) = (loopback(port()?), loopback(port()?));

@@ -188,7 +188,13 @@ async fn cluster_view_lists_gateways_states_partitions_and_apps_and_drops_a_kill
     let tcp3 = free_addr();
     let mut gw3 = GatewayProcess(
         std::process::Command::new(tether_bin())
-            .args(["gateway", "--nats", &fixture.nats.client_url(), "--id", "gw-three"])
+            .args([
+                "gateway",
+                "--nats",
+                &fixture.nats.client_url(),
+                "--id",
+                "gw-three",
+            ])
             .args(["--tcp", &tcp3.to_string(), "--ws", &free_addr().to_string()])
             .args(["--admin", &free_addr().to_string()])
             .arg("--token-public-key")
@@ -204,18 +210,24 @@ async fn cluster_view_lists_gateways_states_partitions_and_apps_and_drops_a_kill
     let (_d2, _) = fixture.login_as(APP, "view-2").await;
     let ops = start_ops(&fixture).await;
 
-    let cluster = cluster_until(&ops, "3 gateways, 2 states owning every partition, 2 devices", |c| {
-        let states = c["states"].as_array().cloned().unwrap_or_default();
-        let owned: usize = states
-            .iter()
-            .map(|s| s["partitions"].as_array().map_or(0, Vec::len))
-            .sum();
-        gateway_ids(c).len() == 3
-            && states.len() == 2
-            && states.iter().all(|s| s["partitions"].as_array().is_some_and(|p| !p.is_empty()))
-            && owned == usize::from(tether_nats::subjects::PARTITIONS)
-            && c["apps"][0]["connections"] == json!(2)
-    })
+    let cluster = cluster_until(
+        &ops,
+        "3 gateways, 2 states owning every partition, 2 devices",
+        |c| {
+            let states = c["states"].as_array().cloned().unwrap_or_default();
+            let owned: usize = states
+                .iter()
+                .map(|s| s["partitions"].as_array().map_or(0, Vec::len))
+                .sum();
+            gateway_ids(c).len() == 3
+                && states.len() == 2
+                && states
+                    .iter()
+                    .all(|s| s["partitions"].as_array().is_some_and(|p| !p.is_empty()))
+                && owned == usize::from(tether_nats::subjects::PARTITIONS)
+                && c["apps"][0]["connections"] == json!(2)
+        },
+    )
     .await;
     assert_eq!(
         gateway_ids(&cluster),
@@ -223,7 +235,11 @@ async fn cluster_view_lists_gateways_states_partitions_and_apps_and_drops_a_kill
     );
     assert_eq!(cluster["apps"][0]["id"], json!(APP));
     assert_eq!(cluster["apps"][0]["gateways"]["gw-test"], json!(2));
-    assert!(cluster["partitions"].as_array().is_some_and(|p| p.iter().all(Value::is_string)));
+    assert!(
+        cluster["partitions"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(Value::is_string))
+    );
 
     // The CLI shows the same, as a table and as JSON.
     let table = ctl(&ops, &["status"]).await;
@@ -233,14 +249,24 @@ async fn cluster_view_lists_gateways_states_partitions_and_apps_and_drops_a_kill
     let json: Value = serde_json::from_str(&ctl(&ops, &["--json", "gateways"]).await)?;
     assert_eq!(json.as_array().map(Vec::len), Some(3));
     let apps = ctl(&ops, &["apps"]).await;
-    assert!(apps.lines().any(|l| l.starts_with(APP) && l.contains(" 2 ")), "{apps}");
+    assert!(
+        apps.lines()
+            .any(|l| l.starts_with(APP) && l.contains(" 2 ")),
+        "{apps}"
+    );
 
     // A crashed gateway (SIGKILL: it cannot delete its record) leaves the view once its
     // heartbeat is older than the bucket's TTL.
     gw3.0.kill()?;
     gw3.0.wait()?;
-    let cluster = cluster_until(&ops, "gw-three gone", |c| !gateway_ids(c).contains("gw-three")).await;
-    assert_eq!(gateway_ids(&cluster), ["gw-test", "gw-two"].map(String::from).into());
+    let cluster = cluster_until(&ops, "gw-three gone", |c| {
+        !gateway_ids(c).contains("gw-three")
+    })
+    .await;
+    assert_eq!(
+        gateway_ids(&cluster),
+        ["gw-test", "gw-two"].map(String::from).into()
+    );
     stop.cancel();
     Ok(())
 }
@@ -299,7 +325,10 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
             break;
         }
         assert_eq!(status, 404, "{body}");
-        assert!(tokio::time::Instant::now() < deadline, "route never written");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "route never written"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     k1.expect_close(ErrorCode::Forbidden).await;
@@ -319,7 +348,16 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
     let url = format!("http://{}", ops.admin_addr);
     loop {
         let (ok, stdout, stderr) = tether(&[
-            "ctl", "--ops", &url, "--token", TOKEN, "kick", APP, "kick-2", "--code", "going_away",
+            "ctl",
+            "--ops",
+            &url,
+            "--token",
+            TOKEN,
+            "kick",
+            APP,
+            "kick-2",
+            "--code",
+            "going_away",
         ])
         .await;
         if ok {
@@ -327,7 +365,10 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
             break;
         }
         assert!(stderr.contains("404"), "{stderr}");
-        assert!(tokio::time::Instant::now() < deadline, "route never written");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "route never written"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     k2.expect_close(ErrorCode::GoingAway).await;
@@ -341,7 +382,14 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
     let mut refused = RawClient::connect(Transport::Tcp, fixture.tcp).await;
     refused.send(&fixture.login_frame("pause-2")).await;
     refused.expect_close(ErrorCode::Unavailable).await;
-    let (status, body) = api(&ops, "POST", &format!("/v1/apps/{APP}/resume"), Some(TOKEN), None).await;
+    let (status, body) = api(
+        &ops,
+        "POST",
+        &format!("/v1/apps/{APP}/resume"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["pipeline"], json!({}));
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -353,13 +401,17 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
             Some(Frame::Error { .. }) | None => {}
             other => panic!("expected LOGIN_ACK or the pause's error, got {other:?}"),
         }
-        assert!(tokio::time::Instant::now() < deadline, "resume never applied");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "resume never applied"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Uplink rate limit with `tether app set` (straight to the bucket): a burst over it
     // gets UP_ACK rate_limited from the running gateway.
-    let (ok, stdout, stderr) = tether(&["app", "--nats", &nats, "set", APP, "max_msgs_per_sec=2"]).await;
+    let (ok, stdout, stderr) =
+        tether(&["app", "--nats", &nats, "set", APP, "max_msgs_per_sec=2"]).await;
     assert!(ok, "{stderr}");
     assert!(stdout.contains("\"max_msgs_per_sec\": 2"), "{stdout}");
     let (mut sender, _) = fixture.login_as(APP, "rate-1").await;
@@ -372,15 +424,24 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
         }
         for _ in 0..10 {
             match sender.next_frame().await {
-                Some(Frame::UpAck(ack)) if ack.code == u32::from(ErrorCode::RateLimited.as_u16()) => {
-                    assert!(ack.message.contains("2 messages per second"), "{}", ack.message);
+                Some(Frame::UpAck(ack))
+                    if ack.code == u32::from(ErrorCode::RateLimited.as_u16()) =>
+                {
+                    assert!(
+                        ack.message.contains("2 messages per second"),
+                        "{}",
+                        ack.message
+                    );
                     break 'limited;
                 }
                 Some(_) => {}
                 None => panic!("connection closed"),
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "limit never applied");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "limit never applied"
+        );
     }
     // The same setting through the API: 0 lifts the limit.
     let (status, body) = api(
@@ -419,17 +480,25 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
         assert!(tokio::time::Instant::now() < deadline, "bind never worked");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let pushed = business.push(Push::to_session("room", "before").qos0()).await?;
+    let pushed = business
+        .push(Push::to_session("room", "before").qos0())
+        .await?;
     assert_eq!(pushed.mode.as_deref(), Some("direct"));
-    let (ok, _, stderr) = tether(&["app", "--nats", &nats, "set", APP, "broadcast_threshold=1"]).await;
+    let (ok, _, stderr) =
+        tether(&["app", "--nats", &nats, "set", APP, "broadcast_threshold=1"]).await;
     assert!(ok, "{stderr}");
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let pushed = business.push(Push::to_session("room", "after").qos0()).await?;
+        let pushed = business
+            .push(Push::to_session("room", "after").qos0())
+            .await?;
         if pushed.mode.as_deref() == Some("broadcast") {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "threshold never applied");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "threshold never applied"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let shown = ctl(&ops, &["app", "show", APP]).await;
@@ -528,7 +597,12 @@ async fn every_metric_of_the_grafana_dashboard_is_exported() -> TestResult {
     .await?;
     let ops = start_ops(&fixture).await;
     let mut names = BTreeSet::new();
-    for admin in [fixture.admin, state.admin_addr, ipconfig.admin_addr, ops.admin_addr] {
+    for admin in [
+        fixture.admin,
+        state.admin_addr,
+        ipconfig.admin_addr,
+        ops.admin_addr,
+    ] {
         names.extend(exported(&support::http_get(admin, "/metrics").await));
     }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana/tether.json");
@@ -549,6 +623,135 @@ async fn every_metric_of_the_grafana_dashboard_is_exported() -> TestResult {
     assert!(queried.len() > 20, "the dashboard queries {queried:?}");
     let missing: Vec<&String> = queried.iter().filter(|n| !names.contains(*n)).collect();
     assert!(missing.is_empty(), "not exported by any role: {missing:?}");
+    stop.cancel();
+    Ok(())
+}
+
+fn connections_on(cluster: &Value, gw: &str) -> Option<u64> {
+    cluster["gateways"]
+        .as_array()?
+        .iter()
+        .find(|g| g["id"] == json!(gw))?["connections"]
+        .as_u64()
+}
+
+/// Drain through the API and migrate through the CLI (PROTOCOL.md 10.7): SDK devices move
+/// by REDIRECT, and the cluster view shows the counts move and the migration's status.
+#[tokio::test]
+async fn drain_and_migrate_move_devices_through_the_api_and_the_cli() -> TestResult {
+    let fixture = Fixture::start(|c| {
+        c.await_registration = true;
+        c.heartbeat_interval_ms = 200;
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let _state = start_state(&fixture, stop.clone()).await;
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("token.key");
+    std::fs::write(&key, fixture.signer.to_pem()?)?;
+    let _ipconfig = tether_ipconfig::start(
+        tether_ipconfig::IpconfigConfig {
+            nats_url: fixture.nats.client_url(),
+            admin_listen: "127.0.0.1:0".parse()?,
+            http_listen: "127.0.0.1:0".parse()?,
+            token_key: key,
+            stale_after_ms: 1_000,
+            apps: vec![AppRecord {
+                id: APP.into(),
+                secrets: vec!["a-secret-of-16-chars".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await?;
+    let mut second = fixture.gateway_config("gw-two");
+    second.await_registration = true;
+    second.heartbeat_interval_ms = 200;
+    let _gw2 = tether_gateway::start(second, stop.clone()).await?;
+    let ops = start_ops(&fixture).await;
+    let mut devices = Vec::new();
+    for i in 0..5 {
+        devices.push(support::stack::device(&fixture, fixture.tcp, &format!("move-{i}")).await);
+    }
+    cluster_until(&ops, "5 devices on gw-test, gw-two live", |c| {
+        connections_on(c, "gw-test") == Some(5) && connections_on(c, "gw-two") == Some(0)
+    })
+    .await;
+
+    let (status, body) = api(
+        &ops,
+        "POST",
+        "/v1/gateways/gw-test/drain",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["draining"], json!(true));
+    assert_eq!(body["kind"], json!("drain"));
+    let cluster = cluster_until(&ops, "every device moved to gw-two", |c| {
+        connections_on(c, "gw-test") == Some(0) && connections_on(c, "gw-two") == Some(5)
+    })
+    .await;
+    assert_eq!(cluster["migrations"]["gw-test"]["kind"], json!("drain"));
+    let (status, body) = api(
+        &ops,
+        "POST",
+        "/v1/gateways/nowhere/drain",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+
+    // Back through the CLI: undrain, then migrate all of gw-two to gw-test.
+    let shown = ctl(&ops, &["undrain", "gw-test"]).await;
+    assert!(shown.contains("\"draining\": false"), "{shown}");
+    cluster_until(&ops, "gw-test no longer draining", |c| {
+        c["gateways"].as_array().is_some_and(|g| {
+            g.iter()
+                .any(|g| g["id"] == json!("gw-test") && g["draining"] == json!(false))
+        })
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let shown = ctl(&ops, &["migrate", "gw-two", "--all", "--to", "gw-test"]).await;
+        assert!(shown.contains("\"kind\": \"migrate\""), "{shown}");
+        let moved = tokio::time::timeout(
+            Duration::from_secs(15),
+            cluster_until(&ops, "every device back on gw-test", |c| {
+                connections_on(c, "gw-test") == Some(5) && connections_on(c, "gw-two") == Some(0)
+            }),
+        )
+        .await;
+        if moved.is_ok() {
+            break;
+        }
+        // ipconfig may not have seen gw-test's cleared flag yet: the migration then found
+        // nowhere to go; run it again.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "migration never moved them"
+        );
+    }
+    let status: Value = serde_json::from_str(&ctl(&ops, &["--json", "migration", "gw-two"]).await)?;
+    assert_eq!(status["kind"], json!("migrate"));
+    assert_eq!(status["gw"], json!("gw-two"));
+
+    let (_, audit) = api(&ops, "GET", "/v1/audit", Some(TOKEN), None).await;
+    let ops_seen: BTreeSet<&str> = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["op"].as_str())
+        .collect();
+    for op in ["drain", "undrain", "migrate"] {
+        assert!(ops_seen.contains(op), "{op} not audited: {ops_seen:?}");
+    }
+    drop(devices);
     stop.cancel();
     Ok(())
 }
