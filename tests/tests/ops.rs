@@ -680,21 +680,36 @@ async fn drain_and_migrate_move_devices_through_the_api_and_the_cli() -> TestRes
     })
     .await;
 
-    let (status, body) = api(
-        &ops,
-        "POST",
-        "/v1/gateways/gw-test/drain",
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["draining"], json!(true));
-    assert_eq!(body["kind"], json!("drain"));
-    let cluster = cluster_until(&ops, "every device moved to gw-two", |c| {
-        connections_on(c, "gw-test") == Some(0) && connections_on(c, "gw-two") == Some(5)
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let cluster = loop {
+        let (status, body) = api(
+            &ops,
+            "POST",
+            "/v1/gateways/gw-test/drain",
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["draining"], json!(true));
+        assert_eq!(body["kind"], json!("drain"));
+        let moved = tokio::time::timeout(
+            Duration::from_secs(15),
+            cluster_until(&ops, "every device moved to gw-two", |c| {
+                connections_on(c, "gw-test") == Some(0) && connections_on(c, "gw-two") == Some(5)
+            }),
+        )
+        .await;
+        if let Ok(cluster) = moved {
+            break cluster;
+        }
+        // ipconfig may not offer gw-two yet (its first heartbeats): the drain found
+        // nowhere to go; ask again.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the drain never moved them"
+        );
+    };
     assert_eq!(cluster["migrations"]["gw-test"]["kind"], json!("drain"));
     let (status, body) = api(
         &ops,
