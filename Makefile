@@ -27,6 +27,7 @@ build:
 # Doc tests first, so the Rust run ends with the main runner's summary line.
 test: tools
 	$(CARGO) test --workspace --doc
+	$(CARGO) build -p tether
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
