@@ -96,11 +96,12 @@ mod tests {
         let config = StateConfig::default();
         let pipelines = AppPipelines::default();
         assert_eq!(pipelines.broadcast_threshold(&config, "a"), 100);
-        let mut pipeline = AppPipeline::default();
-        pipeline.broadcast_threshold = Some(3);
         pipelines.apply(AppPipelineView {
             id: "a".into(),
-            pipeline,
+            pipeline: AppPipeline {
+                broadcast_threshold: Some(3),
+                ..Default::default()
+            },
         });
         assert_eq!(pipelines.broadcast_threshold(&config, "a"), 3);
         assert_eq!(pipelines.broadcast_threshold(&config, "b"), 100);
