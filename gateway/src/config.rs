@@ -91,6 +91,9 @@ pub struct GatewayConfig {
     pub going_away_retry_ms: u32,
     /// REDIRECTs per second a drain or migration sends by default (the op may say another).
     pub migrate_rate: u32,
+    /// Redirected devices on their way at once (sent REDIRECT, not yet gone): a migration
+    /// waits below this when the targets log devices in slower than `migrate_rate`.
+    pub migrate_window: usize,
     /// Seconds a redirected device has to log in elsewhere before it is closed with
     /// `going_away`.
     pub migrate_timeout_secs: u64,
@@ -132,6 +135,7 @@ impl Default for GatewayConfig {
             shutdown_grace_secs: 5,
             going_away_retry_ms: 5_000,
             migrate_rate: 1_000,
+            migrate_window: 500,
             migrate_timeout_secs: 30,
             shutdown_drain_secs: 30,
         }
@@ -178,8 +182,10 @@ impl GatewayConfig {
                 "pool {pool:?} must be 1-64 characters of [A-Za-z0-9_-]"
             ));
         }
-        if self.migrate_rate == 0 || self.migrate_timeout_secs == 0 {
-            return Err("migrate_rate and migrate_timeout_secs must be positive".into());
+        if self.migrate_rate == 0 || self.migrate_timeout_secs == 0 || self.migrate_window == 0 {
+            return Err(
+                "migrate_rate, migrate_window and migrate_timeout_secs must be positive".into(),
+            );
         }
         if self.heartbeat_interval_ms == 0 {
             return Err("heartbeat_interval_ms must be positive".into());

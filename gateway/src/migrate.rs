@@ -5,7 +5,8 @@
 //! then queues REDIRECT to each device. A redirected connection keeps serving until it
 //! leaves: state's `close` for it (the device's new login was registered elsewhere) closes it
 //! without an ERROR frame, or the device closes it after its new LOGIN_ACK. One that has not
-//! left after `migrate_timeout_secs` is closed with `going_away`. A drain marks the gateway
+//! left after `migrate_timeout_secs` is closed with `going_away`. At most
+//! `migrate_window` redirected connections are on their way at once. A drain marks the gateway
 //! draining and migrates every connection, newcomers included, until none is left.
 //! One migration runs at a time; starting one replaces the running one.
 
@@ -346,8 +347,13 @@ impl Job {
                 }
                 continue;
             }
+            // At most `migrate_window` devices on their way at once: when the targets log
+            // them in slower than `rate`, the migration slows down instead of piling up
+            // logins that time out.
+            let room = self.ctx.config.migrate_window.saturating_sub(pending);
+            let most = (budget.floor() as usize).min(room).min(MAX_REDIRECT_BATCH);
             let mut batch = Vec::new();
-            while (batch.len() as f64) < budget.floor() && batch.len() < MAX_REDIRECT_BATCH {
+            while batch.len() < most {
                 let Some(conn) = queue.pop_front() else { break };
                 if self.ctx.logins.is_waiting(conn.id) {
                     // No LOGIN_ACK yet, and nothing may precede it: try again later.
