@@ -5,7 +5,7 @@ CARGO ?= cargo
 NPM ?= npm
 SDK := sdk/ts
 
-.PHONY: tools up build test test-ts test-browser sdk sdk-deps lint fmt fuzz clean-tools bench-tools bench chaos
+.PHONY: tools up build test test-ts test-browser ops-screenshot sdk sdk-deps lint fmt fuzz clean-tools bench-tools bench chaos
 
 ## Install the pinned nats-server into .tools/ and, as root, Debian's chromium for the
 ## browser test (no-op when present).
@@ -27,6 +27,7 @@ build:
 # Doc tests first, so the Rust run ends with the main runner's summary line.
 test: tools
 	$(CARGO) test --workspace --doc
+	$(CARGO) build -p tether
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
@@ -47,14 +48,21 @@ test-ts: sdk
 	cd $(SDK) && $(NPM) test
 	cd $(SDK) && $(NPM) run size
 
-## The web chat page in Debian's chromium (playwright-core) against `tether up`.
+## The web chat page and the ops dashboard in Debian's chromium (playwright-core from the
+## SDK's dev dependencies) against `tether up`.
 test-browser: tools sdk
 	$(CARGO) build -p tether
 	@if [ ! -x "$${CHROMIUM:-/usr/bin/chromium}" ]; then \
 		echo "SKIP test-browser: no chromium at $${CHROMIUM:-/usr/bin/chromium} (make tools as root installs it)"; \
 	else \
-		cd $(SDK) && TETHER_BIN=$(CURDIR)/target/debug/tether $(NPM) run test:browser; \
+		(cd $(SDK) && TETHER_BIN=$(CURDIR)/target/debug/tether $(NPM) run test:browser) && \
+		TETHER_BIN=$(CURDIR)/target/debug/tether node ops/web/test/dashboard.browser.mjs; \
 	fi
+
+## The ops dashboard's browser test, saving the README's screenshot (docs/ops-dashboard.png).
+ops-screenshot: tools sdk
+	$(CARGO) build -p tether
+	TETHER_BIN=$(CURDIR)/target/debug/tether node ops/web/test/dashboard.browser.mjs --screenshot docs/ops-dashboard.png
 
 ## The chaos suite of RELIABILITY.md (~10 min on 2 cores): every role as a `tether` process
 ## on a 3-node NATS cluster, one fault per scenario under steady QoS1 traffic, a row of

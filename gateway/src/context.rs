@@ -32,6 +32,8 @@ pub struct GatewayCtx {
     pub metrics: GatewayMetrics,
     /// Logins waiting for state's registration.
     pub logins: crate::logins::PendingLogins,
+    /// Per-app pipeline settings (paused, limits) from `tether_apps`.
+    pub app_limits: crate::app_limits::AppLimits,
     /// Drain and migration by REDIRECT.
     pub migration: crate::migrate::Migration,
     conn_ids: AtomicU64,
@@ -64,6 +66,7 @@ impl GatewayCtx {
             outbound,
             metrics,
             logins: Default::default(),
+            app_limits: Default::default(),
             migration: Default::default(),
             conn_ids: AtomicU64::new(prefix | 1),
         }

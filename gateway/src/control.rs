@@ -26,7 +26,8 @@ use crate::conn::CloseReason;
 use crate::context::GatewayCtx;
 use crate::rooms;
 
-/// Closes the device's connection `conn` if it is here (a newer login elsewhere replaced it).
+/// Closes the device's connection `conn` if it is here (a newer login elsewhere replaced it,
+/// or an operator kicked the device).
 fn close(ctx: &GatewayCtx, app: &str, did: &str, conn: u64, code: tether_schemas::ErrorCode) {
     let Some(found) = ctx.registry.get(app, did).filter(|c| c.id == conn) else {
         return; // gone already, or a newer connection of the device is here
@@ -38,10 +39,12 @@ fn close(ctx: &GatewayCtx, app: &str, did: &str, conn: u64, code: tether_schemas
         return;
     }
     ctx.metrics.error(code);
-    found.close(CloseReason::error(
-        code,
-        "the device logged in on another connection",
-    ));
+    let why = if code == tether_schemas::ErrorCode::Replaced {
+        "the device logged in on another connection"
+    } else {
+        "closed by the operator"
+    };
+    found.close(CloseReason::error(code, why));
 }
 
 /// State registered connection `conn`: its LOGIN_ACK is queued now, before any downlink

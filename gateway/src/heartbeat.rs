@@ -210,6 +210,7 @@ impl Sampler {
             pools: ctx.config.pools.clone(),
             endpoints: endpoints.clone(),
             connections: u64::try_from(ctx.metrics.connections.get()).unwrap_or(0),
+            apps: ctx.registry.app_counts(),
             capacity: ctx.config.capacity() as u64,
             cpu,
             mem_bytes: process_rss_bytes().unwrap_or(0),

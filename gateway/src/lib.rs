@@ -10,6 +10,7 @@
 //! - [`timers`]: the one timer wheel for login and idle deadlines.
 //! - [`outbound`]: what the gateway writes to NATS (uplink, acks, events).
 //! - [`downlink`]: what it receives from NATS and delivers.
+//! - [`app_limits`]: per-app pipeline settings from `tether_apps`, applied live.
 //! - [`migrate`]: drain and migration by REDIRECT (control ops, admin routes, SIGTERM).
 //! - [`heartbeat`]: live figures into the `tether_gateways` bucket for ipconfig; drain flag.
 //! - [`ws`]: the WebSocket server codec (RFC 6455), pure and allocation-free when idle.
@@ -17,6 +18,7 @@
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod admin;
+pub mod app_limits;
 pub mod config;
 pub mod conn;
 pub mod context;

@@ -47,6 +47,15 @@ impl Registry {
         true
     }
 
+    /// Logged-in (or logging-in) connections per app, for the heartbeat.
+    pub fn app_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        let counts = self.per_app.lock().unwrap_or_else(PoisonError::into_inner);
+        counts
+            .iter()
+            .map(|(app, n)| (app.to_string(), *n as u64))
+            .collect()
+    }
+
     /// Gives back a slot taken by [`Registry::reserve_app`].
     pub fn release_app(&self, app: &str) {
         let mut counts = self.per_app.lock().unwrap_or_else(PoisonError::into_inner);

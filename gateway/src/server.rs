@@ -129,6 +129,7 @@ pub async fn start(
         .await
         .map_err(|e| GatewayError::Subscribe(e.to_string()))?;
     tokio::spawn(ctx.timers.clone().run(internal.clone()));
+    crate::app_limits::spawn(ctx.clone(), client.clone(), internal.clone());
     let limit = Arc::new(Semaphore::new(
         config.max_connections.min(Semaphore::MAX_PERMITS),
     ));

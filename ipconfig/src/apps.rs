@@ -15,6 +15,7 @@ use futures::StreamExt;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tether_nats::keys;
+use tether_schemas::bus::AppPipeline;
 use tether_service::Shutdown;
 
 /// Secrets kept per app: the newest plus older ones still accepted during a rotation.
@@ -40,11 +41,59 @@ pub struct AppRecord {
     /// recoverable rooms).
     #[serde(default)]
     pub rooms: bool,
+    /// Pipeline settings gateways and state apply live (paused, limits, broadcast
+    /// threshold; PROTOCOL.md 12.4).
+    #[serde(skip_serializing_if = "is_default_pipeline")]
+    pub pipeline: AppPipeline,
     /// When the record was last changed, unix milliseconds.
     pub updated_ms: u64,
 }
 
+fn is_default_pipeline(pipeline: &AppPipeline) -> bool {
+    *pipeline == AppPipeline::default()
+}
+
+/// Record settings `tether app set` changes besides the pipeline ones.
+pub const RECORD_KEYS: &[(&str, &str)] = &[
+    (
+        "pool",
+        "dedicated gateway pool (empty or shared = the shared pool)",
+    ),
+    ("rooms", "true|false: gateway tokens carry the rooms right"),
+    (
+        "token_ttl_secs",
+        "lifetime of the app's gateway tokens (0 = ipconfig's)",
+    ),
+];
+
 impl AppRecord {
+    /// Sets one setting from its text form: a record setting ([`RECORD_KEYS`]) or a
+    /// pipeline setting ([`tether_schemas::bus::PIPELINE_KEYS`]).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let value = value.trim();
+        match key {
+            "pool" => {
+                self.pool = Some(value)
+                    .filter(|v| !v.is_empty() && *v != "shared")
+                    .map(str::to_string)
+            }
+            "rooms" => {
+                self.rooms = match value {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    other => return Err(format!("rooms: {other:?} is not true or false")),
+                }
+            }
+            "token_ttl_secs" => {
+                self.token_ttl_secs = value
+                    .parse()
+                    .map_err(|_| format!("token_ttl_secs: {value:?} is not a number"))?
+            }
+            _ => return self.pipeline.set(key, value),
+        }
+        Ok(())
+    }
+
     /// Checks the id, that some key exists and that public keys parse.
     pub fn validate(&self) -> Result<(), String> {
         use ed25519_dalek::pkcs8::DecodePublicKey as _;
@@ -212,6 +261,33 @@ impl AppAdmin {
             .await
             .map_err(bucket_error)?;
         Ok(secret)
+    }
+
+    /// Applies `changes` (`key`, `value` text pairs, see [`AppRecord::set`]) to an app's
+    /// record, all or none, with compare-and-set on its revision (retried when another
+    /// writer came first). Returns the new record.
+    pub async fn set(&self, id: &str, changes: &[(String, String)]) -> Result<AppRecord, AppError> {
+        let key = keys::app(id);
+        let mut attempts = 0;
+        loop {
+            let (mut record, revision) = self
+                .read(&key)
+                .await?
+                .ok_or_else(|| AppError::NotFound(id.to_string()))?;
+            for (name, value) in changes {
+                record.set(name, value).map_err(AppError::Invalid)?;
+            }
+            record.validate().map_err(AppError::Invalid)?;
+            record.updated_ms = tether_auth::unix_now_ms();
+            let json = serde_json::to_vec(&record).map_err(bucket_error)?;
+            match self.store.update(&key, json.into(), revision).await {
+                Ok(_) => return Ok(record),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision && attempts < 5 => {
+                    attempts += 1;
+                }
+                Err(e) => return Err(bucket_error(e)),
+            }
+        }
     }
 
     /// Deletes an app.

@@ -35,6 +35,25 @@ pub const APPS_BUCKET: &str = "tether_apps";
 /// expiring after the lease TTL unless renewed.
 pub const LEASES_BUCKET: &str = "tether_leases";
 
+/// KV bucket: the audit log of operations (ops API and `tether app set`), one key per
+/// operation (`<unix_ms>-<random>`), kept for [`AUDIT_MAX_AGE`].
+pub const AUDIT_BUCKET: &str = "tether_audit";
+/// How long audit entries are kept.
+pub const AUDIT_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// The audit bucket with `replicas` (created by ops, and by `tether app set`, if missing).
+pub fn audit_bucket(replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket: AUDIT_BUCKET.to_string(),
+        description: "tether operations audit log".into(),
+        history: 1,
+        max_age: AUDIT_MAX_AGE,
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
 /// The lease bucket with `ttl` and `replicas` (state creates or updates it at start: the
 /// TTL is state's setting).
 pub fn leases_bucket(name: &str, ttl: Duration, replicas: usize) -> kv::Config {

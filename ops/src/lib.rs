@@ -1,70 +1,146 @@
-//! ops: cluster view and operations (drain, migrate, pools, limits).
+//! ops: the operator's cockpit — cluster view, operations API, web dashboard.
 //!
-//! Today the role connects to NATS, makes sure the streams and buckets exist, and serves
-//! `/healthz` and `/metrics`; its behaviour is built on this start by its own issue.
+//! Layout:
+//! - [`config`]: the one configuration struct.
+//! - [`view`]: the cluster view in memory and its snapshot; [`watch`] fills it from KV
+//!   watches (heartbeats, leases, apps) and the NATS monitoring endpoints.
+//! - [`actions`]: the operations (kick, app settings, drain, migrate, restart).
+//! - [`api`]: the HTTP JSON API behind admin tokens, and the live stream (SSE).
+//! - [`audit`]: the audit log of operations (`tether_audit` bucket).
+//! - [`dashboard`]: the embedded web page.
+//! - [`http`]: a small HTTP client (monitoring endpoints, `tether ctl`).
+//! - [`error`], [`metrics`].
+
+pub mod actions;
+pub mod api;
+pub mod audit;
+pub mod config;
+pub mod dashboard;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod view;
+pub mod watch;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
 use tether_service::{NatsRole, NatsRoleBuilder, RoleError, Shutdown};
 
-/// Configuration of `tether ops` (TOML file, `TETHER_OPS_<FIELD>`, flags).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct OpsConfig {
-    /// NATS server URL(s), comma separated.
-    pub nats_url: String,
-    /// Credentials and TLS of the NATS connection: the `[nats]` table (`creds_file`,
-    /// `nkey_seed_file`, `user`/`password`, `token`, `tls_ca_file`, `tls_cert_file`/
-    /// `tls_key_file`, `inbox_prefix`), also `TETHER_NATS_<FIELD>` for every role.
-    pub nats: tether_service::NatsAuth,
-    /// Admin HTTP listener: `/healthz`, `/metrics`.
-    pub admin_listen: SocketAddr,
-    /// Replicas of the streams and buckets created if missing (3 on a cluster).
-    pub stream_replicas: usize,
-}
+pub use config::OpsConfig;
+pub use view::{ClusterSnapshot, ClusterView};
 
-impl Default for OpsConfig {
-    fn default() -> Self {
-        Self {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            nats: tether_service::NatsAuth::default(),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7430)),
-            stream_replicas: 1,
-        }
-    }
+/// Why ops could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// Invalid configuration.
+    #[error("invalid ops configuration: {0}")]
+    Config(String),
+    /// NATS or the listener.
+    #[error(transparent)]
+    Role(#[from] RoleError),
+    /// Buckets.
+    #[error("ops: {0}")]
+    Bus(String),
 }
 
 /// A running ops role.
 pub struct RunningOps {
-    /// Bound admin address.
+    /// Bound HTTP address (API, dashboard, `/healthz`, `/metrics`).
     pub admin_addr: SocketAddr,
     role: NatsRole,
 }
 
 impl RunningOps {
+    /// The dashboard's URL.
+    pub fn dashboard_url(&self) -> String {
+        format!("http://{}/", self.admin_addr)
+    }
+
     /// Waits until the role has stopped (after its shutdown signal).
     pub async fn wait(self) {
         let _ = self.role.admin.task.await;
-        let _ =
-            tokio::time::timeout(std::time::Duration::from_secs(2), self.role.client.flush()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.role.client.flush()).await;
     }
 }
 
 /// Starts the role; it stops when `shutdown` fires.
-pub async fn start(config: OpsConfig, shutdown: Shutdown) -> Result<RunningOps, RoleError> {
-    let registry = Registry::with_prefix("tether_ops");
+pub async fn start(config: OpsConfig, shutdown: Shutdown) -> Result<RunningOps, OpsError> {
+    config.validate().map_err(OpsError::Config)?;
+    let metrics = metrics::OpsMetrics::default();
+    let mut registry = Registry::with_prefix("tether_ops");
+    metrics.register(&mut registry);
+    let cell = api::OpsCell::default();
+    let guard = api::TokenGuard::new(&config.admin_tokens, config.admin_listen);
     let role = NatsRoleBuilder::new("ops", &config.nats_url)
         .auth(config.nats.clone())
         .replicas(config.stream_replicas)
         .admin(config.admin_listen)
         .metrics(registry)
-        .start(shutdown)
+        .routes(api::router(cell.clone(), guard).merge(dashboard::router()))
+        .start(shutdown.clone())
         .await?;
-    tracing::info!(admin = %role.admin.addr, "ops started");
+    let view = Arc::new(ClusterView::new(Duration::from_millis(
+        config.gateway_stale_ms,
+    )));
+    let js = async_nats::jetstream::new(role.client.clone());
+    watch::spawn(
+        js,
+        view.clone(),
+        config.monitor_urls(),
+        Duration::from_millis(config.monitor_interval_ms),
+        shutdown.clone(),
+    );
+    let ops = actions::Ops::open(
+        role.client.clone(),
+        view.clone(),
+        config.stream_replicas,
+        metrics.clone(),
+    )
+    .await
+    .map_err(|e| OpsError::Bus(e.message))?;
+    let ops = Arc::new(ops);
+    let _ = cell.set(ops.clone());
+    tokio::spawn(follow_migrations(ops, shutdown.clone()));
+    tokio::spawn(update_gauges(view, metrics, shutdown));
+    tracing::info!(addr = %role.admin.addr, "ops started");
     Ok(RunningOps {
         admin_addr: role.admin.addr,
         role,
     })
+}
+
+/// Asks every gateway with a running migration where it stands, every second, so the
+/// dashboard shows its progress live.
+async fn follow_migrations(ops: Arc<actions::Ops>, stop: Shutdown) {
+    loop {
+        for gw in ops.view.running_migrations() {
+            if let Err(error) = ops.migration(&gw).await {
+                tracing::debug!(%gw, %error, "migration status not read");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Keeps the view's gauges current.
+async fn update_gauges(view: Arc<ClusterView>, metrics: metrics::OpsMetrics, stop: Shutdown) {
+    loop {
+        let snapshot = view.snapshot();
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        metrics.gateways.set(count(snapshot.gateways.len()));
+        metrics.states.set(count(snapshot.states.len()));
+        metrics
+            .connections
+            .set(i64::try_from(snapshot.totals.connections).unwrap_or(i64::MAX));
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }

@@ -98,9 +98,16 @@ pub struct StateCtx {
     pub metrics: StateMetrics,
     /// Which gateways are alive (heartbeats).
     pub gateways: Arc<crate::liveness::GatewayLiveness>,
+    /// Per-app pipeline settings from `tether_apps` (live overrides).
+    pub pipelines: Arc<crate::app_pipelines::AppPipelines>,
 }
 
 impl StateCtx {
+    /// The broadcast threshold of `app` (its `tether_apps` record, else the config).
+    pub fn broadcast_threshold(&self, app: &str) -> usize {
+        self.pipelines.broadcast_threshold(&self.config, app)
+    }
+
     /// Writes one frame to devices on gateway `gw`; false when NATS did not take it.
     pub async fn send_frame(&self, gw: &str, app: &str, dids: &[&str], frame: Bytes) -> bool {
         let mut map = HeaderMap::new();

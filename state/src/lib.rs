@@ -2,7 +2,8 @@
 //! presence (DESIGN.md sections 2-4, 6, 10-12).
 //!
 //! Layout:
-//! - [`config`]: the one configuration struct.
+//! - [`config`]: the one configuration struct; [`app_pipelines`]: per-app settings from
+//!   `tether_apps`, applied live.
 //! - [`leases`]: which partitions this instance owns (KV leases, compare-and-set).
 //! - [`partition`]: the owner of one partition — events, uplinks, inbox delivery, acks,
 //!   retransmission, recycling; rebuilt from streams and KV on takeover.
@@ -14,6 +15,7 @@
 //! - [`context`]: shared handles; [`metrics`]. The JSON bodies are the bus contract
 //!   (`tether_schemas::bus`).
 
+pub mod app_pipelines;
 pub mod config;
 pub mod context;
 pub mod index;
@@ -127,6 +129,12 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
     gateways.follow(heartbeats, shutdown.clone());
+    let pipelines = Arc::new(app_pipelines::AppPipelines::default());
+    let apps = js
+        .get_key_value(tether_nats::layout::APPS_BUCKET)
+        .await
+        .map_err(|e| StateError::Bus(e.to_string()))?;
+    pipelines.clone().follow(apps, shutdown.clone());
     let ctx = Arc::new(StateCtx {
         config: config.clone(),
         instance_id: instance_id.clone(),
@@ -136,6 +144,7 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         index,
         metrics,
         gateways,
+        pipelines,
     });
     push::serve(ctx.clone(), shutdown.clone())
         .await

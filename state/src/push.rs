@@ -123,7 +123,7 @@ async fn deliver_to_session(
             ..Default::default()
         });
     }
-    if members > ctx.config.broadcast_threshold(app) {
+    if members > ctx.broadcast_threshold(app) {
         if !ctx
             .broadcast_frame(app, Some(session), &[], encode(0))
             .await
@@ -209,7 +209,7 @@ async fn deliver_to_devices(
     }
     // QoS0: one frame, grouped by gateway.
     let frame = encode(0);
-    if dids.len() > ctx.config.broadcast_threshold(app) {
+    if dids.len() > ctx.broadcast_threshold(app) {
         reply.mode = Some("broadcast".into());
         for chunk in dids.chunks(MAX_DIDS_PER_MESSAGE) {
             let targets: Vec<&str> = chunk.iter().map(String::as_str).collect();

@@ -4,6 +4,7 @@
 //! - `tether gateway|state|ipconfig|ops`: one role, for production (one process per role).
 //! - `tether token`: make signing keys and gateway tokens.
 //! - `tether app`: apps and their secrets (what ipconfig verifies client credentials with).
+//! - `tether ctl`: the ops API from the command line (cluster view and operations).
 //! - `tether client`: a device on the command line; `tether bench`: load scenarios.
 
 mod cmd;
@@ -32,6 +33,8 @@ enum Command {
     Ops(cmd::role::RoleArgs),
     /// Apps (tenants) and their secrets in the tether_apps bucket.
     App(cmd::app::AppArgs),
+    /// Operate a running platform through the ops API (status, drain, kick, app settings).
+    Ctl(cmd::ctl::CtlArgs),
     /// Signing keys and gateway tokens.
     Token(cmd::token::TokenArgs),
     /// Connect as a device: each stdin line is sent as UP, arriving messages are printed.
@@ -43,7 +46,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `tether app` prints secrets and credentials for scripts: keep its output clean.
-    if !matches!(cli.command, Command::App(_)) {
+    if !matches!(cli.command, Command::App(_) | Command::Ctl(_)) {
         tether_service::telemetry::init();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -64,6 +67,7 @@ fn main() -> std::process::ExitCode {
             Command::Ipconfig(args) => cmd::role::ipconfig(args).await,
             Command::Ops(args) => cmd::role::ops(args).await,
             Command::App(args) => cmd::app::run(args).await,
+            Command::Ctl(args) => cmd::ctl::run(args).await,
             Command::Token(args) => cmd::token::run(args),
             Command::Client(args) => cmd::client::run(args).await,
             Command::Bench(args) => cmd::bench::run(args).await,

@@ -303,12 +303,19 @@ impl Driver {
                 "token is for another gateway",
             ));
         }
+        if self.ctx.app_limits.paused(&claims.app) {
+            self.ctx.metrics.refused("app_paused");
+            let mut reason =
+                CloseReason::error(ErrorCode::Unavailable, "app paused by the operator");
+            reason.retry_after_ms = 30_000;
+            return Err(reason);
+        }
         let app: Arc<str> = claims.app.as_str().into();
-        if !self
+        let app_limit = self
             .ctx
-            .registry
-            .reserve_app(&app, config.max_connections_per_app)
-        {
+            .app_limits
+            .connection_limit(&app, config.max_connections_per_app);
+        if !self.ctx.registry.reserve_app(&app, app_limit) {
             return Err(CloseReason::error(
                 ErrorCode::TooManyConnections,
                 "app connection limit reached",
@@ -422,6 +429,25 @@ impl Driver {
                 server_msg_id: String::new(),
             }));
             self.ctx.metrics.error(ErrorCode::Forbidden);
+            return Ok(());
+        }
+        if let Err(refused) = self
+            .ctx
+            .app_limits
+            .take_uplink(&identity.app, raw.bytes.len())
+        {
+            // Over the app's limit (PROTOCOL.md 12.4): not published; the client retries.
+            self.ctx.metrics.refused("app_rate");
+            self.ctx.metrics.error(ErrorCode::RateLimited);
+            self.reply(&Frame::UpAck(pb::UpAck {
+                client_msg_id: header.client_msg_id,
+                code: u32::from(ErrorCode::RateLimited.as_u16()),
+                message: format!(
+                    "app limit of {} {} reached; retry after {} ms",
+                    refused.limit, refused.what, refused.retry_after_ms
+                ),
+                server_msg_id: String::new(),
+            }));
             return Ok(());
         }
         let limit = self.ctx.config.max_queued_frames;

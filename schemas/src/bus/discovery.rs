@@ -34,6 +34,9 @@ pub struct GatewayHeartbeat {
     pub endpoints: AdvertisedEndpoints,
     /// Open client connections.
     pub connections: u64,
+    /// Logged-in connections per app (apps with none are left out).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub apps: std::collections::BTreeMap<String, u64>,
     /// Connections the gateway accepts at most.
     pub capacity: u64,
     /// CPU used by the gateway process, as a share of the whole machine (0.0 to 1.0).

@@ -12,8 +12,10 @@
 //! - [`migrate`]: drain and migration operations, their status, redirect tokens.
 //! - [`business`]: uplink requests and replies, pushes, presence (section 11).
 //! - [`sessions`]: the session binding API and membership events (11.5, 11.6).
+//! - [`apps`]: per-app pipeline settings in the `tether_apps` record (12.4).
 //! - [`discovery`]: gateway heartbeats and the ipconfig answer (section 12).
 
+pub mod apps;
 pub mod business;
 pub mod control;
 pub mod discovery;
@@ -23,6 +25,7 @@ pub mod ids;
 pub mod migrate;
 pub mod sessions;
 
+pub use apps::{AppPipeline, AppPipelineView, PIPELINE_KEYS};
 pub use business::{Accepted, PresenceEvent, Push, PushReply, PushReplyWire, Uplink, UplinkReply};
 pub use control::GatewayControl;
 pub use discovery::{AdvertisedEndpoints, EndpointInfo, EndpointsAnswer, GatewayHeartbeat};

@@ -65,6 +65,21 @@ enum AppCommand {
         /// App id.
         id: String,
     },
+    /// Change settings of an app, live (`key=value`; pipeline settings apply on every
+    /// gateway and state instance without a restart). Written to the audit log.
+    Set {
+        /// App id.
+        id: String,
+        /// `key=value` pairs: pool, rooms, token_ttl_secs, paused, max_connections,
+        /// max_msgs_per_sec, max_bytes_per_sec, broadcast_threshold.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
+    /// Show an app's settings (never its secrets), as JSON.
+    Show {
+        /// App id.
+        id: String,
+    },
     /// Print a client credential signed with the app's newest secret, as the app's backend
     /// would (for trying things out).
     Credential {
@@ -93,8 +108,46 @@ pub async fn run(args: AppArgs) -> anyhow::Result<()> {
         &tether_nats::BusLayout::default(),
     )
     .await?;
-    let admin = AppAdmin::open(client).await?;
+    let admin = AppAdmin::open(client.clone()).await?;
     match args.command {
+        AppCommand::Set { id, settings } => {
+            let changes = parse_settings(&settings)?;
+            let js = async_nats::jetstream::new(client);
+            let result = admin.set(&id, &changes).await;
+            let audit = tether_ops::audit::AuditLog::open(&js, 1).await?;
+            audit
+                .record(tether_ops::audit::AuditEntry {
+                    actor: "cli".into(),
+                    op: "app.set".into(),
+                    target: id.clone(),
+                    params: serde_json::json!(
+                        changes
+                            .iter()
+                            .cloned()
+                            .collect::<std::collections::BTreeMap<_, _>>()
+                    ),
+                    outcome: if result.is_ok() { "ok" } else { "error" }.into(),
+                    message: result
+                        .as_ref()
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default(),
+                    ..Default::default()
+                })
+                .await?;
+            let record = result?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&tether_ops::actions::app_json(&record))?
+            );
+        }
+        AppCommand::Show { id } => {
+            let record = admin.get(&id).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&tether_ops::actions::app_json(&record))?
+            );
+        }
         AppCommand::Add {
             id,
             secret,
@@ -123,7 +176,7 @@ pub async fn run(args: AppArgs) -> anyhow::Result<()> {
                     pool,
                     token_ttl_secs,
                     rooms,
-                    updated_ms: 0,
+                    ..Default::default()
                 })
                 .await?;
             println!("added app {}", record.id);
@@ -179,6 +232,19 @@ pub async fn run(args: AppArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Splits `key=value` arguments.
+pub fn parse_settings(settings: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    settings
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .with_context(|| format!("{pair:?} is not key=value"))
+        })
+        .collect()
 }
 
 /// The app `tether up` offers out of the box: `demo`, added to the bucket with a generated

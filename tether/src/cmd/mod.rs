@@ -3,6 +3,7 @@
 pub mod app;
 pub mod bench;
 pub mod client;
+pub mod ctl;
 pub mod demo;
 pub mod role;
 pub mod token;

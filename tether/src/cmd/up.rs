@@ -118,6 +118,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         tether_ops::OpsConfig {
             nats_url: nats_url.clone(),
             admin_listen: at(30),
+            nats_monitor_urls: local_nats
+                .as_ref()
+                .map(|server| server.monitor_url())
+                .unwrap_or_default(),
             ..Default::default()
         },
         stop.clone(),
@@ -164,9 +168,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ipconfig.admin_addr
     );
     banner += &format!(
-        "  ops             http://{}/healthz  http://{0}/metrics\n",
+        "  ops             http://{}/healthz  http://{0}/metrics  (API http://{0}/v1/cluster)\n",
         ops.admin_addr
     );
+    banner += &format!("  dashboard       {}\n", ops.dashboard_url());
     banner += &demo.as_ref().map(|d| d.banner()).unwrap_or_default();
     banner += &format!(
         "  token key       {} (public {})\n",

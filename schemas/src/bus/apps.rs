@@ -1,0 +1,159 @@
+//! Per-app pipeline settings (PROTOCOL.md 12.4): the `pipeline` object of an app's record in
+//! the `tether_apps` bucket (`app.<id>`), which gateways and state watch and apply live.
+//!
+//! ipconfig owns the whole record (secrets, keys, pool); gateways and state read only the
+//! part they apply through [`AppPipelineView`], which ignores every other field, so a
+//! record with newer fields never stops them.
+
+use serde::{Deserialize, Serialize};
+
+/// What an operator can change per app without a restart.
+///
+/// Unknown fields are ignored when read, so older gateways keep applying the settings they
+/// know when a newer version adds some.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AppPipeline {
+    /// Paused by an operator: gateways refuse the app's logins and close its connections
+    /// with `unavailable` (retryable), until resumed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Connections of the app on all gateways together (0 = no limit); each gateway
+    /// enforces its share (limit / live gateways, rounded up), so the sum is approximate.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_connections: u64,
+    /// Uplink messages per second of the app on all gateways together (0 = no limit); an
+    /// UP over a gateway's share is answered UP_ACK `rate_limited` and not published.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_msgs_per_sec: u64,
+    /// Uplink bytes per second (frame bytes) of the app on all gateways together (0 = no
+    /// limit); enforced like `max_msgs_per_sec`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_bytes_per_sec: u64,
+    /// Session pushes to more members than this go out as one broadcast; overrides state's
+    /// `broadcast_threshold` for the app.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broadcast_threshold: Option<usize>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The keys [`AppPipeline::set`] knows, with what each means (for help texts and errors).
+pub const PIPELINE_KEYS: &[(&str, &str)] = &[
+    (
+        "paused",
+        "true|false: refuse the app's logins and close its connections",
+    ),
+    (
+        "max_connections",
+        "connections on all gateways together (0 = no limit)",
+    ),
+    (
+        "max_msgs_per_sec",
+        "uplink messages per second on all gateways together (0 = no limit)",
+    ),
+    (
+        "max_bytes_per_sec",
+        "uplink bytes per second on all gateways together (0 = no limit)",
+    ),
+    (
+        "broadcast_threshold",
+        "session pushes to more members go out as one broadcast (empty = state's default)",
+    ),
+];
+
+impl AppPipeline {
+    /// Sets `key` from its text form (`max_msgs_per_sec=100`); an empty value of an
+    /// optional setting clears it. Unknown keys and unparsable values are errors.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let value = value.trim();
+        let number = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{key}: {v:?} is not a non-negative integer"))
+        };
+        match key {
+            "paused" => {
+                self.paused = match value {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    other => return Err(format!("paused: {other:?} is not true or false")),
+                }
+            }
+            "max_connections" => self.max_connections = number(value)?,
+            "max_msgs_per_sec" => self.max_msgs_per_sec = number(value)?,
+            "max_bytes_per_sec" => self.max_bytes_per_sec = number(value)?,
+            "broadcast_threshold" => {
+                self.broadcast_threshold = if value.is_empty() {
+                    None
+                } else {
+                    Some(
+                        usize::try_from(number(value)?)
+                            .map_err(|_| format!("{key}: {value} is too large"))?,
+                    )
+                }
+            }
+            other => {
+                let known: Vec<&str> = PIPELINE_KEYS.iter().map(|(k, _)| *k).collect();
+                return Err(format!(
+                    "unknown pipeline setting {other:?} (known: {})",
+                    known.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The part of an app record that gateways and state read: its id and pipeline (every other
+/// field of the record is ignored).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct AppPipelineView {
+    /// App id.
+    pub id: String,
+    /// Its pipeline settings.
+    pub pipeline: AppPipeline,
+}
+
+impl AppPipelineView {
+    /// Parses a record of the `tether_apps` bucket.
+    pub fn from_json(body: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_parses_and_refuses() {
+        let mut p = AppPipeline::default();
+        assert!(p.set("max_msgs_per_sec", "5").is_ok());
+        assert!(p.set("broadcast_threshold", "2").is_ok());
+        assert!(p.set("paused", "true").is_ok());
+        assert_eq!(p.max_msgs_per_sec, 5);
+        assert_eq!(p.broadcast_threshold, Some(2));
+        assert!(p.paused);
+        assert!(p.set("broadcast_threshold", "").is_ok());
+        assert_eq!(p.broadcast_threshold, None);
+        assert!(p.set("max_connections", "-1").is_err());
+        assert!(p.set("paused", "maybe").is_err());
+        let err = p.set("qos", "1").err().unwrap_or_default();
+        assert!(err.contains("unknown pipeline setting"), "{err}");
+    }
+
+    #[test]
+    fn view_ignores_other_fields() -> Result<(), serde_json::Error> {
+        let view = AppPipelineView::from_json(
+            br#"{"id":"demo","secrets":["x"],"pipeline":{"max_msgs_per_sec":3},"later":1}"#,
+        )?;
+        assert_eq!(view.id, "demo");
+        assert_eq!(view.pipeline.max_msgs_per_sec, 3);
+        let json = serde_json::to_string(&view.pipeline)?;
+        assert_eq!(json, r#"{"max_msgs_per_sec":3}"#);
+        Ok(())
+    }
+}

@@ -1,0 +1,816 @@
+//! ops over real processes (issue 16): the cluster view (gateways, state instances with
+//! their partitions, app counts; a killed gateway leaves it), every operation through the
+//! HTTP API and through `tether ctl` / `tether app set`, 401 without a valid admin token, and
+//! per-app settings (limits, pause, broadcast threshold) taking effect without a restart.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use support::stack::{fast_state, start_state};
+use support::{APP, Fixture, RawClient, TestResult, Transport};
+use tether_business::{Business, Push, SessionRequest};
+use tether_ipconfig::{AppAdmin, AppRecord};
+use tether_ops::{OpsConfig, RunningOps};
+use tether_schemas::{ErrorCode, Frame, pb};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "ops-test-admin-token-0123456789";
+/// Only for waiting, never a pass/fail threshold.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The `tether` binary: `$TETHER_BIN`, else `target/debug/tether` (`make test` builds it
+/// first; built here when missing).
+fn tether_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("TETHER_BIN") {
+            return path.into();
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let bin = target.join("debug").join("tether");
+        if !bin.is_file() {
+            let cargo = option_env!("CARGO").unwrap_or("cargo");
+            let status = std::process::Command::new(cargo)
+                .args(["build", "-q", "-p", "tether"])
+                .current_dir(&root)
+                .status()
+                .expect("cargo build -p tether");
+            assert!(status.success(), "cargo build -p tether failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+async fn start_ops(fixture: &Fixture) -> RunningOps {
+    let config = OpsConfig {
+        nats_url: fixture.nats.client_url(),
+        nats: fixture.nats_auth.clone(),
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        admin_tokens: vec![TOKEN.into()],
+        ..Default::default()
+    };
+    tether_ops::start(config, fixture.shutdown.clone())
+        .await
+        .expect("ops starts")
+}
+
+async fn add_app(fixture: &Fixture) {
+    AppAdmin::open(fixture.nats_client.clone())
+        .await
+        .expect("apps bucket")
+        .add(AppRecord {
+            id: APP.into(),
+            secrets: vec!["a-secret-of-sixteen-chars".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("app added");
+}
+
+/// One API call: status and JSON body.
+async fn api(
+    ops: &RunningOps,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let url = format!("http://{}{path}", ops.admin_addr);
+    let body = body.map(|b| b.to_string());
+    let answer = tether_ops::http::request(
+        method,
+        &url,
+        token,
+        body.as_deref().map(str::as_bytes),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("http");
+    let value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+    (answer.status, value)
+}
+
+/// Polls `/v1/cluster` until `done` holds; panics with the last snapshot after DEADLINE.
+async fn cluster_until(ops: &RunningOps, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, cluster) = api(ops, "GET", "/v1/cluster", Some(TOKEN), None).await;
+        assert_eq!(status, 200, "{cluster}");
+        if done(&cluster) {
+            return cluster;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cluster view never showed {what}: {cluster:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn gateway_ids(cluster: &Value) -> BTreeSet<String> {
+    cluster["gateways"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Runs `tether <args>`; returns (success, stdout, stderr).
+async fn tether(args: &[&str]) -> (bool, String, String) {
+    let output = tokio::process::Command::new(tether_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("TETHER_OPS_TOKEN")
+        .output()
+        .await
+        .expect("tether runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `tether ctl --ops <ops> --token <TOKEN> <args>`, which must succeed; its stdout.
+async fn ctl(ops: &RunningOps, args: &[&str]) -> String {
+    let url = format!("http://{}", ops.admin_addr);
+    let mut all = vec!["ctl", "--ops", &url, "--token", TOKEN];
+    all.extend_from_slice(args);
+    let (ok, stdout, stderr) = tether(&all).await;
+    assert!(ok, "tether {all:?} failed: {stderr}");
+    stdout
+}
+
+fn up(id: u64) -> Bytes {
+    Frame::Up {
+        header: pb::Up {
+            client_msg_id: id,
+            session: String::new(),
+        },
+        body: Bytes::from_static(b"hello"),
+    }
+    .encode()
+}
+
+/// A gateway as its own `tether gateway` process, killed with SIGKILL on drop.
+struct GatewayProcess(std::process::Child);
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn cluster_view_lists_gateways_states_partitions_and_apps_and_drops_a_killed_gateway()
+-> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    add_app(&fixture).await;
+    let second = fixture.gateway_config("gw-two");
+    let key = second.token_public_key.clone();
+    let _gw2 = tether_gateway::start(second, fixture.shutdown.clone()).await?;
+    let tcp3 = free_addr();
+    let mut gw3 = GatewayProcess(
+        std::process::Command::new(tether_bin())
+            .args([
+                "gateway",
+                "--nats",
+                &fixture.nats.client_url(),
+                "--id",
+                "gw-three",
+            ])
+            .args(["--tcp", &tcp3.to_string(), "--ws", &free_addr().to_string()])
+            .args(["--admin", &free_addr().to_string()])
+            .arg("--token-public-key")
+            .arg(&key)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let stop = CancellationToken::new();
+    let _s1 = start_state(&fixture, stop.clone()).await;
+    let _s2 = start_state(&fixture, stop.clone()).await;
+    let (_d1, _) = fixture.login_as(APP, "view-1").await;
+    let (_d2, _) = fixture.login_as(APP, "view-2").await;
+    let ops = start_ops(&fixture).await;
+
+    let cluster = cluster_until(
+        &ops,
+        "3 gateways, 2 states owning every partition, 2 devices",
+        |c| {
+            let states = c["states"].as_array().cloned().unwrap_or_default();
+            let owned: usize = states
+                .iter()
+                .map(|s| s["partitions"].as_array().map_or(0, Vec::len))
+                .sum();
+            gateway_ids(c).len() == 3
+                && states.len() == 2
+                && states
+                    .iter()
+                    .all(|s| s["partitions"].as_array().is_some_and(|p| !p.is_empty()))
+                && owned == usize::from(tether_nats::subjects::PARTITIONS)
+                && c["apps"][0]["connections"] == json!(2)
+        },
+    )
+    .await;
+    assert_eq!(
+        gateway_ids(&cluster),
+        ["gw-test", "gw-three", "gw-two"].map(String::from).into()
+    );
+    assert_eq!(cluster["apps"][0]["id"], json!(APP));
+    assert_eq!(cluster["apps"][0]["gateways"]["gw-test"], json!(2));
+    assert!(
+        cluster["partitions"]
+            .as_array()
+            .is_some_and(|p| p.iter().all(Value::is_string))
+    );
+
+    // The CLI shows the same, as a table and as JSON.
+    let table = ctl(&ops, &["status"]).await;
+    for gw in ["gw-test", "gw-two", "gw-three"] {
+        assert!(table.contains(gw), "{table}");
+    }
+    let json: Value = serde_json::from_str(&ctl(&ops, &["--json", "gateways"]).await)?;
+    assert_eq!(json.as_array().map(Vec::len), Some(3));
+    let apps = ctl(&ops, &["apps"]).await;
+    assert!(
+        apps.lines()
+            .any(|l| l.starts_with(APP) && l.contains(" 2 ")),
+        "{apps}"
+    );
+
+    // A crashed gateway (SIGKILL: it cannot delete its record) leaves the view once its
+    // heartbeat is older than the bucket's TTL.
+    gw3.0.kill()?;
+    gw3.0.wait()?;
+    let cluster = cluster_until(&ops, "gw-three gone", |c| {
+        !gateway_ids(c).contains("gw-three")
+    })
+    .await;
+    assert_eq!(
+        gateway_ids(&cluster),
+        ["gw-test", "gw-two"].map(String::from).into()
+    );
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn operations_need_an_admin_token() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let ops = start_ops(&fixture).await;
+    for (method, path) in [
+        ("GET", "/v1/cluster"),
+        ("GET", "/v1/stream"),
+        ("POST", "/v1/kick"),
+        ("POST", "/v1/apps/demo/pause"),
+        ("POST", "/v1/gateways/gw-test/drain"),
+    ] {
+        for token in [None, Some("wrong-token-wrong-token")] {
+            let (status, body) = api(&ops, method, path, token, Some(json!({}))).await;
+            assert_eq!(status, 401, "{method} {path} with {token:?}: {body}");
+            assert_eq!(body["error"]["code"], json!("bad_token"));
+        }
+    }
+    let url = format!("http://{}", ops.admin_addr);
+    let (ok, _, stderr) = tether(&["ctl", "--ops", &url, "status"]).await;
+    assert!(!ok && stderr.contains("401"), "{stderr}");
+    // The page itself holds no data and loads without a token.
+    let (status, _) = api(&ops, "GET", "/v1/cluster", Some(TOKEN), None).await;
+    assert_eq!(status, 200);
+    let page = support::http_get(ops.admin_addr, "/").await;
+    assert!(page.contains("Tether"), "{page}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    add_app(&fixture).await;
+    let stop = CancellationToken::new();
+    let _state = tether_state::start(fast_state(&fixture.nats.client_url()), stop.clone()).await?;
+    let ops = start_ops(&fixture).await;
+    let nats = fixture.nats.client_url();
+
+    // Kick through the API (the route appears once state registered the device).
+    let (mut k1, _) = fixture.login_as(APP, "kick-1").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, body) = api(
+            &ops,
+            "POST",
+            "/v1/kick",
+            Some(TOKEN),
+            Some(json!({"app": APP, "did": "kick-1"})),
+        )
+        .await;
+        if status == 200 {
+            assert_eq!(body["gw"], json!("gw-test"));
+            break;
+        }
+        assert_eq!(status, 404, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "route never written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    k1.expect_close(ErrorCode::Forbidden).await;
+    let (status, body) = api(
+        &ops,
+        "POST",
+        "/v1/kick",
+        Some(TOKEN),
+        Some(json!({"app": APP, "did": "nobody"})),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+
+    // Kick through the CLI, with a close code.
+    let (mut k2, _) = fixture.login_as(APP, "kick-2").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let url = format!("http://{}", ops.admin_addr);
+    loop {
+        let (ok, stdout, stderr) = tether(&[
+            "ctl",
+            "--ops",
+            &url,
+            "--token",
+            TOKEN,
+            "kick",
+            APP,
+            "kick-2",
+            "--code",
+            "going_away",
+        ])
+        .await;
+        if ok {
+            assert!(stdout.contains("gw-test"), "{stdout}");
+            break;
+        }
+        assert!(stderr.contains("404"), "{stderr}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "route never written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    k2.expect_close(ErrorCode::GoingAway).await;
+
+    // Pause through the CLI: the app's connection is closed, new logins are refused;
+    // resume through the API: logins work again. No restart anywhere.
+    let (mut p1, _) = fixture.login_as(APP, "pause-1").await;
+    let shown = ctl(&ops, &["app", "pause", APP]).await;
+    assert!(shown.contains("\"paused\": true"), "{shown}");
+    p1.expect_close(ErrorCode::Unavailable).await;
+    let mut refused = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    refused.send(&fixture.login_frame("pause-2")).await;
+    refused.expect_close(ErrorCode::Unavailable).await;
+    let (status, body) = api(
+        &ops,
+        "POST",
+        &format!("/v1/apps/{APP}/resume"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["pipeline"], json!({}));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let mut client = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+        client.send(&fixture.login_frame("pause-3")).await;
+        match client.next_frame().await {
+            Some(Frame::LoginAck(_)) => break,
+            Some(Frame::Error { .. }) | None => {}
+            other => panic!("expected LOGIN_ACK or the pause's error, got {other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "resume never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Uplink rate limit with `tether app set` (straight to the bucket): a burst over it
+    // gets UP_ACK rate_limited from the running gateway.
+    let (ok, stdout, stderr) =
+        tether(&["app", "--nats", &nats, "set", APP, "max_msgs_per_sec=2"]).await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("\"max_msgs_per_sec\": 2"), "{stdout}");
+    let (mut sender, _) = fixture.login_as(APP, "rate-1").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut next_id = 1;
+    'limited: loop {
+        for _ in 0..10 {
+            sender.send(&up(next_id)).await;
+            next_id += 1;
+        }
+        for _ in 0..10 {
+            match sender.next_frame().await {
+                Some(Frame::UpAck(ack))
+                    if ack.code == u32::from(ErrorCode::RateLimited.as_u16()) =>
+                {
+                    assert!(
+                        ack.message.contains("2 messages per second"),
+                        "{}",
+                        ack.message
+                    );
+                    break 'limited;
+                }
+                Some(_) => {}
+                None => panic!("connection closed"),
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "limit never applied"
+        );
+    }
+    // The same setting through the API: 0 lifts the limit.
+    let (status, body) = api(
+        &ops,
+        "POST",
+        &format!("/v1/apps/{APP}"),
+        Some(TOKEN),
+        Some(json!({"set": {"max_msgs_per_sec": 0}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["pipeline"], json!({}));
+    let (status, body) = api(
+        &ops,
+        "POST",
+        &format!("/v1/apps/{APP}"),
+        Some(TOKEN),
+        Some(json!({"set": {"qos": 1}})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+
+    // Broadcast threshold with `tether app set`: a session push to 2 members goes direct
+    // under state's default (100) and as one broadcast once the threshold is 1.
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let (_b1, _) = fixture.login_as(APP, "bcast-1").await;
+    let (_b2, _) = fixture.login_as(APP, "bcast-2").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let bound = business
+            .sessions(SessionRequest::bind(["bcast-1", "bcast-2"], ["room"]))
+            .await;
+        if bound.is_ok_and(|r| r.devices == 2) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "bind never worked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pushed = business
+        .push(Push::to_session("room", "before").qos0())
+        .await?;
+    assert_eq!(pushed.mode.as_deref(), Some("direct"));
+    let (ok, _, stderr) =
+        tether(&["app", "--nats", &nats, "set", APP, "broadcast_threshold=1"]).await;
+    assert!(ok, "{stderr}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let pushed = business
+            .push(Push::to_session("room", "after").qos0())
+            .await?;
+        if pushed.mode.as_deref() == Some("broadcast") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "threshold never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shown = ctl(&ops, &["app", "show", APP]).await;
+    assert!(shown.contains("\"broadcast_threshold\": 1"), "{shown}");
+
+    // Rolling restart needs the socket hand-off: 501, through the API and the CLI.
+    let (status, body) = api(&ops, "POST", "/v1/restart", Some(TOKEN), Some(json!({}))).await;
+    assert_eq!(status, 501, "{body}");
+    let (ok, _, stderr) = tether(&["ctl", "--ops", &url, "--token", TOKEN, "restart"]).await;
+    assert!(!ok && stderr.contains("501"), "{stderr}");
+
+    // Every operation is in the audit log, with who did it and how it ended.
+    let (status, audit) = api(&ops, "GET", "/v1/audit?limit=100", Some(TOKEN), None).await;
+    assert_eq!(status, 200);
+    let seen: BTreeSet<(String, String, String)> = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["op"].as_str().unwrap_or_default().to_string(),
+                e["actor"].as_str().unwrap_or_default().to_string(),
+                e["outcome"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("kick", "token-1", "ok"),
+        ("kick", "token-1", "error"),
+        ("app.pause", "token-1", "ok"),
+        ("app.resume", "token-1", "ok"),
+        ("app.set", "cli", "ok"),
+        ("app.set", "token-1", "ok"),
+        ("app.set", "token-1", "error"),
+        ("restart", "token-1", "error"),
+    ] {
+        let expected = (expected.0.into(), expected.1.into(), expected.2.into());
+        assert!(seen.contains(&expected), "{expected:?} not in {seen:?}");
+    }
+    let table = ctl(&ops, &["audit"]).await;
+    assert!(table.contains("app.pause"), "{table}");
+    stop.cancel();
+    Ok(())
+}
+
+/// Metric names a `/metrics` page exports: every sample's name, plus the names a query may
+/// use for each family (`_total` of counters; `_bucket`, `_sum`, `_count` of histograms).
+fn exported(page: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in page.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            if let (Some(name), Some(kind)) = (parts.next(), parts.next()) {
+                names.insert(name.to_string());
+                match kind {
+                    "counter" => {
+                        names.insert(format!("{name}_total"));
+                    }
+                    "histogram" => {
+                        for suffix in ["_bucket", "_sum", "_count"] {
+                            names.insert(format!("{name}{suffix}"));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        } else if !line.starts_with('#')
+            && let Some(name) = line.split(['{', ' ']).next()
+            && !name.is_empty()
+        {
+            names.insert(name.to_string());
+        }
+    }
+    names
+}
+
+/// docs/grafana/tether.json queries only metrics that the roles export.
+#[tokio::test]
+async fn every_metric_of_the_grafana_dashboard_is_exported() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let stop = CancellationToken::new();
+    let state = start_state(&fixture, stop.clone()).await;
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("token.key");
+    tether_auth::write_keypair(&key, false)?;
+    let ipconfig = tether_ipconfig::start(
+        tether_ipconfig::IpconfigConfig {
+            nats_url: fixture.nats.client_url(),
+            admin_listen: "127.0.0.1:0".parse()?,
+            http_listen: "127.0.0.1:0".parse()?,
+            token_key: key,
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await?;
+    let ops = start_ops(&fixture).await;
+    // Labelled families show up once they have a value: give each one.
+    let (mut device, _) = fixture.login_as(APP, "metrics-1").await; // frames_in
+    device.send(&up(1)).await; // state's uplinks (no business: it fails, counted)
+    let mut bad = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    bad.send(
+        &Frame::Login(pb::Login {
+            token: fixture.token("x"),
+            did: "not a valid did".into(),
+            ..Default::default()
+        })
+        .encode(),
+    )
+    .await;
+    bad.expect_close(ErrorCode::BadRequest).await; // refused, errors, disconnects
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while business
+        .push(Push::to_session("metrics-room", "x").qos0())
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "session push never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = support::http_get(ipconfig.http_addr, "/v1/endpoints").await; // requests
+    let (status, _) = api(&ops, "POST", "/v1/restart", Some(TOKEN), None).await; // operations
+    assert_eq!(status, 501);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !support::http_get(state.admin_addr, "/metrics")
+        .await
+        .contains("tether_state_uplinks_total")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the uplink was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut names = BTreeSet::new();
+    for admin in [
+        fixture.admin,
+        state.admin_addr,
+        ipconfig.admin_addr,
+        ops.admin_addr,
+    ] {
+        names.extend(exported(&support::http_get(admin, "/metrics").await));
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana/tether.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            for (i, _) in expr.match_indices("tether_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() > 20, "the dashboard queries {queried:?}");
+    let missing: Vec<&String> = queried.iter().filter(|n| !names.contains(*n)).collect();
+    assert!(missing.is_empty(), "not exported by any role: {missing:?}");
+    stop.cancel();
+    Ok(())
+}
+
+fn connections_on(cluster: &Value, gw: &str) -> Option<u64> {
+    cluster["gateways"]
+        .as_array()?
+        .iter()
+        .find(|g| g["id"] == json!(gw))?["connections"]
+        .as_u64()
+}
+
+/// Drain through the API and migrate through the CLI (PROTOCOL.md 10.7): SDK devices move
+/// by REDIRECT, and the cluster view shows the counts move and the migration's status.
+#[tokio::test]
+async fn drain_and_migrate_move_devices_through_the_api_and_the_cli() -> TestResult {
+    let fixture = Fixture::start(|c| {
+        c.await_registration = true;
+        c.heartbeat_interval_ms = 200;
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let _state = start_state(&fixture, stop.clone()).await;
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("token.key");
+    std::fs::write(&key, fixture.signer.to_pem()?)?;
+    let _ipconfig = tether_ipconfig::start(
+        tether_ipconfig::IpconfigConfig {
+            nats_url: fixture.nats.client_url(),
+            admin_listen: "127.0.0.1:0".parse()?,
+            http_listen: "127.0.0.1:0".parse()?,
+            token_key: key,
+            stale_after_ms: 1_000,
+            apps: vec![AppRecord {
+                id: APP.into(),
+                secrets: vec!["a-secret-of-16-chars".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+        stop.clone(),
+    )
+    .await?;
+    let mut second = fixture.gateway_config("gw-two");
+    second.await_registration = true;
+    second.heartbeat_interval_ms = 200;
+    let _gw2 = tether_gateway::start(second, stop.clone()).await?;
+    let ops = start_ops(&fixture).await;
+    let mut devices = Vec::new();
+    for i in 0..5 {
+        devices.push(support::stack::device(&fixture, fixture.tcp, &format!("move-{i}")).await);
+    }
+    cluster_until(&ops, "5 devices on gw-test, gw-two live", |c| {
+        connections_on(c, "gw-test") == Some(5) && connections_on(c, "gw-two") == Some(0)
+    })
+    .await;
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let cluster = loop {
+        let (status, body) = api(
+            &ops,
+            "POST",
+            "/v1/gateways/gw-test/drain",
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["draining"], json!(true));
+        assert_eq!(body["kind"], json!("drain"));
+        let moved = tokio::time::timeout(
+            Duration::from_secs(15),
+            cluster_until(&ops, "every device moved to gw-two", |c| {
+                connections_on(c, "gw-test") == Some(0) && connections_on(c, "gw-two") == Some(5)
+            }),
+        )
+        .await;
+        if let Ok(cluster) = moved {
+            break cluster;
+        }
+        // ipconfig may not offer gw-two yet (its first heartbeats): the drain found
+        // nowhere to go; ask again.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the drain never moved them"
+        );
+    };
+    assert_eq!(cluster["migrations"]["gw-test"]["kind"], json!("drain"));
+    let (status, body) = api(
+        &ops,
+        "POST",
+        "/v1/gateways/nowhere/drain",
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+
+    // Back through the CLI: undrain, then migrate all of gw-two to gw-test.
+    let shown = ctl(&ops, &["undrain", "gw-test"]).await;
+    assert!(shown.contains("\"draining\": false"), "{shown}");
+    cluster_until(&ops, "gw-test no longer draining", |c| {
+        c["gateways"].as_array().is_some_and(|g| {
+            g.iter()
+                .any(|g| g["id"] == json!("gw-test") && g["draining"] == json!(false))
+        })
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let shown = ctl(&ops, &["migrate", "gw-two", "--all", "--to", "gw-test"]).await;
+        assert!(shown.contains("\"kind\": \"migrate\""), "{shown}");
+        let moved = tokio::time::timeout(
+            Duration::from_secs(15),
+            cluster_until(&ops, "every device back on gw-test", |c| {
+                connections_on(c, "gw-test") == Some(5) && connections_on(c, "gw-two") == Some(0)
+            }),
+        )
+        .await;
+        if moved.is_ok() {
+            break;
+        }
+        // ipconfig may not have seen gw-test's cleared flag yet: the migration then found
+        // nowhere to go; run it again.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "migration never moved them"
+        );
+    }
+    let status: Value = serde_json::from_str(&ctl(&ops, &["--json", "migration", "gw-two"]).await)?;
+    assert_eq!(status["kind"], json!("migrate"));
+    assert_eq!(status["gw"], json!("gw-two"));
+
+    let (_, audit) = api(&ops, "GET", "/v1/audit", Some(TOKEN), None).await;
+    let ops_seen: BTreeSet<&str> = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["op"].as_str())
+        .collect();
+    for op in ["drain", "undrain", "migrate"] {
+        assert!(ops_seen.contains(op), "{op} not audited: {ops_seen:?}");
+    }
+    drop(devices);
+    stop.cancel();
+    Ok(())
+}
