@@ -32,17 +32,21 @@ pub struct GatewayCtx {
     pub metrics: GatewayMetrics,
     /// Logins waiting for state's registration.
     pub logins: crate::logins::PendingLogins,
+    /// Restart by hand-off: downlink gate, parked connections, accept pause.
+    pub handoff: crate::handoff::Handoff,
     conn_ids: AtomicU64,
 }
 
 impl GatewayCtx {
     /// A context; connection ids start at a random 32-bit prefix, so ids stay unique across
-    /// gateway restarts.
+    /// gateway restarts. `taking_over`: the gateway receives a hand-off (downlinks held
+    /// and accepting paused until it commits).
     pub fn new(
         config: GatewayConfig,
         verifier: TokenVerifier,
         outbound: Outbound,
         metrics: GatewayMetrics,
+        taking_over: bool,
     ) -> Self {
         let clock = Clock::default();
         let timers = Arc::new(Timers::new(
@@ -62,6 +66,7 @@ impl GatewayCtx {
             outbound,
             metrics,
             logins: Default::default(),
+            handoff: crate::handoff::Handoff::new(taking_over),
             conn_ids: AtomicU64::new(prefix | 1),
         }
     }

@@ -10,6 +10,7 @@
 //! - [`timers`]: the one timer wheel for login and idle deadlines.
 //! - [`outbound`]: what the gateway writes to NATS (uplink, acks, events).
 //! - [`downlink`]: what it receives from NATS and delivers.
+//! - [`handoff`]: restart by hand-off (sockets and state to a new process).
 //! - [`heartbeat`]: live figures into the `tether_gateways` bucket for ipconfig; drain flag.
 //! - [`ws`]: the WebSocket server codec (RFC 6455), pure and allocation-free when idle.
 //! - [`tls`]: rustls acceptor from PEM files.
@@ -21,6 +22,7 @@ pub mod conn;
 pub mod context;
 pub mod control;
 pub mod downlink;
+pub mod handoff;
 pub mod heartbeat;
 pub mod listener;
 pub mod logins;
@@ -35,7 +37,7 @@ pub mod tls;
 pub mod ws;
 
 pub use config::{GatewayConfig, TlsFiles};
-pub use server::{GatewayError, RunningGateway, start};
+pub use server::{GatewayError, RunningGateway, start, start_with};
 
 /// The shutdown signal type shared by every task.
 pub mod shutdown {
