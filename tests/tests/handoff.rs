@@ -562,3 +562,102 @@ async fn a_takeover_over_the_fd_limit_is_refused_before_anything_moves() -> Test
     ping(&mut late).await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_cannot_move_they_get_going_away_and_log_in_again() -> TestResult {
+    use std::sync::Arc;
+    use tether_schemas::{ErrorCode, limits, split_frame};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, pki_types::ServerName};
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem())?;
+    std::fs::write(&key, certified.signing_key.serialize_pem())?;
+    let files = tether_gateway::TlsFiles { cert, key };
+    let socket = dir.path().join("gw.sock");
+    let tls_files = files.clone();
+    let handoff = socket.clone();
+    let mut fixture = Fixture::start(move |c| {
+        c.tls = Some(tls_files);
+        c.handoff_socket = Some(handoff);
+    })
+    .await;
+    let mut roots = RootCertStore::empty();
+    roots.add(certified.cert.der().clone())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let connector = TlsConnector::from(Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ));
+    let (addr, token) = (fixture.tcp, fixture.token("secure"));
+    let connect = async |resume_seq: u64| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let mut tls = connector
+            .connect(ServerName::try_from("localhost")?, tcp)
+            .await?;
+        let login = Frame::Login(pb::Login {
+            token: token.clone(),
+            did: "secure".into(),
+            app: APP.into(),
+            resume_seq,
+            ..Default::default()
+        });
+        tls.write_all(&login.encode()).await?;
+        Ok(tls)
+    };
+    async fn next(
+        tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        input: &mut bytes::BytesMut,
+    ) -> Option<Frame> {
+        loop {
+            if let Ok(Some(raw)) = split_frame(input, limits::DEFAULT_MAX_FRAME_LEN) {
+                return Frame::decode(&raw).ok();
+            }
+            match tokio::time::timeout(WAIT, tls.read_buf(input)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    let mut tls = connect(0).await?;
+    let mut input = bytes::BytesMut::new();
+    assert!(matches!(next(&mut tls, &mut input).await, Some(Frame::LoginAck(_))));
+    fixture.push(&["secure"], down(7)).await;
+    assert!(matches!(next(&mut tls, &mut input).await, Some(Frame::Down { header, .. }) if header.seq == 7));
+
+    let stop = CancellationToken::new();
+    let config = GatewayConfig {
+        tls: Some(files),
+        ..successor_config(&fixture, &socket)
+    };
+    let successor = tether_gateway::start_with(config, stop.clone(), Some(&socket)).await?;
+    // The TLS session lives in the old process: it says going_away, with a retry hint.
+    match next(&mut tls, &mut input).await {
+        Some(Frame::Error { error, close }) => {
+            assert_eq!(error.code, u32::from(ErrorCode::GoingAway.as_u16()));
+            assert!(close);
+        }
+        other => panic!("expected going_away, got {other:?}"),
+    }
+    let old = fixture.gateway.take().ok_or("old gateway")?;
+    tokio::time::timeout(WAIT, old.wait()).await?;
+    // Logging in again (resume point 7) lands on the successor, on the same listener.
+    let mut again = connect(7).await?;
+    let mut input = bytes::BytesMut::new();
+    match next(&mut again, &mut input).await {
+        Some(Frame::LoginAck(ack)) => assert_eq!(ack.gateway, GW),
+        other => panic!("expected LOGIN_ACK, got {other:?}"),
+    }
+    assert_eq!(successor.sessions(), 1);
+    fixture.push(&["secure"], down(8)).await;
+    assert!(matches!(next(&mut again, &mut input).await, Some(Frame::Down { header, .. }) if header.seq == 8));
+    stop.cancel();
+    successor.wait().await;
+    Ok(())
+}
