@@ -208,10 +208,12 @@ pub async fn start_with(
     };
     ctx.handoff.add_listener(ListenerKind::Admin, admin_fd);
     if let Some(listener) = &tcp {
-        ctx.handoff.add_listener(ListenerKind::Tcp, listener.as_raw_fd());
+        ctx.handoff
+            .add_listener(ListenerKind::Tcp, listener.as_raw_fd());
     }
     if let Some(listener) = &ws {
-        ctx.handoff.add_listener(ListenerKind::Ws, listener.as_raw_fd());
+        ctx.handoff
+            .add_listener(ListenerKind::Ws, listener.as_raw_fd());
     }
     let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
     let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use support::{APP, Fixture, GW, RawClient, TestResult, Transport, WAIT, http_get};
-use tokio::process::{Child, Command};
 use tether_gateway::GatewayConfig;
 use tether_schemas::{Frame, pb};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 fn down(seq: u64) -> Bytes {
@@ -108,7 +108,9 @@ async fn read_downs(client: &mut RawClient, count: usize) -> Vec<u64> {
 
 /// A ping answered by the gateway: the connection is alive and served.
 async fn ping(client: &mut RawClient) {
-    client.send(&Frame::Ping(Bytes::from_static(b"hi")).encode()).await;
+    client
+        .send(&Frame::Ping(Bytes::from_static(b"hi")).encode())
+        .await;
     loop {
         match client.next_frame().await {
             Some(Frame::Pong(body)) => {
@@ -148,9 +150,12 @@ async fn tcp_and_websocket_connections_move_and_downlinks_arrive_once_in_order()
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stop = CancellationToken::new();
-    let successor =
-        tether_gateway::start_with(successor_config(&fixture, &socket), stop.clone(), Some(&socket))
-            .await?;
+    let successor = tether_gateway::start_with(
+        successor_config(&fixture, &socket),
+        stop.clone(),
+        Some(&socket),
+    )
+    .await?;
     assert_eq!(successor.tcp_addr, Some(fixture.tcp), "same listener");
     assert_eq!(successor.ws_addr, Some(fixture.ws), "same listener");
     let old = fixture.gateway.take().ok_or("old gateway")?;
@@ -255,7 +260,10 @@ async fn sdk_devices_keep_their_connections_across_a_handoff_under_load() -> Tes
             let d = i % dids.len();
             sent[d] += 1;
             pusher
-                .push(Push::to_dids([dids[d].as_str()], sent[d].to_string().into_bytes()))
+                .push(Push::to_dids(
+                    [dids[d].as_str()],
+                    sent[d].to_string().into_bytes(),
+                ))
                 .await
                 .expect("push accepted");
         }
@@ -280,9 +288,12 @@ async fn sdk_devices_keep_their_connections_across_a_handoff_under_load() -> Tes
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let stop = CancellationToken::new();
-    let successor =
-        tether_gateway::start_with(successor_config(&fixture, &socket), stop.clone(), Some(&socket))
-            .await?;
+    let successor = tether_gateway::start_with(
+        successor_config(&fixture, &socket),
+        stop.clone(),
+        Some(&socket),
+    )
+    .await?;
     let old = fixture.gateway.take().ok_or("old gateway")?;
     tokio::time::timeout(WAIT, old.wait()).await?;
 
@@ -302,9 +313,18 @@ async fn sdk_devices_keep_their_connections_across_a_handoff_under_load() -> Tes
     for (d, log) in seen.iter().enumerate() {
         let seen = log.lock().expect("lock");
         let expected: Vec<(u64, String)> = (1..=sent[d]).map(|n| (n, n.to_string())).collect();
-        assert_eq!(seen.messages, expected, "{}: exactly once, in order", devices[d].0);
+        assert_eq!(
+            seen.messages, expected,
+            "{}: exactly once, in order",
+            devices[d].0
+        );
         assert_eq!(seen.reconnects, 0, "{}: no reconnect", devices[d].0);
-        assert!(seen.disconnects.is_empty(), "{}: {:?}", devices[d].0, seen.disconnects);
+        assert!(
+            seen.disconnects.is_empty(),
+            "{}: {:?}",
+            devices[d].0,
+            seen.disconnects
+        );
     }
     assert_eq!(
         metric(successor.admin_addr, "tether_gateway_connections ").await,
@@ -423,7 +443,12 @@ async fn new_process_killed_after_prepare_leaves_the_old_one_serving() -> TestRe
     successor.start_kill()?;
     successor.wait().await?;
     eventually("the old process saw the abort", async || {
-        metric(fixture.admin, "tether_gateway_handoffs_total{outcome=\"aborted\"}").await == 1.0
+        metric(
+            fixture.admin,
+            "tether_gateway_handoffs_total{outcome=\"aborted\"}",
+        )
+        .await
+            == 1.0
     })
     .await;
 
@@ -434,7 +459,10 @@ async fn new_process_killed_after_prepare_leaves_the_old_one_serving() -> TestRe
     }
     fixture.push(&["d0"], down(51)).await;
     assert_eq!(read_downs(&mut clients[0].1, 1).await, vec![51]);
-    assert_eq!(metric(fixture.admin, "tether_gateway_connections ").await, 30.0);
+    assert_eq!(
+        metric(fixture.admin, "tether_gateway_connections ").await,
+        30.0
+    );
     assert_eq!(
         metric(fixture.admin, "tether_gateway_disconnects_total").await,
         0.0,
@@ -552,7 +580,12 @@ async fn a_takeover_over_the_fd_limit_is_refused_before_anything_moves() -> Test
         "clear error: {stderr}"
     );
     eventually("the old process saw the refusal", async || {
-        metric(fixture.admin, "tether_gateway_handoffs_total{outcome=\"aborted\"}").await == 1.0
+        metric(
+            fixture.admin,
+            "tether_gateway_handoffs_total{outcome=\"aborted\"}",
+        )
+        .await
+            == 1.0
     })
     .await;
     for (_, client) in &mut clients {
@@ -627,9 +660,14 @@ async fn tls_connections_cannot_move_they_get_going_away_and_log_in_again() -> T
 
     let mut tls = connect(0).await?;
     let mut input = bytes::BytesMut::new();
-    assert!(matches!(next(&mut tls, &mut input).await, Some(Frame::LoginAck(_))));
+    assert!(matches!(
+        next(&mut tls, &mut input).await,
+        Some(Frame::LoginAck(_))
+    ));
     fixture.push(&["secure"], down(7)).await;
-    assert!(matches!(next(&mut tls, &mut input).await, Some(Frame::Down { header, .. }) if header.seq == 7));
+    assert!(
+        matches!(next(&mut tls, &mut input).await, Some(Frame::Down { header, .. }) if header.seq == 7)
+    );
 
     let stop = CancellationToken::new();
     let config = GatewayConfig {
@@ -656,7 +694,9 @@ async fn tls_connections_cannot_move_they_get_going_away_and_log_in_again() -> T
     }
     assert_eq!(successor.sessions(), 1);
     fixture.push(&["secure"], down(8)).await;
-    assert!(matches!(next(&mut again, &mut input).await, Some(Frame::Down { header, .. }) if header.seq == 8));
+    assert!(
+        matches!(next(&mut again, &mut input).await, Some(Frame::Down { header, .. }) if header.seq == 8)
+    );
     stop.cancel();
     successor.wait().await;
     Ok(())

@@ -14,9 +14,9 @@ use std::os::fd::AsRawFd;
 
 use super::io::Stream;
 use super::shared::{CloseReason, ConnShared, Identity};
-use crate::handoff::messages::{MovedConn, MovedIdentity};
 use super::state::{ConnState, Transport};
 use crate::context::GatewayCtx;
+use crate::handoff::messages::{MovedConn, MovedIdentity};
 use crate::ws::{self, WsDecoder, WsEvent};
 use tether_schemas::bus::{ConnEvent, Event, unix_now_ms, valid_id};
 use tether_schemas::limits;

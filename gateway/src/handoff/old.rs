@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 
+use super::HandoffError;
 use super::messages::{ToNew, ToOld, VERSION};
 use super::wire::{MAX_FDS, Wire};
-use super::HandoffError;
 use crate::conn::ConnShared;
 use crate::context::GatewayCtx;
 use crate::shutdown::Shutdown;
@@ -33,16 +33,27 @@ pub async fn serve(ctx: Arc<GatewayCtx>, listener: UnixListener, stop: Shutdown)
         let mut wire = Wire::new(stream);
         match hand_over(&ctx, &mut wire).await {
             Ok(moved) => {
-                ctx.metrics.handoffs.get_or_create(&[("outcome", "committed")]).inc();
+                ctx.metrics
+                    .handoffs
+                    .get_or_create(&[("outcome", "committed")])
+                    .inc();
                 tracing::info!(gw = %ctx.config.id, moved, ms = started.elapsed().as_millis() as u64, "hand-off committed, this process stops");
                 ctx.handoff.handed_over.cancel();
                 return;
             }
             Err(error) => {
-                ctx.metrics.handoffs.get_or_create(&[("outcome", "aborted")]).inc();
+                ctx.metrics
+                    .handoffs
+                    .get_or_create(&[("outcome", "aborted")])
+                    .inc();
                 tracing::warn!(gw = %ctx.config.id, %error, "hand-off aborted, this process keeps serving");
                 let _ = wire
-                    .send(&ToNew::Abort { reason: error.to_string() }, &[])
+                    .send(
+                        &ToNew::Abort {
+                            reason: error.to_string(),
+                        },
+                        &[],
+                    )
                     .await;
             }
         }
@@ -149,7 +160,14 @@ async fn transfer(
     }
     let moved = ctx.handoff.export_parked();
     let count = moved.len();
-    wire.send(&ToNew::Commit { conns: moved, handled }, &[]).await?;
+    wire.send(
+        &ToNew::Commit {
+            conns: moved,
+            handled,
+        },
+        &[],
+    )
+    .await?;
     match recv(wire, timeout, "committed").await? {
         ToOld::Committed => {}
         other => return Err(unexpected("committed", &other)),

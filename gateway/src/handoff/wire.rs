@@ -57,7 +57,11 @@ impl Wire {
     }
 
     /// Sends `message` with `fds` attached (at most [`MAX_FDS`]).
-    pub async fn send<T: Serialize>(&mut self, message: &T, fds: &[RawFd]) -> Result<(), WireError> {
+    pub async fn send<T: Serialize>(
+        &mut self,
+        message: &T,
+        fds: &[RawFd],
+    ) -> Result<(), WireError> {
         if fds.len() > MAX_FDS {
             return Err(WireError::Protocol(format!(
                 "{} descriptors in one message (at most {MAX_FDS})",
@@ -139,8 +143,9 @@ impl Wire {
             .async_io(Interest::READABLE, || {
                 let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
                 let mut iov = [IoSliceMut::new(&mut chunk)];
-                let msg = recvmsg::<()>(raw, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-                    .map_err(io::Error::from)?;
+                let msg =
+                    recvmsg::<()>(raw, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+                        .map_err(io::Error::from)?;
                 let mut fds = Vec::new();
                 for cmsg in msg.cmsgs().map_err(io::Error::from)? {
                     if let ControlMessageOwned::ScmRights(received) = cmsg {
