@@ -287,6 +287,7 @@ impl Scenario for ConnsArgs {
                     gateways: self.gateways.max(1),
                     state: false,
                     key: self.key.clone(),
+                    handoff: false,
                 })
                 .await?;
                 let endpoints = if proto == Proto::TetherWs {

@@ -11,6 +11,8 @@
 //! - [`fanout`]: N members of one session, M broadcasts: deliveries/s and latency.
 //! - [`p2p`]: device pairs through an echo service at an open-loop rate.
 //! - [`uplink`]: the highest uplink rate with store receipts.
+//! - [`restart`]: a gateway restarted by hand-off under a steady ping stream: the pause
+//!   devices see, connections kept, messages lost.
 //! - [`suite`]: the table of BENCHMARKS.md (`make bench`), with [`chart`]s.
 //!
 //! Plumbing: [`client_codec`] (raw Tether/NATS/MQTT clients), [`fleet`] (opening many
@@ -28,6 +30,7 @@ pub mod p2p;
 pub mod procfs;
 pub mod progress;
 pub mod reader;
+pub mod restart;
 pub mod scenario;
 pub mod stack;
 pub mod stats;

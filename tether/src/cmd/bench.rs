@@ -28,6 +28,9 @@ enum Command {
     P2p(P2pArgs),
     /// Highest uplink rate with store receipts (closed loop, W in flight per device).
     Uplink(UplinkArgs),
+    /// Restart a gateway holding N connections by hand-off under a steady ping stream;
+    /// report the pause devices see (p50/p99/max), connections kept, messages lost.
+    Restart(tether_bench::restart::RestartArgs),
     /// Every scenario at the sizes of BENCHMARKS.md: results.json, table.md, charts.
     Suite(SuiteArgs),
     /// Internal: one load-generator process of a multi-process `conns` run.
@@ -55,6 +58,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
         Command::Fanout(args) => measure(&args).await,
         Command::P2p(args) => measure(&args).await,
         Command::Uplink(args) => measure(&args).await,
+        Command::Restart(args) => Ok(tether_bench::restart::run(&args).await.map(drop)?),
         Command::Suite(args) => Ok(suite::run(args).await.map(drop)?),
         Command::ConnsWorker { spec } => Ok(worker::worker_main(&spec).await?),
     }
