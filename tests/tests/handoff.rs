@@ -205,6 +205,9 @@ async fn sdk_devices_keep_their_connections_across_a_handoff_under_load() -> Tes
     /// Business pushes per second (QoS1, round robin over the devices).
     const RATE: u64 = 200;
     const PUSHES: u64 = 800;
+    /// UPs per second from the devices (round robin), and how many.
+    const UP_RATE: u64 = 100;
+    const UPS: usize = 400;
 
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("gw.sock");
@@ -269,22 +272,25 @@ async fn sdk_devices_keep_their_connections_across_a_handoff_under_load() -> Tes
         }
         sent
     });
-    // Every device sends UPs before, during and after the hand-off.
-    let mut uplinks = Vec::new();
-    for (i, (_, client)) in devices.iter().enumerate() {
-        let client = client.clone();
-        uplinks.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis((i % 50) as u64 * 20)).await;
-            let mut receipts = 0;
-            for n in 0..4 {
-                let ack = client.send(format!("up{n}").into_bytes()).await;
-                assert!(ack.is_ok(), "UP {n} got no receipt: {ack:?}");
-                receipts += 1;
-                tokio::time::sleep(Duration::from_millis(700)).await;
-            }
-            receipts
-        }));
-    }
+    // Devices send UPs at UP_RATE/s (round robin) before, during and after the hand-off;
+    // each is awaited on its own until its UP_ACK.
+    let senders: Vec<tether_client::Client> = devices.iter().map(|(_, c)| c.clone()).collect();
+    let uplinks = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_micros(1_000_000 / UP_RATE));
+        let mut waiting = Vec::new();
+        for i in 0..UPS {
+            interval.tick().await;
+            let sent = senders[i % senders.len()].send(format!("up{i}").into_bytes());
+            waiting.push(tokio::spawn(sent));
+        }
+        let mut receipts = 0;
+        for (i, ack) in waiting.into_iter().enumerate() {
+            let ack = ack.await.expect("uplink task");
+            assert!(ack.is_ok(), "UP {i} got no receipt: {ack:?}");
+            receipts += 1;
+        }
+        receipts
+    });
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let stop = CancellationToken::new();
@@ -298,9 +304,7 @@ async fn sdk_devices_keep_their_connections_across_a_handoff_under_load() -> Tes
     tokio::time::timeout(WAIT, old.wait()).await?;
 
     let sent = pushing.await?;
-    for uplink in uplinks {
-        assert_eq!(uplink.await?, 4, "every UP got its receipt");
-    }
+    assert_eq!(uplinks.await?, UPS, "every UP got its receipt");
     for (d, log) in seen.iter().enumerate() {
         let expected = sent[d] as usize;
         eventually("every QoS1 message delivered", async || {
