@@ -328,7 +328,11 @@ fn bind_handoff(path: &Path) -> Result<tokio::net::UnixListener, GatewayError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(error(e)),
     }
-    tokio::net::UnixListener::bind(path).map_err(error)
+    let listener = tokio::net::UnixListener::bind(path).map_err(error)?;
+    // Whoever can connect can take every client socket: this user only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(error)?;
+    Ok(listener)
 }
 
 /// How long the shutdown waits, after the grace period, for the last connections to close
