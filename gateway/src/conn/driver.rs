@@ -84,16 +84,15 @@ fn launch(mut driver: Driver) {
     // An async block uses its captured driver in place (an `async fn (self)` would hold
     // a second copy of it).
     tokio::spawn(async move {
-        match driver.serve().await {
-            Some(reason) => {
-                let span = driver.span();
-                Box::pin(driver.finish(reason).instrument(span)).await;
-            }
-            None => {
-                let ctx = driver.ctx.clone();
-                ctx.handoff.park(Parked(Box::new(driver)));
-            }
-        }
+        // `let … else`, not `match`: a match would keep its scrutinee (the close reason)
+        // in the future across the goodbye's await.
+        let Some(reason) = driver.serve().await else {
+            let ctx = driver.ctx.clone();
+            ctx.handoff.park(Parked(Box::new(driver)));
+            return;
+        };
+        let span = driver.span();
+        Box::pin(driver.finish(reason).instrument(span)).await;
     });
 }
 
@@ -834,16 +833,13 @@ mod tests {
     #[test]
     fn idle_connection_future_is_small() {
         let size = future_size(|mut driver: Driver| async move {
-            match driver.serve().await {
-                Some(reason) => {
-                    let span = driver.span();
-                    Box::pin(driver.finish(reason).instrument(span)).await;
-                }
-                None => {
-                    let ctx = driver.ctx.clone();
-                    ctx.handoff.park(Parked(Box::new(driver)));
-                }
-            }
+            let Some(reason) = driver.serve().await else {
+                let ctx = driver.ctx.clone();
+                ctx.handoff.park(Parked(Box::new(driver)));
+                return;
+            };
+            let span = driver.span();
+            Box::pin(driver.finish(reason).instrument(span)).await;
         });
         eprintln!("connection task future: {size} bytes");
         assert!(size <= 280, "connection task future grew to {size} bytes");
