@@ -211,7 +211,13 @@ async fn sdk_devices_keep_their_connections_across_a_handoff_under_load() -> Tes
 
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("gw.sock");
-    let mut fixture = Fixture::start(|c| c.handoff_socket = Some(socket.clone())).await;
+    // As in production: LOGIN_ACK once state registered the device (an UP sent right after
+    // an unregistered login can lose its UP_ACK under load, hand-off or not).
+    let mut fixture = Fixture::start(|c| {
+        c.handoff_socket = Some(socket.clone());
+        c.await_registration = true;
+    })
+    .await;
     let _state = start_state(&fixture, CancellationToken::new()).await;
     let business = Business::new(fixture.nats_client.clone(), APP);
     let serving = business.clone();
@@ -295,7 +301,10 @@ async fn sdk_devices_keep_their_connections_across_a_handoff_under_load() -> Tes
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let stop = CancellationToken::new();
     let successor = tether_gateway::start_with(
-        successor_config(&fixture, &socket),
+        GatewayConfig {
+            await_registration: true,
+            ..successor_config(&fixture, &socket)
+        },
         stop.clone(),
         Some(&socket),
     )
