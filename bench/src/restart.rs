@@ -78,6 +78,9 @@ pub struct RestartReport {
     pub downlinks_repeated: u64,
 }
 
+/// Set once the first connection that ended has been reported.
+static FIRST_CLOSE: AtomicBool = AtomicBool::new(false);
+
 /// What one connection saw.
 #[derive(Default)]
 struct ConnLog {
@@ -279,6 +282,10 @@ async fn drive(
             }
             pinger_log.pings.fetch_add(1, Ordering::Relaxed);
         }
+        // Keep the write half: dropping it would close the connection (FIN) before the
+        // figures are taken. The task ends with the process.
+        std::future::pending::<()>().await;
+        drop(writer);
     });
     let mut last_pong: Option<Instant> = None;
     let mut last_down = 0u64;
@@ -309,7 +316,10 @@ async fn drive(
                         last_down = seq;
                     }
                 }
-                Ok(Some(Incoming::Error(_))) | Err(_) => {
+                Ok(Some(Incoming::Error(why))) | Err(why) => {
+                    if !stop.load(Ordering::Relaxed) && !FIRST_CLOSE.swap(true, Ordering::Relaxed) {
+                        eprintln!("restart: a connection ended: {why}");
+                    }
                     log.closed.store(true, Ordering::Relaxed);
                     pinger.abort();
                     return;
@@ -320,7 +330,10 @@ async fn drive(
         }
         match reader.read_buf(&mut input).await {
             Ok(n) if n > 0 => {}
-            _ => {
+            other => {
+                if !stop.load(Ordering::Relaxed) && !FIRST_CLOSE.swap(true, Ordering::Relaxed) {
+                    eprintln!("restart: a connection ended: {other:?}");
+                }
                 log.closed.store(true, Ordering::Relaxed);
                 pinger.abort();
                 return;
