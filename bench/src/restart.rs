@@ -191,8 +191,23 @@ pub async fn run(args: &RestartArgs) -> Result<RestartReport, BenchError> {
     if let Some(task) = broadcasting {
         let _ = task.await;
     }
-    // In-flight pongs and broadcasts arrive.
-    tokio::time::sleep(interval + Duration::from_millis(500)).await;
+    // In-flight pongs and broadcasts arrive: wait until nothing more comes for a second
+    // (at most 60 s), so a backlog is not counted as loss.
+    let arrived = || {
+        logs.iter()
+            .map(|l| l.pongs.load(Ordering::Relaxed) + l.downs.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = arrived();
+    loop {
+        tokio::time::sleep(interval.max(Duration::from_secs(1))).await;
+        let now = arrived();
+        if now == last || Instant::now() > drain_deadline {
+            break;
+        }
+        last = now;
+    }
 
     let broadcasts = published.load(Ordering::Relaxed);
     let mut pauses = stats::histogram();
