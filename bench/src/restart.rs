@@ -191,24 +191,33 @@ pub async fn run(args: &RestartArgs) -> Result<RestartReport, BenchError> {
     if let Some(task) = broadcasting {
         let _ = task.await;
     }
-    // In-flight pongs and broadcasts arrive: wait until nothing more comes for a second
-    // (at most 60 s), so a backlog is not counted as loss.
+    // In-flight pongs and broadcasts arrive: wait until every ping is answered and every
+    // broadcast delivered, or nothing more came for 5 s (at most 60 s), so a backlog is
+    // not counted as loss.
+    let published_now = published.load(Ordering::Relaxed);
+    let complete = || {
+        logs.iter().all(|l| {
+            l.closed.load(Ordering::Relaxed)
+                || (l.pongs.load(Ordering::Relaxed) >= l.pings.load(Ordering::Relaxed)
+                    && l.downs.load(Ordering::Relaxed) >= published_now)
+        })
+    };
     let arrived = || {
         logs.iter()
             .map(|l| l.pongs.load(Ordering::Relaxed) + l.downs.load(Ordering::Relaxed))
             .sum::<u64>()
     };
     let drain_deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = arrived();
-    loop {
-        tokio::time::sleep(interval.max(Duration::from_secs(1))).await;
+    let (mut last, mut quiet_since) = (arrived(), Instant::now());
+    while !complete() && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let now = arrived();
-        if now == last || Instant::now() > drain_deadline {
+        if now != last {
+            (last, quiet_since) = (now, Instant::now());
+        } else if quiet_since.elapsed() > Duration::from_secs(5) {
             break;
         }
-        last = now;
     }
-
     let broadcasts = published.load(Ordering::Relaxed);
     let mut pauses = stats::histogram();
     let (mut kept, mut pings_lost, mut lost, mut repeated) = (0, 0, 0, 0);
