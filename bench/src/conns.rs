@@ -288,6 +288,7 @@ impl Scenario for ConnsArgs {
                     state: false,
                     key: self.key.clone(),
                     ipconfig_apps: Vec::new(),
+                    handoff: false,
                 })
                 .await?;
                 let endpoints = if proto == Proto::TetherWs {

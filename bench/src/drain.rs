@@ -73,6 +73,7 @@ pub async fn run(args: &DrainArgs) -> Result<DrainReport, BenchError> {
         state: true,
         key: None,
         ipconfig_apps: vec![APP.into()],
+        handoff: false,
     })
     .await?;
     let nats = nats_client(&stack.nats_url).await?;

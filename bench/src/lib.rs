@@ -12,6 +12,8 @@
 //! - [`p2p`]: device pairs through an echo service at an open-loop rate.
 //! - [`uplink`]: the highest uplink rate with store receipts.
 //! - [`drain`]: a gateway of N devices drained to another by REDIRECT: time, QoS1 lost.
+//! - [`restart`]: a gateway restarted by hand-off under a steady ping stream: the pause
+//!   devices see, connections kept, messages lost.
 //! - [`suite`]: the table of BENCHMARKS.md (`make bench`), with [`chart`]s.
 //!
 //! Plumbing: [`client_codec`] (raw Tether/NATS/MQTT clients), [`fleet`] (opening many
@@ -30,6 +32,7 @@ pub mod p2p;
 pub mod procfs;
 pub mod progress;
 pub mod reader;
+pub mod restart;
 pub mod scenario;
 pub mod stack;
 pub mod stats;

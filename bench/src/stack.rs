@@ -37,6 +37,11 @@ impl ChildGuard {
     pub fn id(&self) -> u32 {
         self.0.id()
     }
+
+    /// Whether the child has exited.
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.0.try_wait(), Ok(None))
+    }
 }
 
 impl Drop for ChildGuard {
@@ -146,6 +151,10 @@ pub async fn nats_client(url: &str) -> Result<async_nats::Client, BenchError> {
 /// One gateway child.
 pub struct Gateway {
     child: ChildGuard,
+    /// Its command line (after the binary), for a restart by hand-off.
+    args: Vec<String>,
+    /// Its hand-off socket, when the stack was started with `handoff`.
+    pub handoff_socket: Option<PathBuf>,
     /// TCP client listener.
     pub tcp: SocketAddr,
     /// WebSocket client listener (`/ws`).
@@ -172,6 +181,8 @@ pub struct StackSpec {
     pub key: Option<PathBuf>,
     /// Also start a `tether ipconfig` process knowing these apps (needed for drains).
     pub ipconfig_apps: Vec<String>,
+    /// Give every gateway a hand-off socket (for `Stack::restart_gateway`).
+    pub handoff: bool,
 }
 
 /// nats-server, gateways and maybe state, started for one run; stopped on drop (gateways
@@ -260,10 +271,17 @@ impl Stack {
             ]
             .map(String::from)
             .to_vec();
+            let mut args = args;
+            let handoff_socket = spec.handoff.then(|| dir.join(format!("gateway{i}.sock")));
+            if let Some(path) = &handoff_socket {
+                args.extend(["--handoff-socket".into(), path.display().to_string()]);
+            }
             let log = dir.join(format!("gateway{i}.log"));
             let child = spawn_role(&tether, &args, &envs, &log, tcp).await?;
             stack.gateways.push(Gateway {
                 child,
+                args,
+                handoff_socket,
                 tcp,
                 ws,
                 admin,
@@ -315,6 +333,64 @@ impl Stack {
             tether.display()
         );
         Ok(stack)
+    }
+
+    /// Restarts gateway `i` by hand-off: starts `tether gateway … --takeover <socket>` and
+    /// waits until the old process has exited (at most `timeout`); returns how long that
+    /// took. The new process is the gateway from then on.
+    pub async fn restart_gateway(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> Result<Duration, BenchError> {
+        let tether = locate_tether()?;
+        let dir = self._dir.path().to_path_buf();
+        let gateway = self
+            .gateways
+            .get_mut(i)
+            .ok_or_else(|| BenchError::Args(format!("no gateway {i}")))?;
+        let socket = gateway
+            .handoff_socket
+            .clone()
+            .ok_or_else(|| BenchError::Args("the stack has no hand-off sockets".into()))?;
+        let log_path = dir.join(format!("gateway{i}-takeover-{}.log", std::process::id()));
+        let log = File::create(&log_path).map_err(BenchError::io("takeover log"))?;
+        let log_err = log.try_clone().map_err(BenchError::io("takeover log"))?;
+        let started = Instant::now();
+        let child = Command::new(&tether)
+            .args(&gateway.args)
+            .arg("--takeover")
+            .arg(&socket)
+            .env("TETHER_GATEWAY_MAX_FRAMES_PER_SEC", "0")
+            .env("TETHER_GATEWAY_AWAIT_REGISTRATION", "false")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(BenchError::io("start the takeover process"))?;
+        let mut new = ChildGuard(child);
+        loop {
+            if gateway.child.exited() {
+                break;
+            }
+            if new.exited() {
+                return Err(BenchError::Setup(format!(
+                    "the takeover process exited: {}",
+                    tail(&log_path)
+                )));
+            }
+            if started.elapsed() > timeout {
+                return Err(BenchError::Setup(format!(
+                    "the old gateway did not exit within {timeout:?}: {}",
+                    tail(&log_path)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let took = started.elapsed();
+        gateway.child = new;
+        Ok(took)
     }
 
     /// Process ids of the gateways.
@@ -515,6 +591,7 @@ impl Target {
                     state: true,
                     key: None,
                     ipconfig_apps: Vec::new(),
+                    handoff: false,
                 })
                 .await?;
                 Target {

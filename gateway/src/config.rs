@@ -100,6 +100,18 @@ pub struct GatewayConfig {
     /// On SIGTERM/Ctrl-C, seconds to drain (move devices to other gateways by REDIRECT)
     /// before the rest get `going_away`; 0 = no drain, `going_away` at once.
     pub shutdown_drain_secs: u64,
+    /// Unix socket where this gateway offers its sockets to a process started with
+    /// `tether gateway --takeover <path>` (restart by hand-off, docs/handoff.md); `None`
+    /// disables hand-offs.
+    pub handoff_socket: Option<PathBuf>,
+    /// Each wait of a hand-off (for the other process's next step, for connections to
+    /// stop) is bounded by this; past it the hand-off aborts and the old process keeps
+    /// serving.
+    pub handoff_timeout_ms: u64,
+    /// A process taking over waits this long once prepared (every socket received,
+    /// subscriptions confirmed, downlinks held) before it asks to commit: time to check
+    /// it before it serves. Keep it well below `handoff_timeout_ms`.
+    pub handoff_hold_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -138,6 +150,9 @@ impl Default for GatewayConfig {
             migrate_window: 500,
             migrate_timeout_secs: 30,
             shutdown_drain_secs: 30,
+            handoff_socket: None,
+            handoff_timeout_ms: 10_000,
+            handoff_hold_ms: 0,
         }
     }
 }
@@ -189,6 +204,12 @@ impl GatewayConfig {
         }
         if self.heartbeat_interval_ms == 0 {
             return Err("heartbeat_interval_ms must be positive".into());
+        }
+        if self.handoff_timeout_ms == 0 {
+            return Err("handoff_timeout_ms must be positive".into());
+        }
+        if self.handoff_hold_ms >= self.handoff_timeout_ms {
+            return Err("handoff_hold_ms must be below handoff_timeout_ms".into());
         }
         if let Some(app) = self.apps.iter().find(|a| !tether_auth::valid_id(a)) {
             return Err(format!(

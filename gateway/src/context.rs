@@ -36,17 +36,21 @@ pub struct GatewayCtx {
     pub app_limits: crate::app_limits::AppLimits,
     /// Drain and migration by REDIRECT.
     pub migration: crate::migrate::Migration,
+    /// Restart by hand-off: downlink gate, parked connections, accept pause.
+    pub handoff: crate::handoff::Handoff,
     conn_ids: AtomicU64,
 }
 
 impl GatewayCtx {
     /// A context; connection ids start at a random 32-bit prefix, so ids stay unique across
-    /// gateway restarts.
+    /// gateway restarts. `taking_over`: the gateway receives a hand-off (downlinks held
+    /// and accepting paused until it commits).
     pub fn new(
         config: GatewayConfig,
         verifier: TokenVerifier,
         outbound: Outbound,
         metrics: GatewayMetrics,
+        taking_over: bool,
     ) -> Self {
         let clock = Clock::default();
         let timers = Arc::new(Timers::new(
@@ -68,6 +72,7 @@ impl GatewayCtx {
             logins: Default::default(),
             app_limits: Default::default(),
             migration: Default::default(),
+            handoff: crate::handoff::Handoff::new(taking_over),
             conn_ids: AtomicU64::new(prefix | 1),
         }
     }

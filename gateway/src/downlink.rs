@@ -45,7 +45,8 @@ pub async fn run(
         tokio::spawn(tether_nats::serve::serve_subscription(
             subscription,
             shutdown.clone(),
-            move |message| deliver(&ctx, &message),
+            // Through the hand-off gate (open, apart from during a hand-off).
+            move |message| ctx.handoff.gate.offer(&ctx, message),
         ));
     }
     Ok(())

@@ -31,6 +31,7 @@ const USER_HZ: f64 = 100.0;
 pub struct Heartbeat {
     id: String,
     draining: AtomicBool,
+    keep_record: AtomicBool,
     changed: Notify,
 }
 
@@ -40,6 +41,7 @@ impl Heartbeat {
         Arc::new(Heartbeat {
             id: config.id.clone(),
             draining: AtomicBool::new(false),
+            keep_record: AtomicBool::new(false),
             changed: Notify::new(),
         })
     }
@@ -55,6 +57,11 @@ impl Heartbeat {
             tracing::info!(gw = %self.id, draining, "draining flag changed");
         }
         self.changed.notify_one();
+    }
+
+    /// The record stays when the task stops (a hand-off: the next process keeps it).
+    pub fn keep_record(&self) {
+        self.keep_record.store(true, Ordering::Relaxed);
     }
 
     /// Starts publishing. On `stopping` (the gateway's shutdown signal) the flag turns to
@@ -100,6 +107,10 @@ impl Heartbeat {
                     _ = self.changed.notified() => {}
                     _ = tokio::time::sleep(interval) => {}
                 }
+            }
+            if self.keep_record.load(Ordering::Relaxed) {
+                // Handed over: the next process of this gateway id writes the record now.
+                return;
             }
             match store.delete(keys::gateway(&self.id)).await {
                 Ok(()) => tracing::info!(gw = %self.id, "heartbeat record deleted"),

@@ -12,6 +12,7 @@
 //! - [`downlink`]: what it receives from NATS and delivers.
 //! - [`app_limits`]: per-app pipeline settings from `tether_apps`, applied live.
 //! - [`migrate`]: drain and migration by REDIRECT (control ops, admin routes, SIGTERM).
+//! - [`handoff`]: restart by hand-off (sockets and state to a new process).
 //! - [`heartbeat`]: live figures into the `tether_gateways` bucket for ipconfig; drain flag.
 //! - [`ws`]: the WebSocket server codec (RFC 6455), pure and allocation-free when idle.
 //! - [`tls`]: rustls acceptor from PEM files.
@@ -24,6 +25,7 @@ pub mod conn;
 pub mod context;
 pub mod control;
 pub mod downlink;
+pub mod handoff;
 pub mod heartbeat;
 pub mod listener;
 pub mod logins;
@@ -39,7 +41,7 @@ pub mod tls;
 pub mod ws;
 
 pub use config::{GatewayConfig, TlsFiles};
-pub use server::{GatewayError, RunningGateway, start};
+pub use server::{GatewayError, RunningGateway, start, start_with};
 
 /// The shutdown signal type shared by every task.
 pub mod shutdown {

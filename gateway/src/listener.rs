@@ -32,9 +32,25 @@ pub async fn accept_loop(
     limit: Arc<Semaphore>,
     stop: Shutdown,
 ) {
+    // A hand-off pauses accepting: new clients wait in the kernel's backlog for whichever
+    // process serves next.
+    let mut paused = ctx.handoff.accept_paused();
     loop {
+        if *paused.borrow_and_update() {
+            tokio::select! {
+                changed = paused.changed() => if changed.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+            continue;
+        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
+            changed = paused.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
             _ = stop.cancelled() => return,
         };
         let (socket, remote) = match accepted {

@@ -24,6 +24,8 @@ pub struct GatewayMetrics {
     pub errors: Family<Label, Counter>,
     /// Closed connections, by reason.
     pub disconnects: Family<Label, Counter>,
+    /// Hand-offs offered by this process, by outcome (`committed`, `aborted`).
+    pub handoffs: Family<Label, Counter>,
     /// Frames received from clients, by type.
     pub frames_in: Family<Label, Counter>,
     /// Bytes received from clients.
@@ -94,6 +96,11 @@ impl GatewayMetrics {
             "disconnects",
             "closed connections by reason",
             self.disconnects.clone(),
+        );
+        registry.register(
+            "handoffs",
+            "restarts by hand-off offered by this process, by outcome",
+            self.handoffs.clone(),
         );
         registry.register(
             "frames_in",

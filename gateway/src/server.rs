@@ -2,6 +2,8 @@
 //! graceful stop (stop accepting, tell clients `going_away` with a retry hint, drain).
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +18,8 @@ use tokio::task::JoinHandle;
 use crate::config::GatewayConfig;
 use crate::conn::{CloseReason, Transport};
 use crate::context::GatewayCtx;
+use crate::handoff::HandoffError;
+use crate::handoff::messages::ListenerKind;
 use crate::metrics::GatewayMetrics;
 use crate::outbound::Outbound;
 use crate::{downlink, listener, tls};
@@ -38,6 +42,17 @@ pub enum GatewayError {
     /// A subscription failed.
     #[error("nats subscribe: {0}")]
     Subscribe(String),
+    /// A takeover failed (the serving process keeps serving).
+    #[error(transparent)]
+    Handoff(#[from] crate::handoff::HandoffError),
+    /// The hand-off socket could not be bound.
+    #[error("cannot listen on the hand-off socket {path}: {error}")]
+    HandoffSocket {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The error.
+        error: std::io::Error,
+    },
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Bind {
@@ -66,6 +81,11 @@ impl RunningGateway {
         self.ctx.registry.len()
     }
 
+    /// Whether this process handed its connections over to another one.
+    pub fn handed_over(&self) -> bool {
+        self.ctx.handoff.handed_over.is_cancelled()
+    }
+
     /// Waits until the gateway has stopped (after its shutdown signal fired and it drained).
     pub async fn wait(self) {
         let _ = self.task.await;
@@ -78,15 +98,66 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
         .map_err(|error| GatewayError::Bind { addr, error })
 }
 
+fn adopt_listener(listener: std::net::TcpListener) -> Result<TcpListener, GatewayError> {
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|e| GatewayError::Handoff(HandoffError::Local(e.to_string())))
+}
+
 /// Starts a gateway; it stops gracefully when `shutdown` fires.
 pub async fn start(
     config: GatewayConfig,
     shutdown: Shutdown,
 ) -> Result<RunningGateway, GatewayError> {
+    start_with(config, shutdown, None).await
+}
+
+/// Starts a gateway; with `takeover`, by taking the sockets and connections of the gateway
+/// serving hand-offs on that unix socket (docs/handoff.md) instead of binding listeners.
+/// It stops gracefully when `shutdown` fires, or without goodbyes once it handed its own
+/// connections over to a successor.
+pub async fn start_with(
+    config: GatewayConfig,
+    shutdown: Shutdown,
+    takeover: Option<&Path>,
+) -> Result<RunningGateway, GatewayError> {
     config.validate().map_err(GatewayError::Config)?;
     let verifier = TokenVerifier::from_file(&config.token_public_key)
         .map_err(|e| GatewayError::Key(e.to_string()))?;
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    // A takeover receives the sockets first: one that could not hold them all is refused
+    // before anything moves.
+    let mut received = match takeover {
+        Some(path) => Some(crate::handoff::new::receive(path, &config).await?),
+        None => None,
+    };
+    let (admin_socket, tcp, ws) = match received.as_mut() {
+        Some(takeover) => (
+            takeover.listeners.remove(&ListenerKind::Admin),
+            takeover
+                .listeners
+                .remove(&ListenerKind::Tcp)
+                .map(adopt_listener)
+                .transpose()?,
+            takeover
+                .listeners
+                .remove(&ListenerKind::Ws)
+                .map(adopt_listener)
+                .transpose()?,
+        ),
+        None => (None, None, None),
+    };
+    let admin_socket = match admin_socket {
+        Some(socket) => socket,
+        None => std::net::TcpListener::bind(config.admin_listen).map_err(|error| {
+            GatewayError::Bind {
+                addr: config.admin_listen,
+                error,
+            }
+        })?,
+    };
+    let admin_fd = admin_socket.as_raw_fd();
     let metrics = GatewayMetrics::default();
     let mut registry = MetricsRegistry::with_prefix("tether_gateway");
     metrics.register(&mut registry);
@@ -99,6 +170,7 @@ pub async fn start(
         .auth(config.nats.clone())
         .replicas(config.stream_replicas)
         .admin(config.admin_listen)
+        .admin_listener(admin_socket)
         .metrics(registry)
         .routes(
             // Operations (drain, session lookups) need the admin token, or a loopback
@@ -110,18 +182,38 @@ pub async fn start(
         .await?;
     let (client, admin) = (role.client, role.admin);
     let outbound = Outbound::new(client.clone(), &config.id, metrics.clone());
-    let ctx = Arc::new(GatewayCtx::new(config.clone(), verifier, outbound, metrics));
+    let ctx = Arc::new(GatewayCtx::new(
+        config.clone(),
+        verifier,
+        outbound,
+        metrics,
+        received.is_some(),
+    ));
     ctx.migration.set_heartbeat(heartbeat.clone());
     let _ = ctx_cell.set(ctx.clone());
 
-    let tcp = match config.tcp_listen {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
+    let (tcp, ws) = match received.is_some() {
+        true => (tcp, ws),
+        false => (
+            match config.tcp_listen {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+            match config.ws_listen {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+        ),
     };
-    let ws = match config.ws_listen {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
-    };
+    ctx.handoff.add_listener(ListenerKind::Admin, admin_fd);
+    if let Some(listener) = &tcp {
+        ctx.handoff
+            .add_listener(ListenerKind::Tcp, listener.as_raw_fd());
+    }
+    if let Some(listener) = &ws {
+        ctx.handoff
+            .add_listener(ListenerKind::Ws, listener.as_raw_fd());
+    }
     let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
     let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
 
@@ -145,7 +237,23 @@ pub async fn start(
             ));
         }
     }
-    let beat = heartbeat.spawn(
+    if let Some(takeover) = received {
+        // Subscribed (downlinks held) and confirmed by the server: prepared.
+        if let Err(error) = crate::handoff::new::complete(&ctx, takeover, &limit).await {
+            accepting.cancel();
+            internal.cancel();
+            return Err(error.into());
+        }
+    }
+    if let Some(path) = &config.handoff_socket {
+        let listener = bind_handoff(path)?;
+        tokio::spawn(crate::handoff::old::serve(
+            ctx.clone(),
+            listener,
+            accepting.clone(),
+        ));
+    }
+    let beat = heartbeat.clone().spawn(
         ctx.clone(),
         tcp_addr,
         ws_addr,
@@ -155,8 +263,30 @@ pub async fn start(
     tracing::info!(gw = %config.id, tcp = ?tcp_addr, ws = ?ws_addr, admin = %admin.addr, "gateway started");
 
     let drain_ctx = ctx.clone();
+    let handed_over = ctx.handoff.handed_over.clone();
     let task = tokio::spawn(async move {
-        shutdown.cancelled().await;
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = handed_over.cancelled() => {
+                // The successor serves every moved connection: no goodbyes, no conn.down,
+                // the heartbeat record stays; the rest are told going_away.
+                accepting.cancel();
+                heartbeat.keep_record();
+                let closed = crate::handoff::old::release_the_rest(&drain_ctx);
+                let deadline = tokio::time::Instant::now()
+                    + Duration::from_secs(drain_ctx.config.shutdown_grace_secs);
+                while !drain_ctx.registry.is_empty() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                drain_ctx.outbound.events_stored(Duration::from_secs(EVENTS_STORED_SECS)).await;
+                internal.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(2), beat).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+                let _ = admin.task.await;
+                tracing::info!(gw = %drain_ctx.config.id, closed, "gateway handed over and stopped");
+                return;
+            }
+        }
         accepting.cancel();
         drain_by_redirect(&drain_ctx).await;
         drain(&drain_ctx).await;
@@ -185,6 +315,25 @@ pub async fn start(
         ctx,
         task,
     })
+}
+
+/// Binds the hand-off socket, replacing a stale file (or the one of the process this one
+/// took over from, which no longer listens).
+fn bind_handoff(path: &Path) -> Result<tokio::net::UnixListener, GatewayError> {
+    let error = |error| GatewayError::HandoffSocket {
+        path: path.to_path_buf(),
+        error,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(error(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(error)?;
+    // Whoever can connect can take every client socket: this user only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(error)?;
+    Ok(listener)
 }
 
 /// How long the shutdown waits, after the grace period, for the last connections to close

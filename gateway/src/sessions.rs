@@ -187,6 +187,14 @@ impl Sessions {
         self.join(conn, app, did, sessions)
     }
 
+    /// The sessions the device is a member of here.
+    pub fn sessions_of(&self, app: &Arc<str>, did: &Arc<str>) -> Vec<String> {
+        lock(&self.devices)
+            .get(&(app.clone(), did.clone()))
+            .map(|device| device.sessions.iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether the device has sessions or pending cursors here.
     pub fn knows(&self, app: &Arc<str>, did: &Arc<str>) -> bool {
         lock(&self.devices).contains_key(&(app.clone(), did.clone()))

@@ -81,6 +81,17 @@ impl Timers {
         wheel.insert(Arc::downgrade(conn), deadline);
     }
 
+    /// Every connection still alive (logged in or not), e.g. for a hand-off.
+    pub fn all(&self) -> Vec<Arc<ConnShared>> {
+        let wheel = self.wheel.lock().unwrap_or_else(PoisonError::into_inner);
+        wheel
+            .slots
+            .iter()
+            .flatten()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
     /// The deadline of a connection and the reason it closes then.
     fn deadline(&self, conn: &ConnShared) -> (u32, ErrorCode) {
         if conn.identity().is_some() {

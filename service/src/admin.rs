@@ -42,16 +42,25 @@ pub struct AdminServer {
 }
 
 impl AdminServer {
-    /// Binds `addr` and serves `/healthz`, `/metrics` and `extra` until `shutdown`.
+    /// Binds `addr` (or serves on `bound`, a listener bound already, e.g. one handed over
+    /// by a previous process) and serves `/healthz`, `/metrics` and `extra` until
+    /// `shutdown`.
     pub async fn start(
         addr: SocketAddr,
+        bound: Option<std::net::TcpListener>,
         role: &'static str,
         registry: Arc<Registry>,
         health: HealthFn,
         extra: Router,
         shutdown: Shutdown,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = match bound {
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)?
+            }
+            None => TcpListener::bind(addr).await?,
+        };
         let addr = listener.local_addr()?;
         let app = router(AdminState {
             registry,

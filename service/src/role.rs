@@ -54,6 +54,7 @@ pub struct NatsRoleBuilder {
     auth: tether_nats::NatsAuth,
     replicas: usize,
     admin_listen: SocketAddr,
+    admin_bound: Option<std::net::TcpListener>,
     registry: Registry,
     routes: axum::Router,
     checks: Vec<(&'static str, CheckFn)>,
@@ -73,6 +74,7 @@ impl NatsRoleBuilder {
             auth: tether_nats::NatsAuth::default(),
             replicas: 1,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_bound: None,
             registry: Registry::default(),
             routes: axum::Router::new(),
             checks: Vec::new(),
@@ -103,6 +105,13 @@ impl NatsRoleBuilder {
         self
     }
 
+    /// Serves the admin routes on this listener, bound already (e.g. handed over by the
+    /// process this one replaces), instead of binding the `admin` address.
+    pub fn admin_listener(mut self, listener: std::net::TcpListener) -> Self {
+        self.admin_bound = Some(listener);
+        self
+    }
+
     /// The role's metrics, served on `/metrics`.
     pub fn metrics(mut self, registry: Registry) -> Self {
         self.registry = registry;
@@ -123,6 +132,7 @@ impl NatsRoleBuilder {
             auth,
             replicas,
             admin_listen,
+            admin_bound,
             registry,
             routes,
             checks,
@@ -146,6 +156,7 @@ impl NatsRoleBuilder {
         });
         let admin = AdminServer::start(
             admin_listen,
+            admin_bound,
             name,
             Arc::new(registry),
             health,

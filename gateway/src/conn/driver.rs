@@ -10,10 +10,13 @@ use tether_schemas::{ErrorCode, Frame, FrameError, FrameType, RawFrame, pb, spli
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, Span};
 
+use std::os::fd::AsRawFd;
+
 use super::io::Stream;
 use super::shared::{CloseReason, ConnShared, Identity};
 use super::state::{ConnState, Transport};
 use crate::context::GatewayCtx;
+use crate::handoff::messages::{MovedConn, MovedIdentity};
 use crate::ws::{self, WsDecoder, WsEvent};
 use tether_schemas::bus::{ConnEvent, Event, unix_now_ms, valid_id};
 use tether_schemas::limits;
@@ -62,7 +65,10 @@ pub fn spawn(
     };
     let ws = (transport == Transport::Ws).then(Box::default);
     let span = (!span.is_disabled()).then(|| Box::new(span));
-    let mut driver = Driver {
+    if let Stream::Plain(socket) = &stream {
+        shared.set_fd(socket.as_raw_fd());
+    }
+    launch(Driver {
         ctx,
         shared,
         stream,
@@ -70,14 +76,147 @@ pub fn spawn(
         span,
         state,
         _permit: permit,
-    };
+    });
+}
+
+/// Runs a connection's task until it closes, or parks it for a hand-off.
+fn launch(mut driver: Driver) {
     // An async block uses its captured driver in place (an `async fn (self)` would hold
     // a second copy of it).
     tokio::spawn(async move {
-        let reason = driver.serve().await;
+        // `let … else`, not `match`: a match would keep its scrutinee (the close reason)
+        // in the future across the goodbye's await.
+        let Some(reason) = driver.serve().await else {
+            let ctx = driver.ctx.clone();
+            ctx.handoff.park(Parked(Box::new(driver)));
+            return;
+        };
         let span = driver.span();
         Box::pin(driver.finish(reason).instrument(span)).await;
     });
+}
+
+/// A connection task stopped for a hand-off: everything it owns, its socket included.
+pub struct Parked(Box<Driver>);
+
+impl Parked {
+    /// The connection's id.
+    pub fn id(&self) -> u64 {
+        self.0.shared.id
+    }
+
+    /// The connection's shared part.
+    pub fn shared(&self) -> &Arc<ConnShared> {
+        &self.0.shared
+    }
+
+    /// The connection's state for the next process (nothing is taken from it: an aborted
+    /// hand-off resumes it as it was).
+    pub fn export(&self) -> MovedConn {
+        let driver = &self.0;
+        let identity = driver.shared.identity().map(|id| MovedIdentity {
+            app: id.app.to_string(),
+            uid: id.uid.to_string(),
+            did: id.did.to_string(),
+            may_uplink: id.may_uplink,
+            rights: id.rights,
+        });
+        let joined = driver
+            .shared
+            .identity()
+            .map(|id| driver.ctx.sessions.sessions_of(&id.app, &id.did))
+            .unwrap_or_default();
+        MovedConn {
+            state: driver.state.clone(),
+            identity,
+            joined,
+            queued: driver.shared.queued(),
+            ws_partial: driver
+                .ws
+                .as_ref()
+                .and_then(|ws| ws.partial().map(<[u8]>::to_vec)),
+            ws: driver.ws.is_some(),
+            silent_secs: driver
+                .ctx
+                .clock
+                .now()
+                .saturating_sub(driver.shared.last_seen()),
+        }
+    }
+
+    /// Old process, hand-off aborted: the task carries on.
+    pub fn resume(self) {
+        self.0.shared.clear_park();
+        // Frames may have been queued while it was parked.
+        self.0.shared.wake_task();
+        launch(*self.0);
+    }
+
+    /// New process: a connection from `moved` over `socket` (not running yet).
+    pub fn adopt(
+        ctx: &Arc<GatewayCtx>,
+        moved: MovedConn,
+        socket: std::net::TcpStream,
+        permit: OwnedSemaphorePermit,
+    ) -> std::io::Result<Parked> {
+        socket.set_nonblocking(true)?;
+        let fd = socket.as_raw_fd();
+        let stream = Stream::Plain(tokio::net::TcpStream::from_std(socket)?);
+        let now = ctx.clock.now();
+        let shared = Arc::new(ConnShared::new(moved.state.conn_id, now));
+        shared.set_fd(fd);
+        shared.touch(now.saturating_sub(moved.silent_secs));
+        if let Some(id) = moved.identity {
+            shared.set_identity(Identity {
+                app: id.app.as_str().into(),
+                uid: id.uid.as_str().into(),
+                did: id.did.as_str().into(),
+                may_uplink: id.may_uplink,
+                rights: id.rights,
+                transport: moved.state.transport,
+            });
+        }
+        for frame in moved.queued {
+            shared.push(frame, true, usize::MAX);
+        }
+        let mut state = moved.state;
+        // The rate bucket's clock is this process's.
+        state.rate_refilled_ms = ctx.clock.now_ms();
+        let ws = moved
+            .ws
+            .then(|| Box::new(WsDecoder::with_partial(moved.ws_partial)));
+        let span = tracing::debug_span!("conn", conn = shared.id, remote = %state.remote, transport = state.transport.as_str());
+        let span = (!span.is_disabled()).then(|| Box::new(span));
+        Ok(Parked(Box::new(Driver {
+            ctx: ctx.clone(),
+            shared,
+            stream,
+            ws,
+            span,
+            state,
+            _permit: permit,
+        })))
+    }
+
+    /// New process, after `Go`: registers the connection (registry, sessions, timers,
+    /// gauges) and starts its task. `joined` are the sessions it was a member of.
+    pub fn install(self, joined: &[String]) {
+        let driver = &self.0;
+        let ctx = &driver.ctx;
+        ctx.timers.track(&driver.shared);
+        ctx.metrics.connections.inc();
+        if let Some(identity) = driver.shared.identity() {
+            ctx.registry.reserve_app(&identity.app, 0);
+            ctx.registry.insert(driver.shared.clone());
+            ctx.metrics.sessions.inc();
+            if !joined.is_empty() {
+                ctx.sessions
+                    .join(&driver.shared, &identity.app, &identity.did, joined);
+            }
+        }
+        driver.shared.wake_task();
+        launch(*self.0);
+    }
 }
 
 struct Driver {
@@ -109,11 +248,12 @@ impl Driver {
         self.span.as_deref().cloned().unwrap_or_else(Span::none)
     }
 
-    async fn serve(&mut self) -> CloseReason {
+    /// Serves until the connection closes (`Some(reason)`) or a hand-off parks it (`None`).
+    async fn serve(&mut self) -> Option<CloseReason> {
         if !self.state.input.is_empty() {
             let span = self.span();
             if let Err(reason) = Box::pin(self.process_input().instrument(span)).await {
-                return reason;
+                return Some(reason);
             }
         }
         loop {
@@ -122,21 +262,29 @@ impl Driver {
             // NATS-publishing) state exists only while a frame is being handled.
             match std::future::poll_fn(|cx| self.poll_wake(cx)).await {
                 Wake::Queued => {
+                    if self.shared.should_park() {
+                        return None;
+                    }
                     let span = self.span();
                     if let Some(reason) = Box::pin(self.flush().instrument(span)).await {
-                        return reason;
+                        return Some(reason);
                     }
                 }
-                Wake::Read(Ok(0)) => return CloseReason::silent(ErrorCode::Ok, "peer closed"),
+                Wake::Read(Ok(0)) => {
+                    return Some(CloseReason::silent(ErrorCode::Ok, "peer closed"));
+                }
                 Wake::Read(Ok(n)) => {
                     self.ctx.metrics.bytes_in.inc_by(n as u64);
                     let span = self.span();
                     if let Err(reason) = Box::pin(self.process_input().instrument(span)).await {
-                        return reason;
+                        return Some(reason);
                     }
                 }
                 Wake::Read(Err(error)) => {
-                    return CloseReason::silent(ErrorCode::Ok, format!("read failed: {error}"));
+                    return Some(CloseReason::silent(
+                        ErrorCode::Ok,
+                        format!("read failed: {error}"),
+                    ));
                 }
             }
         }
@@ -716,7 +864,11 @@ mod tests {
     #[test]
     fn idle_connection_future_is_small() {
         let size = future_size(|mut driver: Driver| async move {
-            let reason = driver.serve().await;
+            let Some(reason) = driver.serve().await else {
+                let ctx = driver.ctx.clone();
+                ctx.handoff.park(Parked(Box::new(driver)));
+                return;
+            };
             let span = driver.span();
             Box::pin(driver.finish(reason).instrument(span)).await;
         });

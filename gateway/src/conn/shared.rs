@@ -3,7 +3,7 @@
 //! entries and its task, nothing more.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
@@ -90,6 +90,8 @@ struct Outbound {
     frames: VecDeque<Bytes>,
     /// Boxed: a pointer while no close is pending, which is almost always.
     close: Option<Box<CloseReason>>,
+    /// A hand-off asked the task to stop and give its state up (see `crate::handoff`).
+    park: bool,
 }
 
 /// Shared state of one connection.
@@ -104,6 +106,8 @@ pub struct ConnShared {
     outbound: Mutex<Outbound>,
     /// Set when frames were queued or a close requested since the task last looked.
     woken: AtomicBool,
+    /// The plain socket's descriptor, for a hand-off (-1: TLS, which cannot move).
+    fd: AtomicI32,
     /// The connection task, polled directly by its idle loop (no waiter node, unlike
     /// `Notify`, so the idle task's future stays small).
     waker: AtomicWaker,
@@ -119,8 +123,36 @@ impl ConnShared {
             last_seen: AtomicU32::new(now),
             outbound: Mutex::new(Outbound::default()),
             woken: AtomicBool::new(false),
+            fd: AtomicI32::new(-1),
             waker: AtomicWaker::new(),
         }
+    }
+
+    /// Records the plain socket's descriptor (a hand-off sends it to the next process).
+    pub fn set_fd(&self, fd: i32) {
+        self.fd.store(fd, Ordering::Relaxed);
+    }
+
+    /// The plain socket's descriptor, if the connection can move (not TLS).
+    pub fn movable_fd(&self) -> Option<i32> {
+        Some(self.fd.load(Ordering::Relaxed)).filter(|fd| *fd >= 0)
+    }
+
+    /// Asks the task to stop at its next idle point and hand its state over.
+    pub fn request_park(&self) {
+        lock(&self.outbound).park = true;
+        self.wake();
+    }
+
+    /// Whether the task should park now (asked to, and no close pending).
+    pub fn should_park(&self) -> bool {
+        let out = lock(&self.outbound);
+        out.park && out.close.is_none()
+    }
+
+    /// Clears a park request (the hand-off was aborted).
+    pub fn clear_park(&self) {
+        lock(&self.outbound).park = false;
     }
 
     /// The identity, once logged in.
@@ -178,6 +210,16 @@ impl ConnShared {
             out.close = Some(Box::new(reason));
         }
         self.wake();
+    }
+
+    /// Wakes the connection task so it looks at its queue and close request again.
+    pub fn wake_task(&self) {
+        self.wake();
+    }
+
+    /// A copy of the frames queued and not written yet, in order.
+    pub fn queued(&self) -> Vec<Bytes> {
+        lock(&self.outbound).frames.iter().cloned().collect()
     }
 
     /// Wakes the connection task (a wake-up before it waits is kept, like a permit).

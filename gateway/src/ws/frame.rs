@@ -119,6 +119,19 @@ struct Header {
 }
 
 impl WsDecoder {
+    /// A decoder continuing a message whose first fragments are `partial` (a connection
+    /// handed over by another process).
+    pub fn with_partial(partial: Option<Vec<u8>>) -> Self {
+        Self {
+            partial: partial.map(|bytes| BytesMut::from(&bytes[..])),
+        }
+    }
+
+    /// The fragments of an unfinished message, if one is being reassembled.
+    pub fn partial(&self) -> Option<&[u8]> {
+        self.partial.as_deref()
+    }
+
     /// Takes at most one event off the front of `buf` (client→server frames, which
     /// MUST be masked: an unmasked frame is a protocol error).
     ///

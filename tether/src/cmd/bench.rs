@@ -31,6 +31,9 @@ enum Command {
     Uplink(UplinkArgs),
     /// Drain a gateway of N devices to another by REDIRECT; report the time and QoS1 lost.
     Drain(DrainArgs),
+    /// Restart a gateway holding N connections by hand-off under a steady ping stream;
+    /// report the pause devices see (p50/p99/max), connections kept, messages lost.
+    Restart(tether_bench::restart::RestartArgs),
     /// Every scenario at the sizes of BENCHMARKS.md: results.json, table.md, charts.
     Suite(SuiteArgs),
     /// Internal: one load-generator process of a multi-process `conns` run.
@@ -59,6 +62,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
         Command::P2p(args) => measure(&args).await,
         Command::Uplink(args) => measure(&args).await,
         Command::Drain(args) => Ok(tether_bench::drain::run(&args).await.map(drop)?),
+        Command::Restart(args) => Ok(tether_bench::restart::run(&args).await.map(drop)?),
         Command::Suite(args) => Ok(suite::run(args).await.map(drop)?),
         Command::ConnsWorker { spec } => Ok(worker::worker_main(&spec).await?),
     }

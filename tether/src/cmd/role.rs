@@ -160,6 +160,17 @@ pub struct GatewayArgs {
     #[arg(long, help_heading = "Limits")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Unix socket where this gateway offers its connections to a successor started with
+    /// --takeover (restart by hand-off) [default: none, hand-offs disabled].
+    #[arg(long = "handoff-socket", help_heading = "Restart by hand-off")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handoff_socket: Option<PathBuf>,
+    /// Take over the listeners and client connections of the gateway (same id) serving
+    /// hand-offs on this unix socket, instead of binding listeners; it exits once this
+    /// process serves.
+    #[arg(long, value_name = "UDS_PATH", help_heading = "Restart by hand-off")]
+    #[serde(skip)]
+    pub takeover: Option<PathBuf>,
 }
 
 /// Flags of `tether ipconfig`.
@@ -189,9 +200,14 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let config: tether_gateway::GatewayConfig =
         load_config(args.common.config.as_deref(), "TETHER_GATEWAY_", &args)?;
     let shutdown = signal_shutdown();
-    let running = tether_gateway::start(config, shutdown)
-        .await
-        .context("gateway failed to start")?;
+    let running = match &args.takeover {
+        Some(path) => tether_gateway::start_with(config, shutdown, Some(path))
+            .await
+            .with_context(|| format!("takeover through {} failed", path.display()))?,
+        None => tether_gateway::start(config, shutdown)
+            .await
+            .context("gateway failed to start")?,
+    };
     running.wait().await;
     Ok(())
 }
