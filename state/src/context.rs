@@ -98,6 +98,8 @@ pub struct StateCtx {
     pub metrics: StateMetrics,
     /// Which gateways are alive (heartbeats).
     pub gateways: Arc<crate::liveness::GatewayLiveness>,
+    /// Cross-region delivery, when this region has peers (`region`, `peer_regions`).
+    pub relay: Option<Arc<crate::crossregion::Relay>>,
 }
 
 impl StateCtx {
