@@ -102,7 +102,10 @@ impl RelayLayout {
             .collect();
         stream::Config {
             name: RELAY_IN_STREAM.into(),
-            description: Some(format!("pushes relayed to {} by other regions", self.region)),
+            description: Some(format!(
+                "pushes relayed to {} by other regions",
+                self.region
+            )),
             sources: Some(sources),
             ..self.base()
         }
@@ -160,8 +163,12 @@ impl<'a> RelaySubject<'a> {
         if tokens.next()? != subjects::PREFIX || tokens.next()? != subjects::RELAY_TOKEN {
             return None;
         }
-        let (origin, target, app, did) =
-            (tokens.next()?, tokens.next()?, tokens.next()?, tokens.next()?);
+        let (origin, target, app, did) = (
+            tokens.next()?,
+            tokens.next()?,
+            tokens.next()?,
+            tokens.next()?,
+        );
         if tokens.next().is_some() {
             return None;
         }

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use tether_nats::region::{RelayLayout, RelaySubject, Region};
+use tether_nats::region::{Region, RelayLayout, RelaySubject};
 use tether_nats::{headers, keys, layout::ROUTES_BUCKET, subjects};
 use tether_schemas::{Frame, RawFrame, limits};
 
@@ -272,7 +272,7 @@ impl Relay {
                         .map_err(|e| e.to_string())?,
                 );
             }
-            let store = routes.clone().ok_or("no bucket")?;
+            let store = routes.clone().ok_or_else(|| "no bucket".to_string())?;
             drop(routes);
             store.get(key).await.map_err(|e| e.to_string())
         };
@@ -390,7 +390,7 @@ async fn deliver_one(ctx: &StateCtx, region: &str, message: jetstream::Message) 
         }
         ctx.metrics.refused(why);
     };
-    let parsed = RelaySubject::parse(&message.subject).filter(|s| s.target == region);
+    let parsed = RelaySubject::parse(message.subject.as_str()).filter(|s| s.target == region);
     let frame = RawFrame::from_bytes(message.payload.clone(), limits::MAX_FRAME_LEN_CAP)
         .ok()
         .and_then(|raw| Frame::decode(&raw).ok());

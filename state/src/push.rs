@@ -202,7 +202,12 @@ async fn deliver_to_devices(
             relay
                 .relay(ctx, app, &did, &region, &relay_id, encode(0))
                 .await
-                .map_err(|e| (ErrorCode::Unavailable, format!("relay of {did} to {region}: {e}")))?;
+                .map_err(|e| {
+                    (
+                        ErrorCode::Unavailable,
+                        format!("relay of {did} to {region}: {e}"),
+                    )
+                })?;
             reply.relayed.push(did);
         }
     }

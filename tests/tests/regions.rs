@@ -162,9 +162,10 @@ impl TwoRegions {
             Ok(Some(Event::Connected { .. })) => {}
             other => panic!("expected Connected, got {other:?}"),
         }
-        eventually(&format!("{did} registered in {}", region.name), async || {
-            region.knows_device(uid, did).await
-        })
+        eventually(
+            &format!("{did} registered in {}", region.name),
+            async || region.knows_device(uid, did).await,
+        )
         .await;
         (client, events)
     }
@@ -231,8 +232,8 @@ async fn leaf_links_keep_same_named_streams_apart() -> TestResult {
 }
 
 #[tokio::test]
-async fn a_reply_to_a_user_in_another_region_arrives_once_in_order_with_its_receipt()
--> TestResult {
+async fn a_reply_to_a_user_in_another_region_arrives_once_in_order_with_its_receipt() -> TestResult
+{
     let regions = TwoRegions::start().await;
     // The business runs in region A: it stores each uplink and pushes it to bob, whose
     // device is in region B.
@@ -246,7 +247,10 @@ async fn a_reply_to_a_user_in_another_region_arrives_once_in_order_with_its_rece
             .serve_uplinks("tether-biz", move |uplink| {
                 let (pusher, log) = (pusher.clone(), log.clone());
                 async move {
-                    match pusher.push(Push::to_uids(["u-bob"], uplink.body.clone())).await {
+                    match pusher
+                        .push(Push::to_uids(["u-bob"], uplink.body.clone()))
+                        .await
+                    {
                         Ok(reply) => {
                             log.lock().expect("lock").push(reply.relayed);
                             UplinkReply::stored(Some(format!("m{}", uplink.msg_id)))
@@ -331,7 +335,9 @@ fn collect(
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             if let Event::Message { seq, body, .. } = event {
-                let value = String::from_utf8_lossy(&body).parse::<u64>().unwrap_or(u64::MAX);
+                let value = String::from_utf8_lossy(&body)
+                    .parse::<u64>()
+                    .unwrap_or(u64::MAX);
                 log.lock().expect("lock").push((seq, value));
                 stamp.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
