@@ -69,6 +69,9 @@ impl RelayMetrics {
     }
 }
 
+/// `(app, uid)` → the user's devices in other regions, as `(did, region)`.
+type UserDirectory = HashMap<(String, String), Vec<(String, String)>>;
+
 /// One peer region and what is known of it.
 struct Peer {
     region: Region,
@@ -85,7 +88,7 @@ pub struct Relay {
     /// `(app, did)` → region the device was last found routed in.
     devices: Mutex<HashMap<(String, String), String>>,
     /// `(app, uid)` → the user's devices in other regions, with their region.
-    users: Mutex<HashMap<(String, String), Vec<(String, String)>>>,
+    users: Mutex<UserDirectory>,
     /// Counters.
     pub metrics: RelayMetrics,
 }
@@ -301,10 +304,7 @@ impl Relay {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    #[allow(clippy::type_complexity)]
-    fn lock_users(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), Vec<(String, String)>>> {
+    fn lock_users(&self) -> std::sync::MutexGuard<'_, UserDirectory> {
         self.users.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -328,7 +328,78 @@ pub async fn start(
     shutdown: tether_service::Shutdown,
 ) -> Result<(), tether_nats::BusError> {
     tether_nats::region::apply_relay_layout(&ctx.js, &layout).await?;
+    tokio::spawn(resume_sources_on_reconnect(
+        ctx.clone(),
+        layout.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(deliver_incoming(ctx, layout, shutdown));
+    Ok(())
+}
+
+/// Asks each peer's JetStream API every second; when a peer answers again after it could
+/// not be reached, re-adds its source to `TETHER_XR_IN`, so sourcing resumes at once
+/// instead of after nats-server's source retry backoff (5 s × 2 × failures, up to 2 min:
+/// 30 s after a 30 s cut). The re-added source resumes after the last message it
+/// delivered (the server reads it from the stream), and a message sourced twice is
+/// dropped by the relay stream's and the inbox's de-duplication.
+async fn resume_sources_on_reconnect(
+    ctx: Arc<StateCtx>,
+    layout: RelayLayout,
+    shutdown: tether_service::Shutdown,
+) {
+    let peers: Vec<(String, jetstream::Context)> = layout
+        .peers
+        .iter()
+        .map(|peer| {
+            (
+                peer.name.clone(),
+                jetstream::with_domain(ctx.client.clone(), &peer.domain),
+            )
+        })
+        .collect();
+    let mut unreachable = vec![false; peers.len()];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for ((name, js), was_down) in peers.iter().zip(unreachable.iter_mut()) {
+            let up = matches!(
+                tokio::time::timeout(Duration::from_secs(1), js.query_account()).await,
+                Ok(Ok(_))
+            );
+            if up && *was_down {
+                match resume_source(&ctx.js, &layout, name).await {
+                    Ok(()) => {
+                        tracing::info!(region = %name, "peer region reachable again; relay source resumed")
+                    }
+                    Err(error) => {
+                        tracing::warn!(region = %name, %error, "cannot resume the relay source")
+                    }
+                }
+            }
+            *was_down = !up;
+        }
+    }
+}
+
+/// Removes `peer`'s source from `TETHER_XR_IN` and adds it back.
+async fn resume_source(
+    js: &jetstream::Context,
+    layout: &RelayLayout,
+    peer: &str,
+) -> Result<(), String> {
+    let name = tether_nats::region::relay_stream_name(peer);
+    let mut without = layout.incoming();
+    if let Some(sources) = without.sources.as_mut() {
+        sources.retain(|source| source.name != name);
+    }
+    js.update_stream(without).await.map_err(|e| e.to_string())?;
+    js.update_stream(layout.incoming())
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 
