@@ -324,26 +324,47 @@ fn steady_pushes(
     })
 }
 
-/// Collects a device's messages: `(seq, body)` and when the last one arrived.
-fn collect(
-    mut events: mpsc::Receiver<Event>,
-) -> (Arc<Mutex<Vec<(u64, u64)>>>, Arc<AtomicU64>, Instant) {
-    let got: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
-    let last_at = Arc::new(AtomicU64::new(0));
-    let epoch = Instant::now();
-    let (log, stamp) = (got.clone(), last_at.clone());
-    tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            if let Event::Message { seq, body, .. } = event {
-                let value = String::from_utf8_lossy(&body)
-                    .parse::<u64>()
-                    .unwrap_or(u64::MAX);
-                log.lock().expect("lock").push((seq, value));
-                stamp.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+/// A device's messages as `(seq, pushed number)`, and when the last one arrived.
+struct Received {
+    got: Arc<Mutex<Vec<(u64, u64)>>>,
+    last_ms: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Received {
+    /// Collects the messages of `events`.
+    fn collect(mut events: mpsc::Receiver<Event>) -> Self {
+        let received = Self {
+            got: Arc::default(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+        };
+        let (log, stamp, epoch) = (
+            received.got.clone(),
+            received.last_ms.clone(),
+            received.epoch,
+        );
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if let Event::Message { seq, body, .. } = event {
+                    let value = String::from_utf8_lossy(&body)
+                        .parse::<u64>()
+                        .unwrap_or(u64::MAX);
+                    log.lock().expect("lock").push((seq, value));
+                    stamp.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
             }
-        }
-    });
-    (got, last_at, epoch)
+        });
+        received
+    }
+
+    fn len(&self) -> usize {
+        self.got.lock().expect("lock").len()
+    }
+
+    fn last_at(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
 }
 
 #[tokio::test]
@@ -351,8 +372,8 @@ async fn a_cut_link_delays_relayed_pushes_and_loses_none() -> TestResult {
     let mut regions = TwoRegions::start().await;
     let (_bob, bob_events) = regions.device(&regions.b, "u-bob", "bob-phone").await;
     let (_alice, alice_events) = regions.device(&regions.a, "u-alice", "alice-phone").await;
-    let (bob_got, bob_last, bob_epoch) = collect(bob_events);
-    let (alice_got, alice_last, alice_epoch) = collect(alice_events);
+    let bob_got = Received::collect(bob_events);
+    let alice_got = Received::collect(alice_events);
     // Steady traffic each way: A's business to bob (in B), B's business to alice (in A).
     let stop = Arc::new(AtomicBool::new(false));
     let to_bob = steady_pushes(
@@ -368,35 +389,32 @@ async fn a_cut_link_delays_relayed_pushes_and_loses_none() -> TestResult {
     tokio::time::sleep(Duration::from_secs(2)).await;
     regions.nats.cut_link();
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let during_cut = (
-        bob_got.lock().expect("lock").len(),
-        alice_got.lock().expect("lock").len(),
-    );
+    let during_cut = (bob_got.len(), alice_got.len());
     regions.nats.restore_link()?;
     let restored = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     let (sent_to_bob, sent_to_alice) = (to_bob.await?, to_alice.await?);
-    for (name, got, sent, last, epoch) in [
-        ("bob", &bob_got, sent_to_bob, &bob_last, bob_epoch),
-        ("alice", &alice_got, sent_to_alice, &alice_last, alice_epoch),
+    for (name, got, sent) in [
+        ("bob", &bob_got, sent_to_bob),
+        ("alice", &alice_got, sent_to_alice),
     ] {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-        while (got.lock().expect("lock").len() as u64) < sent {
+        while (got.len() as u64) < sent {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "{name}: {} of {sent} delivered",
-                got.lock().expect("lock").len()
+                got.len()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let messages = got.lock().expect("lock").clone();
+        let messages = got.got.lock().expect("lock").clone();
         let expected: Vec<(u64, u64)> = (0..sent).map(|i| (i + 1, i)).collect();
         assert_eq!(
             messages, expected,
             "{name}: every push once, in order, with consecutive sequences"
         );
-        let last_at = epoch + Duration::from_millis(last.load(Ordering::Relaxed));
+        let last_at = got.last_at();
         eprintln!(
             "regions: {name} received {sent} relayed pushes; caught up {:.1} s after the link was restored",
             last_at.saturating_duration_since(restored).as_secs_f64()
