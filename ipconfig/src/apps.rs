@@ -109,6 +109,12 @@ impl AppRecord {
                 self.id, self.id
             ));
         }
+        if self.id == tether_nats::subjects::RELAY_TOKEN {
+            return Err(format!(
+                "app id {:?} is reserved (cross-region relay subjects are tether.{}.…)",
+                self.id, self.id
+            ));
+        }
         if self.secrets.is_empty() && self.public_keys.is_empty() {
             return Err(format!("app {}: needs a secret or a public key", self.id));
         }

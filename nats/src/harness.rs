@@ -144,7 +144,10 @@ pub fn tenancy_account(apps: &[&str]) -> Result<AccountSpec, BusError> {
         allow_responses: false,
     }];
     for app in apps {
-        if !tether_schemas::bus::valid_id(app) || *app == "gw" {
+        if !tether_schemas::bus::valid_id(app)
+            || *app == subjects::GATEWAY_TOKEN
+            || *app == subjects::RELAY_TOKEN
+        {
             return Err(BusError::Server(format!(
                 "app {app:?} cannot have a business user (not a valid id, or reserved)"
             )));
@@ -278,7 +281,8 @@ pub fn cluster3() -> Result<Cluster, BusError> {
     })
 }
 
-/// A hub with two leaf-node regions, each its own JetStream domain.
+/// A hub with two leaf-node regions, each its own JetStream domain; the leaf remotes deny
+/// [`subjects::regional_only`] like the production configs.
 pub struct LeafRegions {
     /// The hub (JetStream domain `hub`).
     pub hub: NatsServer,
@@ -296,6 +300,47 @@ impl LeafRegions {
     pub const DOMAIN_B: &'static str = "region-b";
     /// JetStream domain of the hub.
     pub const DOMAIN_HUB: &'static str = "hub";
+
+    /// Region A as a peer of region B (name = domain = `region-a`).
+    pub fn peer_a() -> crate::region::Region {
+        crate::region::Region {
+            name: Self::DOMAIN_A.into(),
+            domain: Self::DOMAIN_A.into(),
+        }
+    }
+
+    /// Region B as a peer of region A (name = domain = `region-b`).
+    pub fn peer_b() -> crate::region::Region {
+        crate::region::Region {
+            name: Self::DOMAIN_B.into(),
+            domain: Self::DOMAIN_B.into(),
+        }
+    }
+
+    /// Client URL of region A's server.
+    pub fn url_a(&self) -> String {
+        self.region_a.client_url()
+    }
+
+    /// Client URL of region B's server.
+    pub fn url_b(&self) -> String {
+        self.region_b.client_url()
+    }
+
+    /// Cuts the link between the regions by stopping the hub (both leaf connections drop;
+    /// each region keeps serving on its own).
+    pub fn cut_link(&mut self) {
+        eprintln!("harness: cutting the inter-region link (hub stopped)");
+        self.hub.stop();
+    }
+
+    /// Restores the link: restarts the hub with its ports and store and waits until both
+    /// regions are connected to it again.
+    pub fn restore_link(&mut self) -> Result<(), BusError> {
+        eprintln!("harness: restoring the inter-region link");
+        self.hub.restart(READY_TIMEOUT)?;
+        wait_leafs(&self.hub, 2)
+    }
 }
 
 impl Drop for LeafRegions {
@@ -330,6 +375,8 @@ pub fn leaf_regions() -> Result<LeafRegions, BusError> {
             );
             spec.domain = Some(domain.into());
             spec.leaf_remotes = vec![leaf_port];
+            // Same-named streams and buckets in both regions: their subjects stay home.
+            spec.leaf_deny = subjects::regional_only();
             NatsServer::start(spec, &binary, READY_TIMEOUT)
         };
         let region_a = leaf("region-a", LeafRegions::DOMAIN_A)?;

@@ -37,6 +37,9 @@ pub const QOS: &str = "Tether-Qos";
 pub const SEQ: &str = "Tether-Seq";
 /// Push id: a retried push with the same id stores nothing new (PROTOCOL 11.2).
 pub const PUSH_ID: &str = "Tether-Push-Id";
+/// The id of one relayed push for one device (`<app>:<push id>:<did>`, or a fresh id for
+/// a push without id): the target region de-duplicates its inbox append by it.
+pub const RELAY_ID: &str = "Tether-Relay-Id";
 /// On a session event (state to state): the inbox the applying partition owner tells,
 /// with the device id as body, once the change is written and its gateway has it; the
 /// session request is answered after every device's notice (PROTOCOL 11.5).

@@ -10,6 +10,8 @@
 //! - [`serve`]: the shared loops: serve a subscription, watch a KV bucket, until shutdown.
 //! - [`connect`]: how services connect (names, reconnect logging, timeouts, credentials and
 //!   TLS in [`NatsAuth`]).
+//! - [`region`]: the cross-region relay streams (`TETHER_XR_<region>`, `TETHER_XR_IN`)
+//!   and peer regions.
 //! - [`server`]: running a real `nats-server` process (locating the pinned binary, config,
 //!   readiness, stop/restart); used by `tether up` and by the test harness.
 //! - [`harness`]: test topologies on free loopback ports — a single JetStream node, a
@@ -21,6 +23,7 @@ pub mod harness;
 pub mod headers;
 pub mod keys;
 pub mod layout;
+pub mod region;
 pub mod serve;
 pub mod server;
 pub mod subjects;

@@ -14,6 +14,9 @@ pub const PREFIX: &str = "tether";
 /// The second token of gateway subjects (`tether.gw.<gw>.…`): never an app id.
 pub const GATEWAY_TOKEN: &str = "gw";
 
+/// The second token of cross-region relay subjects (`tether.xr.…`): never an app id.
+pub const RELAY_TOKEN: &str = "xr";
+
 /// Number of partitions that device-keyed work is split into. Each partition is owned by
 /// one state instance at a time. Fixed: changing it re-homes every device.
 pub const PARTITIONS: u16 = 32;
@@ -191,6 +194,45 @@ pub fn inbox_stream() -> String {
 /// Subjects of the room stream: `tether.*.room.*`.
 pub fn rooms_stream() -> String {
     room_all()
+}
+
+/// A push relayed from region `origin` to a device of `app` in region `target`:
+/// `tether.xr.<origin>.<target>.<app>.<did>` (stream `TETHER_XR_<origin>` in the origin
+/// region, sourced by the target region's `TETHER_XR_IN`). Parsed by
+/// [`crate::region::RelaySubject::parse`].
+pub fn relay(origin: &str, target: &str, app: &str, did: &str) -> String {
+    format!("{PREFIX}.{RELAY_TOKEN}.{origin}.{target}.{app}.{did}")
+}
+
+/// Every relay subject written in region `origin`: `tether.xr.<origin>.>`.
+pub fn relay_from(origin: &str) -> String {
+    format!("{PREFIX}.{RELAY_TOKEN}.{origin}.>")
+}
+
+/// The relay subjects from `origin` towards `target`: `tether.xr.<origin>.<target>.>`.
+pub fn relay_towards(origin: &str, target: &str) -> String {
+    format!("{PREFIX}.{RELAY_TOKEN}.{origin}.{target}.>")
+}
+
+/// Subjects that must never cross a leaf link between regions: each region has its own
+/// streams and KV buckets with the same names and subjects, so a write in one region would
+/// also be stored by the other region's stream (and acknowledged twice) if its subject
+/// crossed. The leaf remotes of every region deny these in both directions
+/// (`nats/conf/leaf-region-*.conf`, the test harness). Pushes (`tether.<app>.push`),
+/// session requests, presence and gateway subjects may cross; cross-region delivery goes
+/// through the relay streams, which cross by JetStream sourcing (the `$JS.<domain>.API`
+/// prefix), not by subject.
+pub fn regional_only() -> Vec<String> {
+    vec![
+        uplink_stream(),
+        events_stream(),
+        inbox_stream(),
+        format!("{PREFIX}.*.ack.>"),
+        rooms_stream(),
+        format!("{PREFIX}.{RELAY_TOKEN}.>"),
+        // Every KV bucket (routes, sessions, receipts, apps, gateways, leases).
+        "$KV.>".to_string(),
+    ]
 }
 
 /// A Tether subject, parsed: the identities it carries, each a valid id token, and for

@@ -60,6 +60,19 @@ pub struct StateConfig {
     pub membership_events: bool,
     /// Per-app pipeline settings, overriding the defaults above: `[apps.demo]`.
     pub apps: BTreeMap<String, AppPipeline>,
+    /// This region's name (the `region` of its gateways); empty = one region, no
+    /// cross-region delivery (docs/multi-region.md).
+    pub region: String,
+    /// The other regions (`[[peer_regions]]` with `name` and JetStream `domain`): pushes
+    /// for devices routed there are relayed through `TETHER_XR_<region>`, and theirs are
+    /// delivered here from `TETHER_XR_IN`.
+    pub peer_regions: Vec<tether_nats::region::Region>,
+    /// How long relayed pushes are kept in the relay streams (seconds): the longest
+    /// inter-region link outage that loses nothing.
+    pub relay_max_age_secs: u64,
+    /// How long a push waits for a peer region's route bucket before it uses the region
+    /// the device was last found in.
+    pub relay_lookup_timeout_ms: u64,
 }
 
 /// Per-app overrides of the session pipeline (`[apps.<app>]` in the TOML file).
@@ -96,6 +109,10 @@ impl Default for StateConfig {
             broadcast_threshold: 100,
             membership_events: false,
             apps: BTreeMap::new(),
+            region: String::new(),
+            peer_regions: Vec::new(),
+            relay_max_age_secs: 24 * 3600,
+            relay_lookup_timeout_ms: 500,
         }
     }
 }
@@ -139,6 +156,24 @@ impl StateConfig {
         }
         if self.uplink_concurrency == 0 || self.max_requests_in_progress == 0 {
             return Err("uplink_concurrency and max_requests_in_progress must be positive".into());
+        }
+        let valid = tether_schemas::bus::valid_id;
+        if !self.region.is_empty() && !valid(&self.region) {
+            return Err("region must be [A-Za-z0-9_-]".into());
+        }
+        if !self.peer_regions.is_empty() && self.region.is_empty() {
+            return Err("peer_regions needs this instance's region".into());
+        }
+        for peer in &self.peer_regions {
+            if !valid(&peer.name) || !valid(&peer.domain) || peer.name == self.region {
+                return Err(format!(
+                    "peer region {:?}: name and domain must be [A-Za-z0-9_-] and the name not this region",
+                    peer.name
+                ));
+            }
+        }
+        if self.relay_max_age_secs == 0 || self.relay_lookup_timeout_ms == 0 {
+            return Err("relay_max_age_secs and relay_lookup_timeout_ms must be positive".into());
         }
         if !self.instance_id.is_empty()
             && !self

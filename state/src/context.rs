@@ -100,6 +100,8 @@ pub struct StateCtx {
     pub gateways: Arc<crate::liveness::GatewayLiveness>,
     /// Per-app pipeline settings from `tether_apps` (live overrides).
     pub pipelines: Arc<crate::app_pipelines::AppPipelines>,
+    /// Cross-region delivery, when this region has peers (`region`, `peer_regions`).
+    pub relay: Option<Arc<crate::crossregion::Relay>>,
 }
 
 impl StateCtx {

@@ -12,12 +12,15 @@
 //!   session pushes per member, as one broadcast, or through a recoverable room.
 //! - [`sessions`]: the session binding API; [`index`]: the session → devices index.
 //! - [`store`]: routes, user index, cursors (KV) and inboxes (stream).
+//! - [`crossregion`]: pushes for devices in other regions (relay streams) and delivery
+//!   of the pushes other regions relay here.
 //! - [`context`]: shared handles; [`metrics`]. The JSON bodies are the bus contract
 //!   (`tether_schemas::bus`).
 
 pub mod app_pipelines;
 pub mod config;
 pub mod context;
+pub mod crossregion;
 pub mod index;
 pub mod inputs;
 pub mod leases;
@@ -87,6 +90,10 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
     let metrics = StateMetrics::default();
     let mut registry = Registry::with_prefix("tether_state");
     metrics.register(&mut registry);
+    let relay_metrics = crossregion::RelayMetrics::default();
+    if !config.peer_regions.is_empty() {
+        relay_metrics.register(&mut registry);
+    }
     let failing = supervise::Failing::default();
     let health_failing = failing.clone();
     let role = NatsRoleBuilder::new("state", &config.nats_url)
@@ -135,6 +142,15 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
     pipelines.clone().follow(apps, shutdown.clone());
+    let relay = (!config.peer_regions.is_empty()).then(|| {
+        Arc::new(crossregion::Relay::new(
+            &role.client,
+            &config.region,
+            &config.peer_regions,
+            Duration::from_millis(config.relay_lookup_timeout_ms),
+            relay_metrics,
+        ))
+    });
     let ctx = Arc::new(StateCtx {
         config: config.clone(),
         instance_id: instance_id.clone(),
@@ -145,7 +161,19 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         metrics,
         gateways,
         pipelines,
+        relay,
     });
+    if ctx.relay.is_some() {
+        let layout = tether_nats::region::RelayLayout {
+            region: config.region.clone(),
+            peers: config.peer_regions.clone(),
+            max_age: Duration::from_secs(config.relay_max_age_secs),
+            replicas: config.stream_replicas,
+        };
+        crossregion::start(ctx.clone(), layout, shutdown.clone())
+            .await
+            .map_err(|e| StateError::Bus(e.to_string()))?;
+    }
     push::serve(ctx.clone(), shutdown.clone())
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;

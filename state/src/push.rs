@@ -187,6 +187,30 @@ async fn deliver_to_devices(
         .encode()
     };
     let mut reply = PushReply::default();
+    if let Some(relay) = &ctx.relay {
+        // Devices routed in other regions go on the relay stream (crossregion).
+        let split = relay
+            .split(ctx, app, dids, &push.uids)
+            .await
+            .map_err(|e| (ErrorCode::Unavailable, e))?;
+        dids = split.local;
+        for (did, region) in split.remote {
+            let relay_id = match &push.id {
+                Some(id) => format!("{app}:{id}:{did}"),
+                None => crate::crossregion::fresh_relay_id(relay.region(), app, &did),
+            };
+            relay
+                .relay(ctx, app, &did, &region, &relay_id, encode(0))
+                .await
+                .map_err(|e| {
+                    (
+                        ErrorCode::Unavailable,
+                        format!("relay of {did} to {region}: {e}"),
+                    )
+                })?;
+            reply.relayed.push(did);
+        }
+    }
     if push.qos1 {
         for did in &dids {
             let seq = ctx

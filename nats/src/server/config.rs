@@ -61,6 +61,9 @@ pub struct ServerSpec {
     pub leaf_listen: Option<u16>,
     /// Hub leaf ports this server connects to as a leaf node.
     pub leaf_remotes: Vec<u16>,
+    /// Subjects the leaf remotes neither import nor export (a region's
+    /// [`crate::subjects::regional_only`] subjects).
+    pub leaf_deny: Vec<String>,
     /// An account with users and permissions; `None` = anonymous clients, no permissions.
     pub account: Option<AccountSpec>,
 }
@@ -84,6 +87,7 @@ impl ServerSpec {
             cluster: None,
             leaf_listen: None,
             leaf_remotes: Vec::new(),
+            leaf_deny: Vec::new(),
             account: None,
         }
     }
@@ -124,10 +128,17 @@ impl ServerSpec {
             render_account(&mut out, account);
         }
         if !self.leaf_remotes.is_empty() {
+            let deny = if self.leaf_deny.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = self.leaf_deny.iter().map(|s| format!("{s:?}")).collect();
+                let list = list.join(", ");
+                format!(", deny_imports: [{list}], deny_exports: [{list}]")
+            };
             let remotes: Vec<String> = self
                 .leaf_remotes
                 .iter()
-                .map(|p| format!("{{ url: \"nats-leaf://{host}:{p}\" }}"))
+                .map(|p| format!("{{ url: \"nats-leaf://{host}:{p}\"{deny} }}"))
                 .collect();
             let _ = writeln!(out, "leafnodes {{ remotes: [{}] }}", remotes.join(", "));
         }

@@ -278,6 +278,11 @@ pub struct PushReply {
     /// Recoverable rooms: the broadcast's room sequence (`DOWN.room_seq`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub room_seq: Option<u64>,
+    /// Targets routed in another region: the push is stored in this region's relay
+    /// stream and delivered there with the device's own sequence (not known here).
+    /// Absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relayed: Vec<String>,
 }
 
 /// One accepted target of a push.

@@ -8,3 +8,4 @@ pub mod demo;
 pub mod role;
 pub mod token;
 pub mod up;
+pub mod up_regions;

@@ -19,24 +19,29 @@ use tether_service::{Shutdown, shutdown};
 pub struct UpArgs {
     /// Use this NATS cluster instead of starting a local nats-server.
     #[arg(long = "nats")]
-    nats_url: Option<String>,
+    pub(crate) nats_url: Option<String>,
     /// Where the local nats-server keeps JetStream data and where keys are written.
     #[arg(long = "data", default_value = ".tether")]
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// Client port of the local nats-server.
     #[arg(long, default_value_t = 4222)]
-    nats_port: u16,
+    pub(crate) nats_port: u16,
     /// Monitoring port of the local nats-server.
     #[arg(long, default_value_t = 8222)]
-    nats_http_port: u16,
+    pub(crate) nats_http_port: u16,
     /// Address every Tether listener binds to.
     #[arg(long, default_value = "127.0.0.1")]
-    host: std::net::IpAddr,
+    pub(crate) host: std::net::IpAddr,
     /// First port of the Tether listeners: gateway TCP +0, WebSocket +1, gateway admin +2,
     /// state admin +10, ipconfig admin +20, ipconfig public HTTP +21, ops +30, demo chat
     /// page +40.
     #[arg(long, default_value_t = 7400)]
-    base_port: u16,
+    pub(crate) base_port: u16,
+    /// Run several regions on this machine instead (comma separated, e.g. `eu,us`): a hub
+    /// and one nats-server per region joined as leaf nodes, and per region a gateway, state
+    /// and ipconfig (docs/multi-region.md).
+    #[arg(long, value_delimiter = ',')]
+    regions: Vec<String>,
     #[command(flatten)]
     demo: super::demo::DemoArgs,
 }
@@ -51,6 +56,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write token key {}", key_path.display()))?;
     }
     let public_key = tether_auth::public_key_path(&key_path);
+    if !args.regions.is_empty() {
+        return super::up_regions::run(&args, &args.regions).await;
+    }
 
     // The local server is started here, on the main thread, so it dies with this process.
     let (nats_url, mut local_nats) = match &args.nats_url {

@@ -1,0 +1,540 @@
+//! Cross-region delivery: pushes for devices routed in another region go on the relay
+//! stream (`TETHER_XR_<region>`), and pushes relayed here by other regions are delivered
+//! from `TETHER_XR_IN` with the device's per-device sequence (docs/multi-region.md).
+//!
+//! Finding a device's region: a device with a route in this region is local. Otherwise the
+//! peers' route buckets are read across their JetStream domains; the answer is remembered
+//! (the directory), so while a link is cut pushes keep going to the region the device was
+//! last seen in (they wait in the relay stream until the link returns). A user's devices
+//! are this region's list plus each peer's list, remembered the same way.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tether_nats::region::{Region, RelayLayout, RelaySubject};
+use tether_nats::{headers, keys, layout::ROUTES_BUCKET, subjects};
+use tether_schemas::{Frame, RawFrame, limits};
+
+use crate::context::StateCtx;
+use crate::store::Route;
+
+/// How long a peer whose bucket could not be read is skipped (pushes use the directory).
+const PEER_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a relayed push that could not be stored waits before it is tried again.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// Counters of cross-region delivery.
+#[derive(Clone, Default)]
+pub struct RelayMetrics {
+    /// Pushes appended to this region's relay stream (one per target device).
+    pub relayed_out: Counter,
+    /// Relayed pushes stored in a local inbox (or written to a gateway, QoS0).
+    pub relayed_in: Counter,
+    /// Relayed messages dropped as invalid (wrong subject, region or frame).
+    pub relayed_invalid: Counter,
+    /// Peer route lookups that failed (link down): the directory answered.
+    pub lookup_failures: Counter,
+}
+
+impl RelayMetrics {
+    /// Registers the counters (`tether_state_relay_*`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "relay_out",
+            "pushes appended to the relay stream for other regions",
+            self.relayed_out.clone(),
+        );
+        registry.register(
+            "relay_in",
+            "relayed pushes delivered in this region",
+            self.relayed_in.clone(),
+        );
+        registry.register(
+            "relay_invalid",
+            "relayed messages dropped as invalid",
+            self.relayed_invalid.clone(),
+        );
+        registry.register(
+            "relay_lookup_failures",
+            "peer route lookups that failed",
+            self.lookup_failures.clone(),
+        );
+    }
+}
+
+/// `(app, uid)` → the user's devices in other regions, as `(did, region)`.
+type UserDirectory = HashMap<(String, String), Vec<(String, String)>>;
+
+/// One peer region and what is known of it.
+struct Peer {
+    region: Region,
+    js: jetstream::Context,
+    routes: tokio::sync::Mutex<Option<kv::Store>>,
+    down_until: Mutex<Option<Instant>>,
+}
+
+/// The cross-region side of one state instance.
+pub struct Relay {
+    region: String,
+    peers: Vec<Peer>,
+    lookup_timeout: Duration,
+    /// `(app, did)` → region the device was last found routed in.
+    devices: Mutex<HashMap<(String, String), String>>,
+    /// `(app, uid)` → the user's devices in other regions, with their region.
+    users: Mutex<UserDirectory>,
+    /// Counters.
+    pub metrics: RelayMetrics,
+}
+
+/// Where the devices of one push go.
+#[derive(Debug, Default)]
+pub struct Split {
+    /// Devices delivered in this region.
+    pub local: Vec<String>,
+    /// Devices relayed, with their region.
+    pub remote: Vec<(String, String)>,
+}
+
+impl Relay {
+    /// The relay of region `region` towards `peers`, reading their buckets through
+    /// `client`.
+    pub fn new(
+        client: &async_nats::Client,
+        region: &str,
+        peers: &[Region],
+        lookup_timeout: Duration,
+        metrics: RelayMetrics,
+    ) -> Self {
+        let peers = peers
+            .iter()
+            .map(|region| Peer {
+                js: jetstream::with_domain(client.clone(), &region.domain),
+                region: region.clone(),
+                routes: tokio::sync::Mutex::new(None),
+                down_until: Mutex::new(None),
+            })
+            .collect();
+        Self {
+            region: region.to_string(),
+            peers,
+            lookup_timeout,
+            devices: Mutex::default(),
+            users: Mutex::default(),
+            metrics,
+        }
+    }
+
+    /// This region's name.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// Splits the targets of a push: `dids` (named devices and this region's devices of the
+    /// users) stay local when routed here; the others, and the users' devices in peer
+    /// regions, go to the region they are routed in (or were last seen in). A device found
+    /// nowhere stays local (stored in this region's inbox).
+    pub async fn split(
+        &self,
+        ctx: &StateCtx,
+        app: &str,
+        dids: Vec<String>,
+        uids: &[String],
+    ) -> Result<Split, String> {
+        let mut split = Split::default();
+        for did in dids {
+            if ctx
+                .store
+                .route(app, &did)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                split.local.push(did);
+                continue;
+            }
+            match self.device_region(app, &did).await {
+                Some(region) => split.remote.push((did, region)),
+                None => split.local.push(did),
+            }
+        }
+        for uid in uids {
+            for (did, region) in self.user_devices_elsewhere(app, uid).await {
+                if !split.local.contains(&did) && !split.remote.iter().any(|(d, _)| *d == did) {
+                    split.remote.push((did, region));
+                }
+            }
+        }
+        Ok(split)
+    }
+
+    /// Appends one push for `did` of `app` in `target` to this region's relay stream and
+    /// waits for the stream's acknowledgement.
+    pub async fn relay(
+        &self,
+        ctx: &StateCtx,
+        app: &str,
+        did: &str,
+        target: &str,
+        relay_id: &str,
+        frame: Bytes,
+    ) -> Result<(), String> {
+        let mut map = HeaderMap::new();
+        map.insert(headers::RELAY_ID, relay_id);
+        map.insert(headers::MSG_ID, relay_id);
+        let ack = ctx
+            .js
+            .publish_with_headers(subjects::relay(&self.region, target, app, did), map, frame)
+            .await
+            .map_err(|e| e.to_string())?;
+        ack.await.map_err(|e| e.to_string())?;
+        self.metrics.relayed_out.inc();
+        Ok(())
+    }
+
+    /// The region `did` is routed in, asking the peers (or, when they cannot be asked,
+    /// the region it was last found in).
+    async fn device_region(&self, app: &str, did: &str) -> Option<String> {
+        let cache_key = (app.to_string(), did.to_string());
+        let mut asked_all = true;
+        for peer in &self.peers {
+            match self.read_peer(peer, &keys::route(app, did)).await {
+                Some(Some(value)) => {
+                    if serde_json::from_slice::<Route>(&value).is_ok() {
+                        self.lock_devices()
+                            .insert(cache_key, peer.region.name.clone());
+                        return Some(peer.region.name.clone());
+                    }
+                }
+                Some(None) => {}
+                None => asked_all = false,
+            }
+        }
+        let mut devices = self.lock_devices();
+        if asked_all {
+            // Routed nowhere now: offline; it is stored here.
+            devices.remove(&cache_key);
+            return None;
+        }
+        devices.get(&cache_key).cloned()
+    }
+
+    /// The devices of `uid` in peer regions, with their region.
+    async fn user_devices_elsewhere(&self, app: &str, uid: &str) -> Vec<(String, String)> {
+        let cache_key = (app.to_string(), uid.to_string());
+        let cached = self
+            .lock_users()
+            .get(&cache_key)
+            .cloned()
+            .unwrap_or_default();
+        let mut found = Vec::new();
+        for peer in &self.peers {
+            match self.read_peer(peer, &keys::user(app, uid)).await {
+                Some(Some(value)) => {
+                    let dids: Vec<String> = serde_json::from_slice(&value).unwrap_or_default();
+                    found.extend(dids.into_iter().map(|d| (d, peer.region.name.clone())));
+                }
+                Some(None) => {}
+                None => found.extend(
+                    cached
+                        .iter()
+                        .filter(|(_, region)| *region == peer.region.name)
+                        .cloned(),
+                ),
+            }
+        }
+        self.lock_users().insert(cache_key, found.clone());
+        found
+    }
+
+    /// Reads `key` of a peer's route bucket: `Some(value)` when the peer answered (the
+    /// value `None` when the key is absent), `None` when it could not be asked.
+    async fn read_peer(&self, peer: &Peer, key: &str) -> Option<Option<Bytes>> {
+        if peer
+            .down_until
+            .lock()
+            .ok()
+            .and_then(|d| *d)
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return None;
+        }
+        let read = async {
+            let mut routes = peer.routes.lock().await;
+            if routes.is_none() {
+                *routes = Some(
+                    peer.js
+                        .get_key_value(ROUTES_BUCKET)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            let store = routes.clone().ok_or_else(|| "no bucket".to_string())?;
+            drop(routes);
+            store.get(key).await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.lookup_timeout, read).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(error)) => {
+                self.peer_down(peer, &error);
+                None
+            }
+            Err(_) => {
+                self.peer_down(peer, "timed out");
+                None
+            }
+        }
+    }
+
+    fn peer_down(&self, peer: &Peer, error: &str) {
+        self.metrics.lookup_failures.inc();
+        tracing::warn!(region = %peer.region.name, %error, "peer region route lookup failed; using the directory");
+        if let Ok(mut until) = peer.down_until.lock() {
+            *until = Some(Instant::now() + PEER_BACKOFF);
+        }
+    }
+
+    fn lock_devices(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), String>> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_users(&self) -> std::sync::MutexGuard<'_, UserDirectory> {
+        self.users.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A fresh relay id for a push without id: region, time and a counter.
+pub fn fresh_relay_id(region: &str, app: &str, did: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{app}:xr-{region}-{:x}-{:08x}-{n}:{did}",
+        tether_schemas::bus::unix_now_ms(),
+        rand::random::<u32>()
+    )
+}
+
+/// Creates the relay streams and delivers relayed pushes until `shutdown`.
+pub async fn start(
+    ctx: Arc<StateCtx>,
+    layout: RelayLayout,
+    shutdown: tether_service::Shutdown,
+) -> Result<(), tether_nats::BusError> {
+    tether_nats::region::apply_relay_layout(&ctx.js, &layout).await?;
+    tokio::spawn(resume_sources_on_reconnect(
+        ctx.clone(),
+        layout.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(deliver_incoming(ctx, layout, shutdown));
+    Ok(())
+}
+
+/// Asks each peer's JetStream API every second; when a peer answers again after it could
+/// not be reached, re-adds its source to `TETHER_XR_IN`, so sourcing resumes at once
+/// instead of after nats-server's source retry backoff (5 s × 2 × failures, up to 2 min:
+/// 30 s after a 30 s cut). The re-added source resumes after the last message it
+/// delivered (the server reads it from the stream), and a message sourced twice is
+/// dropped by the relay stream's and the inbox's de-duplication.
+async fn resume_sources_on_reconnect(
+    ctx: Arc<StateCtx>,
+    layout: RelayLayout,
+    shutdown: tether_service::Shutdown,
+) {
+    let peers: Vec<(String, jetstream::Context)> = layout
+        .peers
+        .iter()
+        .map(|peer| {
+            (
+                peer.name.clone(),
+                jetstream::with_domain(ctx.client.clone(), &peer.domain),
+            )
+        })
+        .collect();
+    let mut unreachable = vec![false; peers.len()];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for ((name, js), was_down) in peers.iter().zip(unreachable.iter_mut()) {
+            let up = matches!(
+                tokio::time::timeout(Duration::from_secs(1), js.query_account()).await,
+                Ok(Ok(_))
+            );
+            if up && *was_down {
+                match resume_source(&ctx.js, &layout, name).await {
+                    Ok(()) => {
+                        tracing::info!(region = %name, "peer region reachable again; relay source resumed")
+                    }
+                    Err(error) => {
+                        tracing::warn!(region = %name, %error, "cannot resume the relay source")
+                    }
+                }
+            }
+            *was_down = !up;
+        }
+    }
+}
+
+/// Removes `peer`'s source from `TETHER_XR_IN` and adds it back.
+async fn resume_source(
+    js: &jetstream::Context,
+    layout: &RelayLayout,
+    peer: &str,
+) -> Result<(), String> {
+    let name = tether_nats::region::relay_stream_name(peer);
+    let mut without = layout.incoming();
+    if let Some(sources) = without.sources.as_mut() {
+        sources.retain(|source| source.name != name);
+    }
+    js.update_stream(without).await.map_err(|e| e.to_string())?;
+    js.update_stream(layout.incoming())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Pulls `TETHER_XR_IN` one message at a time (the consumer allows one in flight) and
+/// stores each in its device's inbox; reconnects the consumer after errors.
+async fn deliver_incoming(
+    ctx: Arc<StateCtx>,
+    layout: RelayLayout,
+    shutdown: tether_service::Shutdown,
+) {
+    let ack_wait = Duration::from_secs(30);
+    loop {
+        let messages = async {
+            let stream = ctx
+                .js
+                .get_stream(tether_nats::region::RELAY_IN_STREAM)
+                .await
+                .map_err(|e| e.to_string())?;
+            let consumer = stream
+                .get_or_create_consumer(
+                    tether_nats::region::RELAY_IN_CONSUMER,
+                    layout.consumer(ack_wait),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            consumer.messages().await.map_err(|e| e.to_string())
+        };
+        let mut messages = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = messages => match m {
+                Ok(m) => m,
+                Err(error) => {
+                    tracing::warn!(%error, "relay consumer unavailable; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => deliver_one(&ctx, &layout.region, message).await,
+                // Heartbeat gaps after a server restart: keep reading (FIELD-NOTES).
+                Some(Err(error)) => tracing::debug!(%error, "relay consumer"),
+                None => break,
+            }
+        }
+    }
+}
+
+async fn deliver_one(ctx: &StateCtx, region: &str, message: jetstream::Message) {
+    let relay = ctx.relay.as_ref();
+    let invalid = |why: &'static str| {
+        if let Some(relay) = relay {
+            relay.metrics.relayed_invalid.inc();
+        }
+        ctx.metrics.refused(why);
+    };
+    let parsed = RelaySubject::parse(message.subject.as_str()).filter(|s| s.target == region);
+    let frame = RawFrame::from_bytes(message.payload.clone(), limits::MAX_FRAME_LEN_CAP)
+        .ok()
+        .and_then(|raw| Frame::decode(&raw).ok());
+    let relay_id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::RELAY_ID))
+        .map(|v| v.as_str().to_string());
+    let (Some(subject), Some(Frame::Down { header, qos1, body }), Some(relay_id)) =
+        (parsed, frame, relay_id)
+    else {
+        invalid("relay_invalid");
+        tracing::warn!(subject = %message.subject, "invalid relayed message dropped");
+        let _ = message.ack_with(AckKind::Term).await;
+        return;
+    };
+    let (app, did) = (subject.app, subject.did);
+    // Retried here, never nak'd: the consumer allows one message in flight, so holding it
+    // keeps every later relayed push behind it (per-device order).
+    loop {
+        match store_relayed(ctx, app, did, &relay_id, &header, qos1, &body).await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(app, did, origin = subject.origin, %error, "relayed push not stored; retrying");
+                let _ = message.ack_with(AckKind::Progress).await;
+                tokio::time::sleep(RETRY_DELAY).await;
+            }
+        }
+    }
+    if let Some(relay) = relay {
+        relay.metrics.relayed_in.inc();
+    }
+    let _ = message.ack().await;
+}
+
+/// Stores one relayed push: QoS1 in the device's inbox with its next sequence
+/// (de-duplicated by the relay id), QoS0 written to the device's gateway if it is
+/// connected here now (else dropped, as QoS0 is).
+async fn store_relayed(
+    ctx: &StateCtx,
+    app: &str,
+    did: &str,
+    relay_id: &str,
+    header: &tether_schemas::pb::Down,
+    qos1: bool,
+    body: &Bytes,
+) -> Result<(), String> {
+    if qos1 {
+        let encode = |seq: u64| {
+            Frame::Down {
+                header: tether_schemas::pb::Down {
+                    seq,
+                    ..header.clone()
+                },
+                qos1: true,
+                body: body.clone(),
+            }
+            .encode()
+        };
+        ctx.store
+            .append_inbox(app, did, Some(relay_id.to_string()), encode)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(());
+    }
+    if let Some(route) = ctx.store.route(app, did).await.map_err(|e| e.to_string())? {
+        let frame = Frame::Down {
+            header: header.clone(),
+            qos1: false,
+            body: body.clone(),
+        }
+        .encode();
+        ctx.send_frame(&route.gw, app, &[did], frame).await;
+    }
+    Ok(())
+}
