@@ -812,3 +812,88 @@ async fn a_login_whose_conn_up_was_not_stored_is_refused_unavailable() -> TestRe
     assert_eq!(ack.last_acked_seq, 0);
     Ok(())
 }
+
+/// Events of an older connection never overwrite a newer one's state: a `conn.down` of
+/// connection 1 stored after the device's `conn.up` on connection 2 (the old gateway
+/// noticed the disconnect late) leaves the new route and the device online.
+#[tokio::test]
+async fn a_late_conn_down_of_an_older_connection_leaves_the_newer_route() -> TestResult {
+    use futures::StreamExt;
+    use tether_schemas::bus::{ConnEvent, Event, PresenceEvent};
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    let heartbeats = js
+        .get_key_value(tether_nats::layout::GATEWAYS_BUCKET)
+        .await?;
+    for gw in ["gw-old", "gw-new"] {
+        heartbeats.put(gw, "{}".into()).await?;
+    }
+    let mut presence = fixture
+        .nats_client
+        .subscribe(tether_nats::subjects::presence(APP))
+        .await?;
+    fixture.nats_client.flush().await?;
+    let did = "mover";
+    let event = |gw: &str, conn: u64| ConnEvent {
+        app: APP.into(),
+        uid: "u-mover".into(),
+        did: did.into(),
+        gw: gw.into(),
+        region: String::new(),
+        conn,
+        remote: "127.0.0.1:1".into(),
+        resume_seq: Some(0),
+        reason: None,
+        sessions: Vec::new(),
+        at_ms: 1,
+    };
+    for stored in [
+        Event::ConnUp(event("gw-old", 1)),
+        Event::ConnUp(event("gw-new", 2)),
+        Event::ConnDown(event("gw-old", 1)),
+    ] {
+        js.publish(
+            tether_nats::subjects::conn_events(APP, did),
+            stored.to_json()?,
+        )
+        .await?
+        .await?;
+    }
+    let online = tokio::time::timeout(WAIT, presence.next())
+        .await?
+        .ok_or("presence ended")?;
+    assert!(PresenceEvent::from_json(&online.payload)?.online);
+
+    // Past the reconnect window: still online, still routed to the new connection.
+    let routes = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await?;
+    eventually("the three events are applied", async || {
+        cursor_event_seq(&fixture, did).await >= 3
+    })
+    .await;
+    let quiet = tokio::time::timeout(Duration::from_secs(3), presence.next()).await;
+    assert!(quiet.is_err(), "the device went offline: {quiet:?}");
+    let route = routes
+        .get(tether_nats::keys::route(APP, did))
+        .await?
+        .ok_or("the newer route was removed")?;
+    let route: serde_json::Value = serde_json::from_slice(&route)?;
+    assert_eq!(route["gw"], "gw-new");
+    assert_eq!(route["conn"], 2);
+    Ok(())
+}
+
+/// The stream sequence of the last event state applied for `did` (its cursor).
+async fn cursor_event_seq(fixture: &Fixture, did: &str) -> u64 {
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    let Ok(kv) = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await else {
+        return 0;
+    };
+    let Ok(Some(value)) = kv.get(tether_nats::keys::cursor(APP, did)).await else {
+        return 0;
+    };
+    serde_json::from_slice::<serde_json::Value>(&value)
+        .ok()
+        .and_then(|v| v["event_seq"].as_u64())
+        .unwrap_or(0)
+}
