@@ -897,3 +897,104 @@ async fn cursor_event_seq(fixture: &Fixture, did: &str) -> u64 {
         .and_then(|v| v["event_seq"].as_u64())
         .unwrap_or(0)
 }
+
+/// Issue 13 item 3, the redelivery fence: an event that the partition's previous owner
+/// fetched and never acknowledged comes back after the ack wait, when the new owner has
+/// already applied a newer event of the same device. It is stale (its stream sequence is
+/// at or below the device's applied `event_seq`) and must not overwrite the newer route.
+#[tokio::test]
+async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> TestResult {
+    use futures::StreamExt;
+    use tether_nats::layout::PartitionConsumer;
+    use tether_schemas::bus::{ConnEvent, Event};
+    let fixture = Fixture::start(|_| {}).await;
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    tether_nats::ensure_layout(&js, &tether_nats::BusLayout::default()).await?;
+    // The two gateways keep beating, so liveness never recycles their devices.
+    let heartbeats = js
+        .get_key_value(tether_nats::layout::GATEWAYS_BUCKET)
+        .await?;
+    let beating = heartbeats.clone();
+    let beats = tokio::spawn(async move {
+        loop {
+            for gw in ["gw-old", "gw-new"] {
+                let _ = beating.put(gw, "{}".into()).await;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    let did = "prefetched";
+    let event = |gw: &str, conn: u64| ConnEvent {
+        app: APP.into(),
+        uid: "u-prefetched".into(),
+        did: did.into(),
+        gw: gw.into(),
+        region: String::new(),
+        conn,
+        remote: "127.0.0.1:1".into(),
+        resume_seq: Some(0),
+        reason: None,
+        sessions: Vec::new(),
+        at_ms: 1,
+    };
+    // The previous owner: state's own durable consumer of the device's partition (the
+    // same settings state uses, 10 s ack wait), which fetches the older event and dies
+    // without acknowledging it.
+    let partition = tether_nats::subjects::partition(did);
+    let kind = PartitionConsumer::Events;
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(kind.stream())
+        .await?
+        .create_consumer(kind.config(partition, Duration::from_secs(10)))
+        .await?;
+    let subject = tether_nats::subjects::conn_events(APP, did);
+    js.publish(
+        subject.clone(),
+        Event::ConnUp(event("gw-old", 1)).to_json()?,
+    )
+    .await?
+    .await?;
+    let mut fetched = consumer.fetch().max_messages(1).messages().await?;
+    let older = tokio::time::timeout(WAIT, fetched.next())
+        .await?
+        .ok_or("the older event was not fetched")??;
+    drop(older); // never acknowledged
+    let newer = js
+        .publish(subject, Event::ConnUp(event("gw-new", 2)).to_json()?)
+        .await?
+        .await?
+        .sequence;
+
+    // The new owner applies the newer event; the older one comes back after the ack wait
+    // and is acknowledged as stale.
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    eventually("the newer event is applied", async || {
+        cursor_event_seq(&fixture, did).await >= newer
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let mut consumer = consumer;
+    loop {
+        let info = consumer.info().await?;
+        // Two events, three deliveries: the older one came back and was acknowledged.
+        if info.delivered.consumer_sequence >= 3 && info.num_ack_pending == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the older event was not redelivered and acknowledged: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    beats.abort();
+    let routes = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await?;
+    let route = routes
+        .get(tether_nats::keys::route(APP, did))
+        .await?
+        .ok_or("the route was removed")?;
+    let route: serde_json::Value = serde_json::from_slice(&route)?;
+    assert_eq!(route["gw"], "gw-new", "the stale event overwrote the route");
+    assert_eq!(route["conn"], 2);
+    assert_eq!(cursor_event_seq(&fixture, did).await, newer);
+    Ok(())
+}
