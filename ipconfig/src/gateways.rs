@@ -5,6 +5,10 @@
 //! (measured against the server's store time, so gateway clocks do not matter). A
 //! gateway that stops cleanly deletes its record and is gone at once; one that crashed
 //! goes stale, and the bucket's TTL removes its record later.
+//!
+//! With peer regions, their buckets are followed the same way through their JetStream
+//! domains into the same table: a peer region that cannot be reached stops sending
+//! heartbeats, so its gateways go stale like crashed ones.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -71,6 +75,33 @@ impl GatewayTable {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
+    }
+
+    /// Follows the bucket of peer region `region` through `js` (its JetStream domain)
+    /// until `shutdown`, opening it again while the peer cannot be reached.
+    pub fn follow_peer(
+        &self,
+        js: async_nats::jetstream::Context,
+        region: String,
+        shutdown: Shutdown,
+    ) {
+        let table = self.clone();
+        tokio::spawn(async move {
+            let store = loop {
+                match js.get_key_value(tether_nats::layout::GATEWAYS_BUCKET).await {
+                    Ok(store) => break store,
+                    Err(error) => {
+                        tracing::debug!(%region, %error, "peer region's gateways not readable yet");
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            };
+            tracing::info!(%region, "following the gateways of a peer region");
+            table.follow(store, shutdown);
+        });
     }
 
     /// Applies one bucket entry.

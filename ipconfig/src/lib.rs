@@ -123,6 +123,13 @@ pub async fn start(
         bucket(tether_nats::layout::GATEWAYS_BUCKET).await?,
         shutdown.clone(),
     );
+    for peer in &config.peer_regions {
+        gateways.follow_peer(
+            async_nats::jetstream::with_domain(role.client.clone(), &peer.domain),
+            peer.name.clone(),
+            shutdown.clone(),
+        );
+    }
     spawn_gauges(&metrics, &apps, &gateways, shutdown.clone());
 
     let listener = TcpListener::bind(config.http_listen)

@@ -20,6 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tether_nats::region::{Region, RelayLayout, RelaySubject};
 use tether_nats::{headers, keys, layout::ROUTES_BUCKET, subjects};
+use tether_schemas::bus::OnlineDevice;
 use tether_schemas::{Frame, RawFrame, limits};
 
 use crate::context::StateCtx;
@@ -41,6 +42,12 @@ pub struct RelayMetrics {
     pub relayed_invalid: Counter,
     /// Peer route lookups that failed (link down): the directory answered.
     pub lookup_failures: Counter,
+    /// Devices that moved here from another region (`crate::moves`).
+    pub moves_in: Counter,
+    /// Moves taken on the device's word (the region it left could not be asked).
+    pub moves_unverified: Counter,
+    /// Messages copied from the inbox of the region a device left.
+    pub moved_copied: Counter,
 }
 
 impl RelayMetrics {
@@ -66,11 +73,34 @@ impl RelayMetrics {
             "peer route lookups that failed",
             self.lookup_failures.clone(),
         );
+        registry.register(
+            "relay_moves_in",
+            "devices that moved here from another region",
+            self.moves_in.clone(),
+        );
+        registry.register(
+            "relay_moves_unverified",
+            "moves taken on the device's word (its old region could not be asked)",
+            self.moves_unverified.clone(),
+        );
+        registry.register(
+            "relay_moved_copied",
+            "messages copied from the inbox of the region a device left",
+            self.moved_copied.clone(),
+        );
     }
 }
 
 /// `(app, uid)` → the user's devices in other regions, as `(did, region)`.
 type UserDirectory = HashMap<(String, String), Vec<(String, String)>>;
+
+/// `(app, uid, region)` → the user's online devices there and when they were read.
+type PresenceCache = HashMap<(String, String, String), (Instant, Vec<OnlineDevice>)>;
+
+/// How long a peer's presence answer is used before the peer is asked again.
+const PRESENCE_FRESH: Duration = Duration::from_secs(2);
+/// Most presence answers remembered (the cache is cleared when it grows past it).
+const PRESENCE_CACHE_MAX: usize = 100_000;
 
 /// One peer region and what is known of it.
 struct Peer {
@@ -89,6 +119,8 @@ pub struct Relay {
     devices: Mutex<HashMap<(String, String), String>>,
     /// `(app, uid)` → the user's devices in other regions, with their region.
     users: Mutex<UserDirectory>,
+    presence: Mutex<PresenceCache>,
+    shutdown: tether_service::Shutdown,
     /// Counters.
     pub metrics: RelayMetrics,
 }
@@ -104,13 +136,14 @@ pub struct Split {
 
 impl Relay {
     /// The relay of region `region` towards `peers`, reading their buckets through
-    /// `client`.
+    /// `client`; its background tasks stop with `shutdown`.
     pub fn new(
         client: &async_nats::Client,
         region: &str,
         peers: &[Region],
         lookup_timeout: Duration,
         metrics: RelayMetrics,
+        shutdown: tether_service::Shutdown,
     ) -> Self {
         let peers = peers
             .iter()
@@ -127,8 +160,25 @@ impl Relay {
             lookup_timeout,
             devices: Mutex::default(),
             users: Mutex::default(),
+            presence: Mutex::default(),
+            shutdown,
             metrics,
         }
+    }
+
+    /// The peer regions.
+    pub fn peers(&self) -> impl Iterator<Item = &Region> {
+        self.peers.iter().map(|peer| &peer.region)
+    }
+
+    /// How long one question to a peer may take.
+    pub fn lookup_timeout(&self) -> Duration {
+        self.lookup_timeout
+    }
+
+    /// The role's shutdown signal.
+    pub fn shutdown(&self) -> tether_service::Shutdown {
+        self.shutdown.clone()
     }
 
     /// This region's name.
@@ -253,6 +303,59 @@ impl Relay {
         found
     }
 
+    /// The online devices of `uid` in the peer regions (their route buckets, answers
+    /// reused for [`PRESENCE_FRESH`]), and the peers that could not be asked (their
+    /// last answer, if any, is used).
+    pub async fn online_elsewhere(&self, app: &str, uid: &str) -> (Vec<OnlineDevice>, Vec<String>) {
+        let mut online = Vec::new();
+        let mut unanswered = Vec::new();
+        for peer in &self.peers {
+            let key = (app.to_string(), uid.to_string(), peer.region.name.clone());
+            let cached = self.lock_presence().get(&key).cloned();
+            if let Some((at, devices)) = &cached
+                && at.elapsed() < PRESENCE_FRESH
+            {
+                online.extend(devices.iter().cloned());
+                continue;
+            }
+            match self.peer_online(peer, app, uid).await {
+                Some(devices) => {
+                    online.extend(devices.iter().cloned());
+                    let mut cache = self.lock_presence();
+                    if cache.len() >= PRESENCE_CACHE_MAX {
+                        cache.clear();
+                    }
+                    cache.insert(key, (Instant::now(), devices));
+                }
+                None => {
+                    unanswered.push(peer.region.name.clone());
+                    online.extend(cached.into_iter().flat_map(|(_, devices)| devices));
+                }
+            }
+        }
+        (online, unanswered)
+    }
+
+    /// The online devices of `uid` in `peer`, or `None` when it could not be asked.
+    async fn peer_online(&self, peer: &Peer, app: &str, uid: &str) -> Option<Vec<OnlineDevice>> {
+        let Some(list) = self.read_peer(peer, &keys::user(app, uid)).await? else {
+            return Some(Vec::new());
+        };
+        let dids: Vec<String> = serde_json::from_slice(&list).unwrap_or_default();
+        let mut online = Vec::new();
+        for did in dids {
+            let value = self.read_peer(peer, &keys::route(app, &did)).await?;
+            if let Some(route) = value.and_then(|v| serde_json::from_slice::<Route>(&v).ok()) {
+                online.push(OnlineDevice {
+                    did,
+                    region: peer.region.name.clone(),
+                    gw: route.gw,
+                });
+            }
+        }
+        Some(online)
+    }
+
     /// Reads `key` of a peer's route bucket: `Some(value)` when the peer answered (the
     /// value `None` when the key is absent), `None` when it could not be asked.
     async fn read_peer(&self, peer: &Peer, key: &str) -> Option<Option<Bytes>> {
@@ -306,6 +409,10 @@ impl Relay {
 
     fn lock_users(&self) -> std::sync::MutexGuard<'_, UserDirectory> {
         self.users.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_presence(&self) -> std::sync::MutexGuard<'_, PresenceCache> {
+        self.presence.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
