@@ -77,33 +77,6 @@ impl GatewayTable {
             .remove(id);
     }
 
-    /// Follows the bucket of peer region `region` through `js` (its JetStream domain)
-    /// until `shutdown`, opening it again while the peer cannot be reached.
-    pub fn follow_peer(
-        &self,
-        js: async_nats::jetstream::Context,
-        region: String,
-        shutdown: Shutdown,
-    ) {
-        let table = self.clone();
-        tokio::spawn(async move {
-            let store = loop {
-                match js.get_key_value(tether_nats::layout::GATEWAYS_BUCKET).await {
-                    Ok(store) => break store,
-                    Err(error) => {
-                        tracing::debug!(%region, %error, "peer region's gateways not readable yet");
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            };
-            tracing::info!(%region, "following the gateways of a peer region");
-            table.follow(store, shutdown);
-        });
-    }
-
     /// Applies one bucket entry.
     fn apply(&self, entry: &kv::Entry) {
         if entry.operation != kv::Operation::Put {

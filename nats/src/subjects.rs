@@ -155,6 +155,16 @@ pub fn presence(app: &str) -> String {
     format!("{PREFIX}.{app}.presence")
 }
 
+/// Home-region requests: `tether.<app>.affinity`.
+pub fn affinity(app: &str) -> String {
+    format!("{PREFIX}.{app}.affinity")
+}
+
+/// Home-region requests of every app (ipconfig serves them): `tether.*.affinity`.
+pub fn affinity_all() -> String {
+    format!("{PREFIX}.*.affinity")
+}
+
 /// Presence queries: `tether.<app>.presence.get`.
 pub fn presence_get(app: &str) -> String {
     format!("{PREFIX}.{app}.presence.get")
@@ -317,6 +327,11 @@ pub enum Subject<'a> {
         /// App id.
         app: &'a str,
     },
+    /// `tether.<app>.affinity`: a home-region request.
+    Affinity {
+        /// App id.
+        app: &'a str,
+    },
     /// `tether.<app>.presence.get`: a presence query.
     PresenceGet {
         /// App id.
@@ -390,6 +405,7 @@ impl<'a> Subject<'a> {
             ["session"] => Subject::Session { app },
             ["presence"] => Subject::Presence { app },
             ["presence", "get"] => Subject::PresenceGet { app },
+            ["affinity"] => Subject::Affinity { app },
             _ => return None,
         })
     }
@@ -408,7 +424,8 @@ impl<'a> Subject<'a> {
             | Subject::Push { app }
             | Subject::Session { app }
             | Subject::Presence { app }
-            | Subject::PresenceGet { app } => Some(app),
+            | Subject::PresenceGet { app }
+            | Subject::Affinity { app } => Some(app),
             Subject::GatewayDown { .. }
             | Subject::GatewayCtl { .. }
             | Subject::GatewayRedirect { .. } => None,
@@ -489,6 +506,10 @@ mod tests {
         assert_eq!(
             Subject::parse(&presence_get("chat")),
             Some(Subject::PresenceGet { app: "chat" })
+        );
+        assert_eq!(
+            Subject::parse(&affinity("chat")),
+            Some(Subject::Affinity { app: "chat" })
         );
         assert_eq!(
             Subject::parse(&gateway_down("gw1")),

@@ -220,3 +220,84 @@ async fn a_region_whose_nats_dies_hands_its_devices_to_the_other() -> TestResult
     }
     Ok(())
 }
+
+/// Sets (or, with `""`, clears) `uid`'s home region through `region`'s NATS.
+async fn set_home(region: &RegionStack, uid: &str, home: &str) {
+    let request = tether_schemas::bus::AffinityRequest {
+        uid: uid.into(),
+        region: home.into(),
+    };
+    let reply = region
+        .client
+        .request(
+            tether_nats::subjects::affinity(regions_support::APP),
+            request.to_json(),
+        )
+        .await
+        .expect("affinity reply");
+    let stored = tether_schemas::bus::AffinityReplyWire::from_json(&reply.payload)
+        .expect("affinity json")
+        .into_result()
+        .expect("home region stored");
+    assert_eq!(stored, request);
+}
+
+/// The gateway ids `ipconfig` offers `uid` asking as a device of `home`.
+async fn offered_to(ipconfig: &RegionStack, home: &str, uid: &str) -> Vec<String> {
+    match discovery(&[ipconfig], home, uid, "carol-phone")
+        .fetch(regions_support::APP)
+        .await
+    {
+        Ok(answer) => answer.endpoints.into_iter().map(|e| e.gw).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_uid_with_a_home_region_is_offered_its_gateways_first_everywhere() -> TestResult {
+    let regions = TwoRegions::start().await;
+    let (a, b) = (&regions.a, &regions.b);
+    let a_first = vec!["gw-region-a".to_string(), "gw-region-b".to_string()];
+    let b_first = vec!["gw-region-b".to_string(), "gw-region-a".to_string()];
+    eventually("A's ipconfig offers both regions", async || {
+        offered_to(a, &a.name, "u-carol").await == a_first
+    })
+    .await;
+    // The business (in A) gives carol the home region B: asking A's or B's ipconfig as a
+    // device of region A, she is offered B's gateway first; others are not.
+    set_home(a, "u-carol", &b.name).await;
+    for ipconfig in [a, b] {
+        eventually(
+            &format!("{}'s ipconfig offers carol region B first", ipconfig.name),
+            async || offered_to(ipconfig, &a.name, "u-carol").await == b_first,
+        )
+        .await;
+    }
+    assert_eq!(offered_to(a, &a.name, "u-dave").await, a_first);
+    // A region that is not known is refused; clearing the home region (from B this time,
+    // the newest record wins) ranks by the requester's region again.
+    let refused = a
+        .client
+        .request(
+            tether_nats::subjects::affinity(regions_support::APP),
+            br#"{"uid":"u-carol","region":"mars"}"#.to_vec().into(),
+        )
+        .await?;
+    let refused = tether_schemas::bus::AffinityReplyWire::from_json(&refused.payload)?;
+    assert!(
+        matches!(&refused, tether_schemas::bus::ReplyWire::Error { error } if error.code == tether_schemas::ErrorCode::BadRequest),
+        "{refused:?}"
+    );
+    set_home(b, "u-carol", "").await;
+    for ipconfig in [a, b] {
+        eventually(
+            &format!(
+                "{}'s ipconfig ranks carol by her region again",
+                ipconfig.name
+            ),
+            async || offered_to(ipconfig, &a.name, "u-carol").await == a_first,
+        )
+        .await;
+    }
+    Ok(())
+}

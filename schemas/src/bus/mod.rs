@@ -13,9 +13,11 @@
 //! - [`business`]: uplink requests and replies, pushes, presence (section 11).
 //! - [`presence`]: the presence query across regions (11.3).
 //! - [`sessions`]: the session binding API and membership events (11.5, 11.6).
+//! - [`affinity`]: users' home regions (12.7).
 //! - [`apps`]: per-app pipeline settings in the `tether_apps` record (12.4).
 //! - [`discovery`]: gateway heartbeats and the ipconfig answer (section 12).
 
+pub mod affinity;
 pub mod apps;
 pub mod business;
 pub mod control;
@@ -27,6 +29,7 @@ pub mod migrate;
 pub mod presence;
 pub mod sessions;
 
+pub use affinity::{AffinityRecord, AffinityReplyWire, AffinityRequest};
 pub use apps::{AppPipeline, AppPipelineView, PIPELINE_KEYS};
 pub use business::{Accepted, PresenceEvent, Push, PushReply, PushReplyWire, Uplink, UplinkReply};
 pub use control::GatewayControl;
