@@ -8,7 +8,7 @@
 //! `seq` at or below it, so this region must number on from `H`:
 //!
 //! 1. A `resume_seq` above every sequence sent here is checked against the peers' inboxes
-//!    (direct get across domains). A peer that sent it: the device moved. Every peer
+//!    (direct get across domains) and cursors. A peer that sent it: the device moved. Every peer
 //!    answered and none sent it: a client bug, refused as in one region. A peer that cannot
 //!    be asked (its region is down): the device's word is taken (it can only skip its own
 //!    messages), counted in `tether_state_relay_moves_unverified`.
@@ -74,7 +74,17 @@ pub async fn adopt(
                 verified = true;
                 follow.push(peer.clone());
             }
-            PeerLast::Answered(_) => {}
+            // Retention may have removed what it sent; its cursor still says.
+            PeerLast::Answered(_) => {
+                if relay
+                    .peer_acked(&peer.name, app, did)
+                    .await
+                    .is_some_and(|acked| acked >= resume)
+                {
+                    verified = true;
+                    follow.push(peer.clone());
+                }
+            }
             PeerLast::Unreachable => follow.push(peer.clone()),
         }
     }

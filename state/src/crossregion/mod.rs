@@ -302,6 +302,16 @@ impl Relay {
         found
     }
 
+    /// The acknowledged sequence of `did` in peer region `region` (its cursor there);
+    /// `None` when it has none or the peer cannot be asked.
+    pub async fn peer_acked(&self, region: &str, app: &str, did: &str) -> Option<u64> {
+        let peer = self.peers.iter().find(|p| p.region.name == region)?;
+        let value = self.read_peer(peer, &keys::cursor(app, did)).await??;
+        serde_json::from_slice::<crate::store::Cursor>(&value)
+            .ok()
+            .map(|cursor| cursor.acked)
+    }
+
     /// The online devices of `uid` in the peer regions (their route buckets, answers
     /// reused for [`PRESENCE_FRESH`]), and the peers that could not be asked (their
     /// last answer, if any, is used).
