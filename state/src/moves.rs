@@ -176,7 +176,12 @@ pub fn renumbering(frame: &Bytes) -> Option<impl Fn(u64) -> Bytes + use<>> {
     let Frame::Down { header, body, .. } = Frame::decode(&raw).ok()? else {
         return None;
     };
-    Some(move |seq: u64| {
+    Some(qos1_down(header, body))
+}
+
+/// An encoder of a QoS1 DOWN with `header` and `body` and the sequence it is given.
+pub fn qos1_down(header: tether_schemas::pb::Down, body: Bytes) -> impl Fn(u64) -> Bytes {
+    move |seq: u64| {
         Frame::Down {
             header: tether_schemas::pb::Down {
                 seq,
@@ -186,7 +191,7 @@ pub fn renumbering(frame: &Bytes) -> Option<impl Fn(u64) -> Bytes + use<>> {
             body: body.clone(),
         }
         .encode()
-    })
+    }
 }
 
 /// The highest sequence `peer` stored for the device, through its JetStream domain.

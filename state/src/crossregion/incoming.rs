@@ -206,17 +206,7 @@ async fn store_relayed(
     body: &Bytes,
 ) -> Result<(), String> {
     if qos1 {
-        let encode = |seq: u64| {
-            Frame::Down {
-                header: tether_schemas::pb::Down {
-                    seq,
-                    ..header.clone()
-                },
-                qos1: true,
-                body: body.clone(),
-            }
-            .encode()
-        };
+        let encode = crate::moves::qos1_down(header.clone(), body.clone());
         ctx.store
             .append_inbox(app, did, Some(relay_id.to_string()), encode)
             .await
