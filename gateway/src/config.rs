@@ -100,6 +100,10 @@ pub struct GatewayConfig {
     /// On SIGTERM/Ctrl-C, seconds to drain (move devices to other gateways by REDIRECT)
     /// before the rest get `going_away`; 0 = no drain, `going_away` at once.
     pub shutdown_drain_secs: u64,
+    /// Seconds without a NATS connection after which every device is told `going_away`
+    /// (it logs in elsewhere, in another region if this region's NATS is down); 0 = keep
+    /// the devices connected however long NATS is away.
+    pub nats_lost_close_secs: u64,
     /// Unix socket where this gateway offers its sockets to a process started with
     /// `tether gateway --takeover <path>` (restart by hand-off, docs/handoff.md); `None`
     /// disables hand-offs.
@@ -150,6 +154,7 @@ impl Default for GatewayConfig {
             migrate_window: 500,
             migrate_timeout_secs: 30,
             shutdown_drain_secs: 30,
+            nats_lost_close_secs: 0,
             handoff_socket: None,
             handoff_timeout_ms: 10_000,
             handoff_hold_ms: 0,

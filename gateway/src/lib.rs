@@ -13,6 +13,7 @@
 //! - [`app_limits`]: per-app pipeline settings from `tether_apps`, applied live.
 //! - [`migrate`]: drain and migration by REDIRECT (control ops, admin routes, SIGTERM).
 //! - [`handoff`]: restart by hand-off (sockets and state to a new process).
+//! - [`nats_lost`]: connections told `going_away` when NATS stays unreachable.
 //! - [`heartbeat`]: live figures into the `tether_gateways` bucket for ipconfig; drain flag.
 //! - [`ws`]: the WebSocket server codec (RFC 6455), pure and allocation-free when idle.
 //! - [`tls`]: rustls acceptor from PEM files.
@@ -31,6 +32,7 @@ pub mod listener;
 pub mod logins;
 pub mod metrics;
 pub mod migrate;
+pub mod nats_lost;
 pub mod outbound;
 pub mod registry;
 pub mod rooms;

@@ -253,6 +253,7 @@ pub async fn start_with(
             accepting.clone(),
         ));
     }
+    crate::nats_lost::spawn(ctx.clone(), client.clone(), internal.clone());
     let beat = heartbeat.clone().spawn(
         ctx.clone(),
         tcp_addr,
@@ -368,17 +369,23 @@ async fn drain_by_redirect(ctx: &Arc<GatewayCtx>) {
     tracing::info!(gw = %ctx.config.id, moved = status.moved, left = status.connections, error = ?status.error, "shutdown drain done");
 }
 
-/// Tells every client to go away (with a random retry hint so they do not all come back
-/// at once) and waits for them to close, up to the grace period.
-async fn drain(ctx: &GatewayCtx) {
+/// Closes every connection with `going_away` and `text`, each with a random retry hint so
+/// they do not all come back at once; returns how many.
+pub(crate) fn tell_going_away(ctx: &GatewayCtx, text: &str) -> usize {
     let connections = ctx.registry.all();
-    tracing::info!(connections = connections.len(), "draining");
     for conn in &connections {
         let retry = rand::random::<u32>() % ctx.config.going_away_retry_ms.max(1);
-        let mut reason = CloseReason::error(ErrorCode::GoingAway, "gateway shutting down");
+        let mut reason = CloseReason::error(ErrorCode::GoingAway, text);
         reason.retry_after_ms = retry;
         conn.close(reason);
     }
+    connections.len()
+}
+
+/// Tells every client to go away and waits for them to close, up to the grace period.
+async fn drain(ctx: &GatewayCtx) {
+    let connections = tell_going_away(ctx, "gateway shutting down");
+    tracing::info!(connections, "draining");
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(ctx.config.shutdown_grace_secs);
     while !ctx.registry.is_empty() && tokio::time::Instant::now() < deadline {

@@ -39,6 +39,8 @@ pub struct ApiState {
     pub apps: AppTable,
     /// Live gateways.
     pub gateways: GatewayTable,
+    /// Users' home regions.
+    pub affinity: crate::affinity::AffinityTable,
     /// Signs gateway tokens.
     pub signer: TokenSigner,
     /// Metrics.
@@ -174,9 +176,10 @@ fn answer(
         return Err(CredentialError::WrongApp.into());
     }
 
-    let region = query
-        .region
-        .clone()
+    // A home region set by the business comes first; else the requester's region.
+    let home = state.affinity.home(&claims.app, &claims.uid);
+    let region = home
+        .or_else(|| query.region.clone())
         .or_else(|| {
             headers
                 .get(REGION_HEADER)
@@ -286,6 +289,7 @@ mod tests {
             apps: AppTable::new(&config.apps),
             config: Arc::new(config),
             gateways,
+            affinity: Default::default(),
             signer: TokenSigner::generate(),
             metrics: IpconfigMetrics::default(),
         }

@@ -44,6 +44,10 @@ pub struct IpconfigConfig {
     pub tie_band: f64,
     /// Region assumed for requests that name none; empty = no region preference.
     pub default_region: String,
+    /// Other regions whose gateways this ipconfig also offers (after the requester's
+    /// region, or instead of it when it has no live gateway): their `tether_gateways`
+    /// buckets are followed through their JetStream domains (docs/multi-region.md).
+    pub peer_regions: Vec<tether_nats::region::Region>,
     /// Seconds of clock skew tolerated when checking a credential's `exp`.
     pub credential_leeway_secs: u64,
     /// Apps known before anyone ran `tether app add` (first start); a record of the same
@@ -67,6 +71,7 @@ impl Default for IpconfigConfig {
             offer_draining: false,
             tie_band: 0.05,
             default_region: String::new(),
+            peer_regions: Vec::new(),
             credential_leeway_secs: 0,
             apps: Vec::new(),
         }

@@ -5,6 +5,10 @@
 //! (measured against the server's store time, so gateway clocks do not matter). A
 //! gateway that stops cleanly deletes its record and is gone at once; one that crashed
 //! goes stale, and the bucket's TTL removes its record later.
+//!
+//! With peer regions, their buckets are followed the same way through their JetStream
+//! domains into the same table: a peer region that cannot be reached stops sending
+//! heartbeats, so its gateways go stale like crashed ones.
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};

@@ -12,16 +12,20 @@
 //! - [`credential`]: client credentials (HS256 / EdDSA JWTs) and their checks.
 //! - [`apps`]: app records, the app table and the `tether app` operations.
 //! - [`gateways`]: live gateways from their heartbeats.
+//! - [`affinity`]: users' home regions (`tether.<app>.affinity`, `tether_affinity`).
+//! - [`peers`]: buckets of peer regions, followed through their JetStream domains.
 //! - [`redirect`]: redirect tokens for gateways that drain or migrate devices.
 //! - [`score`]: eligibility, score and order of gateways for one request.
 //! - [`metrics`]: Prometheus metrics.
 
+pub mod affinity;
 pub mod api;
 pub mod apps;
 pub mod config;
 pub mod credential;
 pub mod gateways;
 pub mod metrics;
+pub mod peers;
 pub mod redirect;
 pub mod score;
 
@@ -123,6 +127,28 @@ pub async fn start(
         bucket(tether_nats::layout::GATEWAYS_BUCKET).await?,
         shutdown.clone(),
     );
+    let affinity_store = bucket(tether_nats::layout::AFFINITY_BUCKET).await?;
+    let affinity = affinity::AffinityTable::default();
+    affinity.follow(affinity_store.clone(), shutdown.clone());
+    for peer in &config.peer_regions {
+        let js = async_nats::jetstream::with_domain(role.client.clone(), &peer.domain);
+        let table = gateways.clone();
+        peers::open_then(
+            js.clone(),
+            tether_nats::layout::GATEWAYS_BUCKET,
+            peer.name.clone(),
+            shutdown.clone(),
+            move |store, shutdown| table.follow(store, shutdown),
+        );
+        let table = affinity.clone();
+        peers::open_then(
+            js,
+            tether_nats::layout::AFFINITY_BUCKET,
+            peer.name.clone(),
+            shutdown.clone(),
+            move |store, shutdown| table.follow(store, shutdown),
+        );
+    }
     spawn_gauges(&metrics, &apps, &gateways, shutdown.clone());
 
     let listener = TcpListener::bind(config.http_listen)
@@ -139,12 +165,21 @@ pub async fn start(
         config: Arc::new(config),
         apps,
         gateways,
+        affinity,
         signer,
         metrics,
     };
     redirect::serve(role.client.clone(), state.clone(), shutdown.clone())
         .await
         .map_err(|e| IpconfigError::Bucket(format!("redirect subscription: {e}")))?;
+    affinity::serve(
+        role.client.clone(),
+        state.clone(),
+        affinity_store,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| IpconfigError::Bucket(format!("affinity subscription: {e}")))?;
     let app = api::router(state);
     let stopped = shutdown.clone();
     let http = tokio::spawn(async move {

@@ -70,6 +70,11 @@ pub fn gateway(id: &str) -> String {
     id.to_string()
 }
 
+/// A user's home region key in `tether_affinity`: `a.<app>.<uid>`.
+pub fn affinity(app: &str, uid: &str) -> String {
+    format!("a.{app}.{uid}")
+}
+
 /// An app's record key in `tether_apps`: `app.<app>` (JSON app record, see ipconfig).
 pub fn app(app: &str) -> String {
     format!("app.{app}")

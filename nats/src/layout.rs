@@ -31,6 +31,9 @@ pub const SESSIONS_BUCKET: &str = "tether_sessions";
 pub const RECEIPTS_BUCKET: &str = "tether_receipts";
 /// KV bucket: app configuration and secrets.
 pub const APPS_BUCKET: &str = "tether_apps";
+/// KV bucket: home regions of users (`a.<app>.<uid>`), set by business services and read
+/// by every region's ipconfig.
+pub const AFFINITY_BUCKET: &str = "tether_affinity";
 /// KV bucket: state partition leases (`member.<instance>`, `part.<partition>`), each
 /// expiring after the lease TTL unless renewed.
 pub const LEASES_BUCKET: &str = "tether_leases";
@@ -259,6 +262,11 @@ impl BusLayout {
                 bucket: APPS_BUCKET.into(),
                 description: "app configuration and secrets".into(),
                 history: 5,
+                ..base.clone()
+            },
+            kv::Config {
+                bucket: AFFINITY_BUCKET.into(),
+                description: "home regions of users".into(),
                 ..base
             },
         ]

@@ -155,6 +155,26 @@ pub fn presence(app: &str) -> String {
     format!("{PREFIX}.{app}.presence")
 }
 
+/// Home-region requests: `tether.<app>.affinity`.
+pub fn affinity(app: &str) -> String {
+    format!("{PREFIX}.{app}.affinity")
+}
+
+/// Home-region requests of every app (ipconfig serves them): `tether.*.affinity`.
+pub fn affinity_all() -> String {
+    format!("{PREFIX}.*.affinity")
+}
+
+/// Presence queries: `tether.<app>.presence.get`.
+pub fn presence_get(app: &str) -> String {
+    format!("{PREFIX}.{app}.presence.get")
+}
+
+/// Presence queries of every app (state serves them): `tether.*.presence.get`.
+pub fn presence_get_all() -> String {
+    format!("{PREFIX}.*.presence.get")
+}
+
 /// QoS1 inboxes of one partition, every app: `tether.*.inbox.<partition>.*`.
 pub fn inbox_partition(partition: u16) -> String {
     format!("{PREFIX}.*.inbox.{partition}.*")
@@ -307,6 +327,16 @@ pub enum Subject<'a> {
         /// App id.
         app: &'a str,
     },
+    /// `tether.<app>.affinity`: a home-region request.
+    Affinity {
+        /// App id.
+        app: &'a str,
+    },
+    /// `tether.<app>.presence.get`: a presence query.
+    PresenceGet {
+        /// App id.
+        app: &'a str,
+    },
     /// `tether.gw.<gw>.down`: downlink frames for one gateway.
     GatewayDown {
         /// Gateway id.
@@ -374,6 +404,8 @@ impl<'a> Subject<'a> {
             ["push"] => Subject::Push { app },
             ["session"] => Subject::Session { app },
             ["presence"] => Subject::Presence { app },
+            ["presence", "get"] => Subject::PresenceGet { app },
+            ["affinity"] => Subject::Affinity { app },
             _ => return None,
         })
     }
@@ -391,7 +423,9 @@ impl<'a> Subject<'a> {
             | Subject::BusinessUp { app }
             | Subject::Push { app }
             | Subject::Session { app }
-            | Subject::Presence { app } => Some(app),
+            | Subject::Presence { app }
+            | Subject::PresenceGet { app }
+            | Subject::Affinity { app } => Some(app),
             Subject::GatewayDown { .. }
             | Subject::GatewayCtl { .. }
             | Subject::GatewayRedirect { .. } => None,
@@ -468,6 +502,14 @@ mod tests {
         assert_eq!(
             Subject::parse(&presence("chat")),
             Some(Subject::Presence { app: "chat" })
+        );
+        assert_eq!(
+            Subject::parse(&presence_get("chat")),
+            Some(Subject::PresenceGet { app: "chat" })
+        );
+        assert_eq!(
+            Subject::parse(&affinity("chat")),
+            Some(Subject::Affinity { app: "chat" })
         );
         assert_eq!(
             Subject::parse(&gateway_down("gw1")),

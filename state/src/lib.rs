@@ -14,6 +14,9 @@
 //! - [`store`]: routes, user index, cursors (KV) and inboxes (stream).
 //! - [`crossregion`]: pushes for devices in other regions (relay streams) and delivery
 //!   of the pushes other regions relay here.
+//! - [`presence_query`]: which devices of some users are online, in every region.
+//! - [`moves`]: a device that moves here from another region (its sequence, and what the
+//!   region it left still holds for it).
 //! - [`context`]: shared handles; [`metrics`]. The JSON bodies are the bus contract
 //!   (`tether_schemas::bus`).
 
@@ -26,7 +29,9 @@ pub mod inputs;
 pub mod leases;
 pub mod liveness;
 pub mod metrics;
+pub mod moves;
 pub mod partition;
+pub mod presence_query;
 pub mod push;
 pub mod sessions;
 pub mod store;
@@ -149,6 +154,7 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
             &config.peer_regions,
             Duration::from_millis(config.relay_lookup_timeout_ms),
             relay_metrics,
+            shutdown.clone(),
         ))
     });
     let ctx = Arc::new(StateCtx {
@@ -175,6 +181,9 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
             .map_err(|e| StateError::Bus(e.to_string()))?;
     }
     push::serve(ctx.clone(), shutdown.clone())
+        .await
+        .map_err(|e| StateError::Bus(e.to_string()))?;
+    presence_query::serve(ctx.clone(), shutdown.clone())
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
     sessions::serve(ctx.clone(), shutdown.clone())

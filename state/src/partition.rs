@@ -557,9 +557,19 @@ impl Partition {
             .resume_seq
             .filter(|resume| *resume > device.cursor.acked);
         if let Some(resume) = resume {
-            if self.seq_was_sent(&event.app, &event.did, resume).await {
+            let moved = if self.seq_was_sent(&event.app, &event.did, resume).await {
+                Some(resume)
+            } else {
+                // Numbered in another region the device moved from (multi-region).
+                let (acked, after) = self
+                    .devices
+                    .get(&key)
+                    .map_or((0, 0), |d| (d.cursor.acked, d.cursor.stream_seq));
+                crate::moves::adopt(&ctx, &event.app, &event.did, resume, acked, after).await?
+            };
+            if let Some(acked) = moved {
                 if let Some(device) = self.devices.get_mut(&key) {
-                    device.cursor.acked = resume;
+                    device.cursor.acked = acked;
                     device.cursor_dirty = true;
                 }
             } else {

@@ -426,6 +426,27 @@ impl Store {
         .await
     }
 
+    /// Like [`Store::append_inbox`] with `floor` as the acknowledged sequence: the message
+    /// is numbered above `floor` (a device that moved here from another region,
+    /// [`crate::moves`]).
+    pub async fn append_inbox_above(
+        &self,
+        app: &str,
+        did: &str,
+        floor: u64,
+        dedupe: Option<String>,
+        encode: impl Fn(u64) -> Bytes,
+    ) -> Result<u64, StoreError> {
+        self.append_next(
+            &self.inbox,
+            subjects::inbox(app, did),
+            floor,
+            dedupe,
+            encode,
+        )
+        .await
+    }
+
     /// Appends `encode(seq)` to `subject` in `stream`, where `seq` is the last `Tether-Seq`
     /// on the subject (or `floor`, if higher) plus one. The append states the subject's
     /// last stream sequence, so of two racing writers only one wins; the other retries.

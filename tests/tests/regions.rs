@@ -1,5 +1,5 @@
 //! Multi-region: a hub and two leaf regions (each its own JetStream domain), each region
-//! with its own gateway and state; pushes for devices of the other region cross through
+//! with its own gateway, state and ipconfig; pushes for devices of the other region cross through
 //! the relay streams (docs/multi-region.md).
 
 #![allow(missing_docs, clippy::unwrap_used)]
@@ -10,195 +10,17 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
-use tether_auth::TokenSigner;
 use tether_business::{Business, Push, UplinkReply};
-use tether_client::{Client, ClientConfig, Endpoint, Event};
-use tether_gateway::{GatewayConfig, RunningGateway};
+use tether_client::Event;
 use tether_nats::harness::{self, LeafRegions};
-use tether_nats::region::Region;
 use tether_schemas::ErrorCode;
-use tether_state::{RunningState, StateConfig};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+
+#[path = "support/regions.rs"]
+mod regions_support;
+use regions_support::{APP, TwoRegions, WAIT, next_message};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const APP: &str = "demo";
-const WAIT: Duration = Duration::from_secs(20);
-
-/// One region's roles: a gateway and a state instance on the region's NATS server.
-struct RegionStack {
-    name: String,
-    gateway: RunningGateway,
-    _state: RunningState,
-    client: async_nats::Client,
-}
-
-impl RegionStack {
-    async fn start(
-        name: &str,
-        url: &str,
-        peer: Region,
-        key_file: &std::path::Path,
-        stop: &CancellationToken,
-    ) -> Self {
-        let state = tether_state::start(
-            StateConfig {
-                nats_url: url.to_string(),
-                admin_listen: "127.0.0.1:0".parse().expect("addr"),
-                lease_ttl_ms: 1_000,
-                retransmit_ms: 500,
-                reconnect_window_ms: 1_000,
-                region: name.to_string(),
-                peer_regions: vec![peer],
-                ..Default::default()
-            },
-            stop.clone(),
-        )
-        .await
-        .expect("state starts");
-        let gateway = tether_gateway::start(
-            GatewayConfig {
-                id: format!("gw-{name}"),
-                region: name.to_string(),
-                nats_url: url.to_string(),
-                tcp_listen: Some("127.0.0.1:0".parse().expect("addr")),
-                ws_listen: None,
-                admin_listen: "127.0.0.1:0".parse().expect("addr"),
-                token_public_key: key_file.to_path_buf(),
-                ..Default::default()
-            },
-            stop.clone(),
-        )
-        .await
-        .expect("gateway starts");
-        let client = tether_nats::connect(url, &format!("test-{name}"))
-            .await
-            .expect("connect");
-        Self {
-            name: name.to_string(),
-            gateway,
-            _state: state,
-            client,
-        }
-    }
-
-    /// Whether `uid`'s device list in this region holds `did`.
-    async fn knows_device(&self, uid: &str, did: &str) -> bool {
-        let js = jetstream::new(self.client.clone());
-        let Ok(kv) = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await else {
-            return false;
-        };
-        let Ok(Some(value)) = kv.get(tether_nats::keys::user(APP, uid)).await else {
-            return false;
-        };
-        serde_json::from_slice::<Vec<String>>(&value)
-            .map(|dids| dids.iter().any(|d| d == did))
-            .unwrap_or(false)
-    }
-}
-
-/// Two regions on a hub, with a token signer both gateways trust.
-struct TwoRegions {
-    nats: LeafRegions,
-    a: RegionStack,
-    b: RegionStack,
-    signer: TokenSigner,
-    stop: CancellationToken,
-    _keys: tempfile::TempDir,
-}
-
-impl TwoRegions {
-    async fn start() -> Self {
-        let nats = harness::leaf_regions().expect("hub and regions");
-        let signer = TokenSigner::generate();
-        let keys = tempfile::tempdir().expect("tempdir");
-        let key_file = keys.path().join("token.pub");
-        std::fs::write(&key_file, signer.verifier().to_pem().expect("pem")).expect("key");
-        let stop = CancellationToken::new();
-        let a = RegionStack::start(
-            LeafRegions::DOMAIN_A,
-            &nats.url_a(),
-            LeafRegions::peer_b(),
-            &key_file,
-            &stop,
-        )
-        .await;
-        let b = RegionStack::start(
-            LeafRegions::DOMAIN_B,
-            &nats.url_b(),
-            LeafRegions::peer_a(),
-            &key_file,
-            &stop,
-        )
-        .await;
-        Self {
-            nats,
-            a,
-            b,
-            signer,
-            stop,
-            _keys: keys,
-        }
-    }
-
-    /// A device `did` of user `uid` logged in to `region`'s gateway.
-    async fn device(
-        &self,
-        region: &RegionStack,
-        uid: &str,
-        did: &str,
-    ) -> (Client, mpsc::Receiver<Event>) {
-        let token = self
-            .signer
-            .issue(APP, uid, did, Duration::from_secs(3600))
-            .expect("token");
-        let endpoint = region.gateway.tcp_addr.expect("tcp");
-        let mut config = ClientConfig::new(vec![Endpoint::tcp(endpoint)], APP, did, token);
-        config.reconnect.min = Duration::from_millis(50);
-        config.reconnect.max = Duration::from_millis(500);
-        let (client, mut events) = Client::connect(config).await.expect("device connects");
-        match tokio::time::timeout(WAIT, events.recv()).await {
-            Ok(Some(Event::Connected { .. })) => {}
-            other => panic!("expected Connected, got {other:?}"),
-        }
-        eventually(
-            &format!("{did} registered in {}", region.name),
-            async || region.knows_device(uid, did).await,
-        )
-        .await;
-        (client, events)
-    }
-}
-
-impl Drop for TwoRegions {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The next message event's `(seq, body)`, skipping connection events.
-async fn next_message(events: &mut mpsc::Receiver<Event>, wait: Duration) -> (u64, Vec<u8>) {
-    loop {
-        match tokio::time::timeout(wait, events.recv()).await {
-            Ok(Some(Event::Message { seq, body, .. })) => return (seq, body.to_vec()),
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("client stopped"),
-            Err(_) => panic!("no message within {wait:?}"),
-        }
-    }
-}
 
 #[tokio::test]
 async fn leaf_links_keep_same_named_streams_apart() -> TestResult {
@@ -424,5 +246,70 @@ async fn a_cut_link_delays_relayed_pushes_and_loses_none() -> TestResult {
         "regions: delivered while the link was cut: bob {}, alice {} (the pushes made before the cut)",
         during_cut.0, during_cut.1
     );
+    Ok(())
+}
+
+/// Asks `client`'s region for the presence of `uids`.
+async fn presence(
+    client: &async_nats::Client,
+    uids: &[&str],
+) -> tether_schemas::bus::PresenceAnswer {
+    let query = tether_schemas::bus::PresenceQuery {
+        uids: uids.iter().map(|u| u.to_string()).collect(),
+    };
+    let reply = client
+        .request(tether_nats::subjects::presence_get(APP), query.to_json())
+        .await
+        .expect("presence reply");
+    tether_schemas::bus::PresenceAnswerWire::from_json(&reply.payload)
+        .expect("presence json")
+        .into_result()
+        .expect("presence answer")
+}
+
+/// `uid`'s online devices in `answer` as `(did, region)`, sorted.
+fn online(answer: &tether_schemas::bus::PresenceAnswer, uid: &str) -> Vec<(String, String)> {
+    let mut devices: Vec<(String, String)> = answer.users[uid]
+        .iter()
+        .map(|d| (d.did.clone(), d.region.clone()))
+        .collect();
+    devices.sort();
+    devices
+}
+
+#[tokio::test]
+async fn presence_is_merged_across_regions_and_says_when_a_region_is_unanswered() -> TestResult {
+    let mut regions = TwoRegions::start().await;
+    let (_alice, _a_events) = regions.device(&regions.a, "u-alice", "alice-phone").await;
+    let (_bob_b, _b_events) = regions.device(&regions.b, "u-bob", "bob-phone").await;
+    let (_bob_a, _ba_events) = regions.device(&regions.a, "u-bob", "bob-laptop").await;
+    let pair = |did: &str, region: &str| (did.to_string(), region.to_string());
+    for client in [&regions.a.client, &regions.b.client] {
+        let answer = presence(client, &["u-alice", "u-bob", "u-nobody"]).await;
+        assert_eq!(
+            online(&answer, "u-alice"),
+            vec![pair("alice-phone", "region-a")]
+        );
+        assert_eq!(
+            online(&answer, "u-bob"),
+            vec![
+                pair("bob-laptop", "region-a"),
+                pair("bob-phone", "region-b")
+            ],
+            "a user is online wherever one of his devices is"
+        );
+        assert!(online(&answer, "u-nobody").is_empty());
+        assert!(answer.unanswered.is_empty(), "{answer:?}");
+    }
+    // The link is cut: region A answers from its own bucket and names region B as
+    // unanswered (B's part is its last answer, while it is remembered).
+    regions.nats.cut_link();
+    let answer = presence(&regions.a.client, &["u-alice", "u-carol"]).await;
+    assert_eq!(
+        online(&answer, "u-alice"),
+        vec![pair("alice-phone", "region-a")]
+    );
+    assert!(online(&answer, "u-carol").is_empty());
+    assert_eq!(answer.unanswered, vec!["region-b".to_string()]);
     Ok(())
 }

@@ -11,10 +11,13 @@
 //! - [`control`]: control messages to one gateway (`tether.gw.<gw>.ctl`).
 //! - [`migrate`]: drain and migration operations, their status, redirect tokens.
 //! - [`business`]: uplink requests and replies, pushes, presence (section 11).
+//! - [`presence`]: the presence query across regions (11.3).
 //! - [`sessions`]: the session binding API and membership events (11.5, 11.6).
+//! - [`affinity`]: users' home regions (12.7).
 //! - [`apps`]: per-app pipeline settings in the `tether_apps` record (12.4).
 //! - [`discovery`]: gateway heartbeats and the ipconfig answer (section 12).
 
+pub mod affinity;
 pub mod apps;
 pub mod business;
 pub mod control;
@@ -23,8 +26,10 @@ pub mod errors;
 pub mod events;
 pub mod ids;
 pub mod migrate;
+pub mod presence;
 pub mod sessions;
 
+pub use affinity::{AffinityRecord, AffinityReplyWire, AffinityRequest};
 pub use apps::{AppPipeline, AppPipelineView, PIPELINE_KEYS};
 pub use business::{Accepted, PresenceEvent, Push, PushReply, PushReplyWire, Uplink, UplinkReply};
 pub use control::GatewayControl;
@@ -36,6 +41,7 @@ pub use migrate::{
     DrainRequest, MigrateRequest, MigrationStatus, RedirectDevice, RedirectGrant, RedirectReply,
     RedirectRequest,
 };
+pub use presence::{OnlineDevice, PresenceAnswer, PresenceAnswerWire, PresenceQuery};
 pub use sessions::{
     MembershipChange, MembershipEvent, SessionOp, SessionReply, SessionReplyWire, SessionRequest,
 };

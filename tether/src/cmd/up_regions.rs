@@ -87,13 +87,13 @@ pub async fn run(args: &UpArgs, names: &[String]) -> anyhow::Result<()> {
                 name: other.clone(),
                 domain: other.clone(),
             })
-            .collect();
+            .collect::<Vec<Region>>();
         let state = tether_state::start(
             tether_state::StateConfig {
                 nats_url: url.clone(),
                 admin_listen: at(10),
                 region: name.clone(),
-                peer_regions: peers,
+                peer_regions: peers.clone(),
                 ..Default::default()
             },
             stop.clone(),
@@ -109,6 +109,7 @@ pub async fn run(args: &UpArgs, names: &[String]) -> anyhow::Result<()> {
                 ws_listen: Some(at(1)),
                 admin_listen: at(2),
                 token_public_key: public_key.clone(),
+                nats_lost_close_secs: 10,
                 ..Default::default()
             },
             stop.clone(),
@@ -122,6 +123,7 @@ pub async fn run(args: &UpArgs, names: &[String]) -> anyhow::Result<()> {
                 http_listen: at(21),
                 token_key: key_path.clone(),
                 default_region: name.clone(),
+                peer_regions: peers,
                 ..Default::default()
             },
             stop.clone(),

@@ -9,26 +9,26 @@
 //! are this region's list plus each peer's list, remembered the same way.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind, kv};
+use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use tether_nats::region::{Region, RelayLayout, RelaySubject};
+use tether_nats::region::Region;
 use tether_nats::{headers, keys, layout::ROUTES_BUCKET, subjects};
-use tether_schemas::{Frame, RawFrame, limits};
+use tether_schemas::bus::OnlineDevice;
 
 use crate::context::StateCtx;
 use crate::store::Route;
 
+mod incoming;
+pub use incoming::start;
+
 /// How long a peer whose bucket could not be read is skipped (pushes use the directory).
 const PEER_BACKOFF: Duration = Duration::from_secs(2);
-/// How long a relayed push that could not be stored waits before it is tried again.
-const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// Counters of cross-region delivery.
 #[derive(Clone, Default)]
@@ -41,6 +41,12 @@ pub struct RelayMetrics {
     pub relayed_invalid: Counter,
     /// Peer route lookups that failed (link down): the directory answered.
     pub lookup_failures: Counter,
+    /// Devices that moved here from another region (`crate::moves`).
+    pub moves_in: Counter,
+    /// Moves taken on the device's word (the region it left could not be asked).
+    pub moves_unverified: Counter,
+    /// Messages copied from the inbox of the region a device left.
+    pub moved_copied: Counter,
 }
 
 impl RelayMetrics {
@@ -66,11 +72,34 @@ impl RelayMetrics {
             "peer route lookups that failed",
             self.lookup_failures.clone(),
         );
+        registry.register(
+            "relay_moves_in",
+            "devices that moved here from another region",
+            self.moves_in.clone(),
+        );
+        registry.register(
+            "relay_moves_unverified",
+            "moves taken on the device's word (its old region could not be asked)",
+            self.moves_unverified.clone(),
+        );
+        registry.register(
+            "relay_moved_copied",
+            "messages copied from the inbox of the region a device left",
+            self.moved_copied.clone(),
+        );
     }
 }
 
 /// `(app, uid)` → the user's devices in other regions, as `(did, region)`.
 type UserDirectory = HashMap<(String, String), Vec<(String, String)>>;
+
+/// `(app, uid, region)` → the user's online devices there and when they were read.
+type PresenceCache = HashMap<(String, String, String), (Instant, Vec<OnlineDevice>)>;
+
+/// How long a peer's presence answer is used before the peer is asked again.
+const PRESENCE_FRESH: Duration = Duration::from_secs(2);
+/// Most presence answers remembered (the cache is cleared when it grows past it).
+const PRESENCE_CACHE_MAX: usize = 100_000;
 
 /// One peer region and what is known of it.
 struct Peer {
@@ -89,6 +118,8 @@ pub struct Relay {
     devices: Mutex<HashMap<(String, String), String>>,
     /// `(app, uid)` → the user's devices in other regions, with their region.
     users: Mutex<UserDirectory>,
+    presence: Mutex<PresenceCache>,
+    shutdown: tether_service::Shutdown,
     /// Counters.
     pub metrics: RelayMetrics,
 }
@@ -104,13 +135,14 @@ pub struct Split {
 
 impl Relay {
     /// The relay of region `region` towards `peers`, reading their buckets through
-    /// `client`.
+    /// `client`; its background tasks stop with `shutdown`.
     pub fn new(
         client: &async_nats::Client,
         region: &str,
         peers: &[Region],
         lookup_timeout: Duration,
         metrics: RelayMetrics,
+        shutdown: tether_service::Shutdown,
     ) -> Self {
         let peers = peers
             .iter()
@@ -127,8 +159,25 @@ impl Relay {
             lookup_timeout,
             devices: Mutex::default(),
             users: Mutex::default(),
+            presence: Mutex::default(),
+            shutdown,
             metrics,
         }
+    }
+
+    /// The peer regions.
+    pub fn peers(&self) -> impl Iterator<Item = &Region> {
+        self.peers.iter().map(|peer| &peer.region)
+    }
+
+    /// How long one question to a peer may take.
+    pub fn lookup_timeout(&self) -> Duration {
+        self.lookup_timeout
+    }
+
+    /// The role's shutdown signal.
+    pub fn shutdown(&self) -> tether_service::Shutdown {
+        self.shutdown.clone()
     }
 
     /// This region's name.
@@ -253,6 +302,69 @@ impl Relay {
         found
     }
 
+    /// The acknowledged sequence of `did` in peer region `region` (its cursor there);
+    /// `None` when it has none or the peer cannot be asked.
+    pub async fn peer_acked(&self, region: &str, app: &str, did: &str) -> Option<u64> {
+        let peer = self.peers.iter().find(|p| p.region.name == region)?;
+        let value = self.read_peer(peer, &keys::cursor(app, did)).await??;
+        serde_json::from_slice::<crate::store::Cursor>(&value)
+            .ok()
+            .map(|cursor| cursor.acked)
+    }
+
+    /// The online devices of `uid` in the peer regions (their route buckets, answers
+    /// reused for [`PRESENCE_FRESH`]), and the peers that could not be asked (their
+    /// last answer, if any, is used).
+    pub async fn online_elsewhere(&self, app: &str, uid: &str) -> (Vec<OnlineDevice>, Vec<String>) {
+        let mut online = Vec::new();
+        let mut unanswered = Vec::new();
+        for peer in &self.peers {
+            let key = (app.to_string(), uid.to_string(), peer.region.name.clone());
+            let cached = self.lock_presence().get(&key).cloned();
+            if let Some((at, devices)) = &cached
+                && at.elapsed() < PRESENCE_FRESH
+            {
+                online.extend(devices.iter().cloned());
+                continue;
+            }
+            match self.peer_online(peer, app, uid).await {
+                Some(devices) => {
+                    online.extend(devices.iter().cloned());
+                    let mut cache = self.lock_presence();
+                    if cache.len() >= PRESENCE_CACHE_MAX {
+                        cache.clear();
+                    }
+                    cache.insert(key, (Instant::now(), devices));
+                }
+                None => {
+                    unanswered.push(peer.region.name.clone());
+                    online.extend(cached.into_iter().flat_map(|(_, devices)| devices));
+                }
+            }
+        }
+        (online, unanswered)
+    }
+
+    /// The online devices of `uid` in `peer`, or `None` when it could not be asked.
+    async fn peer_online(&self, peer: &Peer, app: &str, uid: &str) -> Option<Vec<OnlineDevice>> {
+        let Some(list) = self.read_peer(peer, &keys::user(app, uid)).await? else {
+            return Some(Vec::new());
+        };
+        let dids: Vec<String> = serde_json::from_slice(&list).unwrap_or_default();
+        let mut online = Vec::new();
+        for did in dids {
+            let value = self.read_peer(peer, &keys::route(app, &did)).await?;
+            if let Some(route) = value.and_then(|v| serde_json::from_slice::<Route>(&v).ok()) {
+                online.push(OnlineDevice {
+                    did,
+                    region: peer.region.name.clone(),
+                    gw: route.gw,
+                });
+            }
+        }
+        Some(online)
+    }
+
     /// Reads `key` of a peer's route bucket: `Some(value)` when the peer answered (the
     /// value `None` when the key is absent), `None` when it could not be asked.
     async fn read_peer(&self, peer: &Peer, key: &str) -> Option<Option<Bytes>> {
@@ -307,6 +419,10 @@ impl Relay {
     fn lock_users(&self) -> std::sync::MutexGuard<'_, UserDirectory> {
         self.users.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn lock_presence(&self) -> std::sync::MutexGuard<'_, PresenceCache> {
+        self.presence.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A fresh relay id for a push without id: region, time and a counter.
@@ -319,222 +435,4 @@ pub fn fresh_relay_id(region: &str, app: &str, did: &str) -> String {
         tether_schemas::bus::unix_now_ms(),
         rand::random::<u32>()
     )
-}
-
-/// Creates the relay streams and delivers relayed pushes until `shutdown`.
-pub async fn start(
-    ctx: Arc<StateCtx>,
-    layout: RelayLayout,
-    shutdown: tether_service::Shutdown,
-) -> Result<(), tether_nats::BusError> {
-    tether_nats::region::apply_relay_layout(&ctx.js, &layout).await?;
-    tokio::spawn(resume_sources_on_reconnect(
-        ctx.clone(),
-        layout.clone(),
-        shutdown.clone(),
-    ));
-    tokio::spawn(deliver_incoming(ctx, layout, shutdown));
-    Ok(())
-}
-
-/// Asks each peer's JetStream API every second; when a peer answers again after it could
-/// not be reached, re-adds its source to `TETHER_XR_IN`, so sourcing resumes at once
-/// instead of after nats-server's source retry backoff (5 s × 2 × failures, up to 2 min:
-/// 30 s after a 30 s cut). The re-added source resumes after the last message it
-/// delivered (the server reads it from the stream), and a message sourced twice is
-/// dropped by the relay stream's and the inbox's de-duplication.
-async fn resume_sources_on_reconnect(
-    ctx: Arc<StateCtx>,
-    layout: RelayLayout,
-    shutdown: tether_service::Shutdown,
-) {
-    let peers: Vec<(String, jetstream::Context)> = layout
-        .peers
-        .iter()
-        .map(|peer| {
-            (
-                peer.name.clone(),
-                jetstream::with_domain(ctx.client.clone(), &peer.domain),
-            )
-        })
-        .collect();
-    let mut unreachable = vec![false; peers.len()];
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        for ((name, js), was_down) in peers.iter().zip(unreachable.iter_mut()) {
-            let up = matches!(
-                tokio::time::timeout(Duration::from_secs(1), js.query_account()).await,
-                Ok(Ok(_))
-            );
-            if up && *was_down {
-                match resume_source(&ctx.js, &layout, name).await {
-                    Ok(()) => {
-                        tracing::info!(region = %name, "peer region reachable again; relay source resumed")
-                    }
-                    Err(error) => {
-                        tracing::warn!(region = %name, %error, "cannot resume the relay source")
-                    }
-                }
-            }
-            *was_down = !up;
-        }
-    }
-}
-
-/// Removes `peer`'s source from `TETHER_XR_IN` and adds it back.
-async fn resume_source(
-    js: &jetstream::Context,
-    layout: &RelayLayout,
-    peer: &str,
-) -> Result<(), String> {
-    let name = tether_nats::region::relay_stream_name(peer);
-    let mut without = layout.incoming();
-    if let Some(sources) = without.sources.as_mut() {
-        sources.retain(|source| source.name != name);
-    }
-    js.update_stream(without).await.map_err(|e| e.to_string())?;
-    js.update_stream(layout.incoming())
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
-}
-
-/// Pulls `TETHER_XR_IN` one message at a time (the consumer allows one in flight) and
-/// stores each in its device's inbox; reconnects the consumer after errors.
-async fn deliver_incoming(
-    ctx: Arc<StateCtx>,
-    layout: RelayLayout,
-    shutdown: tether_service::Shutdown,
-) {
-    let ack_wait = Duration::from_secs(30);
-    loop {
-        let messages = async {
-            let stream = ctx
-                .js
-                .get_stream(tether_nats::region::RELAY_IN_STREAM)
-                .await
-                .map_err(|e| e.to_string())?;
-            let consumer = stream
-                .get_or_create_consumer(
-                    tether_nats::region::RELAY_IN_CONSUMER,
-                    layout.consumer(ack_wait),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            consumer.messages().await.map_err(|e| e.to_string())
-        };
-        let mut messages = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = messages => match m {
-                Ok(m) => m,
-                Err(error) => {
-                    tracing::warn!(%error, "relay consumer unavailable; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            },
-        };
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => deliver_one(&ctx, &layout.region, message).await,
-                // Heartbeat gaps after a server restart: keep reading (FIELD-NOTES).
-                Some(Err(error)) => tracing::debug!(%error, "relay consumer"),
-                None => break,
-            }
-        }
-    }
-}
-
-async fn deliver_one(ctx: &StateCtx, region: &str, message: jetstream::Message) {
-    let relay = ctx.relay.as_ref();
-    let invalid = |why: &'static str| {
-        if let Some(relay) = relay {
-            relay.metrics.relayed_invalid.inc();
-        }
-        ctx.metrics.refused(why);
-    };
-    let parsed = RelaySubject::parse(message.subject.as_str()).filter(|s| s.target == region);
-    let frame = RawFrame::from_bytes(message.payload.clone(), limits::MAX_FRAME_LEN_CAP)
-        .ok()
-        .and_then(|raw| Frame::decode(&raw).ok());
-    let relay_id = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::RELAY_ID))
-        .map(|v| v.as_str().to_string());
-    let (Some(subject), Some(Frame::Down { header, qos1, body }), Some(relay_id)) =
-        (parsed, frame, relay_id)
-    else {
-        invalid("relay_invalid");
-        tracing::warn!(subject = %message.subject, "invalid relayed message dropped");
-        let _ = message.ack_with(AckKind::Term).await;
-        return;
-    };
-    let (app, did) = (subject.app, subject.did);
-    // Retried here, never nak'd: the consumer allows one message in flight, so holding it
-    // keeps every later relayed push behind it (per-device order).
-    loop {
-        match store_relayed(ctx, app, did, &relay_id, &header, qos1, &body).await {
-            Ok(()) => break,
-            Err(error) => {
-                tracing::warn!(app, did, origin = subject.origin, %error, "relayed push not stored; retrying");
-                let _ = message.ack_with(AckKind::Progress).await;
-                tokio::time::sleep(RETRY_DELAY).await;
-            }
-        }
-    }
-    if let Some(relay) = relay {
-        relay.metrics.relayed_in.inc();
-    }
-    let _ = message.ack().await;
-}
-
-/// Stores one relayed push: QoS1 in the device's inbox with its next sequence
-/// (de-duplicated by the relay id), QoS0 written to the device's gateway if it is
-/// connected here now (else dropped, as QoS0 is).
-async fn store_relayed(
-    ctx: &StateCtx,
-    app: &str,
-    did: &str,
-    relay_id: &str,
-    header: &tether_schemas::pb::Down,
-    qos1: bool,
-    body: &Bytes,
-) -> Result<(), String> {
-    if qos1 {
-        let encode = |seq: u64| {
-            Frame::Down {
-                header: tether_schemas::pb::Down {
-                    seq,
-                    ..header.clone()
-                },
-                qos1: true,
-                body: body.clone(),
-            }
-            .encode()
-        };
-        ctx.store
-            .append_inbox(app, did, Some(relay_id.to_string()), encode)
-            .await
-            .map_err(|e| e.to_string())?;
-        return Ok(());
-    }
-    if let Some(route) = ctx.store.route(app, did).await.map_err(|e| e.to_string())? {
-        let frame = Frame::Down {
-            header: header.clone(),
-            qos1: false,
-            body: body.clone(),
-        }
-        .encode();
-        ctx.send_frame(&route.gw, app, &[did], frame).await;
-    }
-    Ok(())
 }

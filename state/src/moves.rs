@@ -1,0 +1,297 @@
+//! A device that moves into this region from another one (its region failed, or ipconfig
+//! sent it here): its per-device sequence goes on above what it processed elsewhere, and
+//! what the region it left still holds for it is copied here (docs/multi-region.md, "A
+//! device moving region").
+//!
+//! Each region numbers a device's inbox on its own. A device that moves keeps its `H` (the
+//! highest sequence it processed, sent as LOGIN `resume_seq`) and drops every DOWN with a
+//! `seq` at or below it, so this region must number on from `H`:
+//!
+//! 1. A `resume_seq` above every sequence sent here is checked against the peers' inboxes
+//!    (direct get across domains) and cursors. A peer that sent it: the device moved. Every peer
+//!    answered and none sent it: a client bug, refused as in one region. A peer that cannot
+//!    be asked (its region is down): the device's word is taken (it can only skip its own
+//!    messages), counted in `tether_state_relay_moves_unverified`.
+//! 2. A marker is appended to the device's inbox with `seq` = `resume_seq` (never
+//!    delivered: the cursor moves to it), so every later push, from any instance, numbers
+//!    above it (the append's expected-last-subject-sequence arbitrates a racing push).
+//! 3. Messages stored here that the device never acknowledged here, numbered below the
+//!    marker, are appended again above it (they were stored while it was elsewhere).
+//! 4. For each peer that held the device or could not be asked, a task copies that peer's
+//!    inbox messages numbered above `resume_seq` into this region's inbox, de-duplicated
+//!    by the peer's stream sequence; it retries while the peer is unreachable and stops
+//!    after the peer has answered for [`FOLLOW_AFTER_REACHABLE`] (so pushes relayed to the
+//!    peer while it was down, and stored there once it returns, are copied too), or after
+//!    the relay max age. The task lives in memory: a restart of this instance before the
+//!    peer returns forgets it (the messages stay in the peer's inbox).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tether_nats::region::Region;
+use tether_nats::{direct, layout::INBOX_STREAM, subjects};
+use tether_schemas::{Frame, RawFrame, limits};
+
+use crate::context::StateCtx;
+use crate::crossregion::Relay;
+
+/// After the peer first answers, how long its inbox is still followed for the device.
+pub const FOLLOW_AFTER_REACHABLE: Duration = Duration::from_secs(60);
+/// Pause between two reads of a peer's inbox.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// Most messages of the local inbox re-numbered at a move.
+const MAX_RENUMBERED: usize = 10_000;
+
+/// What a peer said about the device's inbox there.
+enum PeerLast {
+    /// The highest sequence it stored for the device (0: none).
+    Answered(u64),
+    /// It could not be asked.
+    Unreachable,
+}
+
+/// Handles a LOGIN of `did` whose `resume_seq` (`resume`) is above every sequence this
+/// region sent it. Returns the new acknowledged sequence (the device moved here) or `None`
+/// (not a move: refuse the resume point as in one region). `acked` and `after` are the
+/// device's cursor here (acknowledged sequence and its inbox stream sequence).
+pub async fn adopt(
+    ctx: &Arc<StateCtx>,
+    app: &str,
+    did: &str,
+    resume: u64,
+    acked: u64,
+    after: u64,
+) -> Result<Option<u64>, String> {
+    let Some(relay) = ctx.relay.clone() else {
+        return Ok(None);
+    };
+    let mut follow = Vec::new();
+    let mut verified = false;
+    for peer in relay.peers() {
+        match peer_last(ctx, &relay, peer, app, did).await {
+            PeerLast::Answered(last) if last >= resume => {
+                verified = true;
+                follow.push(peer.clone());
+            }
+            // Retention may have removed what it sent; its cursor still says.
+            PeerLast::Answered(_) => {
+                if relay
+                    .peer_acked(&peer.name, app, did)
+                    .await
+                    .is_some_and(|acked| acked >= resume)
+                {
+                    verified = true;
+                    follow.push(peer.clone());
+                }
+            }
+            PeerLast::Unreachable => follow.push(peer.clone()),
+        }
+    }
+    if follow.is_empty() {
+        return Ok(None);
+    }
+    if !verified {
+        relay.metrics.moves_unverified.inc();
+    }
+    // The marker: numbered `resume` unless a racing push took it (then the one above).
+    let marker = ctx
+        .store
+        .append_inbox_above(app, did, resume - 1, None, |seq| {
+            Frame::Down {
+                header: tether_schemas::pb::Down {
+                    seq,
+                    ..Default::default()
+                },
+                qos1: true,
+                body: Bytes::new(),
+            }
+            .encode()
+        })
+        .await
+        .map_err(|e| format!("sequence floor not stored: {e}"))?;
+    let renumbered = renumber_unacked(ctx, app, did, acked, after, marker).await?;
+    relay.metrics.moves_in.inc();
+    tracing::info!(
+        app,
+        did,
+        resume,
+        marker,
+        renumbered,
+        verified,
+        "device moved in from another region"
+    );
+    for peer in follow {
+        tokio::spawn(follow_peer(
+            ctx.clone(),
+            relay.clone(),
+            peer,
+            app.to_string(),
+            did.to_string(),
+            resume,
+        ));
+    }
+    Ok(Some(marker))
+}
+
+/// Appends again, above the marker, the messages stored here after the cursor (stream
+/// sequence `after`) that are numbered above `acked` and below `marker`: the device cannot
+/// have processed them (its resume point counts another region's sequence).
+async fn renumber_unacked(
+    ctx: &StateCtx,
+    app: &str,
+    did: &str,
+    acked: u64,
+    after: u64,
+    marker: u64,
+) -> Result<usize, String> {
+    let stored = ctx
+        .store
+        .read_inbox(app, did, after, MAX_RENUMBERED)
+        .await
+        .map_err(|e| format!("inbox not readable: {e}"))?;
+    let mut renumbered = 0;
+    for message in stored
+        .iter()
+        .filter(|m| m.seq > acked && m.seq < marker && m.seq > 0)
+    {
+        let Some(encode) = renumbering(&message.frame) else {
+            continue;
+        };
+        let id = format!("{app}:mv-{}:{did}", message.stream_seq);
+        ctx.store
+            .append_inbox(app, did, Some(id), encode)
+            .await
+            .map_err(|e| format!("renumbered message not stored: {e}"))?;
+        renumbered += 1;
+    }
+    Ok(renumbered)
+}
+
+/// An encoder of `frame` (a stored QoS1 DOWN) with another sequence; `None` for anything
+/// else. (Markers of earlier moves are numbered at or below the device's acknowledged
+/// sequence, so the callers' filters never copy one.)
+pub fn renumbering(frame: &Bytes) -> Option<impl Fn(u64) -> Bytes + use<>> {
+    let raw = RawFrame::from_bytes(frame.clone(), limits::MAX_FRAME_LEN_CAP).ok()?;
+    let Frame::Down { header, body, .. } = Frame::decode(&raw).ok()? else {
+        return None;
+    };
+    Some(qos1_down(header, body))
+}
+
+/// An encoder of a QoS1 DOWN with `header` and `body` and the sequence it is given.
+pub fn qos1_down(header: tether_schemas::pb::Down, body: Bytes) -> impl Fn(u64) -> Bytes {
+    move |seq: u64| {
+        Frame::Down {
+            header: tether_schemas::pb::Down {
+                seq,
+                ..header.clone()
+            },
+            qos1: true,
+            body: body.clone(),
+        }
+        .encode()
+    }
+}
+
+/// The highest sequence `peer` stored for the device, through its JetStream domain.
+async fn peer_last(ctx: &StateCtx, relay: &Relay, peer: &Region, app: &str, did: &str) -> PeerLast {
+    let request = serde_json::json!({ "last_by_subj": subjects::inbox(app, did) });
+    let asked = ctx.client.request(
+        format!("{}.DIRECT.GET.{INBOX_STREAM}", peer.api_prefix()),
+        Bytes::from(request.to_string()),
+    );
+    match tokio::time::timeout(relay.lookup_timeout(), asked).await {
+        Ok(Ok(message)) => match message.status.map(|s| s.as_u16()) {
+            None => PeerLast::Answered(
+                message
+                    .headers
+                    .as_ref()
+                    .map_or(0, tether_nats::headers::seq),
+            ),
+            Some(404) => PeerLast::Answered(0),
+            Some(_) => PeerLast::Unreachable,
+        },
+        _ => PeerLast::Unreachable,
+    }
+}
+
+/// Copies `peer`'s inbox messages for the device numbered above `resume` into this
+/// region's inbox, in order, until the peer has answered for [`FOLLOW_AFTER_REACHABLE`] or
+/// the relay max age has passed.
+async fn follow_peer(
+    ctx: Arc<StateCtx>,
+    relay: Arc<Relay>,
+    peer: Region,
+    app: String,
+    did: String,
+    resume: u64,
+) {
+    let give_up = Instant::now() + Duration::from_secs(ctx.config.relay_max_age_secs);
+    let subject = subjects::inbox(&app, &did);
+    let prefix = peer.api_prefix();
+    let mut next = 1u64;
+    let mut reachable_since: Option<Instant> = None;
+    let stop = relay.shutdown();
+    while Instant::now() < give_up
+        && reachable_since.is_none_or(|since| since.elapsed() < FOLLOW_AFTER_REACHABLE)
+    {
+        let read = direct::next_batch(
+            &ctx.client,
+            &prefix,
+            INBOX_STREAM,
+            &subject,
+            next,
+            direct::MAX_BATCH,
+            relay.lookup_timeout(),
+        )
+        .await;
+        match read {
+            Ok(batch) => {
+                reachable_since.get_or_insert_with(Instant::now);
+                for message in batch.messages {
+                    if tether_nats::headers::seq(&message.headers) > resume
+                        && !copy_one(&ctx, &relay, &peer, &app, &did, &message).await
+                    {
+                        break;
+                    }
+                    next = message.sequence + 1;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(region = %peer.name, did, %error, "peer inbox not readable yet")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+        }
+    }
+    tracing::info!(region = %peer.name, app, did, "stopped following the peer inbox of a moved device");
+}
+
+/// Appends one of a peer's inbox messages here; false when it could not be stored (it is
+/// read again next round).
+async fn copy_one(
+    ctx: &StateCtx,
+    relay: &Relay,
+    peer: &Region,
+    app: &str,
+    did: &str,
+    message: &direct::DirectMessage,
+) -> bool {
+    let Some(encode) = renumbering(&message.payload) else {
+        return true;
+    };
+    let id = format!("{app}:mv-{}-{}:{did}", peer.name, message.sequence);
+    match ctx.store.append_inbox(app, did, Some(id), encode).await {
+        Ok(_) => {
+            relay.metrics.moved_copied.inc();
+            true
+        }
+        Err(error) => {
+            tracing::warn!(region = %peer.name, did, %error, "message of the region a device left not copied; retrying");
+            false
+        }
+    }
+}
