@@ -25,7 +25,7 @@ pub mod ids;
 pub mod migrate;
 pub mod sessions;
 
-pub use apps::{AppPipeline, AppPipelineView, PIPELINE_KEYS};
+pub use apps::{AppPipeline, AppPipelineView, PIPELINE_KEYS, ReceiptMode};
 pub use business::{Accepted, PresenceEvent, Push, PushReply, PushReplyWire, Uplink, UplinkReply};
 pub use control::GatewayControl;
 pub use discovery::{AdvertisedEndpoints, EndpointInfo, EndpointsAnswer, GatewayHeartbeat};
