@@ -78,6 +78,13 @@ async fn a_burst_of_one_devices_ups_is_pipelined_in_order_and_all_receipted() ->
         assert_eq!(ack.server_msg_id, format!("m{}", ack.client_msg_id));
         ids.push(ack.client_msg_id);
     }
+    // The device's order is the order its UPs were stored in the uplink stream.
+    let stored = stored_order(&fixture, "alice", ids.len()).await?;
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    let mut in_stream = stored.clone();
+    in_stream.sort_unstable();
+    assert_eq!(in_stream, sorted, "every UP stored once");
     let seen = seen.lock().expect("lock");
     // First arrivals in the device's order (a retry after a lost answer may repeat one).
     let mut first = Vec::new();
@@ -87,9 +94,10 @@ async fn a_burst_of_one_devices_ups_is_pipelined_in_order_and_all_receipted() ->
             first.push(*id);
         }
     }
-    let mut sorted = ids.clone();
-    sorted.sort_unstable();
-    assert_eq!(first, sorted, "the business got every UP, in the device's order");
+    assert_eq!(
+        first, stored,
+        "the business got every UP, in the device's order"
+    );
     assert!(
         seen.most_open > 1,
         "several UPs of the device were at the business at once"
@@ -97,12 +105,42 @@ async fn a_burst_of_one_devices_ups_is_pipelined_in_order_and_all_receipted() ->
     Ok(())
 }
 
+/// The client msg ids of `did`'s first `count` UPs, in the order the uplink stream stored
+/// them.
+async fn stored_order(
+    fixture: &Fixture,
+    did: &str,
+    count: usize,
+) -> Result<Vec<u64>, Box<dyn std::error::Error + Send + Sync>> {
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    let stream = js.get_stream(tether_nats::layout::UPLINK_STREAM).await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: tether_nats::subjects::uplink(APP, did),
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut ids = Vec::new();
+    while ids.len() < count {
+        let message = tokio::time::timeout(PATIENCE, messages.next())
+            .await?
+            .ok_or("uplink stream ended")??;
+        let id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(tether_nats::headers::MSG_ID))
+            .and_then(|v| v.as_str().rsplit(':').next()?.parse().ok())
+            .ok_or("uplink without a msg id")?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 /// Writes the app's pipeline settings into its `tether_apps` record.
 async fn set_pipeline(fixture: &Fixture, pipeline: serde_json::Value) -> TestResult {
     let js = async_nats::jetstream::new(fixture.nats_client.clone());
-    let apps = js
-        .get_key_value(tether_nats::layout::APPS_BUCKET)
-        .await?;
+    let apps = js.get_key_value(tether_nats::layout::APPS_BUCKET).await?;
     let record = serde_json::json!({"id": APP, "pipeline": pipeline});
     apps.put(tether_nats::keys::app(APP), record.to_string().into())
         .await?;

@@ -134,9 +134,7 @@ impl AppPipeline {
                     "business" | "" => ReceiptMode::Business,
                     "stored" => ReceiptMode::Stored,
                     other => {
-                        return Err(format!(
-                            "receipt_mode: {other:?} is not business or stored"
-                        ));
+                        return Err(format!("receipt_mode: {other:?} is not business or stored"));
                     }
                 }
             }
@@ -203,7 +201,8 @@ mod tests {
         assert_eq!(view.pipeline.max_msgs_per_sec, 3);
         let json = serde_json::to_string(&view.pipeline)?;
         assert_eq!(json, r#"{"max_msgs_per_sec":3}"#);
-        let stored = AppPipelineView::from_json(br#"{"id":"d","pipeline":{"receipt_mode":"stored"}}"#)?;
+        let stored =
+            AppPipelineView::from_json(br#"{"id":"d","pipeline":{"receipt_mode":"stored"}}"#)?;
         assert_eq!(stored.pipeline.receipt_mode, ReceiptMode::Stored);
         Ok(())
     }
