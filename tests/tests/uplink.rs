@@ -16,6 +16,9 @@ use tether_business::{Business, UplinkReply};
 use tether_client::ClientError;
 use tokio_util::sync::CancellationToken;
 
+/// What the test's business service stored: (client msg id, body).
+type StoredUp = (u64, Vec<u8>);
+
 /// How long a check below waits for something that must happen (never a speed figure).
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -181,7 +184,7 @@ async fn receipt_mode_stored_answers_on_store_and_still_reaches_the_business() -
     );
     // The confirmed UP still reaches the business once one serves (redelivered).
     let business = Business::new(fixture.nats_client.clone(), APP);
-    let stored: Arc<Mutex<Vec<(u64, Vec<u8>)>>> = Arc::default();
+    let stored: Arc<Mutex<Vec<StoredUp>>> = Arc::default();
     let log = stored.clone();
     let serving = business.clone();
     tokio::spawn(async move {
