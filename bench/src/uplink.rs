@@ -42,6 +42,11 @@ pub struct UplinkArgs {
     /// Seconds of sending.
     #[arg(long = "duration", value_name = "DURATION", default_value_t = 10.0)]
     pub duration_secs: f64,
+    /// The bench app's receipt mode (PROTOCOL 11.1): `business` (UP_ACK after the business
+    /// stored it, the default) or `stored` (UP_ACK once JetStream stored the UP). Written
+    /// into the app's `tether_apps` record before the run.
+    #[arg(long, default_value = "business", value_parser = ["business", "stored"])]
+    pub receipt_mode: String,
     /// A running Tether stack to target.
     #[command(flatten)]
     pub running: RunningArgs,
@@ -114,6 +119,7 @@ impl Scenario for UplinkArgs {
             "devices": self.devices,
             "window": self.window,
             "duration_secs": self.duration_secs,
+            "receipt_mode": self.receipt_mode,
             "payload_bytes": client_codec::PAYLOAD_LEN,
         })
     }
@@ -162,6 +168,9 @@ impl Scenario for UplinkArgs {
             Proto::Tether | Proto::TetherWs | Proto::Mqtt => {
                 if proto != Proto::Mqtt {
                     let url = target.nats_url.as_deref().unwrap_or_default();
+                    if self.receipt_mode != "business" {
+                        set_receipt_mode(url, &self.common.app, &self.receipt_mode).await?;
+                    }
                     let business = Business::new(nats_client(url).await?, &self.common.app)
                         .with_concurrency(1024);
                     tokio::spawn(async move {
@@ -227,6 +236,28 @@ impl Scenario for UplinkArgs {
         drop(target);
         Ok(report)
     }
+}
+
+/// Writes the app's receipt mode into its `tether_apps` record (creating a record with just
+/// an id and pipeline when there is none); gateways and state apply it live, within the
+/// run's one-second warm-up.
+async fn set_receipt_mode(url: &str, app: &str, mode: &str) -> Result<(), BenchError> {
+    let js = async_nats::jetstream::new(nats_client(url).await?);
+    let setup = |e: &dyn std::fmt::Display| BenchError::Setup(format!("receipt mode: {e}"));
+    let apps = js
+        .get_key_value(tether_nats::layout::APPS_BUCKET)
+        .await
+        .map_err(|e| setup(&e))?;
+    let key = tether_nats::keys::app(app);
+    let mut record: Value = match apps.get(&key).await.map_err(|e| setup(&e))? {
+        Some(body) => serde_json::from_slice(&body).map_err(|e| setup(&e))?,
+        None => json!({ "id": app }),
+    };
+    record["pipeline"]["receipt_mode"] = json!(mode);
+    apps.put(key, record.to_string().into())
+        .await
+        .map_err(|e| setup(&e))?;
+    Ok(())
 }
 
 async fn tick_progress<T>(

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use tether_schemas::ErrorCode;
-use tether_schemas::bus::{AppPipeline, AppPipelineView};
+use tether_schemas::bus::{AppPipeline, AppPipelineView, ReceiptMode};
 use tether_service::Shutdown;
 
 use crate::conn::CloseReason;
@@ -99,6 +99,12 @@ impl AppLimits {
     /// Whether an operator paused `app`.
     pub fn paused(&self, app: &str) -> bool {
         self.get(app).is_some_and(|s| s.pipeline.paused)
+    }
+
+    /// What an UP_ACK code 0 confirms for `app`'s uplinks.
+    pub fn receipt_mode(&self, app: &str) -> ReceiptMode {
+        self.get(app)
+            .map_or(ReceiptMode::Business, |s| s.pipeline.receipt_mode)
     }
 
     /// The connection limit of `app` on this gateway: the smaller of `configured` and the

@@ -9,7 +9,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 use tether_nats::{headers, subjects};
-use tether_schemas::bus::Event;
+use tether_schemas::bus::{Event, ReceiptMode};
 use tether_schemas::{ErrorCode, Frame, pb};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -68,7 +68,9 @@ impl Outbound {
 
     /// Appends an UP frame, unchanged, to the uplink stream (de-duplicated by
     /// `app:did:client_msg_id`). If the stream does not confirm it, the client gets an UP_ACK
-    /// with `unavailable` so it can retry.
+    /// with `unavailable` so it can retry. With the app's receipt mode `stored`, the client
+    /// gets UP_ACK code 0 as soon as the stream confirmed it (or a copy of it), and the
+    /// stream message says so (`Tether-Receipt: stored`), so state sends none.
     pub async fn publish_uplink(
         &self,
         id: &Identity,
@@ -76,10 +78,15 @@ impl Outbound {
         client_msg_id: u64,
         frame: Bytes,
         queue_limit: usize,
+        mode: ReceiptMode,
     ) {
         let msg_id = format!("{}:{}:{client_msg_id}", id.app, id.did);
         let mut map = self.identity_headers(id, conn.id);
         map.insert(headers::MSG_ID, msg_id.as_str());
+        let on_store = mode == ReceiptMode::Stored;
+        if on_store {
+            map.insert(headers::RECEIPT, ReceiptMode::Stored.as_str());
+        }
         let subject = subjects::uplink(&id.app, &id.did);
         let sent = self
             .js
@@ -98,6 +105,15 @@ impl Outbound {
                 Err(error) => Err(error.to_string()),
             };
             match stored {
+                Ok(duplicate) if on_store => {
+                    // Stored (now, or an earlier copy was): that is this app's receipt.
+                    if duplicate {
+                        metrics.uplink_duplicates.inc();
+                    } else {
+                        metrics.uplink_stored.inc();
+                    }
+                    conn.push(stored_ack(client_msg_id), true, queue_limit);
+                }
                 Ok(false) => {
                     metrics.uplink_stored.inc();
                 }
@@ -242,6 +258,17 @@ fn is_timeout(receipt: &Bytes) -> bool {
     .ok()
     .and_then(|raw| Frame::decode(&raw).ok());
     matches!(decoded, Some(Frame::UpAck(ack)) if ack.code == u32::from(ErrorCode::Timeout.as_u16()))
+}
+
+/// The UP_ACK of an uplink the stream stored, for apps whose receipt mode is `stored`.
+fn stored_ack(client_msg_id: u64) -> Bytes {
+    Frame::UpAck(pb::UpAck {
+        client_msg_id,
+        code: u32::from(ErrorCode::Ok.as_u16()),
+        message: String::new(),
+        server_msg_id: String::new(),
+    })
+    .encode()
 }
 
 /// The UP_ACK of an uplink the stream did not confirm (the client may retry).

@@ -44,6 +44,9 @@ pub const RELAY_ID: &str = "Tether-Relay-Id";
 /// with the device id as body, once the change is written and its gateway has it; the
 /// session request is answered after every device's notice (PROTOCOL 11.5).
 pub const APPLIED_TO: &str = "Tether-Applied-To";
+/// On an uplink: `stored` when the gateway sent the UP_ACK once JetStream stored it (the
+/// app's `receipt_mode` is `stored`): state then sends none (PROTOCOL 11.1).
+pub const RECEIPT: &str = "Tether-Receipt";
 /// Prefix of push metadata headers (`Tether-Meta-<name>`).
 pub const META_PREFIX: &str = "Tether-Meta-";
 

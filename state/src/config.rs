@@ -35,8 +35,12 @@ pub struct StateConfig {
     pub retransmit_ms: u64,
     /// A device that reconnects within this window is not reported offline.
     pub reconnect_window_ms: u64,
-    /// Uplinks processed at once per partition.
+    /// Uplinks processed at once per partition (all devices).
     pub uplink_concurrency: usize,
+    /// Uplinks of one device processed at once: their business requests are sent in the
+    /// device's order and their UP_ACKs go out in that order; 1 = one at a time (the
+    /// business never sees a device's next uplink before it answered the previous one).
+    pub uplink_pipeline: usize,
     /// Business requests (pushes, session calls) handled at once by this instance; more
     /// are answered `unavailable` at once ("busy"), so the business backs off.
     pub max_requests_in_progress: usize,
@@ -99,7 +103,8 @@ impl Default for StateConfig {
             business_retries: 3,
             retransmit_ms: 5_000,
             reconnect_window_ms: 60_000,
-            uplink_concurrency: 64,
+            uplink_concurrency: 256,
+            uplink_pipeline: 32,
             max_requests_in_progress: 4_096,
             forget_devices_after_secs: 0,
             inbox_max_age_secs: 24 * 3600,
@@ -154,8 +159,14 @@ impl StateConfig {
         if self.rooms_max_age_secs == 0 || self.rooms_max_per_room <= 0 {
             return Err("rooms_max_age_secs and rooms_max_per_room must be positive".into());
         }
-        if self.uplink_concurrency == 0 || self.max_requests_in_progress == 0 {
-            return Err("uplink_concurrency and max_requests_in_progress must be positive".into());
+        if self.uplink_concurrency == 0
+            || self.uplink_pipeline == 0
+            || self.max_requests_in_progress == 0
+        {
+            return Err(
+                "uplink_concurrency, uplink_pipeline and max_requests_in_progress must be positive"
+                    .into(),
+            );
         }
         let valid = tether_schemas::bus::valid_id;
         if !self.region.is_empty() && !valid(&self.region) {

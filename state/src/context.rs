@@ -98,6 +98,8 @@ pub struct StateCtx {
     pub metrics: StateMetrics,
     /// Which gateways are alive (heartbeats).
     pub gateways: Arc<crate::liveness::GatewayLiveness>,
+    /// Routes in memory, for QoS0 pushes (a KV watch of every route record).
+    pub route_cache: Arc<crate::route_cache::RouteCache>,
     /// Per-app pipeline settings from `tether_apps` (live overrides).
     pub pipelines: Arc<crate::app_pipelines::AppPipelines>,
     /// Cross-region delivery, when this region has peers (`region`, `peer_regions`).

@@ -7,11 +7,13 @@
 //! - [`leases`]: which partitions this instance owns (KV leases, compare-and-set).
 //! - [`partition`]: the owner of one partition — events, uplinks, inbox delivery, acks,
 //!   retransmission, recycling; rebuilt from streams and KV on takeover.
-//! - [`uplink`]: business requests with retries and UP_ACK receipts.
+//! - [`uplink`]: business requests with retries and UP_ACK receipts; [`uplink_lines`]:
+//!   several uplinks of one device at once, asked and settled in the device's order.
 //! - [`push`]: business pushes: QoS1 to inboxes with per-device sequences, QoS0 direct,
 //!   session pushes per member, as one broadcast, or through a recoverable room.
 //! - [`sessions`]: the session binding API; [`index`]: the session → devices index.
-//! - [`store`]: routes, user index, cursors (KV) and inboxes (stream).
+//! - [`store`]: routes, user index, cursors (KV) and inboxes (stream); [`route_cache`]:
+//!   every route in memory for QoS0 pushes.
 //! - [`crossregion`]: pushes for devices in other regions (relay streams) and delivery
 //!   of the pushes other regions relay here.
 //! - [`presence_query`]: which devices of some users are online, in every region.
@@ -33,10 +35,12 @@ pub mod moves;
 pub mod partition;
 pub mod presence_query;
 pub mod push;
+pub mod route_cache;
 pub mod sessions;
 pub mod store;
 pub mod supervise;
 pub mod uplink;
+pub mod uplink_lines;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -141,6 +145,10 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         .await
         .map_err(|e| StateError::Bus(e.to_string()))?;
     gateways.follow(heartbeats, shutdown.clone());
+    let route_cache = Arc::new(route_cache::RouteCache::default());
+    route_cache
+        .clone()
+        .follow(store.routes_bucket().clone(), shutdown.clone());
     let pipelines = Arc::new(app_pipelines::AppPipelines::default());
     let apps = js
         .get_key_value(tether_nats::layout::APPS_BUCKET)
@@ -166,6 +174,7 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         index,
         metrics,
         gateways,
+        route_cache,
         pipelines,
         relay,
     });

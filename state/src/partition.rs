@@ -20,12 +20,13 @@ use tether_schemas::bus::{
     SessionChange, SessionOp, unix_now_ms,
 };
 use tether_schemas::{ErrorCode, Frame, RawFrame, limits};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::context::StateCtx;
 use crate::store::{Cursor, InboxMessage, Membership, Route, seq_of};
 use crate::uplink::{self, UplinkDone};
+use crate::uplink_lines::{DeviceLines, Turn};
 
 /// QoS1 messages in flight per device (sent, not yet acknowledged) at most; the rest
 /// waits in the inbox and follows as acks come (PROTOCOL 6.4).
@@ -163,8 +164,8 @@ impl Partition {
         );
 
         let (done_tx, mut done_rx) = mpsc::channel::<UplinkFinished>(1024);
-        let permits = Arc::new(Semaphore::new(ctx.config.uplink_concurrency));
-        let mut order = uplink::DeviceQueues::default();
+        let concurrency = ctx.config.uplink_concurrency;
+        let mut order = DeviceLines::new(ctx.config.uplink_pipeline);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let outcome = loop {
             tokio::select! {
@@ -181,19 +182,20 @@ impl Partition {
                     Some(Err(error)) => tracing::debug!(partition = p, %error, "events consumer hiccup"),
                     None => break Err("events consumer ended".to_string()),
                 },
-                message = uplinks.next(), if permits.available_permits() > 0 => match message {
+                message = uplinks.next(), if order.in_flight() < concurrency => match message {
                     Some(Ok(message)) => {
-                        // One device's uplinks are processed in order, devices concurrently.
-                        if let Some(message) = order.admit(message) {
-                            spawn_uplink(&ctx, &permits, &done_tx, message);
+                        // Several uplinks of one device at once, asked and settled in
+                        // order; devices concurrently.
+                        if let Some((message, turn)) = order.admit(message) {
+                            spawn_uplink(&ctx, &done_tx, message, turn);
                         }
                     }
                     Some(Err(error)) => tracing::debug!(partition = p, %error, "uplinks consumer hiccup"),
                     None => break Err("uplinks consumer ended".to_string()),
                 },
                 Some(finished) = done_rx.recv() => {
-                    if let Some(next) = order.finished(&finished.device) {
-                        spawn_uplink(&ctx, &permits, &done_tx, next);
+                    if let Some((next, turn)) = order.finished(&finished.device) {
+                        spawn_uplink(&ctx, &done_tx, next, turn);
                     }
                     if let Some(done) = finished.done {
                         self.on_uplink_done(done).await;
@@ -922,13 +924,16 @@ impl Partition {
     }
 
     async fn on_uplink_done(&mut self, done: UplinkDone) {
+        let Some(frame) = done.frame else {
+            return; // the gateway answered (receipt mode `stored`)
+        };
         let gw = self
             .devices
             .get(&(done.app.clone(), done.did.clone()))
             .and_then(|d| d.route.as_ref().map(|r| r.gw.clone()))
             .unwrap_or(done.gw);
         self.ctx
-            .send_frame(&gw, &done.app, &[done.did.as_str()], done.frame)
+            .send_frame(&gw, &done.app, &[done.did.as_str()], frame)
             .await;
     }
 
@@ -1059,23 +1064,23 @@ struct UplinkFinished {
 
 fn spawn_uplink(
     ctx: &Arc<StateCtx>,
-    permits: &Arc<Semaphore>,
     done: &mpsc::Sender<UplinkFinished>,
     message: Message,
+    mut turn: Turn,
 ) {
-    let (ctx, done, permits) = (ctx.clone(), done.clone(), permits.clone());
+    let (ctx, done) = (ctx.clone(), done.clone());
     tokio::spawn(async move {
-        let Ok(_permit) = permits.acquire().await else {
-            return;
-        };
         let device = uplink::device_of(&message);
-        let outcome = uplink::process(ctx, message).await;
+        let outcome = uplink::process(&ctx, &message, &mut turn).await;
+        uplink::settle(&message, &mut turn, outcome.is_some()).await;
+        // Handed on before the next uplink of the device settles: UP_ACKs leave in order.
         let _ = done
             .send(UplinkFinished {
                 device,
                 done: outcome,
             })
             .await;
+        turn.settled();
     });
 }
 

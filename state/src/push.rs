@@ -255,12 +255,20 @@ async fn deliver_to_devices(
     }
     let mut by_gateway: HashMap<String, Vec<&str>> = HashMap::new();
     for did in &dids {
-        match ctx
-            .store
-            .route(app, did)
-            .await
-            .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?
-        {
+        // From memory when the route watch has it (and its gateway lives), else from KV.
+        let cached = ctx
+            .route_cache
+            .get(&tether_nats::keys::route(app, did))
+            .filter(|route| ctx.gateways.is_alive(&route.gw));
+        let route = match cached {
+            Some(route) => Some(route),
+            None => ctx
+                .store
+                .route(app, did)
+                .await
+                .map_err(|e| (ErrorCode::Unavailable, e.to_string()))?,
+        };
+        match route {
             Some(route) => by_gateway.entry(route.gw).or_default().push(did),
             None => reply.offline.push(did.clone()),
         }

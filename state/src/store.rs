@@ -153,6 +153,11 @@ impl Store {
         Ok(stream.info().await.map_err(err)?.state.last_sequence)
     }
 
+    /// The routes bucket (routes, user indexes, cursors).
+    pub fn routes_bucket(&self) -> &kv::Store {
+        &self.routes
+    }
+
     /// The sessions bucket (memberships, index, settings).
     pub fn sessions_bucket(&self) -> &kv::Store {
         &self.sessions

@@ -2,9 +2,6 @@
 //! into an UP_ACK. No answer is retried with backoff; the device gets `timeout`, never a
 //! false "stored".
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -12,11 +9,13 @@ use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 use tether_nats::headers;
 use tether_nats::subjects::{self, Subject};
+use tether_schemas::bus::ReceiptMode;
 use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
 use tokio::time::Instant;
 
 use crate::context::StateCtx;
 use crate::inputs;
+use crate::uplink_lines::Turn;
 
 /// An UP_ACK to deliver to a device.
 #[derive(Debug)]
@@ -27,8 +26,9 @@ pub struct UplinkDone {
     pub did: String,
     /// Gateway the UP came through (used if the device's route is unknown).
     pub gw: String,
-    /// The encoded UP_ACK frame.
-    pub frame: Bytes,
+    /// The encoded UP_ACK frame; `None` when the gateway answered already (the app's
+    /// receipt mode is `stored`).
+    pub frame: Option<Bytes>,
 }
 
 /// The device an uplink stream message is from (app, did), from its subject; an empty
@@ -43,78 +43,22 @@ pub fn device_of(message: &Message) -> DeviceKey {
     }
 }
 
-/// Keeps one device's uplinks in order: one in flight per device, the rest queued behind
-/// it (devices are processed concurrently).
-#[derive(Default)]
-pub struct DeviceQueues {
-    waiting: HashMap<DeviceKey, VecDeque<(Message, Instant)>>,
-}
-
-impl DeviceQueues {
-    /// The message to start now, or `None` when its device already has one in flight
-    /// (then it waits its turn).
-    pub fn admit(&mut self, message: Message) -> Option<Message> {
-        match self.waiting.entry(device_of(&message)) {
-            Entry::Occupied(mut queue) => {
-                queue.get_mut().push_back((message, Instant::now()));
-                None
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(VecDeque::new());
-                Some(message)
-            }
-        }
-    }
-
-    /// The device's in-flight uplink finished: its next one, if any.
-    pub fn finished(&mut self, device: &DeviceKey) -> Option<Message> {
-        let queue = self.waiting.get_mut(device)?;
-        match queue.pop_front() {
-            Some((message, _)) => Some(message),
-            None => {
-                self.waiting.remove(device);
-                None
-            }
-        }
-    }
-
-    /// Tells JetStream that queued uplinks are still being handled (so they are not
-    /// redelivered while they wait their turn).
-    pub async fn keep_alive(&mut self) {
-        let now = Instant::now();
-        for queue in self.waiting.values_mut() {
-            for (message, since) in queue.iter_mut() {
-                if now.duration_since(*since) >= KEEP_ALIVE {
-                    let _ = message.ack_with(AckKind::Progress).await;
-                    *since = now;
-                }
-            }
-        }
-    }
-
-    /// Gives every queued uplink back to JetStream (redelivered at once, in order).
-    pub async fn release(&mut self) {
-        for (_, queue) in self.waiting.drain() {
-            for (message, _) in queue {
-                let _ = message.ack_with(AckKind::Nak(None)).await;
-            }
-        }
-    }
-}
-
-/// How often an uplink waiting for the business (or queued behind its device's previous
-/// one) tells JetStream it is still in progress; well below the uplink ack wait.
+/// How often an uplink waiting for the business (or queued behind its device's earlier
+/// ones) tells JetStream it is still in progress; well below the uplink ack wait.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 /// The uplink consumer's ack wait: how soon an uplink held by an instance that died is
 /// redelivered to the next owner (progress keeps live ones from being redelivered).
 pub const ACK_WAIT: Duration = Duration::from_secs(5);
 
-/// Processes one uplink stream message; acks it once the outcome is known.
+/// Processes one uplink stream message up to its receipt: the business's answer, kept.
+/// `None` when the message was refused (then it is terminated here). The caller acks the
+/// message and hands the UP_ACK on once the device's earlier uplinks are settled
+/// ([`settle`]); the request is sent in the device's order (`turn`).
 ///
 /// The app and did come from the subject (`tether.<app>.up.<p>.<did>`); the gateway's
 /// headers add the user, gateway and connection.
-pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone> {
+pub async fn process(ctx: &StateCtx, message: &Message, turn: &mut Turn) -> Option<UplinkDone> {
     let input = match inputs::uplink(
         &message.subject,
         message.headers.as_ref(),
@@ -135,8 +79,8 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         input.request.gw.clone(),
     );
     let up = &input.up;
-    if (is_resend(&message) || is_redelivery(&message))
-        && let Some(frame) = kept_receipt(&ctx, &app, &did, up.client_msg_id).await
+    if (is_resend(message) || is_redelivery(message))
+        && let Some(frame) = kept_receipt(ctx, &app, &did, up.client_msg_id).await
     {
         // Answered before: a resend the gateway passed on after a `timeout` while an
         // earlier retry got a real answer, or a redelivery whose ack was lost (an owner
@@ -147,18 +91,15 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
             .get_or_create(&[("result", "resend")])
             .inc();
         ctx.metrics.receipts_reused.inc();
-        if let Err(error) = message.ack().await {
-            tracing::warn!(%app, %did, %error, "uplink ack failed");
-        }
         return Some(UplinkDone {
             app,
             did,
             gw,
-            frame,
+            frame: Some(frame),
         });
     }
     let outcome = match inputs::business_request_headers(&input) {
-        Ok(map) => ask_business(&ctx, &message, &app, map, input.body.clone()).await,
+        Ok(map) => ask_business(ctx, message, turn, &app, map, input.body.clone()).await,
         Err(error) => {
             ctx.metrics.refused("up_field");
             (ErrorCode::BadRequest, error.message, String::new())
@@ -174,6 +115,24 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
         .uplinks
         .get_or_create(&[("result", result)])
         .inc();
+    if gateway_answered(message) {
+        // Receipt mode `stored`: the device has its UP_ACK; the business's answer stays
+        // here. Unanswered, the uplink is redelivered later (it is stored and confirmed:
+        // it must reach the business); refused, it is counted and logged.
+        if code == ErrorCode::Timeout {
+            let _ = message.ack_with(AckKind::Nak(Some(STORED_RETRY))).await;
+            return None;
+        }
+        if code != ErrorCode::Ok {
+            tracing::warn!(%app, %did, client_msg_id = up.client_msg_id, code = code.as_u16(), "business refused an uplink confirmed on store");
+        }
+        return Some(UplinkDone {
+            app,
+            did,
+            gw,
+            frame: None,
+        });
+    }
     // The business's text and id are outside data: bounded before they enter a frame.
     let frame = Frame::UpAck(pb::UpAck {
         client_msg_id: up.client_msg_id,
@@ -196,16 +155,37 @@ pub async fn process(ctx: Arc<StateCtx>, message: Message) -> Option<UplinkDone>
     // before the UP_ACK goes out, so no resend can miss both. A `timeout` receipt is only
     // a marker: the gateway never sends it, it passes the resend on under a retry id so
     // that it is processed again (PROTOCOL 6.3).
-    keep_receipt(&ctx, &message, &app, &did, up.client_msg_id, &frame).await;
-    if let Err(error) = message.ack().await {
-        tracing::warn!(%app, %did, %error, "uplink ack failed");
-    }
+    keep_receipt(ctx, message, &app, &did, up.client_msg_id, &frame).await;
     Some(UplinkDone {
         app,
         did,
         gw,
-        frame,
+        frame: Some(frame),
     })
+}
+
+/// Waits (keeping the message in progress) until the device's earlier uplinks are
+/// settled, then acks the message when it was answered (`answered`; a refused one is
+/// terminated already). The caller hands the UP_ACK on, then settles `turn`.
+pub async fn settle(message: &Message, turn: &mut Turn, answered: bool) {
+    with_progress(message, turn.wait_to_settle()).await;
+    if answered && let Err(error) = message.ack().await {
+        tracing::warn!(subject = %message.subject, %error, "uplink ack failed");
+    }
+}
+
+/// How long an uplink the gateway confirmed on store (receipt mode `stored`) waits before
+/// JetStream redelivers it when no business service answered.
+const STORED_RETRY: Duration = Duration::from_secs(5);
+
+/// Whether the gateway sent the uplink's UP_ACK when JetStream stored it
+/// (`Tether-Receipt: stored`, receipt mode `stored`).
+fn gateway_answered(message: &Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|map| map.get(headers::RECEIPT))
+        .is_some_and(|v| v.as_str() == ReceiptMode::Stored.as_str())
 }
 
 /// Whether the stream message is a resend the gateway republished under a retry id
@@ -312,10 +292,12 @@ fn truncated(mut text: String, max: usize) -> String {
     text
 }
 
-/// Requests the business service, retrying unanswered requests with backoff.
+/// Requests the business service, retrying unanswered requests with backoff. The first
+/// request leaves after the device's previous uplink's (`turn`).
 async fn ask_business(
     ctx: &StateCtx,
     message: &Message,
+    turn: &mut Turn,
     app: &str,
     map: HeaderMap,
     body: Bytes,
@@ -330,7 +312,21 @@ async fn ask_business(
         // Keep the stream message ours while the business thinks: a short ack wait then
         // only matters when this instance dies (redelivery to the next owner comes soon).
         let asked = ctx.client.send_request(subjects::business_up(app), request);
-        let answer = with_progress(message, asked).await;
+        tokio::pin!(asked);
+        let answer = if attempt == 0 {
+            // The request is queued on the client at its first poll (the client's command
+            // channel is first come, first served): poll it once in the device's turn,
+            // then let the next uplink of the device ask.
+            turn.wait_to_ask().await;
+            let first = futures::poll!(asked.as_mut());
+            turn.pass_ask().await;
+            match first {
+                std::task::Poll::Ready(answer) => answer,
+                std::task::Poll::Pending => with_progress(message, asked).await,
+            }
+        } else {
+            with_progress(message, asked).await
+        };
         match answer {
             Ok(reply) => return inputs::business_reply(&reply.payload),
             Err(error) => {

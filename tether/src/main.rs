@@ -11,6 +11,12 @@ mod cmd;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc instead of the system allocator: the message path allocates and frees per
+/// message in many tasks at once, where glibc's malloc spent ~30% of state's time
+/// (BENCHMARKS.md, the speed work), and it keeps idle connections smaller.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Tether: the long-connection gateway platform on NATS.
 #[derive(Parser)]
 #[command(name = "tether", version, about)]

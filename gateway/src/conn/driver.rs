@@ -599,6 +599,7 @@ impl Driver {
             return Ok(());
         }
         let limit = self.ctx.config.max_queued_frames;
+        let mode = self.ctx.app_limits.receipt_mode(&identity.app);
         self.ctx
             .outbound
             .publish_uplink(
@@ -607,6 +608,7 @@ impl Driver {
                 header.client_msg_id,
                 raw.bytes,
                 limit,
+                mode,
             )
             .await;
         Ok(())

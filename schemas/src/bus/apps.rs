@@ -34,6 +34,37 @@ pub struct AppPipeline {
     /// `broadcast_threshold` for the app.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broadcast_threshold: Option<usize>,
+    /// What an UP_ACK code 0 confirms for the app's uplinks (PROTOCOL 11.1).
+    #[serde(skip_serializing_if = "ReceiptMode::is_business")]
+    pub receipt_mode: ReceiptMode,
+}
+
+/// What an UP_ACK code 0 confirms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptMode {
+    /// JetStream stored the uplink (the gateway sends the UP_ACK at once; state still
+    /// delivers it to the business, whose answer no longer reaches the device).
+    Stored,
+    /// The business service answered `stored` (state sends the UP_ACK after its reply).
+    /// Also what a mode this version does not know reads as (the stronger promise).
+    #[default]
+    #[serde(other)]
+    Business,
+}
+
+impl ReceiptMode {
+    fn is_business(&self) -> bool {
+        *self == ReceiptMode::Business
+    }
+
+    /// The mode's name in records and headers (`business`, `stored`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiptMode::Business => "business",
+            ReceiptMode::Stored => "stored",
+        }
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -61,6 +92,10 @@ pub const PIPELINE_KEYS: &[(&str, &str)] = &[
     (
         "broadcast_threshold",
         "session pushes to more members go out as one broadcast (empty = state's default)",
+    ),
+    (
+        "receipt_mode",
+        "business|stored: UP_ACK 0 once the business stored the UP (default) or once JetStream did",
     ),
 ];
 
@@ -92,6 +127,15 @@ impl AppPipeline {
                         usize::try_from(number(value)?)
                             .map_err(|_| format!("{key}: {value} is too large"))?,
                     )
+                }
+            }
+            "receipt_mode" => {
+                self.receipt_mode = match value {
+                    "business" | "" => ReceiptMode::Business,
+                    "stored" => ReceiptMode::Stored,
+                    other => {
+                        return Err(format!("receipt_mode: {other:?} is not business or stored"));
+                    }
                 }
             }
             other => {
@@ -137,6 +181,9 @@ mod tests {
         assert_eq!(p.max_msgs_per_sec, 5);
         assert_eq!(p.broadcast_threshold, Some(2));
         assert!(p.paused);
+        assert!(p.set("receipt_mode", "stored").is_ok());
+        assert_eq!(p.receipt_mode, ReceiptMode::Stored);
+        assert!(p.set("receipt_mode", "fast").is_err());
         assert!(p.set("broadcast_threshold", "").is_ok());
         assert_eq!(p.broadcast_threshold, None);
         assert!(p.set("max_connections", "-1").is_err());
@@ -154,6 +201,9 @@ mod tests {
         assert_eq!(view.pipeline.max_msgs_per_sec, 3);
         let json = serde_json::to_string(&view.pipeline)?;
         assert_eq!(json, r#"{"max_msgs_per_sec":3}"#);
+        let stored =
+            AppPipelineView::from_json(br#"{"id":"d","pipeline":{"receipt_mode":"stored"}}"#)?;
+        assert_eq!(stored.pipeline.receipt_mode, ReceiptMode::Stored);
         Ok(())
     }
 }

@@ -30,7 +30,7 @@ pub mod presence;
 pub mod sessions;
 
 pub use affinity::{AffinityRecord, AffinityReplyWire, AffinityRequest};
-pub use apps::{AppPipeline, AppPipelineView, PIPELINE_KEYS};
+pub use apps::{AppPipeline, AppPipelineView, PIPELINE_KEYS, ReceiptMode};
 pub use business::{Accepted, PresenceEvent, Push, PushReply, PushReplyWire, Uplink, UplinkReply};
 pub use control::GatewayControl;
 pub use discovery::{AdvertisedEndpoints, EndpointInfo, EndpointsAnswer, GatewayHeartbeat};
