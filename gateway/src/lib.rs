@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod outbound;
 pub mod registry;
+pub mod restart;
 pub mod rooms;
 pub mod server;
 pub mod sessions;

@@ -10,6 +10,7 @@
 //! - [`events`]: the event log (`tether.<app>.evt.…`): connection and session events.
 //! - [`control`]: control messages to one gateway (`tether.gw.<gw>.ctl`).
 //! - [`migrate`]: drain and migration operations, their status, redirect tokens.
+//! - [`restart`]: a gateway's self-restart by hand-off and its status.
 //! - [`business`]: uplink requests and replies, pushes, presence (section 11).
 //! - [`sessions`]: the session binding API and membership events (11.5, 11.6).
 //! - [`apps`]: per-app pipeline settings in the `tether_apps` record (12.4).
@@ -23,6 +24,7 @@ pub mod errors;
 pub mod events;
 pub mod ids;
 pub mod migrate;
+pub mod restart;
 pub mod sessions;
 
 pub use apps::{AppPipeline, AppPipelineView, PIPELINE_KEYS};
@@ -36,6 +38,7 @@ pub use migrate::{
     DrainRequest, MigrateRequest, MigrationStatus, RedirectDevice, RedirectGrant, RedirectReply,
     RedirectRequest,
 };
+pub use restart::{RestartState, RestartStatus};
 pub use sessions::{
     MembershipChange, MembershipEvent, SessionOp, SessionReply, SessionReplyWire, SessionRequest,
 };
