@@ -1169,3 +1169,63 @@ async fn a_rolling_restart_through_the_api_and_the_cli_moves_no_device_and_loses
     drop(processes);
     Ok(())
 }
+
+/// A successor that cannot hold the gateway's sockets (its descriptor limit, inherited)
+/// refuses the takeover: the roll reports the reason and the old process keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_takeover_stops_the_roll_and_the_old_process_keeps_serving() -> TestResult {
+    const CLIENTS: usize = 60;
+    let dir = tempfile::tempdir()?;
+    let fixture = Fixture::start(|_| {}).await;
+    let stop = CancellationToken::new();
+    let _state = start_state(&fixture, stop.clone()).await;
+    let tcp = free_addr();
+    // 100 descriptors: enough to serve 60 clients, not to take 60 over (plus headroom).
+    let _gateway = restartable_gateway(&fixture, dir.path(), "gw-lim", tcp, Some(100))?;
+    let ops = start_ops(&fixture).await;
+    let before = pids(&ops, &["gw-lim"]).await[0];
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut client = RawClient::connect(Transport::Tcp, tcp).await;
+        client.send(&fixture.login_frame(&format!("lim-{i}"))).await;
+        match client.next_frame().await {
+            Some(Frame::LoginAck(_)) => clients.push(client),
+            other => panic!("expected LOGIN_ACK, got {other:?}"),
+        }
+    }
+    let (status, body) = api(
+        &ops,
+        "POST",
+        "/v1/restart",
+        Some(TOKEN),
+        Some(json!({"gateways": ["gw-lim"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let roll = roll_finished(&ops).await;
+    let error = roll["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("RLIMIT_NOFILE") && error.contains("60 connections"),
+        "{roll:#}"
+    );
+    assert_eq!(roll["gateways"][0]["step"], json!("failed"), "{roll:#}");
+    // The old process serves on: same pid, its clients answered, new logins accepted.
+    assert_eq!(pids(&ops, &["gw-lim"]).await[0], before);
+    for client in &mut clients {
+        client
+            .send(&Frame::Ping(Bytes::from_static(b"hi")).encode())
+            .await;
+        loop {
+            match client.next_frame().await {
+                Some(Frame::Pong(_)) => break,
+                Some(_) => continue,
+                None => panic!("the old process closed a client"),
+            }
+        }
+    }
+    let mut late = RawClient::connect(Transport::Tcp, tcp).await;
+    late.send(&fixture.login_frame("lim-late")).await;
+    assert!(matches!(late.next_frame().await, Some(Frame::LoginAck(_))));
+    stop.cancel();
+    Ok(())
+}
