@@ -119,9 +119,10 @@ impl Restart {
         if ctx.handoff.handed_over.is_cancelled() {
             return Err("this process has handed over already".into());
         }
-        let socket = ctx.config.handoff_socket.clone().ok_or(
-            "no handoff_socket configured: this gateway cannot hand its connections over",
-        )?;
+        let socket =
+            ctx.config.handoff_socket.clone().ok_or(
+                "no handoff_socket configured: this gateway cannot hand its connections over",
+            )?;
         let args = LAUNCH.get().ok_or(
             "this gateway does not run as its own process (`tether gateway`): restart it by hand (docs/handoff.md)",
         )?;
@@ -234,7 +235,16 @@ mod tests {
 
     #[test]
     fn takeover_flags_are_left_out() {
-        let args = ["gateway", "--id", "g", "--takeover", "/s", "--tcp", "a", "--takeover=/t"];
+        let args = [
+            "gateway",
+            "--id",
+            "g",
+            "--takeover",
+            "/s",
+            "--tcp",
+            "a",
+            "--takeover=/t",
+        ];
         let kept = without_takeover(args.iter().map(OsString::from));
         let kept: Vec<_> = kept.iter().map(|a| a.to_string_lossy()).collect();
         assert_eq!(kept, ["gateway", "--id", "g", "--tcp", "a"]);

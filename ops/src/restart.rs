@@ -13,9 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tether_schemas::ErrorCode;
-use tether_schemas::bus::{
-    GatewayControl, RestartState, RestartStatus, unix_now_ms, valid_id,
-};
+use tether_schemas::bus::{GatewayControl, RestartState, RestartStatus, unix_now_ms, valid_id};
 
 use crate::actions::Ops;
 use crate::audit::AuditEntry;
@@ -183,7 +181,15 @@ async fn roll(ops: Arc<Ops>, mut status: RollStatus) {
             }
         }
         let step = status.gateways[i].clone();
-        audit(&ops, &status.actor, "restart.gateway", &step.gw, json!(step), step.error.clone()).await;
+        audit(
+            &ops,
+            &status.actor,
+            "restart.gateway",
+            &step.gw,
+            json!(step),
+            step.error.clone(),
+        )
+        .await;
         ops.view.put_restart(status.clone());
         if status.error.is_some() {
             break;
@@ -293,7 +299,14 @@ async fn restart_status(
 }
 
 /// Writes one audit entry of the roll (a failure to write is logged).
-async fn audit(ops: &Ops, actor: &str, op: &str, target: &str, params: Value, error: Option<String>) {
+async fn audit(
+    ops: &Ops,
+    actor: &str,
+    op: &str,
+    target: &str,
+    params: Value,
+    error: Option<String>,
+) {
     let entry = AuditEntry {
         actor: actor.to_string(),
         op: op.to_string(),

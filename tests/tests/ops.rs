@@ -1022,7 +1022,10 @@ async fn a_rolling_restart_through_the_api_and_the_cli_moves_no_device_and_loses
             let d = i % dids.len();
             sent[d] += 1;
             pusher
-                .push(Push::to_dids([dids[d].as_str()], sent[d].to_string().into_bytes()))
+                .push(Push::to_dids(
+                    [dids[d].as_str()],
+                    sent[d].to_string().into_bytes(),
+                ))
                 .await
                 .expect("push accepted");
             i += 1;
@@ -1047,7 +1050,14 @@ async fn a_rolling_restart_through_the_api_and_the_cli_moves_no_device_and_loses
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Without a token: 401, nothing restarts.
-    let (status, _) = api(&ops, "POST", "/v1/restart", None, Some(json!({"all": true}))).await;
+    let (status, _) = api(
+        &ops,
+        "POST",
+        "/v1/restart",
+        None,
+        Some(json!({"all": true})),
+    )
+    .await;
     assert_eq!(status, 401);
     let (status, body) = api(
         &ops,
@@ -1074,7 +1084,12 @@ async fn a_rolling_restart_through_the_api_and_the_cli_moves_no_device_and_loses
     successors.add(&roll);
     assert!(roll.get("error").is_none(), "{roll:#}");
     let after_api = pids(&ops, &GATEWAYS).await;
-    for (g, gw) in roll["gateways"].as_array().into_iter().flatten().enumerate() {
+    for (g, gw) in roll["gateways"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         assert_eq!(gw["gw"], json!(GATEWAYS[g]), "{roll:#}");
         assert_eq!(gw["step"], json!("done"), "{roll:#}");
         assert_eq!(gw["old_pid"], json!(before[g]), "{roll:#}");
@@ -1086,15 +1101,22 @@ async fn a_rolling_restart_through_the_api_and_the_cli_moves_no_device_and_loses
     // 2. Through the CLI: the table, then --json with all three again.
     let shown = ctl(&ops, &["restart", "gw-b"]).await;
     assert!(
-        shown.lines().any(|l| l.starts_with("gw-b") && l.contains("done")),
+        shown
+            .lines()
+            .any(|l| l.starts_with("gw-b") && l.contains("done")),
         "{shown}"
     );
-    let roll: Value = serde_json::from_str(&ctl(&ops, &["--json", "restart", "gw-a", "gw-b", "gw-c"]).await)?;
+    let roll: Value =
+        serde_json::from_str(&ctl(&ops, &["--json", "restart", "gw-a", "gw-b", "gw-c"]).await)?;
     successors.add(&roll);
     let after_cli = pids(&ops, &GATEWAYS).await;
     for g in 0..GATEWAYS.len() {
         assert_eq!(roll["gateways"][g]["step"], json!("done"), "{roll:#}");
-        assert_eq!(roll["gateways"][g]["new_pid"], json!(after_cli[g]), "{roll:#}");
+        assert_eq!(
+            roll["gateways"][g]["new_pid"],
+            json!(after_cli[g]),
+            "{roll:#}"
+        );
         assert_ne!(after_api[g], after_cli[g], "{} kept its pid", GATEWAYS[g]);
     }
 
@@ -1108,7 +1130,9 @@ async fn a_rolling_restart_through_the_api_and_the_cli_moves_no_device_and_loses
     assert!(!ok, "a failed roll exits 1: {stdout}");
     assert!(stderr.contains("own process"), "{stderr}");
     assert!(
-        stdout.lines().any(|l| l.starts_with("gw-c") && l.contains("skipped")),
+        stdout
+            .lines()
+            .any(|l| l.starts_with("gw-c") && l.contains("skipped")),
         "{stdout}"
     );
     let (_, roll) = api(&ops, "GET", "/v1/restart", Some(TOKEN), None).await;

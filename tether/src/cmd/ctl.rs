@@ -311,7 +311,12 @@ async fn follow_restart(api: &Api, request: Value, progress: bool) -> anyhow::Re
     let mut shown: Vec<String> = Vec::new();
     loop {
         if progress {
-            for (i, gw) in status["gateways"].as_array().into_iter().flatten().enumerate() {
+            for (i, gw) in status["gateways"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
                 let line = format!(
                     "{} {} pid {} -> {}",
                     s(&gw["gw"]),
@@ -357,7 +362,16 @@ fn restart_table(v: &Value) -> String {
         })
         .collect();
     table(
-        &["GATEWAY", "STEP", "OLD PID", "NEW PID", "CONNS BEFORE", "MOVED", "CONNS AFTER", "ERROR"],
+        &[
+            "GATEWAY",
+            "STEP",
+            "OLD PID",
+            "NEW PID",
+            "CONNS BEFORE",
+            "MOVED",
+            "CONNS AFTER",
+            "ERROR",
+        ],
         &rows,
     )
 }
