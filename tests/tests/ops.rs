@@ -507,6 +507,37 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
     let shown = ctl(&ops, &["app", "show", APP]).await;
     assert!(shown.contains("\"broadcast_threshold\": 1"), "{shown}");
 
+    // Membership events with `tether app set`: off by default (the bind to "room" above
+    // published none), on from the next change once set; the first event seen is one of
+    // those later binds.
+    let mut events = business.memberships().await?;
+    let (ok, _, stderr) =
+        tether(&["app", "--nats", &nats, "set", APP, "membership_events=true"]).await;
+    assert!(ok, "{stderr}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut n = 0;
+    let event = loop {
+        n += 1;
+        let session = format!("ev-{n}");
+        business
+            .sessions(SessionRequest::bind(["bcast-1"], [session.as_str()]))
+            .await?;
+        use futures::StreamExt;
+        if let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_millis(500), events.next()).await
+        {
+            break event;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "membership events never turned on"
+        );
+    };
+    assert!(event.session.starts_with("ev-"), "{event:?}");
+    assert_eq!(event.did, "bcast-1");
+    let shown = ctl(&ops, &["app", "show", APP]).await;
+    assert!(shown.contains("\"membership_events\": true"), "{shown}");
+
     // A rolling restart needs gateways to name (400 otherwise); this gateway has no
     // hand-off socket, so its roll fails with that reason, through the API and the CLI
     // (the rolling restart itself: a_rolling_restart_… below).

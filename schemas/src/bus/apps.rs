@@ -34,6 +34,10 @@ pub struct AppPipeline {
     /// `broadcast_threshold` for the app.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broadcast_threshold: Option<usize>,
+    /// Publish joined/left membership events on `tether.<app>.presence`; overrides
+    /// state's `membership_events` for the app.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub membership_events: Option<bool>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -62,6 +66,10 @@ pub const PIPELINE_KEYS: &[(&str, &str)] = &[
         "broadcast_threshold",
         "session pushes to more members go out as one broadcast (empty = state's default)",
     ),
+    (
+        "membership_events",
+        "true|false: publish joined/left events on tether.<app>.presence (empty = state's default)",
+    ),
 ];
 
 impl AppPipeline {
@@ -73,12 +81,17 @@ impl AppPipeline {
             v.parse::<u64>()
                 .map_err(|_| format!("{key}: {v:?} is not a non-negative integer"))
         };
+        let boolean = |v: &str| match v {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" => Ok(false),
+            other => Err(format!("{key}: {other:?} is not true or false")),
+        };
         match key {
-            "paused" => {
-                self.paused = match value {
-                    "true" | "1" | "yes" => true,
-                    "false" | "0" | "no" => false,
-                    other => return Err(format!("paused: {other:?} is not true or false")),
+            "paused" => self.paused = boolean(value)?,
+            "membership_events" => {
+                self.membership_events = match value {
+                    "" => None,
+                    v => Some(boolean(v)?),
                 }
             }
             "max_connections" => self.max_connections = number(value)?,
@@ -137,6 +150,11 @@ mod tests {
         assert_eq!(p.max_msgs_per_sec, 5);
         assert_eq!(p.broadcast_threshold, Some(2));
         assert!(p.paused);
+        assert!(p.set("membership_events", "yes").is_ok());
+        assert_eq!(p.membership_events, Some(true));
+        assert!(p.set("membership_events", "maybe").is_err());
+        assert!(p.set("membership_events", "").is_ok());
+        assert_eq!(p.membership_events, None);
         assert!(p.set("broadcast_threshold", "").is_ok());
         assert_eq!(p.broadcast_threshold, None);
         assert!(p.set("max_connections", "-1").is_err());

@@ -71,7 +71,7 @@ enum AppCommand {
         /// App id.
         id: String,
         /// `key=value` pairs: pool, rooms, token_ttl_secs, paused, max_connections,
-        /// max_msgs_per_sec, max_bytes_per_sec, broadcast_threshold.
+        /// max_msgs_per_sec, max_bytes_per_sec, broadcast_threshold, membership_events.
         #[arg(required = true, value_name = "KEY=VALUE")]
         settings: Vec<String>,
     },
