@@ -116,6 +116,12 @@ pub struct GatewayConfig {
     /// subscriptions confirmed, downlinks held) before it asks to commit: time to check
     /// it before it serves. Keep it well below `handoff_timeout_ms`.
     pub handoff_hold_ms: u64,
+    /// File the successor started by the control op `restart` appends its stdout and
+    /// stderr to; `None`: it inherits this process's (docs/operations.md, "Rolling restart").
+    pub restart_log: Option<PathBuf>,
+    /// File this process writes its process id to once it serves (a successor started by
+    /// `restart` overwrites it with its own), for supervisors that follow a pid file.
+    pub pid_file: Option<PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -158,6 +164,8 @@ impl Default for GatewayConfig {
             handoff_socket: None,
             handoff_timeout_ms: 10_000,
             handoff_hold_ms: 0,
+            restart_log: None,
+            pid_file: None,
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct GatewayCtx {
     pub migration: crate::migrate::Migration,
     /// Restart by hand-off: downlink gate, parked connections, accept pause.
     pub handoff: crate::handoff::Handoff,
+    /// A restart this process started itself (control op `restart`).
+    pub restart: crate::restart::Restart,
     conn_ids: AtomicU64,
 }
 
@@ -73,6 +75,7 @@ impl GatewayCtx {
             app_limits: Default::default(),
             migration: Default::default(),
             handoff: crate::handoff::Handoff::new(taking_over),
+            restart: Default::default(),
             conn_ids: AtomicU64::new(prefix | 1),
         }
     }

@@ -12,7 +12,8 @@
 //!
 //! `migrate`, `drain`, `undrain`, `migration_status` (PROTOCOL.md 10.7, from an operator):
 //! handled by [`crate::migrate`]; each returns the migration status (or an error body) as
-//! the answer to the request.
+//! the answer to the request. `restart`, `restart_status`: handled by [`crate::restart`];
+//! each returns the restart status (or an error body).
 
 use std::sync::Arc;
 
@@ -76,6 +77,22 @@ fn answer(ctx: &GatewayCtx, result: Result<tether_schemas::bus::MigrationStatus,
         .unwrap_or_else(|_| ErrorBody::new(ErrorCode::Internal, "encode").to_json())
 }
 
+/// The JSON answer of a restart op.
+fn restart_answer(
+    ctx: &GatewayCtx,
+    result: Result<tether_schemas::bus::RestartStatus, String>,
+) -> Bytes {
+    match result {
+        Ok(status) => serde_json::to_vec(&status)
+            .map(Bytes::from)
+            .unwrap_or_else(|_| ErrorBody::new(ErrorCode::Internal, "encode").to_json()),
+        Err(text) => {
+            tracing::warn!(gw = %ctx.config.id, error = %text, "restart refused");
+            ErrorBody::new(ErrorCode::Unavailable, text).to_json()
+        }
+    }
+}
+
 /// Applies one control message; returns the answer of an op that has one (migration ops).
 pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) -> Option<Bytes> {
     let migration = &ctx.migration;
@@ -90,6 +107,10 @@ pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) -> Option<Bytes> {
         Ok(GatewayControl::Undrain) => return Some(answer(ctx, Ok(migration.undrain(ctx)))),
         Ok(GatewayControl::MigrationStatus) => {
             return Some(answer(ctx, Ok(migration.status(ctx))));
+        }
+        Ok(GatewayControl::Restart) => return Some(restart_answer(ctx, ctx.restart.start(ctx))),
+        Ok(GatewayControl::RestartStatus) => {
+            return Some(restart_answer(ctx, Ok(ctx.restart.status(ctx))));
         }
         Ok(GatewayControl::Sessions { app, did, sessions }) => (app, did, sessions),
         Ok(GatewayControl::Close {

@@ -229,6 +229,7 @@ impl Sampler {
             msgs_out_per_sec: rate(msgs_out, self.msgs_out),
             draining: heartbeat.is_draining(),
             started_ms,
+            pid: std::process::id(),
             at_ms: tether_auth::unix_now_ms(),
             interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
         };

@@ -35,6 +35,7 @@ pub mod migrate;
 pub mod nats_lost;
 pub mod outbound;
 pub mod registry;
+pub mod restart;
 pub mod rooms;
 pub mod server;
 pub mod sessions;

@@ -239,10 +239,13 @@ pub async fn start_with(
     }
     if let Some(takeover) = received {
         // Subscribed (downlinks held) and confirmed by the server: prepared.
-        if let Err(error) = crate::handoff::new::complete(&ctx, takeover, &limit).await {
-            accepting.cancel();
-            internal.cancel();
-            return Err(error.into());
+        match crate::handoff::new::complete(&ctx, takeover, &limit).await {
+            Ok(moved) => ctx.restart.took_over(moved),
+            Err(error) => {
+                accepting.cancel();
+                internal.cancel();
+                return Err(error.into());
+            }
         }
     }
     if let Some(path) = &config.handoff_socket {
@@ -261,7 +264,8 @@ pub async fn start_with(
         shutdown.clone(),
         internal.clone(),
     );
-    tracing::info!(gw = %config.id, tcp = ?tcp_addr, ws = ?ws_addr, admin = %admin.addr, "gateway started");
+    crate::restart::write_pid_file(&ctx);
+    tracing::info!(gw = %config.id, tcp = ?tcp_addr, ws = ?ws_addr, admin = %admin.addr, pid = std::process::id(), "gateway started");
 
     let drain_ctx = ctx.clone();
     let handed_over = ctx.handoff.handed_over.clone();

@@ -35,6 +35,8 @@ pub struct Ops {
     pub routes: kv::Store,
     /// Metrics.
     pub metrics: OpsMetrics,
+    /// How long one gateway of a rolling restart may take (hand-off and health).
+    pub restart_timeout_secs: u64,
 }
 
 impl Ops {
@@ -44,6 +46,7 @@ impl Ops {
         view: Arc<ClusterView>,
         replicas: usize,
         metrics: OpsMetrics,
+        restart_timeout_secs: u64,
     ) -> Result<Ops, ApiError> {
         let js = jetstream::new(client.clone());
         let apps = AppAdmin::open(client.clone()).await.map_err(app_error)?;
@@ -61,6 +64,7 @@ impl Ops {
             audit,
             routes,
             metrics,
+            restart_timeout_secs,
         })
     }
 
@@ -158,6 +162,15 @@ impl Ops {
 
     /// Sends a drain or migration op to `gw` and returns its status answer.
     async fn control(&self, gw: &str, op: GatewayControl) -> Result<Value, ApiError> {
+        let value = self.request(gw, op).await?;
+        let status: MigrationStatus = serde_json::from_value(value)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("gateway {gw} status: {e}")))?;
+        self.view.put_migration(status.clone());
+        Ok(json!(status))
+    }
+
+    /// Sends a control op to `gw` as a request; its JSON answer, or the error it answered.
+    pub async fn request(&self, gw: &str, op: GatewayControl) -> Result<Value, ApiError> {
         let body = op
             .to_json()
             .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
@@ -181,15 +194,21 @@ impl Ops {
         if let Ok(error) = serde_json::from_value::<ErrorBody>(value.clone()) {
             return Err(ApiError::new(error.error.code, error.error.message));
         }
-        let status: MigrationStatus = serde_json::from_value(value)
-            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("gateway {gw} status: {e}")))?;
-        self.view.put_migration(status.clone());
-        Ok(json!(status))
+        Ok(value)
     }
 
-    /// Rolling restart (hand-off restart of one gateway after another).
-    pub async fn restart(&self, _request: &Value) -> Result<Value, ApiError> {
-        Err(ApiError::not_implemented("restart needs the hand-off"))
+    /// Starts a rolling restart (`{"gateways":[…]}` or `{"all":true}`) asked by `actor`;
+    /// its first status (it goes on in the background, see [`crate::restart`]).
+    pub fn restart(self: &Arc<Self>, request: &Value, actor: &str) -> Result<Value, ApiError> {
+        crate::restart::begin(self, request, actor)
+    }
+
+    /// The running or last rolling restart.
+    pub fn restart_status(&self) -> Result<Value, ApiError> {
+        self.view
+            .restart()
+            .map(|status| json!(status))
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no rolling restart yet"))
     }
 
     fn known_gateway(&self, gw: &str) -> Result<(), ApiError> {

@@ -126,7 +126,7 @@ pub fn router(cell: OpsCell, guard: TokenGuard) -> axum::Router {
         .route("/v1/gateways/{gw}/drain", post(drain).delete(undrain))
         .route("/v1/gateways/{gw}/migrate", post(migrate))
         .route("/v1/gateways/{gw}/migration", get(migration))
-        .route("/v1/restart", post(restart))
+        .route("/v1/restart", post(restart).get(restart_status))
         .route("/v1/kick", post(kick))
         .route("/v1/audit", get(audit))
         .route("/v1/stream", get(stream))
@@ -297,9 +297,13 @@ async fn restart(
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Answer {
     let ops = ops(&cell)?;
-    let body = json_body(body).unwrap_or(Value::Null);
-    let result = ops.restart(&body).await;
+    let body = json_body(body)?;
+    let result = ops.restart(&body, &actor.0);
     audited(&ops, &actor, "restart", "gateways", body, result).await
+}
+
+async fn restart_status(State(cell): State<OpsCell>) -> Answer {
+    ops(&cell)?.restart_status().map(Json)
 }
 
 /// `{"app":"demo","did":"d1","code":"forbidden"}` (code optional).

@@ -30,6 +30,9 @@ pub struct OpsConfig {
     /// A gateway whose last heartbeat is older than this leaves the view (milliseconds;
     /// the `tether_gateways` bucket's TTL by default).
     pub gateway_stale_ms: u64,
+    /// Seconds one gateway of a rolling restart may take (its hand-off, then its
+    /// successor's heartbeat with the connections it took over); past it the roll stops.
+    pub restart_timeout_secs: u64,
 }
 
 impl Default for OpsConfig {
@@ -43,6 +46,7 @@ impl Default for OpsConfig {
             nats_monitor_urls: String::new(),
             monitor_interval_ms: 2_000,
             gateway_stale_ms: 15_000,
+            restart_timeout_secs: 120,
         }
     }
 }
@@ -55,6 +59,9 @@ impl OpsConfig {
         }
         if self.monitor_interval_ms < 100 {
             return Err("monitor_interval_ms must be at least 100".into());
+        }
+        if self.restart_timeout_secs == 0 {
+            return Err("restart_timeout_secs must be positive".into());
         }
         if self.gateway_stale_ms < 1_000 {
             return Err("gateway_stale_ms must be at least 1000".into());

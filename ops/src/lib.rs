@@ -5,6 +5,7 @@
 //! - [`view`]: the cluster view in memory and its snapshot; [`watch`] fills it from KV
 //!   watches (heartbeats, leases, apps) and the NATS monitoring endpoints.
 //! - [`actions`]: the operations (kick, app settings, drain, migrate, restart).
+//! - [`restart`]: the rolling restart, one gateway after another.
 //! - [`api`]: the HTTP JSON API behind admin tokens, and the live stream (SSE).
 //! - [`audit`]: the audit log of operations (`tether_audit` bucket).
 //! - [`dashboard`]: the embedded web page.
@@ -19,6 +20,7 @@ pub mod dashboard;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod restart;
 pub mod view;
 pub mod watch;
 
@@ -98,6 +100,7 @@ pub async fn start(config: OpsConfig, shutdown: Shutdown) -> Result<RunningOps, 
         view.clone(),
         config.stream_replicas,
         metrics.clone(),
+        config.restart_timeout_secs,
     )
     .await
     .map_err(|e| OpsError::Bus(e.message))?;

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tether_schemas::bus::{AppPipeline, GatewayHeartbeat, MigrationStatus};
 
+use crate::restart::RollStatus;
+
 /// A record and when it was last received.
 #[derive(Debug, Clone)]
 struct Seen<T> {
@@ -150,6 +152,9 @@ pub struct ClusterSnapshot {
     /// The NATS servers, when monitoring endpoints are configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats: Option<NatsView>,
+    /// The running or last rolling restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RollStatus>,
 }
 
 /// The in-memory view.
@@ -163,6 +168,7 @@ pub struct ClusterView {
     apps: RwLock<BTreeMap<String, tether_ipconfig::AppRecord>>,
     nats: RwLock<Option<NatsView>>,
     migrations: RwLock<BTreeMap<String, MigrationStatus>>,
+    restart: RwLock<Option<RollStatus>>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -185,6 +191,7 @@ impl ClusterView {
             apps: RwLock::default(),
             nats: RwLock::default(),
             migrations: RwLock::default(),
+            restart: RwLock::default(),
         }
     }
 
@@ -256,6 +263,35 @@ impl ClusterView {
     /// A gateway's migration status (from an operation's answer or a poll).
     pub fn put_migration(&self, status: MigrationStatus) {
         write(&self.migrations).insert(status.gw.clone(), status);
+    }
+
+    /// The last heartbeat of live gateway `id`.
+    pub fn gateway(&self, id: &str) -> Option<GatewayHeartbeat> {
+        let stale = self.gateway_stale;
+        read(&self.gateways)
+            .get(id)
+            .filter(|s| s.at.elapsed() < stale)
+            .map(|s| s.value.clone())
+    }
+
+    /// Records a new rolling restart, unless one is running (returned then).
+    pub fn begin_restart(&self, status: RollStatus) -> Result<(), RollStatus> {
+        let mut restart = write(&self.restart);
+        if let Some(running) = restart.as_ref().filter(|r| r.running) {
+            return Err(running.clone());
+        }
+        *restart = Some(status);
+        Ok(())
+    }
+
+    /// The rolling restart's progress.
+    pub fn put_restart(&self, status: RollStatus) {
+        *write(&self.restart) = Some(status);
+    }
+
+    /// The running or last rolling restart.
+    pub fn restart(&self) -> Option<RollStatus> {
+        read(&self.restart).clone()
     }
 
     /// Gateways with a migration running, as last seen.
@@ -358,6 +394,7 @@ impl ClusterView {
                 .map(|(gw, s)| (gw.clone(), s.clone()))
                 .collect(),
             nats: read(&self.nats).clone(),
+            restart: read(&self.restart).clone(),
         }
     }
 }

@@ -112,6 +112,23 @@ function renderGateways(s) {
     .join("");
 }
 
+function renderRestart(s) {
+  const r = s.restart;
+  $("restart").hidden = !r;
+  if (!r) return;
+  const done = r.gateways.filter((g) => g.step === "done").length;
+  $("restart-state").textContent = r.running
+    ? `running: ${done}/${r.gateways.length} done`
+    : r.error ? `stopped: ${r.error}` : `done: ${done}/${r.gateways.length}`;
+  $("restart-steps").tBodies[0].innerHTML = r.gateways
+    .map((g) => `<tr data-gw="${esc(g.gw)}" data-step="${esc(g.step)}">
+      <td>${esc(g.gw)}</td><td><span class="badge">${esc(g.step)}</span></td>
+      <td class="num">${g.old_pid || ""}</td><td class="num">${g.new_pid ?? ""}</td>
+      <td class="num">${g.connections_before}</td><td class="num">${g.moved}</td><td class="num">${g.connections_after}</td>
+      <td class="error">${esc(g.error ?? "")}</td></tr>`)
+    .join("");
+}
+
 function renderStates(s) {
   const ids = s.states.map((st) => st.id);
   $("partitions").innerHTML = s.partitions
@@ -194,6 +211,7 @@ function render(s) {
     { colour: "#c9731a", values: pad(samples.map((t) => t.msgs_out_per_sec)) },
   ]);
   renderGateways(s);
+  renderRestart(s);
   renderStates(s);
   renderApps(s);
   renderNats(s);
@@ -243,6 +261,10 @@ $("gateways").addEventListener("click", (e) => {
   if (op === "undrain") operate(`Undrain ${gw}`, "DELETE", `${path}/drain`);
   if (op === "migrate") operate(`Migrate half of ${gw}'s devices`, "POST", `${path}/migrate`, { share: 0.5 });
   if (op === "restart") operate(`Restart ${gw} by socket hand-off`, "POST", "/v1/restart", { gateways: [gw] });
+});
+
+$("restart-all").addEventListener("click", () => {
+  operate("Restart every gateway by socket hand-off, one after another", "POST", "/v1/restart", { all: true });
 });
 
 $("apps").addEventListener("click", (e) => {

@@ -1,7 +1,7 @@
 //! Per-app pipeline settings applied live (PROTOCOL.md 12.4): every state instance watches
 //! the `tether_apps` bucket and keeps each app's overrides in memory, so an operator's
-//! `tether app set <app> broadcast_threshold=…` takes effect on the next push, without a
-//! restart. A value in the bucket wins over `[apps.<app>]` of the config file, which wins
+//! `tether app set <app> broadcast_threshold=…` (or `membership_events=…`) takes effect on
+//! the next push (membership change), without a restart. A value in the bucket wins over `[apps.<app>]` of the config file, which wins
 //! over the instance's default.
 
 use std::collections::HashMap;
@@ -30,6 +30,17 @@ impl AppPipelines {
             .get(app)
             .and_then(|p| p.broadcast_threshold)
             .unwrap_or_else(|| config.broadcast_threshold(app))
+    }
+
+    /// Whether `app`'s membership changes are published: the record's, else the
+    /// configuration's.
+    pub fn membership_events(&self, config: &StateConfig, app: &str) -> bool {
+        self.apps
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(app)
+            .and_then(|p| p.membership_events)
+            .unwrap_or_else(|| config.membership_events(app))
     }
 
     fn apply(&self, view: AppPipelineView) {

@@ -455,7 +455,7 @@ impl Partition {
             }
             let joined: Vec<&String> = after.difference(&before).collect();
             let left: Vec<&String> = before.difference(&after).collect();
-            let events = self.ctx.config.membership_events(app);
+            let events = self.ctx.pipelines.membership_events(&self.ctx.config, app);
             for (sessions, member) in [(&joined, true), (&left, false)] {
                 for session in sessions.iter() {
                     if let Err(error) = store.index_member(app, session, did, member).await {

@@ -507,11 +507,61 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
     let shown = ctl(&ops, &["app", "show", APP]).await;
     assert!(shown.contains("\"broadcast_threshold\": 1"), "{shown}");
 
-    // Rolling restart needs the socket hand-off: 501, through the API and the CLI.
+    // Membership events with `tether app set`: off by default (the bind to "room" above
+    // published none), on from the next change once set; the first event seen is one of
+    // those later binds.
+    let mut events = business.memberships().await?;
+    let (ok, _, stderr) =
+        tether(&["app", "--nats", &nats, "set", APP, "membership_events=true"]).await;
+    assert!(ok, "{stderr}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut n = 0;
+    let event = loop {
+        n += 1;
+        let session = format!("ev-{n}");
+        business
+            .sessions(SessionRequest::bind(["bcast-1"], [session.as_str()]))
+            .await?;
+        use futures::StreamExt;
+        if let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_millis(500), events.next()).await
+        {
+            break event;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "membership events never turned on"
+        );
+    };
+    assert!(event.session.starts_with("ev-"), "{event:?}");
+    assert_eq!(event.did, "bcast-1");
+    let shown = ctl(&ops, &["app", "show", APP]).await;
+    assert!(shown.contains("\"membership_events\": true"), "{shown}");
+
+    // A rolling restart needs gateways to name (400 otherwise); this gateway has no
+    // hand-off socket, so its roll fails with that reason, through the API and the CLI
+    // (the rolling restart itself: a_rolling_restart_… below).
     let (status, body) = api(&ops, "POST", "/v1/restart", Some(TOKEN), Some(json!({}))).await;
-    assert_eq!(status, 501, "{body}");
-    let (ok, _, stderr) = tether(&["ctl", "--ops", &url, "--token", TOKEN, "restart"]).await;
-    assert!(!ok && stderr.contains("501"), "{stderr}");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api(
+        &ops,
+        "POST",
+        "/v1/restart",
+        Some(TOKEN),
+        Some(json!({"gateways": ["gw-test"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let roll = roll_finished(&ops).await;
+    assert!(
+        roll["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("handoff_socket")),
+        "{roll:#}"
+    );
+    let (ok, _, stderr) =
+        tether(&["ctl", "--ops", &url, "--token", TOKEN, "restart", "--all"]).await;
+    assert!(!ok && stderr.contains("handoff_socket"), "{stderr}");
 
     // Every operation is in the audit log, with who did it and how it ended.
     let (status, audit) = api(&ops, "GET", "/v1/audit?limit=100", Some(TOKEN), None).await;
@@ -537,6 +587,9 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
         ("app.set", "token-1", "ok"),
         ("app.set", "token-1", "error"),
         ("restart", "token-1", "error"),
+        ("restart", "token-1", "ok"),
+        ("restart.gateway", "token-1", "error"),
+        ("restart.done", "token-1", "error"),
     ] {
         let expected = (expected.0.into(), expected.1.into(), expected.2.into());
         assert!(seen.contains(&expected), "{expected:?} not in {seen:?}");
@@ -627,8 +680,8 @@ async fn every_metric_of_the_grafana_dashboard_is_exported() -> TestResult {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = support::http_get(ipconfig.http_addr, "/v1/endpoints").await; // requests
-    let (status, _) = api(&ops, "POST", "/v1/restart", Some(TOKEN), None).await; // operations
-    assert_eq!(status, 501);
+    let (status, _) = api(&ops, "POST", "/v1/restart", Some(TOKEN), Some(json!({}))).await; // operations
+    assert_eq!(status, 400);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !support::http_get(state.admin_addr, "/metrics")
         .await
@@ -811,6 +864,445 @@ async fn drain_and_migrate_move_devices_through_the_api_and_the_cli() -> TestRes
         assert!(ops_seen.contains(op), "{op} not audited: {ops_seen:?}");
     }
     drop(devices);
+    stop.cancel();
+    Ok(())
+}
+
+/// What one SDK device saw during the rolling restarts.
+#[derive(Default)]
+struct DeviceLog {
+    messages: Vec<(u64, String)>,
+    reconnects: usize,
+    disconnects: Vec<String>,
+}
+
+/// Processes started by gateways themselves (restart successors): SIGKILLed on drop.
+#[derive(Default)]
+struct Successors(std::sync::Mutex<BTreeSet<u32>>);
+
+impl Successors {
+    fn add(&self, status: &Value) {
+        let mut pids = self.0.lock().expect("lock");
+        for gw in status["gateways"].as_array().into_iter().flatten() {
+            if let Some(pid) = gw["new_pid"].as_u64() {
+                pids.insert(pid as u32);
+            }
+        }
+    }
+}
+
+impl Drop for Successors {
+    fn drop(&mut self) {
+        for pid in self.0.lock().map(|p| p.clone()).unwrap_or_default() {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// `tether gateway <id>` with a hand-off socket in `dir`, its output (and its successors')
+/// appended to `dir/<id>.log`, heartbeats every 200 ms; `limit`: `ulimit -n` for it.
+fn restartable_gateway(
+    fixture: &Fixture,
+    dir: &std::path::Path,
+    id: &str,
+    tcp: SocketAddr,
+    limit: Option<u32>,
+) -> std::io::Result<GatewayProcess> {
+    let key = fixture.gateway_config(id).token_public_key;
+    let log = dir.join(format!("{id}.log"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
+    let ulimit = limit.map_or(String::new(), |n| format!("ulimit -n {n} && "));
+    let script = format!("{ulimit}exec \"$0\" \"$@\"");
+    let child = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .arg(tether_bin())
+        .args(["gateway", "--id", id, "--nats", &fixture.nats.client_url()])
+        .args(["--tcp", &tcp.to_string(), "--ws", &free_addr().to_string()])
+        .args(["--admin", &free_addr().to_string()])
+        .arg("--token-public-key")
+        .arg(&key)
+        .arg("--handoff-socket")
+        .arg(dir.join(format!("{id}.sock")))
+        .env("RUST_LOG", "info")
+        .env("TETHER_GATEWAY_AWAIT_REGISTRATION", "true")
+        .env("TETHER_GATEWAY_HEARTBEAT_INTERVAL_MS", "200")
+        .env("TETHER_GATEWAY_RESTART_LOG", &log)
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()?;
+    Ok(GatewayProcess(child))
+}
+
+/// The heartbeat pid of each gateway in `ids`, once all are live.
+async fn pids(ops: &RunningOps, ids: &[&str]) -> Vec<u64> {
+    let cluster = cluster_until(ops, "gateways live", |c| {
+        ids.iter().all(|id| connections_on(c, id).is_some())
+    })
+    .await;
+    ids.iter()
+        .map(|id| {
+            cluster["gateways"]
+                .as_array()
+                .and_then(|g| g.iter().find(|g| g["id"] == json!(id)))
+                .and_then(|g| g["pid"].as_u64())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Polls `GET /v1/restart` until the roll ends; its last status.
+async fn roll_finished(ops: &RunningOps) -> Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE * 3;
+    loop {
+        let (status, body) = api(ops, "GET", "/v1/restart", Some(TOKEN), None).await;
+        assert_eq!(status, 200, "{body}");
+        if body["running"] == json!(false) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the roll never ended: {body:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Rolling restart (docs/operations.md): three `tether gateway` processes with SDK devices
+/// receiving QoS1 pushes and sending UPs are restarted one after another through the API
+/// and through `tether ctl`; every gateway's pid changes, no device reconnects, every
+/// message arrives once and in order; a gateway that cannot restart stops the roll with
+/// its reason; 401 without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_through_the_api_and_the_cli_moves_no_device_and_loses_nothing()
+-> TestResult {
+    use std::sync::{Arc, Mutex};
+    use tether_business::UplinkReply;
+    use tether_client::Event;
+
+    const GATEWAYS: [&str; 3] = ["gw-a", "gw-b", "gw-c"];
+    /// SDK devices per gateway.
+    const DEVICES: usize = 4;
+
+    let dir = tempfile::tempdir()?;
+    // The fixture's own gateway (gw-test) runs inside this test process: it cannot
+    // restart itself, which the failing roll below uses.
+    let fixture = Fixture::start(|c| {
+        c.heartbeat_interval_ms = 200;
+        c.handoff_socket = Some(dir.path().join("gw-test.sock"));
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let _state = start_state(&fixture, stop.clone()).await;
+    let successors = Successors::default();
+    let mut processes = Vec::new();
+    let mut addrs = Vec::new();
+    for id in GATEWAYS {
+        let tcp = free_addr();
+        processes.push(restartable_gateway(&fixture, dir.path(), id, tcp, None)?);
+        addrs.push(tcp);
+    }
+    let ops = start_ops(&fixture).await;
+    let before = pids(&ops, &GATEWAYS).await;
+
+    // The business stores every UP and records its body per device.
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let uplinks: Arc<Mutex<std::collections::HashMap<String, Vec<String>>>> = Arc::default();
+    let (serving, seen_ups) = (business.clone(), uplinks.clone());
+    tokio::spawn(async move {
+        let _ = serving
+            .serve_uplinks("tether-biz", move |up| {
+                let seen = seen_ups.clone();
+                async move {
+                    seen.lock()
+                        .expect("lock")
+                        .entry(up.did.clone())
+                        .or_default()
+                        .push(String::from_utf8_lossy(&up.body).into_owned());
+                    UplinkReply::stored(Some(format!("{}-{}", up.did, up.msg_id)))
+                }
+            })
+            .await;
+    });
+
+    let mut devices = Vec::new();
+    let mut logs: Vec<Arc<Mutex<DeviceLog>>> = Vec::new();
+    for (g, addr) in addrs.iter().enumerate() {
+        for i in 0..DEVICES {
+            let did = format!("roll-{g}-{i}");
+            let (client, mut events) = support::stack::device(&fixture, *addr, &did).await;
+            let log: Arc<Mutex<DeviceLog>> = Arc::default();
+            let writer = log.clone();
+            tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    let mut log = writer.lock().expect("lock");
+                    match event {
+                        Event::Message { seq, body, .. } => log
+                            .messages
+                            .push((seq, String::from_utf8_lossy(&body).into_owned())),
+                        Event::Connected { .. } => log.reconnects += 1,
+                        Event::Disconnected { reason, .. } => log.disconnects.push(reason),
+                        _ => {}
+                    }
+                }
+            });
+            devices.push((did, client));
+            logs.push(log);
+        }
+    }
+    cluster_until(&ops, "every device on its gateway", |c| {
+        GATEWAYS
+            .iter()
+            .all(|gw| connections_on(c, gw) == Some(DEVICES as u64))
+    })
+    .await;
+
+    // Traffic during all the rolls: QoS1 pushes round robin (body `<n>` = the device's
+    // n-th) and, per device, UPs one after another (`up<n>`), each awaited to its UP_ACK.
+    let running = CancellationToken::new();
+    let dids: Vec<String> = devices.iter().map(|(d, _)| d.clone()).collect();
+    let (pusher, pushing_stop) = (business.clone(), running.clone());
+    let pushing = tokio::spawn(async move {
+        let mut sent = vec![0u64; dids.len()];
+        let mut i = 0;
+        while !pushing_stop.is_cancelled() {
+            let d = i % dids.len();
+            sent[d] += 1;
+            pusher
+                .push(Push::to_dids(
+                    [dids[d].as_str()],
+                    sent[d].to_string().into_bytes(),
+                ))
+                .await
+                .expect("push accepted");
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sent
+    });
+    let mut sending = Vec::new();
+    for (_, client) in &devices {
+        let (client, until) = (client.clone(), running.clone());
+        sending.push(tokio::spawn(async move {
+            let mut sent = 0u64;
+            while !until.is_cancelled() {
+                sent += 1;
+                let ack = client.send(format!("up{sent}").into_bytes()).await;
+                assert!(ack.is_ok(), "UP {sent} got no receipt: {ack:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            sent
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Without a token: 401, nothing restarts.
+    let (status, _) = api(
+        &ops,
+        "POST",
+        "/v1/restart",
+        None,
+        Some(json!({"all": true})),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, body) = api(
+        &ops,
+        "POST",
+        "/v1/restart",
+        Some(TOKEN),
+        Some(json!({"all": true, "gateways": ["gw-a"]})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+
+    // 1. Through the API: all three, one after another.
+    let (status, body) = api(
+        &ops,
+        "POST",
+        "/v1/restart",
+        Some(TOKEN),
+        Some(json!({"gateways": GATEWAYS})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["running"], json!(true));
+    let roll = roll_finished(&ops).await;
+    successors.add(&roll);
+    assert!(roll.get("error").is_none(), "{roll:#}");
+    let after_api = pids(&ops, &GATEWAYS).await;
+    for (g, gw) in roll["gateways"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        assert_eq!(gw["gw"], json!(GATEWAYS[g]), "{roll:#}");
+        assert_eq!(gw["step"], json!("done"), "{roll:#}");
+        assert_eq!(gw["old_pid"], json!(before[g]), "{roll:#}");
+        assert_eq!(gw["new_pid"], json!(after_api[g]), "{roll:#}");
+        assert_eq!(gw["moved"], json!(DEVICES), "{roll:#}");
+        assert_ne!(before[g], after_api[g], "{} kept its pid", GATEWAYS[g]);
+    }
+
+    // 2. Through the CLI: the table, then --json with all three again.
+    let shown = ctl(&ops, &["restart", "gw-b"]).await;
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("gw-b") && l.contains("done")),
+        "{shown}"
+    );
+    let roll: Value =
+        serde_json::from_str(&ctl(&ops, &["--json", "restart", "gw-a", "gw-b", "gw-c"]).await)?;
+    successors.add(&roll);
+    let after_cli = pids(&ops, &GATEWAYS).await;
+    for g in 0..GATEWAYS.len() {
+        assert_eq!(roll["gateways"][g]["step"], json!("done"), "{roll:#}");
+        assert_eq!(
+            roll["gateways"][g]["new_pid"],
+            json!(after_cli[g]),
+            "{roll:#}"
+        );
+        assert_ne!(after_api[g], after_cli[g], "{} kept its pid", GATEWAYS[g]);
+    }
+
+    // 3. A gateway that cannot restart (gw-test runs inside this process) stops the roll
+    // with its reason; the gateways after it are skipped, and it keeps serving.
+    let url = format!("http://{}", ops.admin_addr);
+    let (ok, stdout, stderr) = tether(&[
+        "ctl", "--ops", &url, "--token", TOKEN, "restart", "gw-test", "gw-c",
+    ])
+    .await;
+    assert!(!ok, "a failed roll exits 1: {stdout}");
+    assert!(stderr.contains("own process"), "{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("gw-c") && l.contains("skipped")),
+        "{stdout}"
+    );
+    let (_, roll) = api(&ops, "GET", "/v1/restart", Some(TOKEN), None).await;
+    assert_eq!(roll["gateways"][0]["step"], json!("failed"), "{roll:#}");
+    assert_eq!(pids(&ops, &["gw-c"]).await[0], after_cli[2]);
+
+    // Traffic stops; every message exactly once, in order, and no device reconnected.
+    running.cancel();
+    let sent = pushing.await?;
+    let mut ups = Vec::new();
+    for task in sending {
+        ups.push(task.await?);
+    }
+    for (d, log) in logs.iter().enumerate() {
+        let expected = sent[d] as usize;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while log.lock().expect("lock").messages.len() < expected {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: not every push arrived",
+                devices[d].0
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Anything late or twice would show now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let uplinks = uplinks.lock().expect("lock").clone();
+    for (d, log) in logs.iter().enumerate() {
+        let did = &devices[d].0;
+        let log = log.lock().expect("lock");
+        let pushed: Vec<(u64, String)> = (1..=sent[d]).map(|n| (n, n.to_string())).collect();
+        assert_eq!(log.messages, pushed, "{did}: every push once, in order");
+        assert_eq!(log.reconnects, 0, "{did}: no reconnect");
+        assert!(log.disconnects.is_empty(), "{did}: {:?}", log.disconnects);
+        let upped: Vec<String> = (1..=ups[d]).map(|n| format!("up{n}")).collect();
+        assert_eq!(
+            uplinks.get(did).cloned().unwrap_or_default(),
+            upped,
+            "{did}: every UP once, in order"
+        );
+    }
+
+    // The audit log has the roll, gateway by gateway.
+    let (_, audit) = api(&ops, "GET", "/v1/audit?limit=100", Some(TOKEN), None).await;
+    let entries = audit.as_array().cloned().unwrap_or_default();
+    let count = |op: &str, outcome: &str| {
+        entries
+            .iter()
+            .filter(|e| e["op"] == json!(op) && e["outcome"] == json!(outcome))
+            .count()
+    };
+    assert_eq!(count("restart.gateway", "ok"), 7, "{audit:#}");
+    assert_eq!(count("restart.gateway", "error"), 1, "{audit:#}");
+    assert_eq!(count("restart.done", "error"), 1, "{audit:#}");
+    drop(devices);
+    stop.cancel();
+    drop(processes);
+    Ok(())
+}
+
+/// A successor that cannot hold the gateway's sockets (its descriptor limit, inherited)
+/// refuses the takeover: the roll reports the reason and the old process keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_takeover_stops_the_roll_and_the_old_process_keeps_serving() -> TestResult {
+    const CLIENTS: usize = 60;
+    let dir = tempfile::tempdir()?;
+    let fixture = Fixture::start(|_| {}).await;
+    let stop = CancellationToken::new();
+    let _state = start_state(&fixture, stop.clone()).await;
+    let tcp = free_addr();
+    // 100 descriptors: enough to serve 60 clients, not to take 60 over (plus headroom).
+    let _gateway = restartable_gateway(&fixture, dir.path(), "gw-lim", tcp, Some(100))?;
+    let ops = start_ops(&fixture).await;
+    let before = pids(&ops, &["gw-lim"]).await[0];
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut client = RawClient::connect(Transport::Tcp, tcp).await;
+        client.send(&fixture.login_frame(&format!("lim-{i}"))).await;
+        match client.next_frame().await {
+            Some(Frame::LoginAck(_)) => clients.push(client),
+            other => panic!("expected LOGIN_ACK, got {other:?}"),
+        }
+    }
+    let (status, body) = api(
+        &ops,
+        "POST",
+        "/v1/restart",
+        Some(TOKEN),
+        Some(json!({"gateways": ["gw-lim"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let roll = roll_finished(&ops).await;
+    let error = roll["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("RLIMIT_NOFILE") && error.contains("60 connections"),
+        "{roll:#}"
+    );
+    assert_eq!(roll["gateways"][0]["step"], json!("failed"), "{roll:#}");
+    // The old process serves on: same pid, its clients answered, new logins accepted.
+    assert_eq!(pids(&ops, &["gw-lim"]).await[0], before);
+    for client in &mut clients {
+        client
+            .send(&Frame::Ping(Bytes::from_static(b"hi")).encode())
+            .await;
+        loop {
+            match client.next_frame().await {
+                Some(Frame::Pong(_)) => break,
+                Some(_) => continue,
+                None => panic!("the old process closed a client"),
+            }
+        }
+    }
+    let mut late = RawClient::connect(Transport::Tcp, tcp).await;
+    late.send(&fixture.login_frame("lim-late")).await;
+    assert!(matches!(late.next_frame().await, Some(Frame::LoginAck(_))));
     stop.cancel();
     Ok(())
 }

@@ -47,6 +47,7 @@ pub async fn serve(ctx: Arc<GatewayCtx>, listener: UnixListener, stop: Shutdown)
                     .get_or_create(&[("outcome", "aborted")])
                     .inc();
                 tracing::warn!(gw = %ctx.config.id, %error, "hand-off aborted, this process keeps serving");
+                ctx.restart.handoff_aborted(&error.to_string());
                 let _ = wire
                     .send(
                         &ToNew::Abort {

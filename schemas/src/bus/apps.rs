@@ -37,6 +37,10 @@ pub struct AppPipeline {
     /// What an UP_ACK code 0 confirms for the app's uplinks (PROTOCOL 11.1).
     #[serde(skip_serializing_if = "ReceiptMode::is_business")]
     pub receipt_mode: ReceiptMode,
+    /// Publish joined/left membership events on `tether.<app>.presence`; overrides
+    /// state's `membership_events` for the app.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub membership_events: Option<bool>,
 }
 
 /// What an UP_ACK code 0 confirms.
@@ -97,6 +101,10 @@ pub const PIPELINE_KEYS: &[(&str, &str)] = &[
         "receipt_mode",
         "business|stored: UP_ACK 0 once the business stored the UP (default) or once JetStream did",
     ),
+    (
+        "membership_events",
+        "true|false: publish joined/left events on tether.<app>.presence (empty = state's default)",
+    ),
 ];
 
 impl AppPipeline {
@@ -108,12 +116,17 @@ impl AppPipeline {
             v.parse::<u64>()
                 .map_err(|_| format!("{key}: {v:?} is not a non-negative integer"))
         };
+        let boolean = |v: &str| match v {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" => Ok(false),
+            other => Err(format!("{key}: {other:?} is not true or false")),
+        };
         match key {
-            "paused" => {
-                self.paused = match value {
-                    "true" | "1" | "yes" => true,
-                    "false" | "0" | "no" => false,
-                    other => return Err(format!("paused: {other:?} is not true or false")),
+            "paused" => self.paused = boolean(value)?,
+            "membership_events" => {
+                self.membership_events = match value {
+                    "" => None,
+                    v => Some(boolean(v)?),
                 }
             }
             "max_connections" => self.max_connections = number(value)?,
@@ -184,6 +197,11 @@ mod tests {
         assert!(p.set("receipt_mode", "stored").is_ok());
         assert_eq!(p.receipt_mode, ReceiptMode::Stored);
         assert!(p.set("receipt_mode", "fast").is_err());
+        assert!(p.set("membership_events", "yes").is_ok());
+        assert_eq!(p.membership_events, Some(true));
+        assert!(p.set("membership_events", "maybe").is_err());
+        assert!(p.set("membership_events", "").is_ok());
+        assert_eq!(p.membership_events, None);
         assert!(p.set("broadcast_threshold", "").is_ok());
         assert_eq!(p.broadcast_threshold, None);
         assert!(p.set("max_connections", "-1").is_err());

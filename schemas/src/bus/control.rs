@@ -58,6 +58,11 @@ pub enum GatewayControl {
     Undrain,
     /// Answer where the migration stands (10.7).
     MigrationStatus,
+    /// Start a successor process that takes this gateway over by hand-off (10.7);
+    /// answered with a [`RestartStatus`](crate::bus::RestartStatus).
+    Restart,
+    /// Answer where the restart stands (10.7).
+    RestartStatus,
     /// An op this version does not know (ignored).
     #[serde(other)]
     Unknown,

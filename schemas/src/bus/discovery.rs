@@ -51,6 +51,9 @@ pub struct GatewayHeartbeat {
     pub draining: bool,
     /// When the gateway started, unix milliseconds.
     pub started_ms: u64,
+    /// The gateway's process id (changes with a restart by hand-off; 0 from older gateways).
+    #[serde(default)]
+    pub pid: u32,
     /// When this record was written, unix milliseconds (informational: readers judge
     /// freshness by when they received it, so clocks need not agree).
     pub at_ms: u64,

@@ -10,6 +10,7 @@
 //! - [`events`]: the event log (`tether.<app>.evt.…`): connection and session events.
 //! - [`control`]: control messages to one gateway (`tether.gw.<gw>.ctl`).
 //! - [`migrate`]: drain and migration operations, their status, redirect tokens.
+//! - [`restart`]: a gateway's self-restart by hand-off and its status.
 //! - [`business`]: uplink requests and replies, pushes, presence (section 11).
 //! - [`presence`]: the presence query across regions (11.3).
 //! - [`sessions`]: the session binding API and membership events (11.5, 11.6).
@@ -27,6 +28,7 @@ pub mod events;
 pub mod ids;
 pub mod migrate;
 pub mod presence;
+pub mod restart;
 pub mod sessions;
 
 pub use affinity::{AffinityRecord, AffinityReplyWire, AffinityRequest};
@@ -42,6 +44,7 @@ pub use migrate::{
     RedirectRequest,
 };
 pub use presence::{OnlineDevice, PresenceAnswer, PresenceAnswerWire, PresenceQuery};
+pub use restart::{RestartState, RestartStatus};
 pub use sessions::{
     MembershipChange, MembershipEvent, SessionOp, SessionReply, SessionReplyWire, SessionRequest,
 };

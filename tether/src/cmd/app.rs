@@ -71,7 +71,8 @@ enum AppCommand {
         /// App id.
         id: String,
         /// `key=value` pairs: pool, rooms, token_ttl_secs, paused, max_connections,
-        /// max_msgs_per_sec, max_bytes_per_sec, broadcast_threshold, receipt_mode.
+        /// max_msgs_per_sec, max_bytes_per_sec, broadcast_threshold, receipt_mode,
+        /// membership_events.
         #[arg(required = true, value_name = "KEY=VALUE")]
         settings: Vec<String>,
     },

@@ -75,10 +75,15 @@ enum CtlCommand {
         /// Gateway id.
         gw: String,
     },
-    /// Rolling restart of gateways by socket hand-off, one after another.
+    /// Rolling restart of gateways by socket hand-off, one after another, each waiting for
+    /// the previous one to be healthy; follows it until it ends (exit 1 if it failed).
     Restart {
-        /// Gateways (default: all).
+        /// Gateways, in this order.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
         gateways: Vec<String>,
+        /// Every live gateway.
+        #[arg(long)]
+        all: bool,
     },
     /// Close a device's connection.
     Kick {
@@ -226,11 +231,23 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .await?;
             (v.clone(), pretty(&v))
         }
-        CtlCommand::Restart { gateways } => {
-            let v = api
-                .call("POST", "/v1/restart", Some(json!({"gateways": gateways})))
-                .await?;
-            (v.clone(), pretty(&v))
+        CtlCommand::Restart { gateways, all } => {
+            let request = if all {
+                json!({"all": true})
+            } else {
+                json!({"gateways": gateways})
+            };
+            let v = follow_restart(&api, request, !args.json).await?;
+            let t = restart_table(&v);
+            if let Some(error) = v["error"].as_str() {
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print!("{t}");
+                }
+                bail!("rolling restart stopped: {error}");
+            }
+            (v, t)
         }
         CtlCommand::Kick { app, did, code } => {
             let body = json!({"app": app, "did": did, "code": code});
@@ -285,6 +302,78 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         print!("{table}");
     }
     Ok(())
+}
+
+/// Starts a rolling restart and polls it until it ends; with `progress`, prints each
+/// gateway's step as it changes (stderr). Returns the final status.
+async fn follow_restart(api: &Api, request: Value, progress: bool) -> anyhow::Result<Value> {
+    let mut status = api.call("POST", "/v1/restart", Some(request)).await?;
+    let mut shown: Vec<String> = Vec::new();
+    loop {
+        if progress {
+            for (i, gw) in status["gateways"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let line = format!(
+                    "{} {} pid {} -> {}",
+                    s(&gw["gw"]),
+                    s(&gw["step"]),
+                    s(&gw["old_pid"]),
+                    s(&gw["new_pid"])
+                );
+                if shown.get(i) != Some(&line) {
+                    eprintln!("{line}");
+                    if i < shown.len() {
+                        shown[i] = line;
+                    } else {
+                        shown.push(line);
+                    }
+                }
+            }
+        }
+        if status["running"] != json!(true) {
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        status = api.call("GET", "/v1/restart", None).await?;
+    }
+}
+
+/// The gateways of a rolling restart.
+fn restart_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["gateways"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| {
+            vec![
+                s(&g["gw"]),
+                s(&g["step"]),
+                s(&g["old_pid"]),
+                s(&g["new_pid"]),
+                s(&g["connections_before"]),
+                s(&g["moved"]),
+                s(&g["connections_after"]),
+                s(&g["error"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "GATEWAY",
+            "STEP",
+            "OLD PID",
+            "NEW PID",
+            "CONNS BEFORE",
+            "MOVED",
+            "CONNS AFTER",
+            "ERROR",
+        ],
+        &rows,
+    )
 }
 
 fn pretty(v: &Value) -> String {

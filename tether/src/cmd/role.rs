@@ -200,6 +200,11 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let config: tether_gateway::GatewayConfig =
         load_config(args.common.config.as_deref(), "TETHER_GATEWAY_", &args)?;
     let shutdown = signal_shutdown();
+    // This process may start its own successor (control op `restart`) with the same
+    // arguments, environment and working directory.
+    tether_gateway::restart::allow_reexec(tether_gateway::restart::without_takeover(
+        std::env::args_os().skip(1),
+    ));
     let running = match &args.takeover {
         Some(path) => tether_gateway::start_with(config, shutdown, Some(path))
             .await
