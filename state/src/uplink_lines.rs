@@ -186,6 +186,21 @@ mod tests {
         turns
     }
 
+    /// Waits for every task, then returns the indexes they sent, in the order sent.
+    async fn finish(
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<usize>,
+    ) -> Vec<usize> {
+        for task in tasks {
+            task.await.expect("task");
+        }
+        let mut order = Vec::new();
+        while let Some(i) = rx.recv().await {
+            order.push(i);
+        }
+        order
+    }
+
     #[tokio::test]
     async fn turns_settle_in_order_whatever_order_they_finish_in() {
         let turns = chained(20);
@@ -201,13 +216,7 @@ mod tests {
             }));
         }
         drop(tx);
-        for task in tasks {
-            task.await.expect("task");
-        }
-        let mut order = Vec::new();
-        while let Some(i) = rx.recv().await {
-            order.push(i);
-        }
+        let order = finish(tasks, &mut rx).await;
         assert_eq!(order, (0..20).collect::<Vec<_>>());
     }
 
@@ -240,13 +249,7 @@ mod tests {
             }));
         }
         drop(tx);
-        for task in tasks {
-            task.await.expect("task");
-        }
-        let mut order = Vec::new();
-        while let Some(i) = rx.recv().await {
-            order.push(i);
-        }
+        let order = finish(tasks, &mut rx).await;
         assert_eq!(order, (0..10).collect::<Vec<_>>());
     }
 }

@@ -190,17 +190,7 @@ fn same_partition(of: &str, prefix: &str) -> String {
 
 /// The acked cursor state keeps for `did` (0 until one is written).
 async fn cursor_acked(fixture: &Fixture, did: &str) -> u64 {
-    let js = async_nats::jetstream::new(fixture.nats_client.clone());
-    let Ok(kv) = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await else {
-        return 0;
-    };
-    let Ok(Some(value)) = kv.get(tether_nats::keys::cursor(APP, did)).await else {
-        return 0;
-    };
-    serde_json::from_slice::<serde_json::Value>(&value)
-        .ok()
-        .and_then(|v| v["acked"].as_u64())
-        .unwrap_or(0)
+    fixture.cursor_field(did, "acked").await
 }
 
 async fn wait_cursor(fixture: &Fixture, did: &str, acked: u64) {

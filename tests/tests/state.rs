@@ -29,17 +29,7 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 }
 
 async fn cursor_acked(fixture: &Fixture, did: &str) -> u64 {
-    let js = async_nats::jetstream::new(fixture.nats_client.clone());
-    let Ok(kv) = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await else {
-        return 0;
-    };
-    let Ok(Some(value)) = kv.get(tether_nats::keys::cursor(APP, did)).await else {
-        return 0;
-    };
-    serde_json::from_slice::<serde_json::Value>(&value)
-        .ok()
-        .and_then(|v| v["acked"].as_u64())
-        .unwrap_or(0)
+    fixture.cursor_field(did, "acked").await
 }
 
 #[tokio::test]
@@ -885,17 +875,7 @@ async fn a_late_conn_down_of_an_older_connection_leaves_the_newer_route() -> Tes
 
 /// The stream sequence of the last event state applied for `did` (its cursor).
 async fn cursor_event_seq(fixture: &Fixture, did: &str) -> u64 {
-    let js = async_nats::jetstream::new(fixture.nats_client.clone());
-    let Ok(kv) = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await else {
-        return 0;
-    };
-    let Ok(Some(value)) = kv.get(tether_nats::keys::cursor(APP, did)).await else {
-        return 0;
-    };
-    serde_json::from_slice::<serde_json::Value>(&value)
-        .ok()
-        .and_then(|v| v["event_seq"].as_u64())
-        .unwrap_or(0)
+    fixture.cursor_field(did, "event_seq").await
 }
 
 /// Issue 13 item 3, the redelivery fence: an event that the partition's previous owner

@@ -98,6 +98,22 @@ impl Fixture {
         }
     }
 
+    /// A number field (`acked`, `event_seq`, ...) of the cursor state keeps for `did` in
+    /// [`APP`]; 0 until a cursor is written.
+    pub async fn cursor_field(&self, did: &str, field: &str) -> u64 {
+        let js = async_nats::jetstream::new(self.nats_client.clone());
+        let Ok(kv) = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await else {
+            return 0;
+        };
+        let Ok(Some(value)) = kv.get(tether_nats::keys::cursor(APP, did)).await else {
+            return 0;
+        };
+        serde_json::from_slice::<serde_json::Value>(&value)
+            .ok()
+            .and_then(|v| v[field].as_u64())
+            .unwrap_or(0)
+    }
+
     /// A token of `did` (user `u-<did>`) in `app`.
     pub fn token_for(&self, app: &str, did: &str) -> String {
         self.signer
