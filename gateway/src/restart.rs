@@ -193,11 +193,24 @@ fn detach(command: &mut tokio::process::Command) {
     }
 }
 
+/// How long, after the successor exited, the hand-off may take to report why it stopped.
+const REASON_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Follows the successor until the hand-off commits or the successor exits first.
 async fn watch(ctx: Arc<GatewayCtx>, mut child: tokio::process::Child) {
     let handed_over = ctx.handoff.handed_over.clone();
     tokio::select! {
         exited = child.wait() => {
+            // A successor that refuses (its fd limit, say) says why over the hand-off socket
+            // and exits: give the hand-off the moment it needs to record that reason, which
+            // says more than the exit status.
+            let deadline = tokio::time::Instant::now() + REASON_GRACE;
+            while ctx.restart.lock().state == RestartState::Started
+                && !handed_over.is_cancelled()
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
             let mut inner = ctx.restart.lock();
             if inner.state == RestartState::Started && !handed_over.is_cancelled() {
                 inner.state = RestartState::Failed;
