@@ -78,6 +78,17 @@ pub fn locate_tether() -> Result<PathBuf, BenchError> {
         })
 }
 
+/// Tries a role gets on fresh ports: a picked free port can be taken by another process
+/// before the role binds it.
+const PORT_TRIES: usize = 3;
+
+/// Whether the role failed because one of its picked ports was taken meanwhile (start it
+/// again on fresh ports).
+fn port_taken<T>(result: &Result<T, BenchError>, attempt: usize) -> bool {
+    attempt < PORT_TRIES
+        && matches!(result, Err(BenchError::Setup(text)) if text.contains("Address already in use"))
+}
+
 /// Starts `tether <args>` with its output in `log`, and waits until `ready` accepts TCP.
 async fn spawn_role(
     tether: &Path,
@@ -252,7 +263,10 @@ impl Stack {
             ("TETHER_GATEWAY_MAX_FRAMES_PER_SEC", "0"),
             ("TETHER_GATEWAY_AWAIT_REGISTRATION", register),
         ];
-        for i in 0..spec.gateways.max(1) {
+        let mut attempt = 0;
+        let mut i = 0;
+        while i < spec.gateways.max(1) {
+            attempt += 1;
             let (tcp, ws, admin) = (loopback(port()?), loopback(port()?), loopback(port()?));
             let args: Vec<String> = [
                 "gateway",
@@ -277,7 +291,11 @@ impl Stack {
                 args.extend(["--handoff-socket".into(), path.display().to_string()]);
             }
             let log = dir.join(format!("gateway{i}.log"));
-            let child = spawn_role(&tether, &args, &envs, &log, tcp).await?;
+            let child = spawn_role(&tether, &args, &envs, &log, tcp).await;
+            if port_taken(&child, attempt) {
+                continue;
+            }
+            let child = child?;
             stack.gateways.push(Gateway {
                 child,
                 args,
@@ -286,14 +304,24 @@ impl Stack {
                 ws,
                 admin,
             });
+            (i, attempt) = (i + 1, 0);
         }
         if spec.state {
-            let admin = loopback(port()?);
-            let args: Vec<String> = ["state", "--nats", &nats_url, "--admin", &admin.to_string()]
-                .map(String::from)
-                .to_vec();
             let log = dir.join("state.log");
-            stack.state = Some(spawn_role(&tether, &args, &[], &log, admin).await?);
+            let mut attempt = 0;
+            let state = loop {
+                attempt += 1;
+                let admin = loopback(port()?);
+                let args: Vec<String> =
+                    ["state", "--nats", &nats_url, "--admin", &admin.to_string()]
+                        .map(String::from)
+                        .to_vec();
+                let state = spawn_role(&tether, &args, &[], &log, admin).await;
+                if !port_taken(&state, attempt) {
+                    break state?;
+                }
+            };
+            stack.state = Some(state);
         }
         if !spec.ipconfig_apps.is_empty() {
             let config = dir.join("ipconfig.toml");
@@ -305,25 +333,33 @@ impl Stack {
                 })
                 .collect();
             std::fs::write(&config, apps).map_err(BenchError::io("ipconfig config"))?;
-            let (admin, http) = (loopback(port()?), loopback(port()?));
             let key = stack.key_path.display().to_string();
-            let args: Vec<String> = [
-                "ipconfig",
-                "--config",
-                &config.display().to_string(),
-                "--nats",
-                &nats_url,
-                "--admin",
-                &admin.to_string(),
-                "--http",
-                &http.to_string(),
-                "--token-key",
-                &key,
-            ]
-            .map(String::from)
-            .to_vec();
             let log = dir.join("ipconfig.log");
-            stack.ipconfig = Some(spawn_role(&tether, &args, &[], &log, http).await?);
+            let mut attempt = 0;
+            let ipconfig = loop {
+                attempt += 1;
+                let (admin, http) = (loopback(port()?), loopback(port()?));
+                let args: Vec<String> = [
+                    "ipconfig",
+                    "--config",
+                    &config.display().to_string(),
+                    "--nats",
+                    &nats_url,
+                    "--admin",
+                    &admin.to_string(),
+                    "--http",
+                    &http.to_string(),
+                    "--token-key",
+                    &key,
+                ]
+                .map(String::from)
+                .to_vec();
+                let ipconfig = spawn_role(&tether, &args, &[], &log, http).await;
+                if !port_taken(&ipconfig, attempt) {
+                    break ipconfig?;
+                }
+            };
+            stack.ipconfig = Some(ipconfig);
         }
         eprintln!(
             "started nats-server {nats_url}, {} gateway(s) (pids {:?}){} from {}",
@@ -617,5 +653,23 @@ impl Target {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_taken_port_is_tried_again_and_not_forever() {
+        let taken: Result<(), BenchError> = Err(BenchError::Setup(
+            "tether state exited (exit status: 1): cannot listen on 127.0.0.1:1: Address already in use (os error 98)".into(),
+        ));
+        assert!(port_taken(&taken, 1));
+        assert!(port_taken(&taken, PORT_TRIES - 1));
+        assert!(!port_taken(&taken, PORT_TRIES));
+        let other: Result<(), BenchError> = Err(BenchError::Setup("bad config".into()));
+        assert!(!port_taken(&other, 1));
+        assert!(!port_taken(&Ok::<(), BenchError>(()), 1));
     }
 }
