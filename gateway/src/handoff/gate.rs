@@ -8,6 +8,13 @@
 //! buffer and carries on). The new process holds everything it receives (`Holding`) until
 //! `Go`; then it drops the held messages whose digests the old one delivered (counted, so
 //! two equal messages are two) and delivers the rest in arrival order before going live.
+//!
+//! A message published just before the new process subscribed reaches only the old one,
+//! and may still be on its way (socket, client buffer) when the old one would freeze. So
+//! before freezing, the old process publishes a marker on its own control subject and
+//! keeps delivering until the marker has come through its gate: everything published
+//! before the new process subscribed came before the marker, and is delivered (and
+//! recorded) by the old process.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +49,8 @@ pub struct Gate {
     mode: Mutex<Mode>,
     /// Set when a bound was passed (the hand-off must abort).
     overflowed: AtomicBool,
+    /// Old process: the marker payload it waits for, and who waits.
+    marker: Mutex<Option<(bytes::Bytes, tokio::sync::oneshot::Sender<()>)>>,
 }
 
 impl Gate {
@@ -51,6 +60,7 @@ impl Gate {
             open: AtomicBool::new(true),
             mode: Mutex::new(Mode::Open),
             overflowed: AtomicBool::new(false),
+            marker: Mutex::default(),
         }
     }
 
@@ -60,6 +70,7 @@ impl Gate {
             open: AtomicBool::new(false),
             mode: Mutex::new(Mode::Holding(Vec::new())),
             overflowed: AtomicBool::new(false),
+            marker: Mutex::default(),
         }
     }
 
@@ -85,6 +96,7 @@ impl Gate {
                 // Under the lock: a message is recorded if and only if it was delivered
                 // before the freeze.
                 crate::downlink::deliver(ctx, &message);
+                self.note_marker(&message);
             }
             Mode::Frozen(buffered) | Mode::Holding(buffered) => {
                 if buffered.len() >= MAX_HELD {
@@ -102,6 +114,26 @@ impl Gate {
         let mut mode = self.lock();
         *mode = Mode::Recording(Vec::new());
         self.open.store(false, Ordering::Release);
+    }
+
+    /// Old process: `payload` is about to be published on this gateway's control subject
+    /// (after the new process subscribed); the receiver fires once it came through the
+    /// gate while recording.
+    pub fn expect_marker(&self, payload: bytes::Bytes) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *self.marker.lock().unwrap_or_else(PoisonError::into_inner) = Some((payload, tx));
+        rx
+    }
+
+    fn note_marker(&self, message: &Message) {
+        let mut marker = self.marker.lock().unwrap_or_else(PoisonError::into_inner);
+        if marker
+            .as_ref()
+            .is_some_and(|(payload, _)| *payload == message.payload)
+            && let Some((_, waiting)) = marker.take()
+        {
+            let _ = waiting.send(());
+        }
     }
 
     /// Old process: stop delivering; returns the digests of what was delivered meanwhile.

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tether_nats::subjects;
 use tokio::net::UnixListener;
 
 use super::HandoffError;
@@ -137,6 +138,24 @@ async fn transfer(
     match recv(wire, timeout, "prepared").await? {
         ToOld::Prepared => {}
         other => return Err(unexpected("prepared", &other)),
+    }
+    // The new process subscribed: deliver here what was published before (gate.rs).
+    let marker = bytes::Bytes::from(format!(
+        "{{\"op\":\"handoff_marker\",\"pid\":{},\"at_ns\":{}}}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let passed = ctx.handoff.gate.expect_marker(marker.clone());
+    ctx.outbound
+        .client()
+        .publish(subjects::gateway_ctl(&ctx.config.id), marker)
+        .await
+        .map_err(|_| HandoffError::Timeout("the hand-off marker to be published"))?;
+    match tokio::time::timeout(timeout, passed).await {
+        Ok(Ok(())) => {}
+        _ => return Err(HandoffError::Timeout("the hand-off marker to come back")),
     }
     // Commit: stop delivering downlinks, then stop every moved connection.
     let handled = ctx.handoff.gate.freeze();
