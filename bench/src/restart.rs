@@ -81,6 +81,9 @@ pub struct RestartReport {
 /// Set once the first connection that ended has been reported.
 static FIRST_CLOSE: AtomicBool = AtomicBool::new(false);
 
+/// Broadcast sequences some connection skipped (diagnostics of a loss), at most 64 kept.
+static SKIPPED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
 /// What one connection saw.
 #[derive(Default)]
 struct ConnLog {
@@ -88,6 +91,8 @@ struct ConnLog {
     pongs: AtomicU64,
     /// Longest gap between two PONGs inside the measured window, µs.
     max_gap_us: AtomicU64,
+    /// When that gap ended, µs since the run's epoch.
+    max_gap_end_us: AtomicU64,
     /// Broadcasts received (distinct, in order).
     downs: AtomicU64,
     repeated: AtomicU64,
@@ -129,6 +134,7 @@ pub async fn run(args: &RestartArgs) -> Result<RestartReport, BenchError> {
         subscribe: None,
         rate: args.rate,
     };
+    epoch();
     eprintln!("restart: opening {} connections", args.connections);
     let opened = fleet::open(&plan, Some(&stack.signer), 0..args.connections, |_, _| {})
         .await?
@@ -185,7 +191,10 @@ pub async fn run(args: &RestartArgs) -> Result<RestartReport, BenchError> {
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     eprintln!("restart: restarting the gateway by hand-off");
+    let restart_began = Instant::now().duration_since(epoch()).as_micros() as u64;
+    let seq_before = published.load(Ordering::Relaxed);
     let took = stack.restart_gateway(0, Duration::from_secs(60)).await?;
+    let seq_after = published.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     measuring.store(false, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
@@ -218,6 +227,33 @@ pub async fn run(args: &RestartArgs) -> Result<RestartReport, BenchError> {
         } else if quiet_since.elapsed() > Duration::from_secs(5) {
             break;
         }
+    }
+    // Where the pause went: each side logs its commit's phases.
+    for path in &stack.gateways[0].logs {
+        for line in crate::stack::log_lines(path, "commit timings") {
+            eprintln!("restart: {line}");
+        }
+    }
+    let mut gap_ends = stats::histogram();
+    for log in &logs {
+        let end = log.max_gap_end_us.load(Ordering::Relaxed);
+        if end > restart_began {
+            stats::record(&mut gap_ends, end - restart_began);
+        }
+    }
+    eprintln!(
+        "restart: the longest pauses ended {:.0} ms (p50) / {:.0} ms (p99) after the takeover process was started; broadcasts {}..{} were published during the restart",
+        gap_ends.value_at_quantile(0.5) as f64 / 1000.0,
+        gap_ends.value_at_quantile(0.99) as f64 / 1000.0,
+        seq_before,
+        seq_after
+    );
+    let skipped = SKIPPED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    if !skipped.is_empty() {
+        eprintln!("restart: broadcasts some connection skipped: {skipped:?}");
     }
     let broadcasts = published.load(Ordering::Relaxed);
     let mut pauses = stats::histogram();
@@ -273,6 +309,12 @@ pub async fn run(args: &RestartArgs) -> Result<RestartReport, BenchError> {
     Ok(report)
 }
 
+/// The run's time origin (for when pauses ended).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 /// One connection: pings every `interval`, records PONG gaps and broadcasts.
 #[allow(clippy::too_many_arguments)]
 async fn drive(
@@ -325,7 +367,10 @@ async fn drive(
                         && measuring.load(Ordering::Relaxed)
                     {
                         let gap = now.duration_since(before).as_micros() as u64;
-                        log.max_gap_us.fetch_max(gap, Ordering::Relaxed);
+                        if gap > log.max_gap_us.fetch_max(gap, Ordering::Relaxed) {
+                            let end = now.duration_since(epoch()).as_micros() as u64;
+                            log.max_gap_end_us.store(end, Ordering::Relaxed);
+                        }
                     }
                     last_pong = Some(now);
                 }
@@ -337,6 +382,16 @@ async fn drive(
                     if seq <= last_down {
                         log.repeated.fetch_add(1, Ordering::Relaxed);
                     } else {
+                        if last_down > 0 && seq > last_down + 1 {
+                            let mut skipped = SKIPPED
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            for missing in last_down + 1..seq {
+                                if skipped.len() < 64 && !skipped.contains(&missing) {
+                                    skipped.push(missing);
+                                }
+                            }
+                        }
                         log.downs.fetch_add(1, Ordering::Relaxed);
                         last_down = seq;
                     }

@@ -100,8 +100,8 @@ async fn spawn_role(
     let mut command = Command::new(tether);
     command
         .args(args)
-        .envs(envs.iter().copied())
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        .envs(envs.iter().copied());
     let what = format!("tether {}", args.first().map_or("", String::as_str));
     spawn_listening(command, &what, log_path, ready, Duration::from_secs(30)).await
 }
@@ -172,6 +172,8 @@ pub struct Gateway {
     pub ws: SocketAddr,
     /// Admin HTTP listener.
     pub admin: SocketAddr,
+    /// Log files of the processes that served it, oldest first (a hand-off adds one).
+    pub logs: Vec<PathBuf>,
 }
 
 impl Gateway {
@@ -262,6 +264,8 @@ impl Stack {
         let envs = [
             ("TETHER_GATEWAY_MAX_FRAMES_PER_SEC", "0"),
             ("TETHER_GATEWAY_AWAIT_REGISTRATION", register),
+            // The hand-off's phase timings (`tether bench restart` prints them).
+            ("RUST_LOG", "warn,tether_gateway::handoff=info"),
         ];
         let mut attempt = 0;
         let mut i = 0;
@@ -303,6 +307,7 @@ impl Stack {
                 tcp,
                 ws,
                 admin,
+                logs: vec![log],
             });
             (i, attempt) = (i + 1, 0);
         }
@@ -426,6 +431,7 @@ impl Stack {
         }
         let took = started.elapsed();
         gateway.child = new;
+        gateway.logs.push(log_path);
         Ok(took)
     }
 
@@ -443,6 +449,36 @@ impl Stack {
     pub fn ws_endpoints(&self) -> Vec<SocketAddr> {
         self.gateways.iter().map(|g| g.ws).collect()
     }
+}
+
+/// The lines of `path` that contain `needle`, without terminal colour codes.
+pub fn log_lines(path: &Path, needle: &str) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|text| {
+            text.lines()
+                .filter(|line| line.contains(needle))
+                .map(strip_colours)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `line` without ANSI escape sequences (`ESC [ … letter`).
+fn strip_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Sum of the RSS of `pids`, KiB (`None` if any cannot be read).

@@ -152,16 +152,16 @@ impl Parked {
         launch(*self.0);
     }
 
-    /// New process: a connection from `moved` over `socket` (not running yet).
+    /// New process: a connection from `moved` over `socket` (already registered with the
+    /// runtime, at prepare; not running yet).
     pub fn adopt(
         ctx: &Arc<GatewayCtx>,
         moved: MovedConn,
-        socket: std::net::TcpStream,
+        socket: tokio::net::TcpStream,
         permit: OwnedSemaphorePermit,
-    ) -> std::io::Result<Parked> {
-        socket.set_nonblocking(true)?;
+    ) -> Parked {
         let fd = socket.as_raw_fd();
-        let stream = Stream::Plain(tokio::net::TcpStream::from_std(socket)?);
+        let stream = Stream::Plain(socket);
         let now = ctx.clock.now();
         let shared = Arc::new(ConnShared::new(moved.state.conn_id, now));
         shared.set_fd(fd);
@@ -187,7 +187,7 @@ impl Parked {
             .then(|| Box::new(WsDecoder::with_partial(moved.ws_partial)));
         let span = tracing::debug_span!("conn", conn = shared.id, remote = %state.remote, transport = state.transport.as_str());
         let span = (!span.is_disabled()).then(|| Box::new(span));
-        Ok(Parked(Box::new(Driver {
+        Parked(Box::new(Driver {
             ctx: ctx.clone(),
             shared,
             stream,
@@ -195,12 +195,15 @@ impl Parked {
             span,
             state,
             _permit: permit,
-        })))
+        }))
     }
 
-    /// New process, after `Go`: registers the connection (registry, sessions, timers,
-    /// gauges) and starts its task. `joined` are the sessions it was a member of.
-    pub fn install(self, joined: &[String]) {
+    /// New process, before it says *committed*: registers the connection (registry,
+    /// sessions, timers, gauges). Nothing reaches it yet: downlinks and control messages
+    /// are held by the gate until `Go`, and its task starts only then ([`Parked::start`]);
+    /// an aborted hand-off ends this process, registrations included. `joined` are the
+    /// sessions it was a member of.
+    pub fn register(&self, joined: &[String]) {
         let driver = &self.0;
         let ctx = &driver.ctx;
         ctx.timers.track(&driver.shared);
@@ -214,7 +217,11 @@ impl Parked {
                     .join(&driver.shared, &identity.app, &identity.did, joined);
             }
         }
-        driver.shared.wake_task();
+    }
+
+    /// New process, after `Go`: starts the registered connection's task.
+    pub fn start(self) {
+        self.0.shared.wake_task();
         launch(*self.0);
     }
 }

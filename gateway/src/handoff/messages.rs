@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::conn::ConnState;
 
-/// Version of this protocol; both sides must speak the same one.
-pub const VERSION: u32 = 1;
+/// Version of this protocol; both sides must speak the same one. Version 2: the messages are
+/// externally tagged (`{"commit": {…}}`), which decodes without buffering a whole commit
+/// first.
+pub const VERSION: u32 = 2;
 
 /// A listening socket handed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -36,7 +38,7 @@ pub enum ListenerKind {
 
 /// Messages from the new process to the old one.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum ToOld {
     /// The new process asks to take over.
     Hello {
@@ -65,7 +67,7 @@ pub enum ToOld {
 
 /// Messages from the old process to the new one.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum ToNew {
     /// What would move.
     Offer {

@@ -25,7 +25,8 @@ pub struct Takeover {
     wire: Wire,
     /// Listening sockets by kind.
     pub listeners: HashMap<ListenerKind, std::net::TcpListener>,
-    sockets: HashMap<u64, OwnedFd>,
+    /// Client sockets, registered with the runtime as they arrive (not at commit).
+    sockets: HashMap<u64, tokio::net::TcpStream>,
 }
 
 /// Connects to the serving process at `path`, checks that every socket it offers fits
@@ -91,7 +92,11 @@ pub async fn receive(path: &Path, config: &GatewayConfig) -> Result<Takeover, Ha
                     listeners.insert(kind, std::net::TcpListener::from(fd));
                 }
             }
-            ToNew::Sockets { conns } => sockets.extend(conns.into_iter().zip(fds)),
+            ToNew::Sockets { conns } => {
+                for (id, fd) in conns.into_iter().zip(fds) {
+                    sockets.insert(id, adopt_socket(fd)?);
+                }
+            }
             ToNew::SocketsDone => break,
             ToNew::Abort { reason } => return Err(HandoffError::Aborted(reason)),
             other => return Err(unexpected("sockets", &other)),
@@ -124,10 +129,12 @@ pub async fn complete(
     }
     let wire = &mut takeover.wire;
     wire.send(&ToOld::Prepared, &[]).await?;
+    let prepared = std::time::Instant::now();
     let (conns, handled) = match recv(wire, timeout, "commit").await? {
         ToNew::Commit { conns, handled } => (conns, handled),
         other => return Err(unexpected("commit", &other)),
     };
+    let commit_ms = prepared.elapsed().as_millis() as u64;
     let mut adopted = Vec::with_capacity(conns.len());
     for mut moved in conns {
         let Some(fd) = takeover.sockets.remove(&moved.state.conn_id) else {
@@ -138,25 +145,47 @@ pub async fn complete(
             .try_acquire_owned()
             .map_err(|_| HandoffError::Local("max_connections reached".into()))?;
         let joined = std::mem::take(&mut moved.joined);
-        let parked = Parked::adopt(ctx, moved, std::net::TcpStream::from(fd), permit)
-            .map_err(|error| HandoffError::Local(format!("cannot adopt a socket: {error}")))?;
-        adopted.push((parked, joined));
+        let parked = Parked::adopt(ctx, moved, fd, permit);
+        parked.register(&joined);
+        adopted.push(parked);
     }
     // Sockets of connections that closed meanwhile: only this copy is left, drop it.
     takeover.sockets.clear();
+    let adopted_ms = prepared.elapsed().as_millis() as u64;
     wire.send(&ToOld::Committed, &[]).await?;
     match recv(wire, timeout, "go").await? {
         ToNew::Go => {}
         other => return Err(unexpected("go", &other)),
     }
+    let go_ms = prepared.elapsed().as_millis() as u64;
     let moved = adopted.len();
-    for (parked, joined) in adopted {
-        parked.install(&joined);
+    for parked in adopted {
+        parked.start();
     }
+    let started_ms = prepared.elapsed().as_millis() as u64;
     let dropped = ctx.handoff.gate.release(ctx, &handled);
     ctx.handoff.pause_accepting(false);
+    tracing::info!(
+        moved,
+        commit_ms,
+        adopted_ms,
+        go_ms,
+        started_ms,
+        released_ms = prepared.elapsed().as_millis() as u64,
+        "hand-off commit timings (from prepared)"
+    );
     tracing::info!(gw = %ctx.config.id, moved, duplicates_dropped = dropped, "hand-off done, serving");
     Ok(moved)
+}
+
+/// A received client socket, registered with the runtime (it is already non-blocking: the
+/// serving process's runtime made it so, and the two share the open file).
+fn adopt_socket(fd: OwnedFd) -> Result<tokio::net::TcpStream, HandoffError> {
+    let socket = std::net::TcpStream::from(fd);
+    socket
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(socket))
+        .map_err(|error| HandoffError::Local(format!("cannot adopt a socket: {error}")))
 }
 
 async fn recv(

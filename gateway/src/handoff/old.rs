@@ -158,6 +158,7 @@ async fn transfer(
         _ => return Err(HandoffError::Timeout("the hand-off marker to come back")),
     }
     // Commit: stop delivering downlinks, then stop every moved connection.
+    let commit_started = std::time::Instant::now();
     let handled = ctx.handoff.gate.freeze();
     ctx.handoff.open_lot();
     for conn in &conns {
@@ -178,8 +179,10 @@ async fn transfer(
     if ctx.handoff.gate.overflowed() {
         return Err(HandoffError::Local("too many downlinks held".into()));
     }
+    let stopped_ms = commit_started.elapsed().as_millis() as u64;
     let moved = ctx.handoff.export_parked();
     let count = moved.len();
+    let exported_ms = commit_started.elapsed().as_millis() as u64;
     wire.send(
         &ToNew::Commit {
             conns: moved,
@@ -188,11 +191,20 @@ async fn transfer(
         &[],
     )
     .await?;
+    let sent_ms = commit_started.elapsed().as_millis() as u64;
     match recv(wire, timeout, "committed").await? {
         ToOld::Committed => {}
         other => return Err(unexpected("committed", &other)),
     }
     wire.send(&ToNew::Go, &[]).await?;
+    tracing::info!(
+        moved = count,
+        stopped_ms,
+        exported_ms,
+        sent_ms,
+        go_ms = commit_started.elapsed().as_millis() as u64,
+        "hand-off commit timings (from the commit's start)"
+    );
     // Past this point the new process serves: nothing here may undo the hand-off.
     ctx.handoff.gate.discard();
     Ok(count)

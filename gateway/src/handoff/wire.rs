@@ -43,6 +43,8 @@ pub enum WireError {
 pub struct Wire {
     stream: UnixStream,
     input: BytesMut,
+    /// Read buffer, allocated once (a fresh one per read would fault its pages in again).
+    chunk: Box<[u8]>,
     fds: VecDeque<OwnedFd>,
 }
 
@@ -52,6 +54,7 @@ impl Wire {
         Self {
             stream,
             input: BytesMut::new(),
+            chunk: vec![0u8; READ_CHUNK].into_boxed_slice(),
             fds: VecDeque::new(),
         }
     }
@@ -68,12 +71,11 @@ impl Wire {
                 fds.len()
             )));
         }
-        let json = serde_json::to_vec(message)?;
-        let len = u32::try_from(json.len())
+        let mut bytes = vec![0u8; 4];
+        serde_json::to_writer(&mut bytes, message)?;
+        let len = u32::try_from(bytes.len() - 4)
             .map_err(|_| WireError::Protocol("message too large".into()))?;
-        let mut bytes = Vec::with_capacity(4 + json.len());
-        bytes.extend_from_slice(&len.to_be_bytes());
-        bytes.extend_from_slice(&json);
+        bytes[..4].copy_from_slice(&len.to_be_bytes());
         let mut sent = 0;
         let raw = self.stream.as_raw_fd();
         while sent < bytes.len() {
@@ -128,6 +130,8 @@ impl Wire {
                     let fds = self.fds.drain(..wanted).collect();
                     return Ok((message, fds));
                 }
+                // Room for the whole message at once, not by doubling.
+                self.input.reserve(4 + len - self.input.len());
             }
             self.fill().await?;
         }
@@ -137,12 +141,12 @@ impl Wire {
     #[allow(unsafe_code)]
     async fn fill(&mut self) -> Result<(), WireError> {
         let raw = self.stream.as_raw_fd();
-        let mut chunk = vec![0u8; READ_CHUNK];
+        let chunk = &mut self.chunk;
         let (n, fds) = self
             .stream
             .async_io(Interest::READABLE, || {
                 let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-                let mut iov = [IoSliceMut::new(&mut chunk)];
+                let mut iov = [IoSliceMut::new(chunk)];
                 let msg =
                     recvmsg::<()>(raw, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
                         .map_err(io::Error::from)?;
@@ -167,7 +171,7 @@ impl Wire {
         if n == 0 {
             return Err(WireError::Closed);
         }
-        self.input.extend_from_slice(&chunk[..n]);
+        self.input.extend_from_slice(&self.chunk[..n]);
         Ok(())
     }
 }
