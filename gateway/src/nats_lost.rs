@@ -2,7 +2,8 @@
 //! anything. After `nats_lost_close_secs` without NATS it tells every connection
 //! `going_away` (retryable: try another endpoint), so devices log in elsewhere, in another
 //! region when their own region's NATS is down (docs/multi-region.md). Logins meanwhile
-//! fail with `unavailable` (state cannot register them). 0 turns this off.
+//! are refused at once with `unavailable` (state cannot register them; see the LOGIN
+//! handling in `conn::driver`). 0 turns this off.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tether_business::{Business, Push};
-use tether_client::Event;
+use tether_client::{Client, ClientConfig, ClientError, Endpoint, ErrorCode, Event};
 use tokio::sync::mpsc;
 
 #[path = "support/regions.rs"]
@@ -164,6 +164,37 @@ async fn a_region_whose_nats_dies_hands_its_devices_to_the_other() -> TestResult
     for i in 1..=5 {
         push(&biz_a, "alice-phone", &format!("a{i}")).await;
     }
+    // gw-region-b refuses a new login at once (state could not register it), with a
+    // reason that sends the device elsewhere, instead of letting it wait for a
+    // registration that cannot happen.
+    eventually(
+        "a login at gw-region-b is refused for its lost NATS",
+        async || {
+            let token = regions
+                .signer
+                .issue(
+                    regions_support::APP,
+                    "u-late",
+                    "late-phone",
+                    Duration::from_secs(60),
+                )
+                .expect("token");
+            let endpoint = b.gateway.tcp_addr.expect("tcp");
+            let config = ClientConfig::new(
+                vec![Endpoint::tcp(endpoint)],
+                regions_support::APP,
+                "late-phone",
+                token,
+            );
+            match Client::connect(config).await {
+                Err(ClientError::Login { code, text, .. }) => {
+                    code == ErrorCode::Unavailable && text.contains("lost its nats connection")
+                }
+                _ => false,
+            }
+        },
+    )
+    .await;
     // A push for bob's phone made in A while B is down: accepted and relayed towards B
     // (where the phone was last seen), or stored here if the phone has moved already.
     push(&biz_a, "bob-phone", "x1").await;

@@ -465,6 +465,19 @@ impl Driver {
             reason.retry_after_ms = 30_000;
             return Err(reason);
         }
+        if self.ctx.outbound.client().connection_state() != async_nats::connection::State::Connected
+        {
+            // State could not register the login (its conn.up cannot be stored): refuse
+            // at once instead of after `registration_timeout_ms`, so the SDK tries
+            // another endpoint (another region when this region's NATS is down).
+            self.ctx.metrics.refused("nats_down");
+            let mut reason = CloseReason::error(
+                ErrorCode::Unavailable,
+                "gateway has lost its nats connection, try another endpoint",
+            );
+            reason.retry_after_ms = 1_000;
+            return Err(reason);
+        }
         let app: Arc<str> = claims.app.as_str().into();
         let app_limit = self
             .ctx
