@@ -200,10 +200,16 @@ impl Outbound {
             headers::MSG_ID,
             format!("{}:{}:{kind}", self.gw, conn.conn).as_str(),
         );
-        let sent = self
-            .js
-            .publish_with_headers(subjects::conn_events(&conn.app, &conn.did), map, payload)
-            .await;
+        let subject = subjects::conn_events(&conn.app, &conn.did);
+        let retry = matches!(event, Event::ConnDown(_)).then(|| {
+            (
+                self.js.clone(),
+                subject.clone(),
+                map.clone(),
+                payload.clone(),
+            )
+        });
+        let sent = self.js.publish_with_headers(subject, map, payload).await;
         let metrics = self.metrics.clone();
         let conn = conn.conn;
         self.events.spawn(async move {
@@ -216,11 +222,52 @@ impl Outbound {
                 Err(error) => {
                     metrics.events_failed.inc();
                     tracing::warn!(conn, kind, %error, "connection event not stored");
+                    if let Some((js, subject, map, payload)) = retry {
+                        tokio::spawn(retry_conn_down(js, subject, map, payload, conn, metrics));
+                    }
                     false
                 }
             }
         })
     }
+}
+
+/// How long a `conn.down` that JetStream did not confirm is published again.
+const CONN_DOWN_RETRY_FOR: Duration = Duration::from_secs(600);
+/// The longest pause between two attempts.
+const CONN_DOWN_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Publishes a `conn.down` again (same message id: JetStream keeps one copy) with backoff
+/// until it is stored, so a disconnect during a NATS outage does not leave the device
+/// routed to a connection that is gone while this gateway lives on. State ignores a
+/// late `conn.down` for a connection it no longer routes to (the device logged in again).
+async fn retry_conn_down(
+    js: jetstream::Context,
+    subject: String,
+    map: HeaderMap,
+    payload: Bytes,
+    conn: u64,
+    metrics: GatewayMetrics,
+) {
+    let give_up = tokio::time::Instant::now() + CONN_DOWN_RETRY_FOR;
+    let mut wait = Duration::from_millis(500);
+    while tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(CONN_DOWN_RETRY_MAX);
+        let stored = match js
+            .publish_with_headers(subject.clone(), map.clone(), payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        if stored {
+            tracing::info!(conn, "conn.down stored on a later attempt");
+            return;
+        }
+        metrics.events_failed.inc();
+    }
+    tracing::warn!(conn, "conn.down given up after {CONN_DOWN_RETRY_FOR:?}");
 }
 
 impl Outbound {

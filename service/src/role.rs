@@ -143,6 +143,7 @@ impl NatsRoleBuilder {
             ..Default::default()
         };
         tether_nats::ensure_layout(&async_nats::jetstream::new(client.clone()), &layout).await?;
+        crate::layout_keeper::spawn(client.clone(), layout, name.to_string(), shutdown.clone());
         let health_client = client.clone();
         let health = Arc::new(move || {
             let (mut ok, state) = nats_health(&health_client);

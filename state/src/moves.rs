@@ -22,8 +22,11 @@
 //!    by the peer's stream sequence; it retries while the peer is unreachable and stops
 //!    after the peer has answered for [`FOLLOW_AFTER_REACHABLE`] (so pushes relayed to the
 //!    peer while it was down, and stored there once it returns, are copied too), or after
-//!    the relay max age. The task lives in memory: a restart of this instance before the
-//!    peer returns forgets it (the messages stay in the peer's inbox).
+//!    the relay max age, or until the peer's cursor shows the device acknowledged a
+//!    sequence above `resume` there (it moved back). Markers and the peer's copies of this
+//!    region's messages are never copied (no echo between two regions). The task lives in
+//!    memory: a restart of this instance before the peer returns forgets it (the messages
+//!    stay in the peer's inbox).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +39,8 @@ use tether_schemas::{Frame, RawFrame, limits};
 use crate::context::StateCtx;
 use crate::crossregion::Relay;
 
+/// The metadata key that tags a move's marker in the inbox (never sent to a device).
+pub const MARKER_META: &str = "tether.move_marker";
 /// After the peer first answers, how long its inbox is still followed for the device.
 pub const FOLLOW_AFTER_REACHABLE: Duration = Duration::from_secs(60);
 /// Pause between two reads of a peer's inbox.
@@ -101,6 +106,7 @@ pub async fn adopt(
             Frame::Down {
                 header: tether_schemas::pb::Down {
                     seq,
+                    meta: [(MARKER_META.to_string(), "move".to_string())].into(),
                     ..Default::default()
                 },
                 qos1: true,
@@ -169,14 +175,29 @@ async fn renumber_unacked(
 }
 
 /// An encoder of `frame` (a stored QoS1 DOWN) with another sequence; `None` for anything
-/// else. (Markers of earlier moves are numbered at or below the device's acknowledged
-/// sequence, so the callers' filters never copy one.)
+/// else, and for a move's marker: a peer's marker is numbered above the resume point of a
+/// device that moves back, and is a sequence floor there, not a message.
 pub fn renumbering(frame: &Bytes) -> Option<impl Fn(u64) -> Bytes + use<>> {
     let raw = RawFrame::from_bytes(frame.clone(), limits::MAX_FRAME_LEN_CAP).ok()?;
     let Frame::Down { header, body, .. } = Frame::decode(&raw).ok()? else {
         return None;
     };
+    if is_marker(&header, &body) {
+        return None;
+    }
     Some(qos1_down(header, body))
+}
+
+/// Whether a stored DOWN is a move's marker: tagged with [`MARKER_META`], or (markers
+/// stored before the tag) an empty DOWN without session, room or metadata, which no push
+/// produces (a push's DOWN always carries its `sent_at_ms`).
+fn is_marker(header: &tether_schemas::pb::Down, body: &Bytes) -> bool {
+    header.meta.contains_key(MARKER_META)
+        || (body.is_empty()
+            && header.session.is_empty()
+            && header.room_seq == 0
+            && header.sent_at_ms == 0
+            && header.meta.is_empty())
 }
 
 /// An encoder of a QoS1 DOWN with `header` and `body` and the sequence it is given.
@@ -233,6 +254,9 @@ async fn follow_peer(
     let mut next = 1u64;
     let mut reachable_since: Option<Instant> = None;
     let stop = relay.shutdown();
+    // The peer's copies of this region's messages (a device that moved there and back):
+    // copying them back would deliver them twice, and echo between the regions.
+    let own_copies = format!("{app}:mv-{}-", relay.region());
     while Instant::now() < give_up
         && reachable_since.is_none_or(|since| since.elapsed() < FOLLOW_AFTER_REACHABLE)
     {
@@ -246,11 +270,22 @@ async fn follow_peer(
             relay.lookup_timeout(),
         )
         .await;
+        if relay
+            .peer_acked(&peer.name, &app, &did)
+            .await
+            .is_some_and(|acked| acked > resume)
+        {
+            // The device acknowledged there what it had not when it moved here: it is
+            // served there again (it moved back), and what is stored there is its own.
+            tracing::info!(region = %peer.name, app, did, "the moved device is served by the peer again");
+            break;
+        }
         match read {
             Ok(batch) => {
                 reachable_since.get_or_insert_with(Instant::now);
                 for message in batch.messages {
                     if tether_nats::headers::seq(&message.headers) > resume
+                        && !copied_from(&message.headers, &own_copies)
                         && !copy_one(&ctx, &relay, &peer, &app, &did, &message).await
                     {
                         break;
@@ -268,6 +303,14 @@ async fn follow_peer(
         }
     }
     tracing::info!(region = %peer.name, app, did, "stopped following the peer inbox of a moved device");
+}
+
+/// Whether a peer's inbox message is the copy of a message of the region whose copy
+/// message ids start with `prefix` (see [`copy_one`]).
+fn copied_from(headers: &async_nats::HeaderMap, prefix: &str) -> bool {
+    headers
+        .get(tether_nats::headers::MSG_ID)
+        .is_some_and(|id| id.as_str().starts_with(prefix))
 }
 
 /// Appends one of a peer's inbox messages here; false when it could not be stored (it is

@@ -150,6 +150,10 @@ pub struct TwoRegions {
 
 impl TwoRegions {
     pub async fn start() -> Self {
+        if std::env::var_os("TETHER_TEST_LOG").is_some() {
+            // The roles' logs on stderr (with `--no-capture`), filtered by RUST_LOG.
+            tether_service::telemetry::init();
+        }
         let nats = harness::leaf_regions().expect("hub and regions");
         let keys = tempfile::tempdir().expect("tempdir");
         let key = keys.path().join("token.key");
