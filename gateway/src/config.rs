@@ -104,6 +104,10 @@ pub struct GatewayConfig {
     /// (it logs in elsewhere, in another region if this region's NATS is down); 0 = keep
     /// the devices connected however long NATS is away.
     pub nats_lost_close_secs: u64,
+    /// Pending connections the kernel queues on each client listener before `accept`
+    /// (capped by `net.core.somaxconn`); a login burst beyond it has SYNs dropped and
+    /// retried by the clients after 1 s.
+    pub listen_backlog: u32,
     /// Unix socket where this gateway offers its sockets to a process started with
     /// `tether gateway --takeover <path>` (restart by hand-off, docs/handoff.md); `None`
     /// disables hand-offs.
@@ -161,6 +165,7 @@ impl Default for GatewayConfig {
             migrate_timeout_secs: 30,
             shutdown_drain_secs: 30,
             nats_lost_close_secs: 0,
+            listen_backlog: 4096,
             handoff_socket: None,
             handoff_timeout_ms: 10_000,
             handoff_hold_ms: 0,
@@ -186,6 +191,9 @@ impl GatewayConfig {
                 "gateway id {:?} must be 1-64 characters of [A-Za-z0-9_-]",
                 self.id
             ));
+        }
+        if self.listen_backlog == 0 || self.listen_backlog > 65_535 {
+            return Err("listen_backlog must be between 1 and 65535".into());
         }
         if self.tcp_listen.is_none() && self.ws_listen.is_none() {
             return Err("at least one of tcp_listen and ws_listen must be set".into());

@@ -92,10 +92,20 @@ impl RunningGateway {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|error| GatewayError::Bind { addr, error })
+/// Binds a client listener with a backlog of `backlog` pending connections (the kernel
+/// caps it at `net.core.somaxconn`). tokio's default of 1,024 overflows in a login burst
+/// on a busy gateway: the dropped SYNs are retried by the clients' kernels after 1 s.
+async fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, GatewayError> {
+    let error = |error| GatewayError::Bind { addr, error };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(error)?;
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(addr).map_err(error)?;
+    socket.listen(backlog).map_err(error)
 }
 
 fn adopt_listener(listener: std::net::TcpListener) -> Result<TcpListener, GatewayError> {
@@ -196,11 +206,11 @@ pub async fn start_with(
         true => (tcp, ws),
         false => (
             match config.tcp_listen {
-                Some(addr) => Some(bind(addr).await?),
+                Some(addr) => Some(bind(addr, config.listen_backlog).await?),
                 None => None,
             },
             match config.ws_listen {
-                Some(addr) => Some(bind(addr).await?),
+                Some(addr) => Some(bind(addr, config.listen_backlog).await?),
                 None => None,
             },
         ),
