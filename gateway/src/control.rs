@@ -193,7 +193,13 @@ pub fn apply_tail(ctx: &Arc<GatewayCtx>, payload: &[u8]) {
             last_acked_seq,
         }) => match ctx.registry.get(&app, &did) {
             Some(here) if here.id != conn => {
-                close(ctx, &app, &did, here.id, tether_schemas::ErrorCode::Replaced);
+                close(
+                    ctx,
+                    &app,
+                    &did,
+                    here.id,
+                    tether_schemas::ErrorCode::Replaced,
+                );
             }
             _ => registered(ctx, &app, &did, conn, last_acked_seq),
         },

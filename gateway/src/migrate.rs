@@ -22,8 +22,7 @@ use rand::seq::SliceRandom;
 use tether_nats::subjects;
 use tether_schemas::bus::{
     DrainRequest, MigrateRequest, MigrationStatus, RedirectDevice, RedirectGrant, RedirectReply,
-    RedirectRequest,
-    migrate::MAX_REDIRECT_BATCH, migrate::TARGET_IPCONFIG,
+    RedirectRequest, migrate::MAX_REDIRECT_BATCH, migrate::TARGET_IPCONFIG,
 };
 use tether_schemas::{ErrorCode, Frame, pb};
 use tokio::time::Instant;

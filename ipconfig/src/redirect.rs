@@ -137,8 +137,8 @@ fn grant(
         // A gateway handing over to its successor may send its devices back to itself
         // (the successor serves its listeners), and only when it names itself.
         let back = request.handoff && request.target == from;
-        let usable = live
-            .filter(|g| (g.id != from || back) && !g.draining && endpoint_of(g).is_some());
+        let usable =
+            live.filter(|g| (g.id != from || back) && !g.draining && endpoint_of(g).is_some());
         if request.target == TARGET_IPCONFIG {
             let policy = Policy {
                 offer_draining: false,

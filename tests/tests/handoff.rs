@@ -654,7 +654,10 @@ async fn tls_devices_are_redirected_to_the_successor_and_lose_nothing() -> TestR
         serde_json::json!({"target": "ipconfig", "handoff": true, "devices": device}),
     ] {
         let reply = redirect_request(&fixture, GW, body).await;
-        assert_eq!(reply.grants[0].gw, None, "never back to the requester otherwise");
+        assert_eq!(
+            reply.grants[0].gw, None,
+            "never back to the requester otherwise"
+        );
     }
 
     let mut devices = Vec::with_capacity(DEVICES);
@@ -711,7 +714,11 @@ async fn tls_devices_are_redirected_to_the_successor_and_lose_nothing() -> TestR
             [one] => one,
             other => panic!("{did}: one REDIRECT expected, got {other:?}"),
         };
-        assert_eq!(redirect.endpoint, fixture.tcp.to_string(), "{did}: same listener");
+        assert_eq!(
+            redirect.endpoint,
+            fixture.tcp.to_string(),
+            "{did}: same listener"
+        );
         assert_eq!(redirect.reason, "handoff");
         let [(_, first), (resume, again)] = &log.logins[..] else {
             panic!("{did}: two logins expected, got {:?}", log.logins);

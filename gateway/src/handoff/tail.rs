@@ -61,9 +61,8 @@ pub async fn run(ctx: &Arc<GatewayCtx>) -> Tail {
     let rate = u64::from(ctx.config.migrate_rate.max(1));
     // The migration ends by itself (every connection left, timed out or could get no
     // token); this bound only guards against a stuck one.
-    let bound = Duration::from_secs(
-        2 * ctx.config.migrate_timeout_secs + staying.len() as u64 / rate + 10,
-    );
+    let bound =
+        Duration::from_secs(2 * ctx.config.migrate_timeout_secs + staying.len() as u64 / rate + 10);
     ctx.migration.hand_off(ctx, staying);
     let deadline = tokio::time::Instant::now() + bound;
     while !ctx.registry.is_empty()
@@ -81,7 +80,11 @@ pub async fn run(ctx: &Arc<GatewayCtx>) -> Tail {
         .into_iter()
         .filter(|c| !c.is_closing())
         .collect();
-    tail.closed += going_away(ctx, &left, "gateway restarting, this connection cannot move");
+    tail.closed += going_away(
+        ctx,
+        &left,
+        "gateway restarting, this connection cannot move",
+    );
     tracing::info!(gw = %ctx.config.id, moved = status.moved, timed_out = status.timed_out, failed = status.failed, left = left.len(), error = ?status.error, "redirects after the hand-off done");
     tail
 }

@@ -242,7 +242,8 @@ impl Device {
                             .messages
                             .push((header.seq, body));
                     }
-                    self.send(n, Frame::DownAck(pb::DownAck { seq: high })).await;
+                    self.send(n, Frame::DownAck(pb::DownAck { seq: high }))
+                        .await;
                 }
                 Frame::Redirect(redirect) if n == live && moving.is_none() => {
                     self.log
