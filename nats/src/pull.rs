@@ -13,6 +13,10 @@ const QUIET: Duration = Duration::from_millis(20);
 /// `max_ack_pending` bounds what a stream can hold anyway).
 const MOST: usize = 10_000;
 
+/// Collecting stops after this long even if messages keep coming (the stream pulls new
+/// ones as it is read): those still on their way come back after their ack wait.
+const SPAN: Duration = Duration::from_millis(250);
+
 /// Gives the messages `stream` fetched and did not hand out back to its consumer at once
 /// (`Nak` without delay, in order), so whoever reads the consumer next gets them without
 /// waiting out their ack wait; returns how many it gave back.
@@ -20,11 +24,13 @@ const MOST: usize = 10_000;
 /// A message given back is available again at once, and a stream keeps pulling while it is
 /// read: naking while reading would fetch the same messages again and again, one delivery
 /// each time, until the consumer's `max_deliver` gave up on them (lost events). So the
-/// messages are collected until none came for `QUIET`, the stream is dropped (its pull
-/// requests lose their interest), and only then are they given back: one delivery each.
+/// messages are collected until none came for `QUIET` (at most `SPAN`), the stream is
+/// dropped (its pull requests lose their interest), and only then are they given back:
+/// one delivery each. JetStream may redeliver them in another order.
 pub async fn release_prefetched(mut stream: pull::Stream) -> usize {
     let mut fetched = Vec::new();
-    while fetched.len() < MOST {
+    let until = tokio::time::Instant::now() + SPAN;
+    while fetched.len() < MOST && tokio::time::Instant::now() < until {
         match tokio::time::timeout(QUIET, stream.next()).await {
             Ok(Some(Ok(message))) => fetched.push(message),
             _ => break,

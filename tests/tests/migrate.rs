@@ -242,20 +242,15 @@ fn troubles(logs: &Logs) -> Vec<String> {
 
 /// Drain of a gateway holding 2,000 devices to two others while a business pushes QoS1
 /// to every device: each device ends on one of the others, gets each of its messages once
-/// and in order, and sees no error or disconnect. About 70 s in a debug build on two shared
-/// cores; one run of three on a heavily loaded machine left 19 devices redirected but not
-/// moved after 2 minutes (not diagnosed yet), so it runs on demand:
-/// `cargo nextest run -p tether-tests --test migrate --run-ignored ignored-only`.
+/// and in order, and sees no error or disconnect. About 30–70 s in a debug build on two
+/// shared cores (longer under load). It used to stall under load: state, losing and
+/// retaking partition leases, refetched what it gave back until JetStream dropped the
+/// events (`max_deliver`), so some new logins were never registered and their devices
+/// stayed on the drained gateway (fixed in `tether_nats::pull::release_prefetched`).
+/// `RUST_LOG=warn` prints the services' logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "heavy: 2,000 devices; run on demand (see the doc comment)"]
 async fn drain_of_2000_devices_to_two_gateways_loses_and_duplicates_nothing() -> TestResult {
     drain_loses_and_duplicates_nothing(2000).await
-}
-
-/// The same drain with 300 devices, in every `make test`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_of_300_devices_to_two_gateways_loses_and_duplicates_nothing() -> TestResult {
-    drain_loses_and_duplicates_nothing(300).await
 }
 
 async fn drain_loses_and_duplicates_nothing(devices: usize) -> TestResult {
