@@ -490,14 +490,24 @@ impl Job {
         let handoff = self.kind == Kind::Handoff;
         let mut grants = self.ask(&self.target, handoff, devices.clone()).await?;
         if handoff {
-            let refused: Vec<usize> = (0..grants.len())
-                .filter(|i| grants[*i].token.is_none())
+            // Only grants that answer a device asked for (ipconfig's reply is not trusted).
+            let refused: Vec<usize> = grants
+                .iter()
+                .take(devices.len())
+                .enumerate()
+                .filter(|(_, grant)| grant.token.is_none())
+                .map(|(i, _)| i)
                 .collect();
             if !refused.is_empty() {
-                let again = refused.iter().map(|i| devices[*i].clone()).collect();
+                let again = refused
+                    .iter()
+                    .filter_map(|i| devices.get(*i).cloned())
+                    .collect();
                 let elsewhere = self.ask(TARGET_IPCONFIG, false, again).await?;
                 for (i, grant) in refused.into_iter().zip(elsewhere) {
-                    grants[i] = grant;
+                    if let Some(slot) = grants.get_mut(i) {
+                        *slot = grant;
+                    }
                 }
             }
         }

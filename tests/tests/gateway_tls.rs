@@ -1,9 +1,11 @@
 //! The gateway's client listeners over TLS (rustls), with a self-signed certificate.
 
 mod support;
+#[path = "support/tls.rs"]
+mod tls;
 
 use bytes::Bytes;
-use support::tls::TlsCert;
+use tls::TlsCert;
 use support::{Fixture, TestResult, WAIT};
 use tether_schemas::{Frame, limits, split_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -4,6 +4,8 @@
 //! commit leaves the old process serving.
 
 mod support;
+#[path = "support/tls.rs"]
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -618,7 +620,7 @@ async fn a_takeover_over_the_fd_limit_is_refused_before_anything_moves() -> Test
 async fn tls_devices_are_redirected_to_the_successor_and_lose_nothing() -> TestResult {
     use std::sync::Arc;
     use support::stack::{push_round, redirect_request, start_ipconfig, start_state};
-    use support::tls::{TlsCert, TlsDevice};
+    use crate::tls::{TlsCert, TlsDevice};
 
     const DEVICES: usize = 40;
     const ROUNDS: u32 = 6;

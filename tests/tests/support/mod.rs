@@ -412,7 +412,6 @@ pub async fn read_stream(
 
 pub mod python;
 pub mod stack;
-pub mod tls;
 
 /// `GET path` on an HTTP/1.0 server (the admin endpoints); the whole response, head
 /// included.

@@ -1,6 +1,10 @@
 //! TLS in the end-to-end tests: a self-signed certificate for the gateway's listeners, a
 //! client connector trusting it, and a TLS device (the Rust SDK has no TLS yet) that
-//! acknowledges QoS1 DOWNs and follows REDIRECT as PROTOCOL.md 6.6 says.
+//! acknowledges QoS1 DOWNs and follows REDIRECT as PROTOCOL.md 6.6 says. Test files that
+//! use it declare it (`#[path = "support/tls.rs"] mod tls;`), so the binaries sharing
+//! `support` need no TLS crates.
+
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -16,7 +20,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, pki_types::ServerName};
 use tokio_util::sync::CancellationToken;
 
-use super::{APP, WAIT};
+use crate::support::{APP, WAIT};
 
 /// A self-signed certificate for `localhost` (files for the gateway) and a connector
 /// trusting it.
