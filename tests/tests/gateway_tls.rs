@@ -5,9 +5,9 @@ mod support;
 mod tls;
 
 use bytes::Bytes;
-use tls::TlsCert;
 use support::{Fixture, TestResult, WAIT};
 use tether_schemas::{Frame, limits, split_frame};
+use tls::TlsCert;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]

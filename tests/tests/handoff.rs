@@ -618,9 +618,9 @@ async fn a_takeover_over_the_fd_limit_is_refused_before_anything_moves() -> Test
 /// new login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_devices_are_redirected_to_the_successor_and_lose_nothing() -> TestResult {
+    use crate::tls::{TlsCert, TlsDevice};
     use std::sync::Arc;
     use support::stack::{push_round, redirect_request, start_ipconfig, start_state};
-    use crate::tls::{TlsCert, TlsDevice};
 
     const DEVICES: usize = 40;
     const ROUNDS: u32 = 6;
