@@ -712,6 +712,7 @@ async fn tls_devices_are_redirected_to_the_successor_and_lose_nothing() -> TestR
             .collect();
         assert_eq!(log.messages, expected, "{did}: exactly once, in order");
         assert_eq!(log.troubles, Vec::<String>::new(), "{did}");
+        assert_eq!(log.reconnects, 0, "{did}: no disconnect");
         let redirect = match &log.redirects[..] {
             [one] => one,
             other => panic!("{did}: one REDIRECT expected, got {other:?}"),
@@ -731,6 +732,140 @@ async fn tls_devices_are_redirected_to_the_successor_and_lose_nothing() -> TestR
         assert!(*resume >= 1, "{did}: resumed from {resume}");
     }
     assert_eq!(successor.sessions(), DEVICES);
+    successor_stop.cancel();
+    successor.wait().await;
+    stop.cancel();
+    Ok(())
+}
+
+/// The old process dies (SIGKILL) while it redirects its TLS devices after the commit:
+/// each device either finishes its redirect or, its connection gone, logs in again through
+/// the normal path (which ones is up to timing); either way at the successor, with every
+/// QoS1 message once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_process_killed_while_redirecting_tls_devices_loses_nothing() -> TestResult {
+    use crate::tls::{TlsCert, TlsDevice};
+    use std::sync::Arc;
+    use support::stack::{push_round, redirect_request, start_ipconfig, start_state};
+
+    const DEVICES: usize = 30;
+    const ROUNDS: u32 = 5;
+    const ID: &str = "gw-proc";
+    let cert = Arc::new(TlsCert::new());
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("gw.sock");
+    let mut fixture = Fixture::start(|_| {}).await;
+    // Its own gateway is not used: without it ipconfig has nowhere else to send devices,
+    // and the successor's final drain ends at once.
+    fixture.stop_gateway().await;
+    let stop = CancellationToken::new();
+    let _state = start_state(&fixture, stop.clone()).await;
+    let (_ipconfig, _key) = start_ipconfig(&fixture, stop.clone()).await;
+    let (tcp, ws, admin) = (free_port(), free_port(), free_port());
+    let socket_arg = socket.to_string_lossy().to_string();
+    let (cert_file, key_file) = (
+        cert.files.cert.to_string_lossy().to_string(),
+        cert.files.key.to_string_lossy().to_string(),
+    );
+    let mut old = gateway_process(
+        &fixture,
+        ID,
+        &[
+            "--tcp",
+            &tcp.to_string(),
+            "--ws",
+            &ws.to_string(),
+            "--admin",
+            &admin.to_string(),
+            "--handoff-socket",
+            &socket_arg,
+        ],
+        &[
+            ("TETHER_GATEWAY_TLS__CERT", &cert_file),
+            ("TETHER_GATEWAY_TLS__KEY", &key_file),
+            ("TETHER_GATEWAY_AWAIT_REGISTRATION", "true"),
+            ("TETHER_GATEWAY_HEARTBEAT_INTERVAL_MS", "200"),
+        ],
+    );
+    wait_for_line(&mut old, "gateway started").await;
+    let device = serde_json::json!([{"app": APP, "uid": "u", "did": "probe", "transport": "tcp"}]);
+    eventually("ipconfig grants the hand-off target", async || {
+        let body = serde_json::json!({"target": ID, "handoff": true, "devices": device});
+        let reply = redirect_request(&fixture, ID, body).await;
+        reply.grants.first().and_then(|g| g.gw.as_deref()) == Some(ID)
+    })
+    .await;
+
+    let mut devices = Vec::with_capacity(DEVICES);
+    for i in 0..DEVICES {
+        let did = format!("k{i}");
+        let token = fixture.token(&did);
+        devices.push(TlsDevice::start(cert.clone(), tcp, &did, token).await);
+    }
+    let dids: Vec<String> = devices.iter().map(|d| d.did.clone()).collect();
+    let business = tether_business::Business::new(fixture.nats_client.clone(), APP);
+    push_round(&business, &dids, 1).await;
+    let pushing = {
+        let (business, dids) = (business.clone(), dids.clone());
+        tokio::spawn(async move {
+            for round in 2..ROUNDS {
+                push_round(&business, &dids, round).await;
+            }
+        })
+    };
+    let successor_stop = CancellationToken::new();
+    let mut config = fixture.gateway_config(ID);
+    config.handoff_socket = Some(socket.clone());
+    config.tls = Some(cert.files.clone());
+    config.await_registration = true;
+    config.heartbeat_interval_ms = 200;
+    let successor =
+        tether_gateway::start_with(config, successor_stop.clone(), Some(&socket)).await?;
+    // Committed: the old process dies while it redirects (once a first REDIRECT went out),
+    // without its orderly exit.
+    eventually("a first REDIRECT", async || {
+        devices
+            .iter()
+            .any(|d| !d.log.lock().expect("lock").redirects.is_empty())
+    })
+    .await;
+    let _ = old.start_kill();
+    old.wait().await?;
+    assert_eq!(successor.tcp_addr, Some(tcp), "same listener");
+    pushing.await?;
+    push_round(&business, &dids, ROUNDS).await;
+
+    for device in &devices {
+        let log = device.log.clone();
+        eventually(&format!("{} got every message", device.did), async || {
+            log.lock().expect("lock").messages.len() >= ROUNDS as usize
+        })
+        .await;
+    }
+    for device in &devices {
+        let log = device.log.lock().expect("lock");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for device in &devices {
+        let did = &device.did;
+        let log = device.log.lock().expect("lock");
+        let expected: Vec<(u64, Bytes)> = (1..=ROUNDS)
+            .map(|r| (u64::from(r), Bytes::from(format!("{did}:{r}"))))
+            .collect();
+        assert_eq!(log.messages, expected, "{did}: exactly once, in order");
+        assert_eq!(log.troubles, Vec::<String>::new(), "{did}");
+        let (_, last) = log.logins.last().ok_or("no login")?;
+        assert_eq!(last.gateway, ID);
+        assert_eq!(
+            log.logins.len(),
+            2,
+            "{did}: redirected or logged in again once"
+        );
+    }
+    eventually("every device at the successor", async || {
+        successor.sessions() == DEVICES
+    })
+    .await;
     successor_stop.cancel();
     successor.wait().await;
     stop.cancel();

@@ -1,6 +1,7 @@
 //! TLS in the end-to-end tests: a self-signed certificate for the gateway's listeners, a
 //! client connector trusting it, and a TLS device (the Rust SDK has no TLS yet) that
-//! acknowledges QoS1 DOWNs and follows REDIRECT as PROTOCOL.md 6.6 says. Test files that
+//! acknowledges QoS1 DOWNs, follows REDIRECT as PROTOCOL.md 6.6 says, and logs in again
+//! with its resume point when its connection ends otherwise. Test files that
 //! use it declare it (`#[path = "support/tls.rs"] mod tls;`), so the binaries sharing
 //! `support` need no TLS crates.
 
@@ -71,7 +72,9 @@ pub struct TlsLog {
     pub redirects: Vec<pb::Redirect>,
     /// Each LOGIN's `resume_seq` and its LOGIN_ACK, in order.
     pub logins: Vec<(u64, pb::LoginAck)>,
-    /// ERROR frames, failed redirects, a live connection that ended.
+    /// Logins again after the live connection ended without a redirect under way.
+    pub reconnects: usize,
+    /// ERROR frames, failed redirects and reconnects.
     pub troubles: Vec<String>,
 }
 
@@ -138,13 +141,41 @@ impl Device {
 
     /// Opens connection `n` to `addr` and sends LOGIN; its frames come through `frames`.
     async fn open(&mut self, addr: SocketAddr, token: String, resume_seq: u64) -> Option<usize> {
-        let stream = match self.cert.connect(addr).await {
-            Ok(stream) => stream,
+        match self.try_open(addr, token, resume_seq).await {
+            Ok(n) => Some(n),
             Err(error) => {
-                self.trouble(format!("connect {addr}: {error}"));
-                return None;
+                self.trouble(error);
+                None
             }
-        };
+        }
+    }
+
+    /// Logs in again at `addr` (the normal path after a lost connection): a few tries.
+    async fn reconnect(&mut self, addr: SocketAddr, token: &str, resume_seq: u64) -> Option<usize> {
+        self.log.lock().expect("lock").reconnects += 1;
+        let mut last = String::new();
+        for _ in 0..50 {
+            match self.try_open(addr, token.to_string(), resume_seq).await {
+                Ok(n) => return Some(n),
+                Err(error) => last = error,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        self.trouble(format!("no reconnect: {last}"));
+        None
+    }
+
+    async fn try_open(
+        &mut self,
+        addr: SocketAddr,
+        token: String,
+        resume_seq: u64,
+    ) -> Result<usize, String> {
+        let stream = self
+            .cert
+            .connect(addr)
+            .await
+            .map_err(|error| format!("connect {addr}: {error}"))?;
         let (mut read, mut write) = tokio::io::split(stream);
         let login = Frame::Login(pb::Login {
             token,
@@ -153,10 +184,10 @@ impl Device {
             resume_seq,
             ..Default::default()
         });
-        if let Err(error) = write.write_all(&login.encode()).await {
-            self.trouble(format!("login to {addr}: {error}"));
-            return None;
-        }
+        write
+            .write_all(&login.encode())
+            .await
+            .map_err(|error| format!("login to {addr}: {error}"))?;
         let n = self.writers.len();
         self.writers.push(Some(write));
         self.resumes.push(resume_seq);
@@ -178,7 +209,7 @@ impl Device {
                 }
             }
         });
-        Some(n)
+        Ok(n)
     }
 
     async fn send(&mut self, n: usize, frame: Frame) {
@@ -194,7 +225,7 @@ impl Device {
         stop: CancellationToken,
         ready: oneshot::Sender<()>,
     ) {
-        let Some(mut live) = self.open(addr, token, 0).await else {
+        let Some(mut live) = self.open(addr, token.clone(), 0).await else {
             return;
         };
         let mut ready = Some(ready);
@@ -211,12 +242,13 @@ impl Device {
                 },
             };
             let Some(frame) = frame else {
-                // The old connection may end while a redirect is under way (6.6).
+                // The old connection may end while a redirect is under way (6.6); otherwise
+                // log in again where the device first connected.
                 if n == live && moving.is_none() {
-                    self.trouble(format!("connection {n} ended"));
+                    moving = self.reconnect(addr, &token, high).await;
                 }
                 if Some(n) == moving {
-                    self.trouble(format!("redirected connection {n} ended before LOGIN_ACK"));
+                    self.trouble(format!("connection {n} ended before its LOGIN_ACK"));
                     moving = None;
                 }
                 continue;
