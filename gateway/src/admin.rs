@@ -5,7 +5,9 @@
 //!
 //! Drain and migration (PROTOCOL.md 10.7), each answering the migration status:
 //! `POST /v1/migrate` (body: a `migrate` op without `op`), `POST /v1/drain` (optional body:
-//! `{"target":…,"rate":…}`), `DELETE /v1/drain`, `GET /v1/migration`.
+//! `{"target":…,"rate":…}`), `DELETE /v1/drain`, `GET /v1/migration`. A process that handed
+//! over to its successor (still serving its redirected TLS connections, on the same admin
+//! listener) refuses the three that act (`unavailable`: ask again, the successor answers).
 
 use std::sync::{Arc, OnceLock};
 use tether_schemas::ErrorCode;
@@ -45,6 +47,21 @@ fn starting() -> Answer {
     )
 }
 
+/// The context of a process that may act on migrations: not starting, not handed over.
+fn acting(cell: &CtxCell) -> Result<&Arc<GatewayCtx>, Answer> {
+    let ctx = cell.get().ok_or_else(starting)?;
+    if ctx.handoff.handed_over.is_cancelled() {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "this process handed over to its successor: ask again"
+            ))),
+        ));
+    }
+    Ok(ctx)
+}
+
 fn answer(result: Result<MigrationStatus, String>) -> Answer {
     match result {
         Ok(status) => (StatusCode::OK, Json(json!(status))),
@@ -64,15 +81,17 @@ fn body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, Str
 }
 
 async fn migrate(State(cell): State<CtxCell>, bytes: axum::body::Bytes) -> Answer {
-    let Some(ctx) = cell.get() else {
-        return starting();
+    let ctx = match acting(&cell) {
+        Ok(ctx) => ctx,
+        Err(refused) => return refused,
     };
     answer(body::<MigrateRequest>(&bytes).and_then(|request| ctx.migration.migrate(ctx, &request)))
 }
 
 async fn drain(State(cell): State<CtxCell>, bytes: axum::body::Bytes) -> Answer {
-    let Some(ctx) = cell.get() else {
-        return starting();
+    let ctx = match acting(&cell) {
+        Ok(ctx) => ctx,
+        Err(refused) => return refused,
     };
     answer(body::<DrainRequest>(&bytes).and_then(|request| {
         ctx.migration
@@ -81,8 +100,9 @@ async fn drain(State(cell): State<CtxCell>, bytes: axum::body::Bytes) -> Answer 
 }
 
 async fn undrain(State(cell): State<CtxCell>) -> Answer {
-    let Some(ctx) = cell.get() else {
-        return starting();
+    let ctx = match acting(&cell) {
+        Ok(ctx) => ctx,
+        Err(refused) => return refused,
     };
     answer(Ok(ctx.migration.undrain(ctx)))
 }

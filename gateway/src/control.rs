@@ -14,6 +14,9 @@
 //! handled by [`crate::migrate`]; each returns the migration status (or an error body) as
 //! the answer to the request. `restart`, `restart_status`: handled by [`crate::restart`];
 //! each returns the restart status (or an error body).
+//!
+//! The old process after a hand-off applies only what concerns the connections it still
+//! serves ([`apply_tail`]).
 
 use std::sync::Arc;
 
@@ -142,17 +145,64 @@ pub fn apply(ctx: &Arc<GatewayCtx>, payload: &[u8]) -> Option<Bytes> {
             );
         }
     };
-    if !valid_id(&app) || !valid_id(&did) || !sessions.iter().all(|s| valid_id(s)) {
+    set_sessions(ctx, &app, &did, &sessions);
+    None
+}
+
+/// The device's complete set of sessions, applied when it is connected here.
+fn set_sessions(ctx: &Arc<GatewayCtx>, app: &str, did: &str, sessions: &[String]) {
+    if !valid_id(app) || !valid_id(did) || !sessions.iter().all(|s| valid_id(s)) {
         tracing::warn!(%app, %did, "control message with invalid ids, dropped");
-        return None;
+        return;
     }
-    let Some(conn) = ctx.registry.get(&app, &did) else {
-        return None; // not here (any more): the gateway that holds it gets its own sync
+    let Some(conn) = ctx.registry.get(app, did) else {
+        return; // not here (any more): the gateway that holds it gets its own sync
     };
-    let identity = conn.identity()?;
+    let Some(identity) = conn.identity() else {
+        return;
+    };
     let (app, did) = (identity.app.clone(), identity.did.clone());
-    let recoveries = ctx.sessions.set(&conn, &app, &did, &sessions);
+    let recoveries = ctx.sessions.set(&conn, &app, &did, sessions);
     ctx.metrics.session_syncs.inc();
     rooms::start(ctx, recoveries);
-    None
+}
+
+/// The old process after a hand-off (docs/handoff.md "TLS"): applies what concerns the
+/// connections still here, and answers nothing (the successor, subscribed to the same
+/// subject, answers every request; operator ops are its business).
+///
+/// `registered` for a connection that is not the device's one here means the device
+/// logged in again at the successor (same gateway id, so state sends no `close`): the one
+/// here leaves, without an ERROR when it was redirected (PROTOCOL.md 6.6), else with
+/// `replaced`.
+pub fn apply_tail(ctx: &Arc<GatewayCtx>, payload: &[u8]) {
+    match GatewayControl::from_json(payload) {
+        Ok(GatewayControl::Sessions { app, did, sessions }) => {
+            set_sessions(ctx, &app, &did, &sessions);
+        }
+        Ok(GatewayControl::Close {
+            app,
+            did,
+            conn,
+            code,
+        }) => close(ctx, &app, &did, conn, code),
+        Ok(GatewayControl::Registered {
+            app,
+            did,
+            conn,
+            last_acked_seq,
+        }) => match ctx.registry.get(&app, &did) {
+            Some(here) if here.id != conn => {
+                close(
+                    ctx,
+                    &app,
+                    &did,
+                    here.id,
+                    tether_schemas::ErrorCode::Replaced,
+                );
+            }
+            _ => registered(ctx, &app, &did, conn, last_acked_seq),
+        },
+        _ => {}
+    }
 }

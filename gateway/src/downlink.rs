@@ -52,6 +52,20 @@ pub async fn run(
     Ok(())
 }
 
+/// The old process after a hand-off (docs/handoff.md "TLS"): delivers to the connections
+/// still here; control messages only act on them and are never answered (the successor
+/// answers).
+pub fn deliver_tail(ctx: &Arc<GatewayCtx>, message: &Message) {
+    if matches!(
+        Subject::parse(&message.subject),
+        Some(Subject::GatewayCtl { .. })
+    ) {
+        crate::control::apply_tail(ctx, &message.payload);
+        return;
+    }
+    deliver(ctx, message);
+}
+
 /// Delivers one downlink message to its local targets.
 pub fn deliver(ctx: &Arc<GatewayCtx>, message: &Message) {
     if matches!(

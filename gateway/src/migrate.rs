@@ -9,6 +9,10 @@
 //! `migrate_window` redirected connections are on their way at once. A drain marks the gateway
 //! draining and migrates every connection, newcomers included, until none is left.
 //! One migration runs at a time; starting one replaces the running one.
+//!
+//! After a hand-off (docs/handoff.md "TLS") the old process migrates the connections that
+//! could not move (TLS) back to its own gateway id, whose listeners the successor now
+//! serves (`handoff` redirect tokens), or to another gateway when ipconfig cannot offer it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -17,8 +21,8 @@ use std::time::Duration;
 use rand::seq::SliceRandom;
 use tether_nats::subjects;
 use tether_schemas::bus::{
-    DrainRequest, MigrateRequest, MigrationStatus, RedirectDevice, RedirectReply, RedirectRequest,
-    migrate::MAX_REDIRECT_BATCH, migrate::TARGET_IPCONFIG,
+    DrainRequest, MigrateRequest, MigrationStatus, RedirectDevice, RedirectGrant, RedirectReply,
+    RedirectRequest, migrate::MAX_REDIRECT_BATCH, migrate::TARGET_IPCONFIG,
 };
 use tether_schemas::{ErrorCode, Frame, pb};
 use tokio::time::Instant;
@@ -42,6 +46,8 @@ pub enum Kind {
     Drain,
     /// The gateway is stopping (SIGTERM).
     Shutdown,
+    /// The old process after a hand-off: its TLS connections go to the successor.
+    Handoff,
 }
 
 impl Kind {
@@ -50,6 +56,7 @@ impl Kind {
             Kind::Migrate => "migrate",
             Kind::Drain => "drain",
             Kind::Shutdown => "shutdown",
+            Kind::Handoff => "handoff",
         }
     }
 }
@@ -69,6 +76,8 @@ enum Selection {
     All {
         app: Option<String>,
     },
+    /// These connections (those still here).
+    Conns(Vec<Arc<ConnShared>>),
 }
 
 /// A redirected connection still here.
@@ -193,6 +202,13 @@ impl Migration {
         Ok(self.status(ctx))
     }
 
+    /// The old process after a hand-off: redirects `conns` (its TLS connections) to this
+    /// gateway id, now served by the successor, or elsewhere when that cannot be granted.
+    pub fn hand_off(&self, ctx: &Arc<GatewayCtx>, conns: Vec<Arc<ConnShared>>) {
+        let target = ctx.config.id.clone();
+        self.start(ctx, Kind::Handoff, Selection::Conns(conns), &target, None);
+    }
+
     /// Stops a running migration and clears the draining flag.
     pub fn undrain(&self, ctx: &GatewayCtx) -> MigrationStatus {
         self.stop();
@@ -314,7 +330,9 @@ struct Job {
 impl Job {
     async fn run(self, mut queue: VecDeque<Arc<ConnShared>>) {
         let migration = &self.ctx.migration;
-        let refill = matches!(self.selection, Selection::All { .. });
+        // A connection still logging in is put back and chosen again by a refill.
+        let refill = matches!(self.selection, Selection::All { .. } | Selection::Conns(_));
+        let everyone = matches!(self.selection, Selection::All { .. });
         let mut tried: HashSet<u64> = queue.iter().map(|c| c.id).collect();
         let mut budget = 0.0_f64;
         let burst = (f64::from(self.rate) / 5.0).max(1.0);
@@ -337,7 +355,7 @@ impl Job {
                 queue = more;
             }
             if !sending || queue.is_empty() {
-                let done = if refill && sending {
+                let done = if everyone && sending {
                     self.ctx.registry.is_empty()
                 } else {
                     pending == 0
@@ -402,32 +420,35 @@ impl Job {
                 Some(app) => registry.app_connections(app),
                 None => registry.all(),
             },
+            Selection::Conns(conns) => conns
+                .iter()
+                .filter(|c| {
+                    c.identity().is_some_and(|id| {
+                        registry
+                            .get(&id.app, &id.did)
+                            .is_some_and(|here| here.id == c.id)
+                    })
+                })
+                .cloned()
+                .collect(),
         };
         chosen.retain(|c| !tried.contains(&c.id));
         chosen.into()
     }
 
-    /// Gets tokens for `batch` and queues their REDIRECTs. An error stops the migration:
-    /// ipconfig cannot be asked, or there is no gateway to move any of them to.
-    async fn redirect(&self, batch: Vec<Arc<ConnShared>>) -> Result<(), String> {
+    /// Asks ipconfig for tokens to `target` for `devices` (one grant per device, in order).
+    async fn ask(
+        &self,
+        target: &str,
+        handoff: bool,
+        devices: Vec<RedirectDevice>,
+    ) -> Result<Vec<RedirectGrant>, String> {
         let ctx = &self.ctx;
-        let mut conns = Vec::with_capacity(batch.len());
-        let mut devices = Vec::with_capacity(batch.len());
-        for conn in batch {
-            let Some(id) = conn.identity() else { continue };
-            devices.push(RedirectDevice {
-                app: id.app.to_string(),
-                uid: id.uid.to_string(),
-                did: id.did.to_string(),
-                transport: id.transport.as_str().into(),
-                rights: id.rights.iter().map(|r| r.as_str().to_string()).collect(),
-            });
-            conns.push(conn);
-        }
         let request = RedirectRequest {
-            target: self.target.clone(),
+            target: target.into(),
             region: ctx.config.region.clone(),
             devices,
+            handoff,
         };
         let body = serde_json::to_vec(&request).map_err(|e| format!("encode: {e}"))?;
         let asked = ctx
@@ -445,10 +466,55 @@ impl Job {
                 String::from_utf8_lossy(&answer.payload)
             )
         })?;
+        Ok(reply.grants)
+    }
+
+    /// Gets tokens for `batch` and queues their REDIRECTs. An error stops the migration:
+    /// ipconfig cannot be asked, or there is no gateway to move any of them to. After a
+    /// hand-off, devices the successor cannot be granted for are offered elsewhere.
+    async fn redirect(&self, batch: Vec<Arc<ConnShared>>) -> Result<(), String> {
+        let ctx = &self.ctx;
+        let mut conns = Vec::with_capacity(batch.len());
+        let mut devices = Vec::with_capacity(batch.len());
+        for conn in batch {
+            let Some(id) = conn.identity() else { continue };
+            devices.push(RedirectDevice {
+                app: id.app.to_string(),
+                uid: id.uid.to_string(),
+                did: id.did.to_string(),
+                transport: id.transport.as_str().into(),
+                rights: id.rights.iter().map(|r| r.as_str().to_string()).collect(),
+            });
+            conns.push(conn);
+        }
+        let handoff = self.kind == Kind::Handoff;
+        let mut grants = self.ask(&self.target, handoff, devices.clone()).await?;
+        if handoff {
+            // Only grants that answer a device asked for (ipconfig's reply is not trusted).
+            let refused: Vec<usize> = grants
+                .iter()
+                .take(devices.len())
+                .enumerate()
+                .filter(|(_, grant)| grant.token.is_none())
+                .map(|(i, _)| i)
+                .collect();
+            if !refused.is_empty() {
+                let again = refused
+                    .iter()
+                    .filter_map(|i| devices.get(*i).cloned())
+                    .collect();
+                let elsewhere = self.ask(TARGET_IPCONFIG, false, again).await?;
+                for (i, grant) in refused.into_iter().zip(elsewhere) {
+                    if let Some(slot) = grants.get_mut(i) {
+                        *slot = grant;
+                    }
+                }
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(ctx.config.migrate_timeout_secs);
         let (mut sent, mut failed, mut last_error) = (0_u64, 0_u64, None);
         let mut inner = ctx.migration.lock();
-        for (conn, grant) in conns.into_iter().zip(reply.grants) {
+        for (conn, grant) in conns.into_iter().zip(grants) {
             let same = conn
                 .identity()
                 .is_some_and(|id| *id.did == grant.did && *id.app == grant.app);

@@ -284,10 +284,10 @@ pub async fn start_with(
             _ = shutdown.cancelled() => {}
             _ = handed_over.cancelled() => {
                 // The successor serves every moved connection: no goodbyes, no conn.down,
-                // the heartbeat record stays; the rest are told going_away.
+                // the heartbeat record stays; TLS connections are redirected to it first.
                 accepting.cancel();
                 heartbeat.keep_record();
-                let closed = crate::handoff::old::release_the_rest(&drain_ctx);
+                let tail = crate::handoff::tail::run(&drain_ctx).await;
                 let deadline = tokio::time::Instant::now()
                     + Duration::from_secs(drain_ctx.config.shutdown_grace_secs);
                 while !drain_ctx.registry.is_empty() && tokio::time::Instant::now() < deadline {
@@ -298,7 +298,7 @@ pub async fn start_with(
                 let _ = tokio::time::timeout(Duration::from_secs(2), beat).await;
                 let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
                 let _ = admin.task.await;
-                tracing::info!(gw = %drain_ctx.config.id, closed, "gateway handed over and stopped");
+                tracing::info!(gw = %drain_ctx.config.id, moved = tail.moved, redirected = tail.redirected, closed = tail.closed, "gateway handed over and stopped");
                 return;
             }
         }

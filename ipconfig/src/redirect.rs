@@ -1,7 +1,8 @@
 //! Redirect tokens for drains and migrations (PROTOCOL.md 10.7): gateways ask on
 //! `tether.gw.<gw>.redirect.req` (queue group `ipconfig`) where each of their devices should
 //! go; ipconfig picks the gateway (its ranking, or the named target) and signs a token bound
-//! to it (`gw` claim). The requester comes from the subject and is never chosen.
+//! to it (`gw` claim). The requester comes from the subject and is never chosen, unless it
+//! hands over to its successor and names itself (`handoff`, docs/handoff.md "TLS").
 
 use std::time::Duration;
 
@@ -133,7 +134,11 @@ fn grant(
         }
     };
     let chosen = state.gateways.with_live(|live| {
-        let usable = live.filter(|g| g.id != from && !g.draining && endpoint_of(g).is_some());
+        // A gateway handing over to its successor may send its devices back to itself
+        // (the successor serves its listeners), and only when it names itself.
+        let back = request.handoff && request.target == from;
+        let usable =
+            live.filter(|g| (g.id != from || back) && !g.draining && endpoint_of(g).is_some());
         if request.target == TARGET_IPCONFIG {
             let policy = Policy {
                 offer_draining: false,

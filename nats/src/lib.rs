@@ -7,6 +7,7 @@
 //! - [`keys`]: key names in the KV buckets.
 //! - [`layout`]: JetStream streams, KV buckets and durable consumers with their settings,
 //!   created idempotently.
+//! - [`pull`]: pull consumers: giving back fetched messages a worker did not handle.
 //! - [`serve`]: the shared loops: serve a subscription, watch a KV bucket, until shutdown.
 //! - [`connect`]: how services connect (names, reconnect logging, timeouts, credentials and
 //!   TLS in [`NatsAuth`]).
@@ -23,6 +24,7 @@ pub mod harness;
 pub mod headers;
 pub mod keys;
 pub mod layout;
+pub mod pull;
 pub mod region;
 pub mod serve;
 pub mod server;

@@ -219,9 +219,9 @@ impl Partition {
         // Messages fetched but not handled go back at once (in order) to whoever serves
         // the partition next, instead of waiting out their ack wait.
         order.release().await;
-        release_prefetched(&mut events).await;
-        release_prefetched(&mut uplinks).await;
-        release_prefetched(&mut inbox).await;
+        tether_nats::pull::release_prefetched(events).await;
+        tether_nats::pull::release_prefetched(uplinks).await;
+        tether_nats::pull::release_prefetched(inbox).await;
         self.flush_cursors().await;
         outcome
     }
@@ -1082,16 +1082,4 @@ fn spawn_uplink(
             .await;
         turn.settled();
     });
-}
-
-/// Naks what a consumer stream already fetched (it is redelivered at once, in order).
-async fn release_prefetched(stream: &mut pull::Stream) {
-    for _ in 0..10_000 {
-        match tokio::time::timeout(Duration::from_millis(20), stream.next()).await {
-            Ok(Some(Ok(message))) => {
-                let _ = message.ack_with(AckKind::Nak(None)).await;
-            }
-            _ => return,
-        }
-    }
 }

@@ -1,38 +1,21 @@
 //! The gateway's client listeners over TLS (rustls), with a self-signed certificate.
 
 mod support;
-
-use std::sync::Arc;
+#[path = "support/tls.rs"]
+mod tls;
 
 use bytes::Bytes;
 use support::{Fixture, TestResult, WAIT};
-use tether_gateway::TlsFiles;
 use tether_schemas::{Frame, limits, split_frame};
+use tls::TlsCert;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, pki_types::ServerName};
 
 #[tokio::test]
 async fn tcp_listener_speaks_tls() -> TestResult {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
-    let dir = tempfile::tempdir()?;
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem())?;
-    std::fs::write(&key, certified.signing_key.serialize_pem())?;
-    let files = TlsFiles { cert, key };
+    let cert = TlsCert::new();
+    let files = cert.files.clone();
     let fixture = Fixture::start(move |c| c.tls = Some(files)).await;
-
-    let mut roots = RootCertStore::empty();
-    roots.add(certified.cert.der().clone())?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let socket = tokio::net::TcpStream::connect(fixture.tcp).await?;
-    let mut tls = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost")?, socket)
-        .await?;
+    let mut tls = cert.connect(fixture.tcp).await?;
 
     tls.write_all(&fixture.login_frame("secure")).await?;
     tls.write_all(&Frame::Ping(Bytes::from_static(b"over tls")).encode())

@@ -4,6 +4,8 @@
 //! commit leaves the old process serving.
 
 mod support;
+#[path = "support/tls.rs"]
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -609,108 +611,261 @@ async fn a_takeover_over_the_fd_limit_is_refused_before_anything_moves() -> Test
     Ok(())
 }
 
+/// TLS sessions cannot move: at the commit the old process redirects each TLS device to
+/// the same listener (now the successor's) with a fresh token, and serves it until its new
+/// login is registered there. QoS1 pushes before, during and after the hand-off reach every
+/// device once and in order; no device sees an ERROR or loses its connection before its
+/// new login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_connections_cannot_move_they_get_going_away_and_log_in_again() -> TestResult {
+async fn tls_devices_are_redirected_to_the_successor_and_lose_nothing() -> TestResult {
+    use crate::tls::{TlsCert, TlsDevice};
     use std::sync::Arc;
-    use tether_schemas::{ErrorCode, limits, split_frame};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_rustls::TlsConnector;
-    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, pki_types::ServerName};
+    use support::stack::{push_round, redirect_request, start_ipconfig, start_state};
 
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+    const DEVICES: usize = 40;
+    const ROUNDS: u32 = 6;
+    let cert = Arc::new(TlsCert::new());
     let dir = tempfile::tempdir()?;
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem())?;
-    std::fs::write(&key, certified.signing_key.serialize_pem())?;
-    let files = tether_gateway::TlsFiles { cert, key };
     let socket = dir.path().join("gw.sock");
-    let tls_files = files.clone();
-    let handoff = socket.clone();
-    let mut fixture = Fixture::start(move |c| {
-        c.tls = Some(tls_files);
-        c.handoff_socket = Some(handoff);
+    let (files, handoff) = (cert.files.clone(), socket.clone());
+    let tls_gateway = move |c: &mut GatewayConfig| {
+        c.tls = Some(files.clone());
+        c.handoff_socket = Some(handoff.clone());
+        c.await_registration = true;
+        c.heartbeat_interval_ms = 200;
+    };
+    let mut fixture = Fixture::start(tls_gateway.clone()).await;
+    let stop = CancellationToken::new();
+    let _state = start_state(&fixture, stop.clone()).await;
+    let (_ipconfig, _key) = start_ipconfig(&fixture, stop.clone()).await;
+    // ipconfig sends a gateway's devices back to it only when it hands over and names
+    // itself.
+    let device = serde_json::json!([{"app": APP, "uid": "u", "did": "probe", "transport": "tcp"}]);
+    eventually("ipconfig grants the hand-off target", async || {
+        let reply = redirect_request(
+            &fixture,
+            GW,
+            serde_json::json!({"target": GW, "handoff": true, "devices": device}),
+        )
+        .await;
+        reply.grants.first().and_then(|g| g.gw.as_deref()) == Some(GW)
     })
     .await;
-    let mut roots = RootCertStore::empty();
-    roots.add(certified.cert.der().clone())?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let connector = TlsConnector::from(Arc::new(
-        ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    ));
-    let (addr, token) = (fixture.tcp, fixture.token("secure"));
-    let connect = async |resume_seq: u64| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let mut tls = connector
-            .connect(ServerName::try_from("localhost")?, tcp)
-            .await?;
-        let login = Frame::Login(pb::Login {
-            token: token.clone(),
-            did: "secure".into(),
-            app: APP.into(),
-            resume_seq,
-            ..Default::default()
-        });
-        tls.write_all(&login.encode()).await?;
-        Ok(tls)
-    };
-    async fn next(
-        tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-        input: &mut bytes::BytesMut,
-    ) -> Option<Frame> {
-        loop {
-            if let Ok(Some(raw)) = split_frame(input, limits::DEFAULT_MAX_FRAME_LEN) {
-                return Frame::decode(&raw).ok();
-            }
-            match tokio::time::timeout(WAIT, tls.read_buf(input)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return None,
-            }
-        }
+    for body in [
+        serde_json::json!({"target": GW, "devices": device}),
+        serde_json::json!({"target": "ipconfig", "handoff": true, "devices": device}),
+    ] {
+        let reply = redirect_request(&fixture, GW, body).await;
+        assert_eq!(
+            reply.grants[0].gw, None,
+            "never back to the requester otherwise"
+        );
     }
 
-    let mut tls = connect(0).await?;
-    let mut input = bytes::BytesMut::new();
-    assert!(matches!(
-        next(&mut tls, &mut input).await,
-        Some(Frame::LoginAck(_))
-    ));
-    fixture.push(&["secure"], down(7)).await;
-    assert!(
-        matches!(next(&mut tls, &mut input).await, Some(Frame::Down { header, .. }) if header.seq == 7)
-    );
-
-    let stop = CancellationToken::new();
-    let config = GatewayConfig {
-        tls: Some(files),
-        ..successor_config(&fixture, &socket)
-    };
-    let successor = tether_gateway::start_with(config, stop.clone(), Some(&socket)).await?;
-    // The TLS session lives in the old process: it says going_away, with a retry hint.
-    match next(&mut tls, &mut input).await {
-        Some(Frame::Error { error, close }) => {
-            assert_eq!(error.code, u32::from(ErrorCode::GoingAway.as_u16()));
-            assert!(close);
-        }
-        other => panic!("expected going_away, got {other:?}"),
+    let mut devices = Vec::with_capacity(DEVICES);
+    for i in 0..DEVICES {
+        let did = format!("t{i}");
+        let token = fixture.token(&did);
+        devices.push(TlsDevice::start(cert.clone(), fixture.tcp, &did, token).await);
     }
+    let dids: Vec<String> = devices.iter().map(|d| d.did.clone()).collect();
+    let business = tether_business::Business::new(fixture.nats_client.clone(), APP);
+    push_round(&business, &dids, 1).await;
+    // Rounds 2 to 5 while the hand-off runs, round 6 once the old process is gone.
+    let pushing = {
+        let (business, dids) = (business.clone(), dids.clone());
+        tokio::spawn(async move {
+            for round in 2..ROUNDS {
+                push_round(&business, &dids, round).await;
+            }
+        })
+    };
+    let successor_stop = CancellationToken::new();
+    let mut config = successor_config(&fixture, &socket);
+    tls_gateway(&mut config);
+    let successor =
+        tether_gateway::start_with(config, successor_stop.clone(), Some(&socket)).await?;
+    assert_eq!(successor.tcp_addr, Some(fixture.tcp), "same listener");
     let old = fixture.gateway.take().ok_or("old gateway")?;
-    tokio::time::timeout(WAIT, old.wait()).await?;
-    // Logging in again (resume point 7) lands on the successor, on the same listener.
-    let mut again = connect(7).await?;
-    let mut input = bytes::BytesMut::new();
-    match next(&mut again, &mut input).await {
-        Some(Frame::LoginAck(ack)) => assert_eq!(ack.gateway, GW),
-        other => panic!("expected LOGIN_ACK, got {other:?}"),
+    assert!(old.handed_over());
+    // The old process exits once every TLS device logged in again at the successor
+    // (bounded by migrate_timeout_secs; this only guards against a hang).
+    tokio::time::timeout(Duration::from_secs(120), old.wait()).await?;
+    pushing.await?;
+    push_round(&business, &dids, ROUNDS).await;
+
+    for device in &devices {
+        let log = device.log.clone();
+        let did = device.did.clone();
+        eventually(&format!("{did} got every message"), async || {
+            log.lock().expect("lock").messages.len() >= ROUNDS as usize
+        })
+        .await;
     }
-    assert_eq!(successor.sessions(), 1);
-    fixture.push(&["secure"], down(8)).await;
-    assert!(
-        matches!(next(&mut again, &mut input).await, Some(Frame::Down { header, .. }) if header.seq == 8)
-    );
-    stop.cancel();
+    // Anything late or twice would show now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for device in &devices {
+        let did = &device.did;
+        let log = device.log.lock().expect("lock");
+        let expected: Vec<(u64, Bytes)> = (1..=ROUNDS)
+            .map(|r| (u64::from(r), Bytes::from(format!("{did}:{r}"))))
+            .collect();
+        assert_eq!(log.messages, expected, "{did}: exactly once, in order");
+        assert_eq!(log.troubles, Vec::<String>::new(), "{did}");
+        assert_eq!(log.reconnects, 0, "{did}: no disconnect");
+        let redirect = match &log.redirects[..] {
+            [one] => one,
+            other => panic!("{did}: one REDIRECT expected, got {other:?}"),
+        };
+        assert_eq!(
+            redirect.endpoint,
+            fixture.tcp.to_string(),
+            "{did}: same listener"
+        );
+        assert_eq!(redirect.reason, "handoff");
+        let [(_, first), (resume, again)] = &log.logins[..] else {
+            panic!("{did}: two logins expected, got {:?}", log.logins);
+        };
+        assert_eq!(again.gateway, GW);
+        assert_ne!(again.conn_id, first.conn_id, "{did}: a new connection");
+        // Logged in again with its resume point: what it had got before the REDIRECT.
+        assert!(*resume >= 1, "{did}: resumed from {resume}");
+    }
+    assert_eq!(successor.sessions(), DEVICES);
+    successor_stop.cancel();
     successor.wait().await;
+    stop.cancel();
+    Ok(())
+}
+
+/// The old process dies (SIGKILL) while it redirects its TLS devices after the commit:
+/// each device either finishes its redirect or, its connection gone, logs in again through
+/// the normal path (which ones is up to timing); either way at the successor, with every
+/// QoS1 message once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_process_killed_while_redirecting_tls_devices_loses_nothing() -> TestResult {
+    use crate::tls::{TlsCert, TlsDevice};
+    use std::sync::Arc;
+    use support::stack::{push_round, redirect_request, start_ipconfig, start_state};
+
+    const DEVICES: usize = 30;
+    const ROUNDS: u32 = 5;
+    const ID: &str = "gw-proc";
+    let cert = Arc::new(TlsCert::new());
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("gw.sock");
+    let mut fixture = Fixture::start(|_| {}).await;
+    // Its own gateway is not used: without it ipconfig has nowhere else to send devices,
+    // and the successor's final drain ends at once.
+    fixture.stop_gateway().await;
+    let stop = CancellationToken::new();
+    let _state = start_state(&fixture, stop.clone()).await;
+    let (_ipconfig, _key) = start_ipconfig(&fixture, stop.clone()).await;
+    let (tcp, ws, admin) = (free_port(), free_port(), free_port());
+    let socket_arg = socket.to_string_lossy().to_string();
+    let (cert_file, key_file) = (
+        cert.files.cert.to_string_lossy().to_string(),
+        cert.files.key.to_string_lossy().to_string(),
+    );
+    let mut old = gateway_process(
+        &fixture,
+        ID,
+        &[
+            "--tcp",
+            &tcp.to_string(),
+            "--ws",
+            &ws.to_string(),
+            "--admin",
+            &admin.to_string(),
+            "--handoff-socket",
+            &socket_arg,
+        ],
+        &[
+            ("TETHER_GATEWAY_TLS__CERT", &cert_file),
+            ("TETHER_GATEWAY_TLS__KEY", &key_file),
+            ("TETHER_GATEWAY_AWAIT_REGISTRATION", "true"),
+            ("TETHER_GATEWAY_HEARTBEAT_INTERVAL_MS", "200"),
+        ],
+    );
+    wait_for_line(&mut old, "gateway started").await;
+    let device = serde_json::json!([{"app": APP, "uid": "u", "did": "probe", "transport": "tcp"}]);
+    eventually("ipconfig grants the hand-off target", async || {
+        let body = serde_json::json!({"target": ID, "handoff": true, "devices": device});
+        let reply = redirect_request(&fixture, ID, body).await;
+        reply.grants.first().and_then(|g| g.gw.as_deref()) == Some(ID)
+    })
+    .await;
+
+    let mut devices = Vec::with_capacity(DEVICES);
+    for i in 0..DEVICES {
+        let did = format!("k{i}");
+        let token = fixture.token(&did);
+        devices.push(TlsDevice::start(cert.clone(), tcp, &did, token).await);
+    }
+    let dids: Vec<String> = devices.iter().map(|d| d.did.clone()).collect();
+    let business = tether_business::Business::new(fixture.nats_client.clone(), APP);
+    push_round(&business, &dids, 1).await;
+    let pushing = {
+        let (business, dids) = (business.clone(), dids.clone());
+        tokio::spawn(async move {
+            for round in 2..ROUNDS {
+                push_round(&business, &dids, round).await;
+            }
+        })
+    };
+    let successor_stop = CancellationToken::new();
+    let mut config = fixture.gateway_config(ID);
+    config.handoff_socket = Some(socket.clone());
+    config.tls = Some(cert.files.clone());
+    config.await_registration = true;
+    config.heartbeat_interval_ms = 200;
+    let successor =
+        tether_gateway::start_with(config, successor_stop.clone(), Some(&socket)).await?;
+    // Committed: the old process dies while it redirects (once a first REDIRECT went out),
+    // without its orderly exit.
+    eventually("a first REDIRECT", async || {
+        devices
+            .iter()
+            .any(|d| !d.log.lock().expect("lock").redirects.is_empty())
+    })
+    .await;
+    let _ = old.start_kill();
+    old.wait().await?;
+    assert_eq!(successor.tcp_addr, Some(tcp), "same listener");
+    pushing.await?;
+    push_round(&business, &dids, ROUNDS).await;
+
+    for device in &devices {
+        let log = device.log.clone();
+        eventually(&format!("{} got every message", device.did), async || {
+            log.lock().expect("lock").messages.len() >= ROUNDS as usize
+        })
+        .await;
+    }
+    // Anything late or twice would show now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for device in &devices {
+        let did = &device.did;
+        let log = device.log.lock().expect("lock");
+        let expected: Vec<(u64, Bytes)> = (1..=ROUNDS)
+            .map(|r| (u64::from(r), Bytes::from(format!("{did}:{r}"))))
+            .collect();
+        assert_eq!(log.messages, expected, "{did}: exactly once, in order");
+        assert_eq!(log.troubles, Vec::<String>::new(), "{did}");
+        let (_, last) = log.logins.last().ok_or("no login")?;
+        assert_eq!(last.gateway, ID);
+        assert_eq!(
+            log.logins.len(),
+            2,
+            "{did}: redirected or logged in again once"
+        );
+    }
+    eventually("every device at the successor", async || {
+        successor.sessions() == DEVICES
+    })
+    .await;
+    successor_stop.cancel();
+    successor.wait().await;
+    stop.cancel();
     Ok(())
 }

@@ -15,6 +15,13 @@
 //! keeps delivering until the marker has come through its gate: everything published
 //! before the new process subscribed came before the marker, and is delivered (and
 //! recorded) by the old process.
+//!
+//! After `Go` the old process keeps the messages buffered since the commit until the moved
+//! connections have left its registry, then delivers them and everything after them to the
+//! connections that stayed (TLS, redirected to the successor: `Tail`). The new process
+//! delivers only to its own connections, so each message reaches a device through exactly
+//! one of the two; control messages there concern only the connections still here and are
+//! never answered (the successor answers).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +46,8 @@ enum Mode {
     Frozen(Vec<Message>),
     /// New process before `Go`: hold everything.
     Holding(Vec<Message>),
+    /// Old process after `Go`: deliver to the connections that stayed.
+    Tail,
 }
 
 /// The gate every downlink message passes.
@@ -98,6 +107,7 @@ impl Gate {
                 crate::downlink::deliver(ctx, &message);
                 self.note_marker(&message);
             }
+            Mode::Tail => crate::downlink::deliver_tail(ctx, &message),
             Mode::Frozen(buffered) | Mode::Holding(buffered) => {
                 if buffered.len() >= MAX_HELD {
                     self.overflowed.store(true, Ordering::Release);
@@ -162,7 +172,7 @@ impl Gate {
         let mut mode = self.lock();
         let pending = match std::mem::take(&mut *mode) {
             Mode::Frozen(buffered) | Mode::Holding(buffered) => buffered,
-            Mode::Open | Mode::Recording(_) => Vec::new(),
+            Mode::Open | Mode::Recording(_) | Mode::Tail => Vec::new(),
         };
         let mut dropped = 0;
         for message in pending {
@@ -179,10 +189,18 @@ impl Gate {
         dropped
     }
 
-    /// Old process after `Go`: drop what was buffered (the new process delivers it).
-    pub fn discard(&self) {
-        // Stays closed: what arrives until the process exits is buffered and dropped.
-        *self.lock() = Mode::Frozen(Vec::new());
+    /// Old process after `Go`, once the moved connections left its registry: delivers
+    /// what was buffered since the commit, then everything that comes, to the connections
+    /// still here (the successor delivers to the moved ones).
+    pub fn tail(&self, ctx: &Arc<GatewayCtx>) {
+        let mut mode = self.lock();
+        if let Mode::Frozen(buffered) = std::mem::replace(&mut *mode, Mode::Tail) {
+            // Under the lock: nothing overtakes what was buffered.
+            for message in &buffered {
+                crate::downlink::deliver_tail(ctx, message);
+            }
+        }
+        self.overflowed.store(false, Ordering::Release);
     }
 }
 

@@ -7,11 +7,13 @@
 //! - [`gate`]: downlinks during the hand-off, neither lost nor delivered twice.
 //! - [`old`]: the serving process's side (offer, prepare, commit or abort).
 //! - [`new`]: the taking-over process's side.
+//! - [`tail`]: the old process after the commit: its TLS connections are redirected.
 
 pub mod gate;
 pub mod messages;
 pub mod new;
 pub mod old;
+pub mod tail;
 pub mod wire;
 
 use std::collections::HashMap;

@@ -205,8 +205,8 @@ async fn transfer(
         go_ms = commit_started.elapsed().as_millis() as u64,
         "hand-off commit timings (from the commit's start)"
     );
-    // Past this point the new process serves: nothing here may undo the hand-off.
-    ctx.handoff.gate.discard();
+    // Past this point the new process serves: nothing here may undo the hand-off. The
+    // gate stays frozen until the moved connections left the registry (`tail`).
     Ok(count)
 }
 
@@ -228,30 +228,4 @@ fn unexpected(expected: &'static str, got: &ToOld) -> HandoffError {
         expected,
         got: format!("{got:?}"),
     }
-}
-
-/// After the hand-off: connections that did not move (TLS, not logged in, closing) are
-/// told `going_away`, and the parked ones are dropped (the new process owns their sockets).
-pub fn release_the_rest(ctx: &GatewayCtx) -> usize {
-    let moved = ctx.handoff.take_parked();
-    let mut closed = 0;
-    for conn in ctx.timers.all() {
-        if moved.contains_key(&conn.id) {
-            continue;
-        }
-        let retry = rand::random::<u32>() % ctx.config.going_away_retry_ms.max(1);
-        let mut reason = crate::conn::CloseReason::error(
-            tether_schemas::ErrorCode::GoingAway,
-            "gateway restarting, this connection cannot move",
-        );
-        reason.retry_after_ms = retry;
-        conn.close(reason);
-        closed += 1;
-    }
-    // Moved connections leave this process's registry without a conn.down: they live on.
-    for parked in moved.values() {
-        ctx.registry.remove(parked.shared());
-    }
-    drop(moved);
-    closed
 }

@@ -181,6 +181,10 @@ pub struct RedirectRequest {
     pub region: String,
     /// The devices, at most [`MAX_REDIRECT_BATCH`].
     pub devices: Vec<RedirectDevice>,
+    /// The requester is handing over to its successor process (same gateway id,
+    /// docs/handoff.md "TLS"): with `target` naming the requester itself, it may be chosen.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
 }
 
 /// Where one device goes, or why it cannot.

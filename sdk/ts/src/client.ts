@@ -668,6 +668,13 @@ export class TetherClient {
   /** Ends a link: the live one now, another when it becomes live (it remembers why). */
   private _endLink(link: Link, end: End): void {
     link._close();
+    if (link === this._current && this._redirecting && !end._stop) {
+      // The old gateway closes a redirected link once the new login is registered,
+      // possibly before its LOGIN_ACK reaches us (section 6.6): the redirect's outcome
+      // decides, not the old link's end.
+      link._end ??= end;
+      return;
+    }
     if (link === this._current) this._stopLink(end);
     else link._end ??= end;
   }

@@ -106,3 +106,72 @@ impl Proxy {
         }
     }
 }
+
+/// Starts an ipconfig for the fixture's app (signing with the fixture's token key, secret
+/// `a-secret-of-16-chars`); it stops when `stop` fires. The directory holds its key.
+pub async fn start_ipconfig(
+    fixture: &Fixture,
+    stop: CancellationToken,
+) -> (tether_ipconfig::RunningIpconfig, tempfile::TempDir) {
+    let key_dir = tempfile::tempdir().expect("tempdir");
+    let key = key_dir.path().join("token.key");
+    std::fs::write(&key, fixture.signer.to_pem().expect("pem")).expect("write key");
+    let ipconfig = tether_ipconfig::start(
+        tether_ipconfig::IpconfigConfig {
+            nats_url: fixture.nats.client_url(),
+            nats: fixture.nats_auth.clone(),
+            admin_listen: "127.0.0.1:0".parse().expect("addr"),
+            http_listen: "127.0.0.1:0".parse().expect("addr"),
+            token_key: key,
+            apps: vec![tether_ipconfig::AppRecord {
+                id: APP.into(),
+                secrets: vec!["a-secret-of-16-chars".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+        stop,
+    )
+    .await
+    .expect("ipconfig starts");
+    (ipconfig, key_dir)
+}
+
+/// A redirect-token request as gateway `gw` sends it (PROTOCOL.md 10.7); no answer (no
+/// ipconfig subscribed yet) or an unreadable one gives no grants.
+pub async fn redirect_request(
+    fixture: &Fixture,
+    gw: &str,
+    body: serde_json::Value,
+) -> tether_schemas::bus::RedirectReply {
+    let answer = fixture
+        .nats_client
+        .request(
+            tether_nats::subjects::gateway_redirect(gw),
+            serde_json::to_vec(&body).expect("json").into(),
+        )
+        .await;
+    answer
+        .ok()
+        .and_then(|answer| serde_json::from_slice(&answer.payload).ok())
+        .unwrap_or(tether_schemas::bus::RedirectReply { grants: vec![] })
+}
+
+/// Pushes one QoS1 message `<did>:<round>` to each of `dids`, 64 in flight.
+pub async fn push_round(business: &tether_business::Business, dids: &[String], round: u32) {
+    use futures::StreamExt;
+    futures::stream::iter(dids.iter().cloned())
+        .map(|did| {
+            let business = business.clone();
+            async move {
+                let body = format!("{did}:{round}").into_bytes();
+                business
+                    .push(tether_business::Push::to_dids([did.as_str()], body))
+                    .await
+                    .unwrap_or_else(|e| panic!("push to {did}: {e}"));
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+}

@@ -13,7 +13,7 @@ import {
   type Message,
   type WebSocketLike,
 } from "../../src/index.js";
-import { encodeDown, encodeError, encodeLoginAck, encodeRedirect, encodeUpAck } from "../../src/server.js";
+import { encodeDown, encodeError, encodeLoginAck, encodePong, encodeRedirect, encodeUpAck } from "../../src/server.js";
 import { FakeGateway, FakeWebSocket, resetGateways, until, type ServerSide } from "./fake.js";
 
 const text = (s: string) => new TextEncoder().encode(s);
@@ -289,6 +289,65 @@ describe("errors, redirect and reconnect", () => {
     await until(() => got.length === 2, "second message");
     expect(got.map((m) => m.text)).toEqual(["a", "b"]);
     expect(c.gateway).toBe("gw-2");
+  });
+
+  it("keeps following a REDIRECT when the old gateway closes the old link before the new LOGIN_ACK", async () => {
+    const gw2 = new FakeGateway("gw-2", "ws://gw2/ws");
+    const c = client();
+    const got = recorder(c);
+    const gateways: string[] = [];
+    const disconnects: unknown[] = [];
+    c.on("connected", (e) => gateways.push(e.gateway));
+    c.on("disconnected", (d) => disconnects.push(d));
+    await c.connect();
+    const old = gw1.last;
+    old.send(encodeDown({ seq: 1 }, true, text("a")));
+    await until(() => got.length === 1, "first message");
+    // The new gateway registers the login: the old one closes the redirected link at once
+    // (no ERROR), and the LOGIN_ACK reaches the client only afterwards.
+    let ackNow: (() => void) | undefined;
+    gw2.onLogin = (login, conn) => {
+      old.send(encodeDown({ seq: 2 }, true, text("b")));
+      setTimeout(() => old.close(), 5);
+      ackNow = () =>
+        conn.send(encodeLoginAck({ connId: 7, gateway: "gw-2", heartbeatSecs: 300, serverTimeMs: 0, lastAckedSeq: login.resumeSeq }));
+      return encodePong();
+    };
+    old.send(encodeRedirect({ endpoint: "ws://gw2/ws", token: "tok-gw2", reason: "handoff" }));
+    await until(() => ackNow !== undefined && got.length === 2, "second message, on the old link");
+    await until(() => old.closed, "old link closed by its gateway");
+    await new Promise((r) => setTimeout(r, 30));
+    expect(disconnects).toEqual([]);
+    ackNow!();
+    await until(() => gateways.length === 2, "redirected");
+    expect(gw2.last.login).toMatchObject({ token: "tok-gw2", did: "dev-1", resumeSeq: 1 });
+    // The new gateway resends what the old link delivered but was not acknowledged yet.
+    gw2.last.send(encodeDown({ seq: 2 }, true, text("b")));
+    gw2.last.send(encodeDown({ seq: 3 }, true, text("c")));
+    await until(() => got.length === 3, "third message");
+    expect(got.map((m) => m.text)).toEqual(["a", "b", "c"]);
+    expect(disconnects).toEqual([]);
+    expect(gateways).toEqual(["gw-1", "gw-2"]);
+    expect(gw1.conns.length).toBe(1);
+    expect(c.state).toBe("connected");
+  });
+
+  it("falls back to a normal reconnect when the old link closed and the redirect fails", async () => {
+    const gw2 = new FakeGateway("gw-2", "ws://gw2/ws");
+    const c = client({ endpoints: ["ws://gw1/ws"] });
+    const disconnects: { reason: string }[] = [];
+    c.on("disconnected", (d) => disconnects.push(d as { reason: string }));
+    await c.connect();
+    const old = gw1.last;
+    gw2.onLogin = () => {
+      old.close();
+      setTimeout(() => gw2.last.close(), 5);
+      return encodePong();
+    };
+    old.send(encodeRedirect({ endpoint: "ws://gw2/ws", token: "tok-gw2", reason: "handoff" }));
+    await until(() => disconnects.length === 1, "the redirect's failure ends the old link");
+    expect(disconnects[0]).toMatchObject({ reason: "redirect failed" });
+    await until(() => gw1.logins.length === 2 && c.state === "connected", "logged in again through the normal path");
   });
 
   it("reconnects with backoff while no gateway accepts", async () => {
