@@ -255,9 +255,7 @@ async fn drain_of_2000_devices_to_two_gateways_loses_and_duplicates_nothing() ->
 
 async fn drain_loses_and_duplicates_nothing(devices: usize) -> TestResult {
     if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .try_init();
+        tether_service::telemetry::init();
     }
     const ROUNDS: u32 = 3;
     let stack = Stack::start(&["gw-b", "gw-c"]).await;

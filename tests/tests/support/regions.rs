@@ -150,8 +150,8 @@ pub struct TwoRegions {
 
 impl TwoRegions {
     pub async fn start() -> Self {
-        if std::env::var_os("TETHER_TEST_LOG").is_some() {
-            // The roles' logs on stderr (with `--no-capture`), filtered by RUST_LOG.
+        if std::env::var_os("RUST_LOG").is_some() {
+            // `RUST_LOG=…` prints the roles' logs on stderr (with `--no-capture`).
             tether_service::telemetry::init();
         }
         let nats = harness::leaf_regions().expect("hub and regions");
