@@ -412,8 +412,20 @@ impl Task {
                             next_ping = last_rx + jittered(interval, jitter);
                         }
                         Err(error) => {
-                            tracing::warn!(%endpoint, %error, "redirect failed, staying");
                             self.emit(Event::Error { code: error.code(), text: format!("redirect to {endpoint} failed: {error}") }).await;
+                            if self.session.config.discovery.is_some() {
+                                // PROTOCOL 6.6: fall back to ipconfig. The old gateway is
+                                // moving this device away; it would close it later anyway.
+                                tracing::warn!(%endpoint, %error, "redirect failed, reconnecting through ipconfig");
+                                return End::Lost {
+                                    code: Some(ErrorCode::GoingAway),
+                                    reason: format!("redirect to {endpoint} failed: {error}"),
+                                    retry_after: Duration::ZERO,
+                                    skip_current: true,
+                                };
+                            }
+                            // Nowhere else to ask: stay until the old gateway closes us.
+                            tracing::warn!(%endpoint, %error, "redirect failed, staying (no ipconfig configured)");
                         }
                     }
                 },

@@ -641,6 +641,50 @@ async fn sdk_logs_in_through_ipconfig_and_reconnects_without_it() -> TestResult 
     Ok(())
 }
 
+/// PROTOCOL 6.6: when the login at a REDIRECT's endpoint fails, a client with ipconfig
+/// falls back to it (here it offers the same gateway again) instead of staying on the
+/// connection the old gateway is moving it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_falls_back_to_ipconfig_when_a_redirect_fails() -> TestResult {
+    let stack = Stack::start();
+    let a = Gateway::start(stack.gateway_config("gw-a", "eu"));
+    let ipconfig = stack.ipconfig().await;
+    until(&ipconfig, "", &[], "gw-a offered", |ids| ids == ["gw-a"]).await;
+    let discovery = Discovery::new(DiscoveryConfig::new(
+        vec![ipconfig.url()],
+        credential("demo", SECRET, 600),
+    ))?;
+    let mut config = ClientConfig::with_discovery(discovery, vec![], "demo", "phone1");
+    config.reconnect.min = Duration::from_millis(50);
+    config.reconnect.max = Duration::from_millis(500);
+    let (client, mut events) = Client::connect(config).await?;
+    assert_eq!(next_connected(&mut events).await, "gw-a");
+
+    // A REDIRECT to a port nobody listens on (bound, then closed).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let redirect = Frame::Redirect(pb::Redirect {
+        endpoint: closed.to_string(),
+        token: "unused".into(),
+        reason: "migrate".into(),
+    });
+    let nats = tether_nats::connect(&stack.nats.client_url(), "test").await?;
+    let mut map = async_nats::HeaderMap::new();
+    map.insert(tether_nats::headers::APP, "demo");
+    map.insert(tether_nats::headers::DID, "phone1");
+    nats.publish_with_headers(
+        tether_nats::subjects::gateway_down("gw-a"),
+        map,
+        redirect.encode(),
+    )
+    .await?;
+    nats.flush().await?;
+    // The failed redirect is reported, and the client logs in again through ipconfig.
+    assert_eq!(next_connected(&mut events).await, "gw-a");
+    client.close().await;
+    drop(a);
+    Ok(())
+}
+
 /// Bench figure for `/v1/endpoints` with 100 gateways registered (their heartbeats are
 /// re-put every 2 s during the run, as live gateways would), measured with `wrk` on
 /// loopback. Run with
