@@ -94,7 +94,8 @@ impl AppRecord {
         Ok(())
     }
 
-    /// Checks the id, that some key exists and that public keys parse.
+    /// Checks the id, that some key exists, that public keys parse and the pipeline
+    /// settings that depend on the id ([`tether_schemas::bus::AppPipeline::check`]).
     pub fn validate(&self) -> Result<(), String> {
         use ed25519_dalek::pkcs8::DecodePublicKey as _;
         if !tether_auth::valid_id(&self.id) {
@@ -133,7 +134,7 @@ impl AppRecord {
         {
             return Err(format!("app {}: pool {pool:?} is not a valid id", self.id));
         }
-        Ok(())
+        self.pipeline.check(&self.id)
     }
 
     /// The dedicated pool, if any (`"shared"` counts as none).

@@ -120,6 +120,7 @@ pub fn router(cell: OpsCell, guard: TokenGuard) -> axum::Router {
         .route("/v1/cluster", get(cluster))
         .route("/v1/gateways", get(gateways))
         .route("/v1/apps", get(apps))
+        .route("/v1/ipconfigs", get(ipconfigs))
         .route("/v1/apps/{app}", get(show_app).post(set_app))
         .route("/v1/apps/{app}/pause", post(pause_app))
         .route("/v1/apps/{app}/resume", post(resume_app))
@@ -191,6 +192,10 @@ async fn gateways(State(cell): State<OpsCell>) -> Answer {
 
 async fn apps(State(cell): State<OpsCell>) -> Answer {
     Ok(Json(json!(ops(&cell)?.view.snapshot().apps)))
+}
+
+async fn ipconfigs(State(cell): State<OpsCell>) -> Answer {
+    Ok(Json(json!(ops(&cell)?.view.snapshot().ipconfigs)))
 }
 
 async fn show_app(State(cell): State<OpsCell>, Path(app): Path<String>) -> Answer {

@@ -160,7 +160,13 @@ async fn renumber_unacked(
         };
         let id = format!("{app}:mv-{}:{did}", message.stream_seq);
         ctx.store
-            .append_inbox(app, did, Some(id), encode)
+            .append_inbox(
+                app,
+                did,
+                Some(id),
+                ctx.pipelines.inbox_retention(app),
+                encode,
+            )
             .await
             .map_err(|e| format!("renumbered message not stored: {e}"))?;
         renumbered += 1;
@@ -284,7 +290,10 @@ async fn copy_one(
         return true;
     };
     let id = format!("{app}:mv-{}-{}:{did}", peer.name, message.sequence);
-    match ctx.store.append_inbox(app, did, Some(id), encode).await {
+    match ctx
+        .store
+        .append_inbox(app, did, Some(id), ctx.pipelines.inbox_retention(app), encode)
+        .await {
         Ok(_) => {
             relay.metrics.moved_copied.inc();
             true
