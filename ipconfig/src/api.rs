@@ -79,10 +79,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let paused = self.0.code == ErrorCode::AppPaused;
         let mut response = (status, Json(ErrorBody { error: self.0 })).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // A paused app stays paused for a while: clients come back in half a minute.
-            let after = if self.0.code == ErrorCode::AppPaused {
+            let after = if paused {
                 PAUSED_RETRY_AFTER
             } else {
                 "1"

@@ -305,7 +305,7 @@ async fn converge(
 ) -> Result<(), BusError> {
     let failed = |what: String| {
         move |e: &dyn std::fmt::Display| BusError::Layout {
-            what,
+            what: what.clone(),
             reason: e.to_string(),
         }
     };

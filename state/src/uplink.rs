@@ -8,7 +8,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 use tether_nats::headers;
-use tether_nats::subjects::{self, Subject};
+use tether_nats::subjects::Subject;
 use tether_schemas::bus::ReceiptMode;
 use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
 use tokio::time::Instant;

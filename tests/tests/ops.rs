@@ -1539,7 +1539,28 @@ async fn inbox_retention_set_live_expires_an_apps_stored_messages() -> TestResul
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // The device finds nothing of it, and gets what is pushed next.
+    // A longer retention, so what is pushed next cannot expire before it is delivered.
+    let (ok, _, stderr) = app_set(&fixture, "inbox_retention=3600").await;
+    assert!(ok, "{stderr}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        n += 1;
+        let other = format!("ret-{n}");
+        business
+            .push(Push::to_dids([other.as_str()], "longer").qos1())
+            .await?;
+        let stored = inbox
+            .direct_get_last_for_subject(tether_nats::subjects::inbox(APP, &other))
+            .await?;
+        if ttl_of(&stored).as_deref() == Some("3600") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "inbox_retention=3600 never applied"
+        );
+    }
+    // The device finds nothing of the expired message, and gets what is pushed next.
     let (mut device, _) = fixture.login_as(APP, &did).await;
     business
         .push(Push::to_dids([did.as_str()], "after").qos1())
@@ -1763,6 +1784,8 @@ async fn cluster_view_shows_ipconfig_instances_and_message_rates_per_app() -> Te
             tokio::time::Instant::now() < deadline,
             "no per-app rate: {app}"
         );
+        // Under the gateway's frames-per-second limit per connection.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(rates["connections"].as_u64() >= Some(1), "{rates}");
     let table = ctl(&ops, &["apps"]).await;
