@@ -83,11 +83,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(ErrorBody { error: self.0 })).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // A paused app stays paused for a while: clients come back in half a minute.
-            let after = if paused {
-                PAUSED_RETRY_AFTER
-            } else {
-                "1"
-            };
+            let after = if paused { PAUSED_RETRY_AFTER } else { "1" };
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static(after));

@@ -212,10 +212,16 @@ function render(s) {
     <b>${fmt.rate(s.totals.msgs_in_per_sec)}</b> msgs/s in · <b>${fmt.rate(s.totals.msgs_out_per_sec)}</b> out ·
     ${s.gateways.length} gateways · ${s.states.length} state instances · ${(s.ipconfigs || []).length} ipconfig · ${s.apps.length} apps`;
   const perApp = Object.fromEntries(s.apps.map((a) => [a.id, (a.msgs_in_per_sec ?? 0) + (a.msgs_out_per_sec ?? 0)]));
-  samples.push({ ...s.totals, apps: perApp });
+  const perGateway = Object.fromEntries(s.gateways.map((g) => [g.id, g.connections]));
+  samples.push({ ...s.totals, apps: perApp, gateways: perGateway });
   while (samples.length > HISTORY) samples.shift();
   const pad = (values) => Array(HISTORY - values.length).fill(0).concat(values);
-  drawChart($("chart-conns"), [{ colour: "#2f6fde", values: pad(samples.map((t) => t.connections)) }]);
+  const gwIds = s.gateways.map((g) => g.id);
+  drawChart($("chart-conns"), [
+    { colour: "#1d2430", values: pad(samples.map((t) => t.connections)) },
+    ...gwIds.map((id) => ({ colour: colourOf(id, gwIds), values: pad(samples.map((t) => t.gateways?.[id] ?? 0)) })),
+  ]);
+  $("gw-legend").innerHTML = gwIds.map((id) => `<span style="color:${colourOf(id, gwIds)}">${esc(id)}</span>`).join(" ");
   drawChart($("chart-msgs"), [
     { colour: "#2f6fde", values: pad(samples.map((t) => t.msgs_in_per_sec)) },
     { colour: "#c9731a", values: pad(samples.map((t) => t.msgs_out_per_sec)) },

@@ -292,8 +292,15 @@ async fn copy_one(
     let id = format!("{app}:mv-{}-{}:{did}", peer.name, message.sequence);
     match ctx
         .store
-        .append_inbox(app, did, Some(id), ctx.pipelines.inbox_retention(app), encode)
-        .await {
+        .append_inbox(
+            app,
+            did,
+            Some(id),
+            ctx.pipelines.inbox_retention(app),
+            encode,
+        )
+        .await
+    {
         Ok(_) => {
             relay.metrics.moved_copied.inc();
             true

@@ -57,10 +57,7 @@ async fn deliver(
 ) -> Result<PushReply, (ErrorCode, String)> {
     // No `Tether-Qos`: the app's `qos_default` (PROTOCOL 12.5), read per push so a change
     // applies from the next one.
-    push.qos1 = Some(
-        push.qos1
-            .unwrap_or_else(|| ctx.pipelines.default_qos1(app)),
-    );
+    push.qos1 = Some(push.qos1.unwrap_or_else(|| ctx.pipelines.default_qos1(app)));
     if let (true, Some(session)) = (push.is_session_push(), push.session.clone()) {
         return deliver_to_session(ctx, app, &session, push).await;
     }

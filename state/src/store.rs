@@ -502,10 +502,7 @@ impl Store {
                 map.insert(headers::MSG_ID, id.as_str());
             }
             if let Some(ttl) = ttl {
-                map.insert(
-                    headers::MSG_TTL,
-                    ttl.as_secs().max(1).to_string().as_str(),
-                );
+                map.insert(headers::MSG_TTL, ttl.as_secs().max(1).to_string().as_str());
             }
             let ack = self
                 .js

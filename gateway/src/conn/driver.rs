@@ -460,8 +460,7 @@ impl Driver {
         }
         if self.ctx.app_limits.paused(&claims.app) {
             self.ctx.metrics.refused("app_paused");
-            let mut reason =
-                CloseReason::error(ErrorCode::AppPaused, "app paused by the operator");
+            let mut reason = CloseReason::error(ErrorCode::AppPaused, "app paused by the operator");
             reason.retry_after_ms = crate::app_limits::PAUSED_RETRY_MS;
             return Err(reason);
         }

@@ -167,9 +167,7 @@ impl AppPipeline {
                 }
             }
             "business_subject" => {
-                self.business_subject = Some(value)
-                    .filter(|v| !v.is_empty())
-                    .map(str::to_string)
+                self.business_subject = Some(value).filter(|v| !v.is_empty()).map(str::to_string)
             }
             "inbox_retention" => {
                 self.inbox_retention = match value {
@@ -313,7 +311,13 @@ mod tests {
         assert!(p.set("business_subject", "tether.a.biz.v2").is_ok());
         assert!(p.check("a").is_ok());
         assert!(p.check("b").is_err(), "another app's subject");
-        for bad in ["tether.a.biz.", "tether.a.biz.*", "tether.a.biz.>", "tether.a.push", "x.y"] {
+        for bad in [
+            "tether.a.biz.",
+            "tether.a.biz.*",
+            "tether.a.biz.>",
+            "tether.a.push",
+            "x.y",
+        ] {
             assert!(p.set("business_subject", bad).is_ok());
             assert!(p.check("a").is_err(), "{bad}");
         }

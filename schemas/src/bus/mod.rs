@@ -33,13 +33,14 @@ pub mod sessions;
 
 pub use affinity::{AffinityRecord, AffinityReplyWire, AffinityRequest};
 pub use apps::{
-    AppPipeline, AppPipelineView, MAX_BUSINESS_SUBJECT_LEN, MAX_INBOX_RETENTION_SECS, PIPELINE_KEYS,
-    ReceiptMode,
+    AppPipeline, AppPipelineView, MAX_BUSINESS_SUBJECT_LEN, MAX_INBOX_RETENTION_SECS,
+    PIPELINE_KEYS, ReceiptMode,
 };
 pub use business::{Accepted, PresenceEvent, Push, PushReply, PushReplyWire, Uplink, UplinkReply};
 pub use control::GatewayControl;
 pub use discovery::{
-    AdvertisedEndpoints, AppRates, EndpointInfo, EndpointsAnswer, GatewayHeartbeat, IpconfigHeartbeat,
+    AdvertisedEndpoints, AppRates, EndpointInfo, EndpointsAnswer, GatewayHeartbeat,
+    IpconfigHeartbeat,
 };
 pub use errors::{ErrorBody, ReplyWire, WireError};
 pub use events::{ConnEvent, Event, SessionChange};
