@@ -360,14 +360,24 @@ async fn stream(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let ops = ops(&cell)?;
     let guard = StreamGuard::new(ops.clone());
-    let events = futures::stream::unfold((ops, guard, true), |(ops, guard, first)| async move {
-        if !first {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let data = serde_json::to_string(&ops.view.snapshot()).unwrap_or_else(|_| "{}".into());
-        let event = Event::default().event("cluster").data(data);
-        Some((Ok(event), (ops, guard, false)))
-    });
+    let progress = ops.view.progress();
+    let events = futures::stream::unfold(
+        (ops, guard, progress, true),
+        |(ops, guard, mut progress, first)| async move {
+            if !first {
+                // Once a second, and at once when an operation progresses (each step of a
+                // rolling restart or migration shows, however fast it goes).
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    Ok(()) = progress.changed() => {}
+                }
+            }
+            progress.mark_unchanged();
+            let data = serde_json::to_string(&ops.view.snapshot()).unwrap_or_else(|_| "{}".into());
+            let event = Event::default().event("cluster").data(data);
+            Some((Ok(event), (ops, guard, progress, false)))
+        },
+    );
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 

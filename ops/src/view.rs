@@ -187,6 +187,8 @@ pub struct ClusterView {
     nats: RwLock<Option<NatsView>>,
     migrations: RwLock<BTreeMap<String, MigrationStatus>>,
     restart: RwLock<Option<RollStatus>>,
+    /// Bumped when an operation's progress changes, so live streams send it at once.
+    progress: tokio::sync::watch::Sender<u64>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -211,7 +213,18 @@ impl ClusterView {
             nats: RwLock::default(),
             migrations: RwLock::default(),
             restart: RwLock::default(),
+            progress: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever a migration's or a rolling restart's progress changes (the
+    /// dashboard's stream sends a snapshot then, besides once a second).
+    pub fn progress(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    fn progressed(&self) {
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// A heartbeat arrived.
@@ -298,6 +311,7 @@ impl ClusterView {
     /// A gateway's migration status (from an operation's answer or a poll).
     pub fn put_migration(&self, status: MigrationStatus) {
         write(&self.migrations).insert(status.gw.clone(), status);
+        self.progressed();
     }
 
     /// The last heartbeat of live gateway `id`.
@@ -316,12 +330,15 @@ impl ClusterView {
             return Err(running.clone());
         }
         *restart = Some(status);
+        drop(restart);
+        self.progressed();
         Ok(())
     }
 
     /// The rolling restart's progress.
     pub fn put_restart(&self, status: RollStatus) {
         *write(&self.restart) = Some(status);
+        self.progressed();
     }
 
     /// The running or last rolling restart.

@@ -76,10 +76,15 @@ impl AppPipelines {
     }
 
     fn apply(&self, mut view: AppPipelineView) {
-        if let Err(error) = view.pipeline.check(&view.id) {
+        if let Some(Err(error)) = view
+            .pipeline
+            .business_subject
+            .as_deref()
+            .map(|subject| tether_nats::subjects::check_business_subject(&view.id, subject))
+        {
             // Written to the bucket without `tether app set`: a subject outside the app's
             // own `biz` subjects is not followed.
-            tracing::warn!(app = %view.id, %error, "app pipeline setting refused");
+            tracing::warn!(app = %view.id, %error, "app business_subject refused");
             view.pipeline.business_subject = None;
         }
         self.apps
@@ -161,16 +166,17 @@ mod tests {
     #[test]
     fn a_subject_outside_the_app_is_not_followed() {
         let pipelines = AppPipelines::default();
-        assert_eq!(pipelines.business_subject("a"), "tether.a.biz.up");
         assert!(pipelines.default_qos1("a"));
+        use tether_nats::subjects::{business_named, business_up};
+        assert_eq!(pipelines.business_subject("a"), business_up("a"));
         for (subject, expected) in [
-            ("tether.a.biz.v2", "tether.a.biz.v2"),
-            ("tether.b.biz.up", "tether.a.biz.up"),
+            (business_named("a", "v2"), business_named("a", "v2")),
+            (business_named("b", "up"), business_up("a")),
         ] {
             pipelines.apply(AppPipelineView {
                 id: "a".into(),
                 pipeline: AppPipeline {
-                    business_subject: Some(subject.into()),
+                    business_subject: Some(subject),
                     qos_default: Some(0),
                     ..Default::default()
                 },

@@ -1416,7 +1416,7 @@ async fn business_subject_set_live_moves_uplinks_to_another_service() -> TestRes
     add_app(&fixture).await;
     let _state = start_state(&fixture, CancellationToken::new()).await;
     let ops = start_ops(&fixture).await;
-    let v2 = format!("tether.{APP}.biz.v2");
+    let v2 = tether_nats::subjects::business_named(APP, "v2");
     let old = log_uplinks(&fixture, None);
     let new = log_uplinks(&fixture, Some(v2.clone()));
     let (mut device, _) = fixture.login_as(APP, "biz-1").await;
@@ -1428,21 +1428,21 @@ async fn business_subject_set_live_moves_uplinks_to_another_service() -> TestRes
         &fixture,
         &ops,
         "business_subject",
-        json!("tether.other.biz.up"),
+        json!(tether_nats::subjects::business_named("other", "up")),
     )
     .await;
     refused(
         &fixture,
         &ops,
         "business_subject",
-        json!(format!("tether.{APP}.biz.*")),
+        json!(tether_nats::subjects::business_named(APP, "*")),
     )
     .await;
     refused(
         &fixture,
         &ops,
         "business_subject",
-        json!(format!("tether.{APP}.push")),
+        json!(tether_nats::subjects::push(APP)),
     )
     .await;
 

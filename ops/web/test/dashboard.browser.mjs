@@ -158,7 +158,7 @@ async function waitFor(page, fn, arg, what) {
   try {
     await page.waitForFunction(fn, arg, { timeout: WAIT, polling: 100 });
   } catch (e) {
-    const state = await page.evaluate(() => ({ live: document.getElementById("live")?.textContent, cluster: window.cluster, log: document.getElementById("oplog")?.innerText }));
+    const state = await page.evaluate(() => ({ log: document.getElementById("oplog")?.innerText, live: document.getElementById("live")?.textContent, restart: window.cluster?.restart, cluster: window.cluster }));
     throw new Error(`timed out waiting for ${what}: ${e.message}\npage: ${JSON.stringify(state).slice(0, 4000)}`);
   }
   log(`ok: ${what}`);

@@ -33,8 +33,7 @@ pub mod sessions;
 
 pub use affinity::{AffinityRecord, AffinityReplyWire, AffinityRequest};
 pub use apps::{
-    AppPipeline, AppPipelineView, MAX_BUSINESS_SUBJECT_LEN, MAX_INBOX_RETENTION_SECS,
-    PIPELINE_KEYS, ReceiptMode,
+    AppPipeline, AppPipelineView, MAX_INBOX_RETENTION_SECS, PIPELINE_KEYS, ReceiptMode,
 };
 pub use business::{Accepted, PresenceEvent, Push, PushReply, PushReplyWire, Uplink, UplinkReply};
 pub use control::GatewayControl;
