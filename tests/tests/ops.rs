@@ -1487,38 +1487,15 @@ async fn inbox_retention_set_live_expires_an_apps_stored_messages() -> TestResul
     let inbox = async_nats::jetstream::new(fixture.nats_client.clone())
         .get_stream(tether_nats::layout::INBOX_STREAM)
         .await?;
-    let ttl_of = |message: &async_nats::jetstream::message::StreamMessage| {
-        message
-            .headers
-            .get(tether_nats::headers::MSG_TTL)
-            .map(|v| v.as_str().to_string())
-    };
+    let mut n = 0;
 
     refused(&fixture, &ops, "inbox_retention", json!(0)).await;
     refused(&fixture, &ops, "inbox_retention", json!("1h")).await;
     let (ok, _, stderr) = app_set(&fixture, "inbox_retention=1").await;
     assert!(ok, "{stderr}");
     // Once the running state applied it, a QoS1 message for an offline device is stored
-    // with a one-second TTL (without the setting it stays for the stream's 24 h).
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let mut n = 0;
-    let did = loop {
-        n += 1;
-        let did = format!("ret-{n}");
-        business
-            .push(Push::to_dids([did.as_str()], "short-lived").qos1())
-            .await?;
-        let stored = inbox
-            .direct_get_last_for_subject(tether_nats::subjects::inbox(APP, &did))
-            .await?;
-        if ttl_of(&stored).as_deref() == Some("1") {
-            break did;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "inbox_retention never applied"
-        );
-    };
+    // with a one-second TTL (without the setting it stays for the stream's 24 h) ...
+    let did = stored_with_ttl(&business, &inbox, &mut n, Some("1")).await?;
     // ... and leaves the inbox.
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
@@ -1541,24 +1518,7 @@ async fn inbox_retention_set_live_expires_an_apps_stored_messages() -> TestResul
     // A longer retention, so what is pushed next cannot expire before it is delivered.
     let (ok, _, stderr) = app_set(&fixture, "inbox_retention=3600").await;
     assert!(ok, "{stderr}");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        n += 1;
-        let other = format!("ret-{n}");
-        business
-            .push(Push::to_dids([other.as_str()], "longer").qos1())
-            .await?;
-        let stored = inbox
-            .direct_get_last_for_subject(tether_nats::subjects::inbox(APP, &other))
-            .await?;
-        if ttl_of(&stored).as_deref() == Some("3600") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "inbox_retention=3600 never applied"
-        );
-    }
+    stored_with_ttl(&business, &inbox, &mut n, Some("3600")).await?;
     // The device finds nothing of the expired message, and gets what is pushed next.
     let (mut device, _) = fixture.login_as(APP, &did).await;
     business
@@ -1568,25 +1528,37 @@ async fn inbox_retention_set_live_expires_an_apps_stored_messages() -> TestResul
     // Cleared: stored without a TTL again (the stream's max_age).
     let (ok, _, stderr) = app_set(&fixture, "inbox_retention=").await;
     assert!(ok, "{stderr}");
+    stored_with_ttl(&business, &inbox, &mut n, None).await?;
+    Ok(())
+}
+
+/// Pushes a QoS1 message to a fresh offline device (`ret-<n>`) until one is stored with
+/// `ttl` as its `Nats-TTL` (state applied the app's `inbox_retention`); that device.
+async fn stored_with_ttl(
+    business: &Business,
+    inbox: &async_nats::jetstream::stream::Stream,
+    n: &mut u64,
+    ttl: Option<&str>,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        n += 1;
+        *n += 1;
         let did = format!("ret-{n}");
         business
-            .push(Push::to_dids([did.as_str()], "kept").qos1())
+            .push(Push::to_dids([did.as_str()], "stored").qos1())
             .await?;
         let stored = inbox
             .direct_get_last_for_subject(tether_nats::subjects::inbox(APP, &did))
             .await?;
-        if ttl_of(&stored).is_none() {
-            break;
+        let got = stored.headers.get(tether_nats::headers::MSG_TTL);
+        if got.map(|v| v.as_str()) == ttl {
+            return Ok(did);
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "cleared inbox_retention never applied"
+            "inbox_retention {ttl:?} never applied (last stored with {got:?})"
         );
     }
-    Ok(())
 }
 
 /// An ipconfig on the fixture's NATS (its own token key: only its answers are looked at).
