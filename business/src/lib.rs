@@ -99,6 +99,7 @@ pub struct Business {
     client: Client,
     app: String,
     concurrency: usize,
+    uplink_subject: Option<String>,
 }
 
 /// How long a session request waits for its reply at least (more for many devices).
@@ -111,7 +112,16 @@ impl Business {
             client,
             app: app.into(),
             concurrency: DEFAULT_CONCURRENCY,
+            uplink_subject: None,
         }
+    }
+
+    /// Serves uplinks on `subject` instead of `tether.<app>.biz.up`: the app's
+    /// `business_subject` pipeline setting (PROTOCOL 12.5), e.g. `tether.<app>.biz.v2`
+    /// for a new version of the service that an operator switches the app to.
+    pub fn with_uplink_subject(mut self, subject: impl Into<String>) -> Self {
+        self.uplink_subject = Some(subject.into());
+        self
     }
 
     /// How many uplink handlers may run at once (at least 1); further requests wait in the
@@ -134,7 +144,8 @@ impl Business {
     /// Serves uplinks with `handler` until the subscription ends (connection closed or
     /// drained); answers each request with the handler's result.
     ///
-    /// Subscribes to `tether.<app>.biz.up` in `queue_group` (suggested:
+    /// Subscribes to `tether.<app>.biz.up` (or [`Business::with_uplink_subject`]) in
+    /// `queue_group` (suggested:
     /// [`wire::DEFAULT_QUEUE_GROUP`]), so several instances share the load. Each request
     /// runs in its own task, at most [`Business::with_concurrency`] at once. A request
     /// with malformed headers is answered `bad_request` without calling the handler; a
@@ -154,7 +165,10 @@ impl Business {
         F: Fn(Uplink) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = UplinkReply> + Send,
     {
-        let subject = subjects::business_up(&self.app);
+        let subject = self
+            .uplink_subject
+            .clone()
+            .unwrap_or_else(|| subjects::business_up(&self.app));
         let mut requests = self
             .client
             .queue_subscribe(subject.clone(), queue_group.to_owned())

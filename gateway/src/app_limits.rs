@@ -25,7 +25,7 @@ use crate::context::GatewayCtx;
 /// How often the live gateways are counted.
 const COUNT_EVERY: Duration = Duration::from_secs(3);
 /// The retry hint of connections closed because their app was paused.
-const PAUSED_RETRY_MS: u32 = 30_000;
+pub const PAUSED_RETRY_MS: u32 = 30_000;
 
 /// A token bucket refilled at `rate` per second, holding at most one second's worth.
 #[derive(Debug)]
@@ -186,14 +186,14 @@ impl AppLimits {
     }
 }
 
-/// Closes every connection of a just-paused app with `unavailable` and a retry hint.
+/// Closes every connection of a just-paused app with `app_paused` and a retry hint.
 fn close_paused(ctx: &GatewayCtx, app: &str) {
     let connections = ctx.registry.app_connections(app);
     tracing::info!(%app, connections = connections.len(), "app paused: closing its connections");
     for conn in connections {
-        let mut reason = CloseReason::error(ErrorCode::Unavailable, "app paused by the operator");
+        let mut reason = CloseReason::error(ErrorCode::AppPaused, "app paused by the operator");
         reason.retry_after_ms = PAUSED_RETRY_MS;
-        ctx.metrics.error(ErrorCode::Unavailable);
+        ctx.metrics.error(ErrorCode::AppPaused);
         conn.close(reason);
     }
 }

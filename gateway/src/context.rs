@@ -34,6 +34,8 @@ pub struct GatewayCtx {
     pub logins: crate::logins::PendingLogins,
     /// Per-app pipeline settings (paused, limits) from `tether_apps`.
     pub app_limits: crate::app_limits::AppLimits,
+    /// Messages in and out per app (the heartbeat's per-app rates).
+    pub app_traffic: crate::app_traffic::AppTraffic,
     /// Drain and migration by REDIRECT.
     pub migration: crate::migrate::Migration,
     /// Restart by hand-off: downlink gate, parked connections, accept pause.
@@ -73,6 +75,7 @@ impl GatewayCtx {
             metrics,
             logins: Default::default(),
             app_limits: Default::default(),
+            app_traffic: Default::default(),
             migration: Default::default(),
             handoff: crate::handoff::Handoff::new(taking_over),
             restart: Default::default(),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use tether_nats::keys;
 use tether_nats::layout::GATEWAYS_BUCKET;
-use tether_schemas::bus::{AdvertisedEndpoints, GatewayHeartbeat};
+use tether_schemas::bus::{AdvertisedEndpoints, AppRates, GatewayHeartbeat};
 use tether_service::Shutdown;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -172,6 +172,7 @@ struct Sampler {
     cpu_secs: Option<f64>,
     msgs_in: u64,
     msgs_out: u64,
+    apps: std::collections::BTreeMap<String, crate::app_traffic::Totals>,
     cpus: f64,
 }
 
@@ -182,6 +183,7 @@ impl Sampler {
             cpu_secs: process_cpu_secs(),
             msgs_in: msgs_in(ctx),
             msgs_out: ctx.metrics.frames_out.get(),
+            apps: ctx.app_traffic.totals(),
             cpus: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
         }
     }
@@ -208,6 +210,18 @@ impl Sampler {
                 0.0
             }
         };
+        let apps = ctx.app_traffic.totals();
+        let app_rates = apps
+            .iter()
+            .map(|(app, &(msgs_in, msgs_out))| {
+                let (in_before, out_before) = self.apps.get(app).copied().unwrap_or_default();
+                let rates = AppRates {
+                    msgs_in_per_sec: rate(msgs_in, in_before),
+                    msgs_out_per_sec: rate(msgs_out, out_before),
+                };
+                (app.clone(), rates)
+            })
+            .collect();
         let cpu = match (cpu_secs, self.cpu_secs) {
             (Some(now), Some(before)) if elapsed > 0.0 => {
                 ((now - before) / (elapsed * self.cpus)).clamp(0.0, 1.0)
@@ -222,6 +236,7 @@ impl Sampler {
             endpoints: endpoints.clone(),
             connections: u64::try_from(ctx.metrics.connections.get()).unwrap_or(0),
             apps: ctx.registry.app_counts(),
+            app_rates,
             capacity: ctx.config.capacity() as u64,
             cpu,
             mem_bytes: process_rss_bytes().unwrap_or(0),
@@ -238,6 +253,7 @@ impl Sampler {
             cpu_secs,
             msgs_in,
             msgs_out,
+            apps,
             cpus: self.cpus,
         };
         record

@@ -11,6 +11,7 @@
 //! - [`outbound`]: what the gateway writes to NATS (uplink, acks, events).
 //! - [`downlink`]: what it receives from NATS and delivers.
 //! - [`app_limits`]: per-app pipeline settings from `tether_apps`, applied live.
+//! - [`app_traffic`]: messages in and out per app, for the heartbeat's per-app rates.
 //! - [`migrate`]: drain and migration by REDIRECT (control ops, admin routes, SIGTERM).
 //! - [`handoff`]: restart by hand-off (sockets and state to a new process).
 //! - [`nats_lost`]: connections told `going_away` when NATS stays unreachable.
@@ -21,6 +22,7 @@
 
 pub mod admin;
 pub mod app_limits;
+pub mod app_traffic;
 pub mod config;
 pub mod conn;
 pub mod context;

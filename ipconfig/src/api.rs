@@ -79,15 +79,21 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let paused = self.0.code == ErrorCode::AppPaused;
         let mut response = (status, Json(ErrorBody { error: self.0 })).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
+            // A paused app stays paused for a while: clients come back in half a minute.
+            let after = if paused { PAUSED_RETRY_AFTER } else { "1" };
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(after));
         }
         response
     }
 }
+
+/// `Retry-After` (seconds) of an `app_paused` answer, as the gateways' 30 s hint.
+const PAUSED_RETRY_AFTER: &str = "30";
 
 /// The public router.
 pub fn router(state: ApiState) -> Router {
@@ -174,6 +180,13 @@ fn answer(
     let claims = unverified.verify(&app, now, state.config.credential_leeway_secs)?;
     if query.app.as_deref().is_some_and(|a| a != claims.app) {
         return Err(CredentialError::WrongApp.into());
+    }
+    if app.pipeline.paused {
+        // Told only to a holder of a valid credential of the app.
+        return Err(ApiError::new(
+            ErrorCode::AppPaused,
+            format!("app {} is paused by an operator", claims.app),
+        ));
     }
 
     // A home region set by the business comes first; else the requester's region.
@@ -364,5 +377,14 @@ mod tests {
         let (status, body) = call(empty, Some(&credential(60))).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["error"]["code"], "unavailable");
+    }
+
+    #[test]
+    fn a_paused_app_is_told_to_come_back_in_half_a_minute() {
+        let paused = ApiError::new(ErrorCode::AppPaused, "paused").into_response();
+        assert_eq!(paused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(paused.headers()[header::RETRY_AFTER], PAUSED_RETRY_AFTER);
+        let other = ApiError::new(ErrorCode::Unavailable, "no gateway").into_response();
+        assert_eq!(other.headers()[header::RETRY_AFTER], "1");
     }
 }

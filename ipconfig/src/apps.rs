@@ -94,7 +94,9 @@ impl AppRecord {
         Ok(())
     }
 
-    /// Checks the id, that some key exists and that public keys parse.
+    /// Checks the id, that some key exists, that public keys parse and the pipeline
+    /// settings ([`tether_schemas::bus::AppPipeline::check`], and that `business_subject`
+    /// is one of the app's own `biz` subjects).
     pub fn validate(&self) -> Result<(), String> {
         use ed25519_dalek::pkcs8::DecodePublicKey as _;
         if !tether_auth::valid_id(&self.id) {
@@ -133,7 +135,11 @@ impl AppRecord {
         {
             return Err(format!("app {}: pool {pool:?} is not a valid id", self.id));
         }
-        Ok(())
+        self.pipeline.check()?;
+        match &self.pipeline.business_subject {
+            Some(subject) => tether_nats::subjects::check_business_subject(&self.id, subject),
+            None => Ok(()),
+        }
     }
 
     /// The dedicated pool, if any (`"shared"` counts as none).

@@ -14,6 +14,10 @@ pub const MAX_ENDPOINTS: usize = 8;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct IpconfigConfig {
+    /// This instance's id in the ops view (`tether_instances`); empty = random.
+    pub id: String,
+    /// Milliseconds between this instance's records in `tether_instances`.
+    pub record_interval_ms: u64,
     /// NATS server URL(s), comma separated.
     pub nats_url: String,
     /// Credentials and TLS of the NATS connection: the `[nats]` table (`creds_file`,
@@ -58,6 +62,8 @@ pub struct IpconfigConfig {
 impl Default for IpconfigConfig {
     fn default() -> Self {
         Self {
+            id: String::new(),
+            record_interval_ms: 2_000,
             nats_url: "nats://127.0.0.1:4222".into(),
             nats: tether_nats::NatsAuth::default(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7420)),
@@ -87,8 +93,11 @@ impl IpconfigConfig {
         if self.token_ttl_secs == 0 || self.redirect_token_ttl_secs == 0 {
             return Err("token_ttl_secs and redirect_token_ttl_secs must be positive".into());
         }
-        if self.stale_after_ms == 0 {
-            return Err("stale_after_ms must be positive".into());
+        if self.stale_after_ms == 0 || self.record_interval_ms == 0 {
+            return Err("stale_after_ms and record_interval_ms must be positive".into());
+        }
+        if !self.id.is_empty() && !tether_auth::valid_id(&self.id) {
+            return Err("id must be 1-64 characters of [A-Za-z0-9_-]".into());
         }
         if !(0.0..1.0).contains(&self.tie_band) {
             return Err("tie_band must be at least 0 and below 1".into());

@@ -14,6 +14,7 @@
 //! - [`gateways`]: live gateways from their heartbeats.
 //! - [`affinity`]: users' home regions (`tether.<app>.affinity`, `tether_affinity`).
 //! - [`peers`]: buckets of peer regions, followed through their JetStream domains.
+//! - [`instance`]: this instance's record in `tether_instances` (the ops view).
 //! - [`redirect`]: redirect tokens for gateways that drain or migrate devices.
 //! - [`score`]: eligibility, score and order of gateways for one request.
 //! - [`metrics`]: Prometheus metrics.
@@ -24,6 +25,7 @@ pub mod apps;
 pub mod config;
 pub mod credential;
 pub mod gateways;
+pub mod instance;
 pub mod metrics;
 pub mod peers;
 pub mod redirect;
@@ -180,6 +182,18 @@ pub async fn start(
     )
     .await
     .map_err(|e| IpconfigError::Bucket(format!("affinity subscription: {e}")))?;
+    let id = if state.config.id.is_empty() {
+        format!("ipconfig-{:08x}", rand::random::<u32>())
+    } else {
+        state.config.id.clone()
+    };
+    instance::spawn(
+        bucket(tether_nats::layout::INSTANCES_BUCKET).await?,
+        state.clone(),
+        id,
+        http_addr.to_string(),
+        shutdown.clone(),
+    );
     let app = api::router(state);
     let stopped = shutdown.clone();
     let http = tokio::spawn(async move {

@@ -33,6 +33,9 @@ pub const SESSION: &str = "Tether-Session";
 pub const MSG_ID_CLIENT: &str = "Tether-Msg-Id";
 /// Quality of service of a push: `0` or `1`.
 pub const QOS: &str = "Tether-Qos";
+/// Per-message TTL of a JetStream message (seconds), honoured by streams with
+/// `allow_message_ttl` (INBOX: an app's `inbox_retention`).
+pub const MSG_TTL: &str = "Nats-TTL";
 /// Per-device sequence of an inbox message, or room sequence of a room message (decimal).
 pub const SEQ: &str = "Tether-Seq";
 /// Push id: a retried push with the same id stores nothing new (PROTOCOL 11.2).
@@ -142,7 +145,9 @@ impl HeaderCodec for Push {
         if !self.uids.is_empty() {
             put(&mut map, UID, &self.uids.join(","))?;
         }
-        put(&mut map, QOS, if self.qos1 { "1" } else { "0" })?;
+        if let Some(qos1) = self.qos1 {
+            put(&mut map, QOS, if qos1 { "1" } else { "0" })?;
+        }
         if let Some(id) = &self.id {
             put(&mut map, PUSH_ID, id)?;
         }
@@ -169,8 +174,9 @@ impl HeaderCodec for Push {
         let empty = HeaderMap::new();
         let map = headers.unwrap_or(&empty);
         let qos1 = match single(map, QOS).map(str::trim) {
-            None | Some("1") => true,
-            Some("0") => false,
+            None => None,
+            Some("1") => Some(true),
+            Some("0") => Some(false),
             Some(other) => {
                 return Err(WireError::bad_request(format!(
                     "{} must be 0 or 1, not {other:?}",
@@ -267,7 +273,7 @@ mod codec_tests {
         let parsed = Push::from_message(Some(&map), Bytes::new())?;
         assert_eq!(parsed.dids, ["d1", "d2", "d3"]);
         assert_eq!(parsed.uids, ["alice"]);
-        assert!(parsed.qos1);
+        assert_eq!(parsed.qos1, None, "no Tether-Qos: the app's default");
         assert_eq!(parsed.meta.get("trace-id").map(String::as_str), Some("abc"));
         Ok(())
     }

@@ -70,6 +70,14 @@ pub fn gateway(id: &str) -> String {
     id.to_string()
 }
 
+/// Prefix of ipconfig records in `tether_instances`.
+pub const IPCONFIG_PREFIX: &str = "ipconfig.";
+
+/// Key of an ipconfig instance's record in `tether_instances`: `ipconfig.<id>`.
+pub fn ipconfig(id: &str) -> String {
+    format!("{IPCONFIG_PREFIX}{id}")
+}
+
 /// A user's home region key in `tether_affinity`: `a.<app>.<uid>`.
 pub fn affinity(app: &str, uid: &str) -> String {
     format!("a.{app}.{uid}")

@@ -23,6 +23,9 @@ pub const ROOMS_STREAM: &str = "TETHER_ROOMS";
 pub const ROUTES_BUCKET: &str = "tether_routes";
 /// KV bucket: gateway heartbeats, expiring after [`BusLayout::gateway_ttl`].
 pub const GATEWAYS_BUCKET: &str = "tether_gateways";
+/// KV bucket: records of other long-running instances (`ipconfig.<id>`), expiring after
+/// [`BusLayout::gateway_ttl`] like gateway heartbeats.
+pub const INSTANCES_BUCKET: &str = "tether_instances";
 /// KV bucket: session memberships per device, the session → devices index and room
 /// settings.
 pub const SESSIONS_BUCKET: &str = "tether_sessions";
@@ -211,6 +214,8 @@ impl BusLayout {
                 max_age: self.inbox_max_age,
                 max_messages_per_subject: self.inbox_max_per_device,
                 duplicate_window: Duration::from_secs(120),
+                // Per-app `inbox_retention` is a per-message TTL (`Nats-TTL`).
+                allow_message_ttl: true,
                 ..base.clone()
             },
             stream::Config {
@@ -242,6 +247,13 @@ impl BusLayout {
             kv::Config {
                 bucket: GATEWAYS_BUCKET.into(),
                 description: "gateway heartbeats (expire after the TTL)".into(),
+                max_age: self.gateway_ttl,
+                storage: stream::StorageType::Memory,
+                ..base.clone()
+            },
+            kv::Config {
+                bucket: INSTANCES_BUCKET.into(),
+                description: "ipconfig instance records (expire after the TTL)".into(),
                 max_age: self.gateway_ttl,
                 storage: stream::StorageType::Memory,
                 ..base.clone()
@@ -293,7 +305,7 @@ async fn converge(
 ) -> Result<(), BusError> {
     let failed = |what: String| {
         move |e: &dyn std::fmt::Display| BusError::Layout {
-            what,
+            what: what.clone(),
             reason: e.to_string(),
         }
     };
@@ -304,9 +316,20 @@ async fn converge(
                 .await
                 .map_err(|e| fail(&e))?;
         } else {
-            js.get_or_create_stream(config)
+            let mut stream = js
+                .get_or_create_stream(config.clone())
                 .await
                 .map_err(|e| fail(&e))?;
+            // A stream made by an older version gets the per-message TTL it now needs
+            // (it can be turned on, never off); nothing else of an existing stream changes.
+            let existing = &stream.info().await.map_err(|e| fail(&e))?.config;
+            if config.allow_message_ttl && !existing.allow_message_ttl {
+                let upgraded = stream::Config {
+                    allow_message_ttl: true,
+                    ..existing.clone()
+                };
+                js.update_stream(upgraded).await.map_err(|e| fail(&e))?;
+            }
         }
     }
     for config in layout.buckets() {

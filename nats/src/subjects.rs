@@ -140,6 +140,37 @@ pub fn business_up(app: &str) -> String {
     format!("{PREFIX}.{app}.biz.up")
 }
 
+/// The longest business subject an app may name (`business_subject`), bytes.
+pub const MAX_BUSINESS_SUBJECT_LEN: usize = 200;
+
+/// Another uplink subject of the app's business services: `tether.<app>.biz.<name>` (an
+/// app's `business_subject` pipeline setting, PROTOCOL.md 12.5).
+pub fn business_named(app: &str, name: &str) -> String {
+    format!("{PREFIX}.{app}.biz.{name}")
+}
+
+/// Checks an app's `business_subject`: `tether.<app>.biz.` followed by one or more literal
+/// tokens of `[A-Za-z0-9_-]` (no wildcards), at most [`MAX_BUSINESS_SUBJECT_LEN`] bytes, so
+/// one NATS permission (`tether.<app>.>`) still confines the business and no other Tether
+/// subject can be named.
+pub fn check_business_subject(app: &str, subject: &str) -> Result<(), String> {
+    let prefix = business_named(app, "");
+    let rest = subject
+        .strip_prefix(&prefix)
+        .ok_or_else(|| format!("business_subject: {subject:?} must start with {prefix:?}"))?;
+    let literal = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    if subject.len() > MAX_BUSINESS_SUBJECT_LEN || !rest.split('.').all(literal) {
+        return Err(format!(
+            "business_subject: {subject:?} must be {prefix}<name> with tokens of [A-Za-z0-9_-], at most {MAX_BUSINESS_SUBJECT_LEN} bytes"
+        ));
+    }
+    Ok(())
+}
+
 /// Business pushes: `tether.<app>.push`.
 pub fn push(app: &str) -> String {
     format!("{PREFIX}.{app}.push")
@@ -436,6 +467,23 @@ impl<'a> Subject<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn business_subjects_stay_in_the_app() {
+        assert!(check_business_subject("a", &business_named("a", "v2")).is_ok());
+        assert!(check_business_subject("a", &business_named("a", "v2.eu-1")).is_ok());
+        for bad in [
+            business_named("b", "v2"),
+            business_named("a", ""),
+            business_named("a", "*"),
+            business_named("a", ">"),
+            business_named("a", "x..y"),
+            business_named("a", &"x".repeat(MAX_BUSINESS_SUBJECT_LEN)),
+            push("a"),
+        ] {
+            assert!(check_business_subject("a", &bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn names_are_scoped_by_app() {

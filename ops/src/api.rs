@@ -120,6 +120,7 @@ pub fn router(cell: OpsCell, guard: TokenGuard) -> axum::Router {
         .route("/v1/cluster", get(cluster))
         .route("/v1/gateways", get(gateways))
         .route("/v1/apps", get(apps))
+        .route("/v1/ipconfigs", get(ipconfigs))
         .route("/v1/apps/{app}", get(show_app).post(set_app))
         .route("/v1/apps/{app}/pause", post(pause_app))
         .route("/v1/apps/{app}/resume", post(resume_app))
@@ -191,6 +192,10 @@ async fn gateways(State(cell): State<OpsCell>) -> Answer {
 
 async fn apps(State(cell): State<OpsCell>) -> Answer {
     Ok(Json(json!(ops(&cell)?.view.snapshot().apps)))
+}
+
+async fn ipconfigs(State(cell): State<OpsCell>) -> Answer {
+    Ok(Json(json!(ops(&cell)?.view.snapshot().ipconfigs)))
 }
 
 async fn show_app(State(cell): State<OpsCell>, Path(app): Path<String>) -> Answer {
@@ -355,14 +360,24 @@ async fn stream(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let ops = ops(&cell)?;
     let guard = StreamGuard::new(ops.clone());
-    let events = futures::stream::unfold((ops, guard, true), |(ops, guard, first)| async move {
-        if !first {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let data = serde_json::to_string(&ops.view.snapshot()).unwrap_or_else(|_| "{}".into());
-        let event = Event::default().event("cluster").data(data);
-        Some((Ok(event), (ops, guard, false)))
-    });
+    let progress = ops.view.progress();
+    let events = futures::stream::unfold(
+        (ops, guard, progress, true),
+        |(ops, guard, mut progress, first)| async move {
+            if !first {
+                // Once a second, and at once when an operation progresses (each step of a
+                // rolling restart or migration shows, however fast it goes).
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    Ok(()) = progress.changed() => {}
+                }
+            }
+            progress.mark_unchanged();
+            let data = serde_json::to_string(&ops.view.snapshot()).unwrap_or_else(|_| "{}".into());
+            let event = Event::default().event("cluster").data(data);
+            Some((Ok(event), (ops, guard, progress, false)))
+        },
+    );
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 

@@ -10,7 +10,7 @@ use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tether_schemas::bus::{AppPipeline, GatewayHeartbeat, MigrationStatus};
+use tether_schemas::bus::{AppPipeline, GatewayHeartbeat, IpconfigHeartbeat, MigrationStatus};
 
 use crate::restart::RollStatus;
 
@@ -55,6 +55,20 @@ pub struct AppView {
     pub connections: u64,
     /// Connections per gateway.
     pub gateways: BTreeMap<String, u64>,
+    /// UP frames per second from the app's devices, on all live gateways.
+    pub msgs_in_per_sec: f64,
+    /// Frames per second to the app's devices, on all live gateways.
+    pub msgs_out_per_sec: f64,
+}
+
+/// One ipconfig instance in the snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IpconfigView {
+    /// Its last record.
+    #[serde(flatten)]
+    pub heartbeat: IpconfigHeartbeat,
+    /// Milliseconds since that record arrived.
+    pub age_ms: u64,
 }
 
 /// The NATS servers, from their monitoring endpoints.
@@ -146,6 +160,9 @@ pub struct ClusterSnapshot {
     pub partitions: Vec<Option<String>>,
     /// Apps with a record, by id.
     pub apps: Vec<AppView>,
+    /// Live ipconfig instances, by id.
+    #[serde(default)]
+    pub ipconfigs: Vec<IpconfigView>,
     /// The last migration status of each gateway an operator drained or migrated.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub migrations: BTreeMap<String, MigrationStatus>,
@@ -163,12 +180,15 @@ pub struct ClusterView {
     gateway_stale: Duration,
     lease_stale: RwLock<Duration>,
     gateways: RwLock<HashMap<String, Seen<GatewayHeartbeat>>>,
+    ipconfigs: RwLock<HashMap<String, Seen<IpconfigHeartbeat>>>,
     members: RwLock<HashMap<String, Instant>>,
     leases: RwLock<HashMap<u16, Seen<String>>>,
     apps: RwLock<BTreeMap<String, tether_ipconfig::AppRecord>>,
     nats: RwLock<Option<NatsView>>,
     migrations: RwLock<BTreeMap<String, MigrationStatus>>,
     restart: RwLock<Option<RollStatus>>,
+    /// Bumped when an operation's progress changes, so live streams send it at once.
+    progress: tokio::sync::watch::Sender<u64>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -186,13 +206,25 @@ impl ClusterView {
             gateway_stale,
             lease_stale: RwLock::new(Duration::from_secs(6)),
             gateways: RwLock::default(),
+            ipconfigs: RwLock::default(),
             members: RwLock::default(),
             leases: RwLock::default(),
             apps: RwLock::default(),
             nats: RwLock::default(),
             migrations: RwLock::default(),
             restart: RwLock::default(),
+            progress: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes whenever a migration's or a rolling restart's progress changes (the
+    /// dashboard's stream sends a snapshot then, besides once a second).
+    pub fn progress(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    fn progressed(&self) {
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// A heartbeat arrived.
@@ -209,6 +241,22 @@ impl ClusterView {
     /// A gateway deleted its record (clean stop).
     pub fn remove_gateway(&self, id: &str) {
         write(&self.gateways).remove(id);
+    }
+
+    /// An ipconfig instance's record arrived.
+    pub fn put_ipconfig(&self, heartbeat: IpconfigHeartbeat) {
+        write(&self.ipconfigs).insert(
+            heartbeat.id.clone(),
+            Seen {
+                value: heartbeat,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    /// An ipconfig instance deleted its record (clean stop) or it expired.
+    pub fn remove_ipconfig(&self, id: &str) {
+        write(&self.ipconfigs).remove(id);
     }
 
     /// Whether `id` is a live gateway.
@@ -263,6 +311,7 @@ impl ClusterView {
     /// A gateway's migration status (from an operation's answer or a poll).
     pub fn put_migration(&self, status: MigrationStatus) {
         write(&self.migrations).insert(status.gw.clone(), status);
+        self.progressed();
     }
 
     /// The last heartbeat of live gateway `id`.
@@ -281,12 +330,15 @@ impl ClusterView {
             return Err(running.clone());
         }
         *restart = Some(status);
+        drop(restart);
+        self.progressed();
         Ok(())
     }
 
     /// The rolling restart's progress.
     pub fn put_restart(&self, status: RollStatus) {
         *write(&self.restart) = Some(status);
+        self.progressed();
     }
 
     /// The running or last rolling restart.
@@ -366,12 +418,17 @@ impl ClusterView {
                             .map(|n| (g.heartbeat.id.clone(), *n))
                     })
                     .collect();
+                let rates = gateways
+                    .iter()
+                    .filter_map(|g| g.heartbeat.app_rates.get(&record.id));
                 AppView {
                     id: record.id.clone(),
                     pool: record.dedicated_pool().map(str::to_string),
                     pipeline: record.pipeline.clone(),
                     connections: per_gateway.values().sum(),
                     gateways: per_gateway,
+                    msgs_in_per_sec: rates.clone().map(|r| r.msgs_in_per_sec).sum(),
+                    msgs_out_per_sec: rates.map(|r| r.msgs_out_per_sec).sum(),
                 }
             })
             .collect();
@@ -381,6 +438,16 @@ impl ClusterView {
             msgs_in_per_sec: gateways.iter().map(|g| g.heartbeat.msgs_in_per_sec).sum(),
             msgs_out_per_sec: gateways.iter().map(|g| g.heartbeat.msgs_out_per_sec).sum(),
         };
+        let mut ipconfigs: Vec<IpconfigView> = read(&self.ipconfigs)
+            .values()
+            .filter(|s| now.saturating_duration_since(s.at) < self.gateway_stale)
+            .map(|s| IpconfigView {
+                heartbeat: s.value.clone(),
+                age_ms: u64::try_from(now.saturating_duration_since(s.at).as_millis())
+                    .unwrap_or(u64::MAX),
+            })
+            .collect();
+        ipconfigs.sort_by(|a, b| a.heartbeat.id.cmp(&b.heartbeat.id));
         ClusterSnapshot {
             at_ms: tether_schemas::bus::unix_now_ms(),
             totals,
@@ -388,6 +455,7 @@ impl ClusterView {
             states,
             partitions,
             apps,
+            ipconfigs,
             migrations: read(&self.migrations)
                 .iter()
                 .filter(|(gw, _)| live_ids.contains(*gw))

@@ -1,5 +1,5 @@
-//! Fills the [`ClusterView`]: KV watches of `tether_gateways`, `tether_leases` and
-//! `tether_apps` (each restarted when it ends, e.g. after a server restart), and a poll of
+//! Fills the [`ClusterView`]: KV watches of `tether_gateways`, `tether_leases`,
+//! `tether_apps` and `tether_instances` (ipconfig records) (each restarted when it ends, e.g. after a server restart), and a poll of
 //! the NATS monitoring endpoints.
 
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use serde_json::Value;
 use tether_nats::{keys, layout};
-use tether_schemas::bus::GatewayHeartbeat;
+use tether_schemas::bus::{GatewayHeartbeat, IpconfigHeartbeat};
 use tether_service::Shutdown;
 
 use crate::http;
@@ -27,6 +27,7 @@ pub fn spawn(
         layout::GATEWAYS_BUCKET,
         layout::LEASES_BUCKET,
         layout::APPS_BUCKET,
+        layout::INSTANCES_BUCKET,
     ] {
         tokio::spawn(follow(js.clone(), bucket, view.clone(), shutdown.clone()));
     }
@@ -130,6 +131,20 @@ fn apply(view: &ClusterView, bucket: &str, entry: &kv::Entry) {
                 Ok(record) if record.id == app => view.put_app(record),
                 Ok(_) => tracing::debug!(%app, "app record id differs from its key"),
                 Err(error) => tracing::warn!(%app, %error, "unreadable app record"),
+            }
+        }
+        layout::INSTANCES_BUCKET => {
+            let Some(id) = entry.key.strip_prefix(keys::IPCONFIG_PREFIX) else {
+                return;
+            };
+            if !put {
+                view.remove_ipconfig(id);
+                return;
+            }
+            match serde_json::from_slice::<IpconfigHeartbeat>(&entry.value) {
+                Ok(record) if record.id == id => view.put_ipconfig(record),
+                Ok(_) => tracing::debug!(%id, "ipconfig record id differs from its key"),
+                Err(error) => tracing::debug!(%id, %error, "unreadable ipconfig record"),
             }
         }
         _ => {}

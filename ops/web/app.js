@@ -150,11 +150,20 @@ function renderApps(s) {
       ].filter(Boolean).join(", ") || "none";
       return `<tr data-app="${esc(a.id)}">
         <td>${esc(a.id)}</td><td class="num conns">${a.connections}</td>
+        <td class="num in">${fmt.rate(a.msgs_in_per_sec)}</td><td class="num out">${fmt.rate(a.msgs_out_per_sec)}</td>
         <td>${p.paused ? `<span class="badge paused">paused</span>` : `<span class="badge">active</span>`}</td>
         <td>${esc(a.pool ?? "shared")}</td><td>${limits}</td><td>${p.broadcast_threshold ?? "default"}</td>
         <td>${p.paused ? `<button data-op="resume">Resume</button>` : `<button class="danger" data-op="pause">Pause</button>`}</td>
       </tr>`;
     })
+    .join("");
+}
+
+function renderIpconfigs(s) {
+  $("ipconfigs").tBodies[0].innerHTML = (s.ipconfigs || [])
+    .map((i) => `<tr data-ipconfig="${esc(i.id)}"><td>${esc(i.id)}</td><td>${esc(i.region)}</td><td>${esc(i.http)}</td>
+      <td class="num">${fmt.n(i.gateways)}</td><td class="num">${fmt.n(i.apps)}</td><td class="num">${fmt.n(i.requests)}</td>
+      <td>${esc(i.version)}</td></tr>`)
     .join("");
 }
 
@@ -201,19 +210,30 @@ function render(s) {
   window.cluster = s; // for tests and the console
   $("totals").innerHTML = `<b id="total-conns">${fmt.n(s.totals.connections)}</b> connections of ${fmt.n(s.totals.capacity)} ·
     <b>${fmt.rate(s.totals.msgs_in_per_sec)}</b> msgs/s in · <b>${fmt.rate(s.totals.msgs_out_per_sec)}</b> out ·
-    ${s.gateways.length} gateways · ${s.states.length} state instances · ${s.apps.length} apps`;
-  samples.push(s.totals);
+    ${s.gateways.length} gateways · ${s.states.length} state instances · ${(s.ipconfigs || []).length} ipconfig · ${s.apps.length} apps`;
+  const perApp = Object.fromEntries(s.apps.map((a) => [a.id, (a.msgs_in_per_sec ?? 0) + (a.msgs_out_per_sec ?? 0)]));
+  const perGateway = Object.fromEntries(s.gateways.map((g) => [g.id, g.connections]));
+  samples.push({ ...s.totals, apps: perApp, gateways: perGateway });
   while (samples.length > HISTORY) samples.shift();
   const pad = (values) => Array(HISTORY - values.length).fill(0).concat(values);
-  drawChart($("chart-conns"), [{ colour: "#2f6fde", values: pad(samples.map((t) => t.connections)) }]);
+  const gwIds = s.gateways.map((g) => g.id);
+  drawChart($("chart-conns"), [
+    { colour: "#1d2430", values: pad(samples.map((t) => t.connections)) },
+    ...gwIds.map((id) => ({ colour: colourOf(id, gwIds), values: pad(samples.map((t) => t.gateways?.[id] ?? 0)) })),
+  ]);
+  $("gw-legend").innerHTML = gwIds.map((id) => `<span style="color:${colourOf(id, gwIds)}">${esc(id)}</span>`).join(" ");
   drawChart($("chart-msgs"), [
     { colour: "#2f6fde", values: pad(samples.map((t) => t.msgs_in_per_sec)) },
     { colour: "#c9731a", values: pad(samples.map((t) => t.msgs_out_per_sec)) },
   ]);
+  const appIds = s.apps.map((a) => a.id);
+  drawChart($("chart-apps"), appIds.map((id) => ({ colour: colourOf(id, appIds), values: pad(samples.map((t) => t.apps?.[id] ?? 0)) })));
+  $("app-legend").innerHTML = appIds.map((id) => `<span style="color:${colourOf(id, appIds)}">${esc(id)}</span>`).join(" ");
   renderGateways(s);
   renderRestart(s);
   renderStates(s);
   renderApps(s);
+  renderIpconfigs(s);
   renderNats(s);
 }
 

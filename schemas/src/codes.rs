@@ -134,6 +134,9 @@ error_codes! {
     /// The request is malformed (HTTP or bus request).
     BadRequest = 22, "bad_request", 400, false,
         "malformed request: missing or invalid fields";
+    /// An operator paused the app: no logins or discovery until it is resumed.
+    AppPaused = 23, "app_paused", 503, true,
+        "the app is paused by an operator; retry after retry_after_ms";
 }
 
 impl ErrorCode {
@@ -183,9 +186,10 @@ mod tests {
             assert_eq!(code.as_str().parse::<ErrorCode>(), Ok(*code));
             assert!(!code.meaning().is_empty());
         }
-        assert_eq!(ErrorCode::ALL.len(), 23);
+        assert_eq!(ErrorCode::ALL.len(), 24);
         assert_eq!(ErrorCode::BadRequest as u16, 22);
-        assert_eq!(ErrorCode::from_u16(23), None);
+        assert_eq!(ErrorCode::AppPaused as u16, 23);
+        assert_eq!(ErrorCode::from_u16(24), None);
         assert_eq!(ErrorCode::from_u32(70_000), None);
         assert!("nope".parse::<ErrorCode>().is_err());
     }

@@ -153,7 +153,7 @@ pub fn push(
             sent_at_ms: u64::MAX,
             meta: push.meta.clone(),
         },
-        qos1: push.qos1,
+        qos1: push.qos1.unwrap_or(true),
         body: Bytes::new(),
     };
     if largest.try_encode().is_err() {

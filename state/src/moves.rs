@@ -157,6 +157,7 @@ async fn renumber_unacked(
         .await
         .map_err(|e| format!("inbox not readable: {e}"))?;
     let mut renumbered = 0;
+    let retention = ctx.pipelines.inbox_retention(app);
     for message in stored
         .iter()
         .filter(|m| m.seq > acked && m.seq < marker && m.seq > 0)
@@ -166,7 +167,7 @@ async fn renumber_unacked(
         };
         let id = format!("{app}:mv-{}:{did}", message.stream_seq);
         ctx.store
-            .append_inbox(app, did, Some(id), encode)
+            .append_inbox(app, did, Some(id), retention, encode)
             .await
             .map_err(|e| format!("renumbered message not stored: {e}"))?;
         renumbered += 1;
@@ -327,7 +328,12 @@ async fn copy_one(
         return true;
     };
     let id = format!("{app}:mv-{}-{}:{did}", peer.name, message.sequence);
-    match ctx.store.append_inbox(app, did, Some(id), encode).await {
+    let retention = ctx.pipelines.inbox_retention(app);
+    match ctx
+        .store
+        .append_inbox(app, did, Some(id), retention, encode)
+        .await
+    {
         Ok(_) => {
             relay.metrics.moved_copied.inc();
             true

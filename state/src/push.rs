@@ -50,7 +50,14 @@ async fn handle(ctx: &StateCtx, message: Message) {
     }
 }
 
-async fn deliver(ctx: &StateCtx, app: &str, push: Push) -> Result<PushReply, (ErrorCode, String)> {
+async fn deliver(
+    ctx: &StateCtx,
+    app: &str,
+    mut push: Push,
+) -> Result<PushReply, (ErrorCode, String)> {
+    // No `Tether-Qos`: the app's `qos_default` (PROTOCOL 12.5), read per push so a change
+    // applies from the next one.
+    push.qos1 = Some(push.qos1.unwrap_or_else(|| ctx.pipelines.default_qos1(app)));
     if let (true, Some(session)) = (push.is_session_push(), push.session.clone()) {
         return deliver_to_session(ctx, app, &session, push).await;
     }
@@ -155,12 +162,14 @@ async fn deliver_to_session(
 
 /// A push to devices (and users' devices): QoS1 to each inbox, QoS0 through each
 /// device's gateway, or, for QoS0 to more devices than the threshold, one broadcast
-/// carrying the did list (each gateway delivers to the listed devices it holds).
+/// carrying the did list (each gateway delivers to the listed devices it holds). The
+/// push's QoS was resolved by [`deliver`].
 async fn deliver_to_devices(
     ctx: &StateCtx,
     app: &str,
     push: Push,
 ) -> Result<PushReply, (ErrorCode, String)> {
+    let qos1 = push.qos1.unwrap_or(true);
     let mut dids = push.dids.clone();
     for uid in &push.uids {
         let devices = ctx
@@ -181,7 +190,7 @@ async fn deliver_to_devices(
                 sent_at_ms,
                 meta: push.meta.clone(),
             },
-            qos1: push.qos1,
+            qos1,
             body: push.body.clone(),
         }
         .encode()
@@ -211,7 +220,8 @@ async fn deliver_to_devices(
             reply.relayed.push(did);
         }
     }
-    if push.qos1 {
+    if qos1 {
+        let ttl = ctx.pipelines.inbox_retention(app);
         for did in &dids {
             let seq = ctx
                 .store
@@ -219,6 +229,7 @@ async fn deliver_to_devices(
                     app,
                     did,
                     push.id.as_ref().map(|id| format!("{app}:{id}:{did}")),
+                    ttl,
                     &encode,
                 )
                 .await

@@ -270,8 +270,15 @@ impl Store {
         dedupe: Option<String>,
         encode: impl Fn(u64) -> Bytes,
     ) -> Result<u64, StoreError> {
-        self.append_next(&self.rooms, subjects::room(app, session), 0, dedupe, encode)
-            .await
+        self.append_next(
+            &self.rooms,
+            subjects::room(app, session),
+            0,
+            dedupe,
+            None,
+            encode,
+        )
+        .await
     }
 
     /// The route of a device, if connected.
@@ -412,12 +419,14 @@ impl Store {
     /// sequence, so two writers racing for one device cannot both win (JetStream arbitrates).
     ///
     /// With `dedupe` (a push id), a retried push within the stream's de-duplication window
-    /// stores nothing new and returns the sequence the first one got.
+    /// stores nothing new and returns the sequence the first one got. With `ttl` (the app's
+    /// `inbox_retention`) the message leaves the inbox after that long (`Nats-TTL`).
     pub async fn append_inbox(
         &self,
         app: &str,
         did: &str,
         dedupe: Option<String>,
+        ttl: Option<Duration>,
         encode: impl Fn(u64) -> Bytes,
     ) -> Result<u64, StoreError> {
         let cursor = self.cursor(app, did).await?;
@@ -426,6 +435,7 @@ impl Store {
             subjects::inbox(app, did),
             cursor.acked,
             dedupe,
+            ttl,
             encode,
         )
         .await
@@ -447,6 +457,7 @@ impl Store {
             subjects::inbox(app, did),
             floor,
             dedupe,
+            None,
             encode,
         )
         .await
@@ -455,12 +466,14 @@ impl Store {
     /// Appends `encode(seq)` to `subject` in `stream`, where `seq` is the last `Tether-Seq`
     /// on the subject (or `floor`, if higher) plus one. The append states the subject's
     /// last stream sequence, so of two racing writers only one wins; the other retries.
+    /// `ttl` (whole seconds, at least one) becomes the message's `Nats-TTL`.
     async fn append_next(
         &self,
         stream: &stream::Stream,
         subject: String,
         floor: u64,
         dedupe: Option<String>,
+        ttl: Option<Duration>,
         encode: impl Fn(u64) -> Bytes,
     ) -> Result<u64, StoreError> {
         for _ in 0..100 {
@@ -487,6 +500,9 @@ impl Store {
             );
             if let Some(id) = &dedupe {
                 map.insert(headers::MSG_ID, id.as_str());
+            }
+            if let Some(ttl) = ttl {
+                map.insert(headers::MSG_TTL, ttl.as_secs().max(1).to_string().as_str());
             }
             let ack = self
                 .js

@@ -8,7 +8,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 use tether_nats::headers;
-use tether_nats::subjects::{self, Subject};
+use tether_nats::subjects::Subject;
 use tether_schemas::bus::ReceiptMode;
 use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
 use tokio::time::Instant;
@@ -311,7 +311,9 @@ async fn ask_business(
             .timeout(Some(timeout));
         // Keep the stream message ours while the business thinks: a short ack wait then
         // only matters when this instance dies (redelivery to the next owner comes soon).
-        let asked = ctx.client.send_request(subjects::business_up(app), request);
+        let asked = ctx
+            .client
+            .send_request(ctx.pipelines.business_subject(app), request);
         tokio::pin!(asked);
         let answer = if attempt == 0 {
             // The request is queued on the client at its first poll (the client's command

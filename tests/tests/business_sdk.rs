@@ -161,8 +161,10 @@ async fn sdk_pushes_and_reads_presence() -> TestResult {
     let mut pushes = nats.subscribe(subjects::push(APP)).await?;
     nats.flush().await?;
 
-    // QoS1 to users, with session and meta; state answers with accepted devices.
+    // QoS1 to users (chosen explicitly), with session and meta; state answers with
+    // accepted devices.
     let push = Push::to_uids(["alice", "bob"], "hi")
+        .qos1()
         .session("room-1")
         .meta("Kind", "chat");
     let sending = tokio::spawn({
@@ -179,6 +181,10 @@ async fn sdk_pushes_and_reads_presence() -> TestResult {
     // What state would decode from it.
     let decoded = Push::from_message(request.headers.as_ref(), request.payload.clone())?;
     assert_eq!(decoded.uids, ["alice", "bob"]);
+    assert_eq!(decoded.qos1, Some(true));
+    // Without .qos1()/.qos0() no Tether-Qos is sent: the app's qos_default decides.
+    let default_qos = Push::to_dids(["d1"], "x").to_headers()?;
+    assert_eq!(default_qos.get(headers::QOS), None);
     assert_eq!(decoded.meta.get("kind").map(String::as_str), Some("chat"));
     nats.publish(
         request.reply.clone().ok_or("push without reply subject")?,

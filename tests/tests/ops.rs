@@ -1,7 +1,9 @@
 //! ops over real processes (issue 16): the cluster view (gateways, state instances with
 //! their partitions, app counts; a killed gateway leaves it), every operation through the
 //! HTTP API and through `tether ctl` / `tether app set`, 401 without a valid admin token, and
-//! per-app settings (limits, pause, broadcast threshold) taking effect without a restart.
+//! per-app settings (limits, pause at ipconfig and gateways, broadcast threshold, QoS
+//! default, business subject, inbox retention) taking effect without a restart; ipconfig
+//! instances and per-app message rates in the view.
 
 mod support;
 
@@ -376,40 +378,7 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
     }
     k2.expect_close(ErrorCode::GoingAway).await;
 
-    // Pause through the CLI: the app's connection is closed, new logins are refused;
-    // resume through the API: logins work again. No restart anywhere.
-    let (mut p1, _) = fixture.login_as(APP, "pause-1").await;
-    let shown = ctl(&ops, &["app", "pause", APP]).await;
-    assert!(shown.contains("\"paused\": true"), "{shown}");
-    p1.expect_close(ErrorCode::Unavailable).await;
-    let mut refused = RawClient::connect(Transport::Tcp, fixture.tcp).await;
-    refused.send(&fixture.login_frame("pause-2")).await;
-    refused.expect_close(ErrorCode::Unavailable).await;
-    let (status, body) = api(
-        &ops,
-        "POST",
-        &format!("/v1/apps/{APP}/resume"),
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["pipeline"], json!({}));
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let mut client = RawClient::connect(Transport::Tcp, fixture.tcp).await;
-        client.send(&fixture.login_frame("pause-3")).await;
-        match client.next_frame().await {
-            Some(Frame::LoginAck(_)) => break,
-            Some(Frame::Error { .. }) | None => {}
-            other => panic!("expected LOGIN_ACK or the pause's error, got {other:?}"),
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "resume never applied"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Pause and resume: `pausing_an_app_stops_its_discovery_and_logins_until_resumed`.
 
     // Uplink rate limit with `tether app set` (straight to the bucket): a burst over it
     // gets UP_ACK rate_limited from the running gateway.
@@ -581,8 +550,6 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
     for expected in [
         ("kick", "token-1", "ok"),
         ("kick", "token-1", "error"),
-        ("app.pause", "token-1", "ok"),
-        ("app.resume", "token-1", "ok"),
         ("app.set", "cli", "ok"),
         ("app.set", "token-1", "ok"),
         ("app.set", "token-1", "error"),
@@ -595,7 +562,7 @@ async fn every_operation_works_through_the_api_and_the_cli() -> TestResult {
         assert!(seen.contains(&expected), "{expected:?} not in {seen:?}");
     }
     let table = ctl(&ops, &["audit"]).await;
-    assert!(table.contains("app.pause"), "{table}");
+    assert!(table.contains("app.set"), "{table}");
     stop.cancel();
     Ok(())
 }
@@ -1304,5 +1271,523 @@ async fn a_refused_takeover_stops_the_roll_and_the_old_process_keeps_serving() -
     late.send(&fixture.login_frame("lim-late")).await;
     assert!(matches!(late.next_frame().await, Some(Frame::LoginAck(_))));
     stop.cancel();
+    Ok(())
+}
+
+/// `tether app --nats <url> set <APP> <setting>`: (success, stdout, stderr).
+async fn app_set(fixture: &Fixture, setting: &str) -> (bool, String, String) {
+    let nats = fixture.nats.client_url();
+    tether(&["app", "--nats", &nats, "set", APP, setting]).await
+}
+
+/// A refused setting: `tether app set` fails naming the key, and the API answers 400.
+async fn refused(fixture: &Fixture, ops: &RunningOps, key: &str, value: Value) {
+    let text = match &value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let (ok, stdout, stderr) = app_set(fixture, &format!("{key}={text}")).await;
+    assert!(!ok, "{key}={text} accepted: {stdout}");
+    assert!(stderr.contains(key), "{stderr}");
+    let (status, body) = api(
+        ops,
+        "POST",
+        &format!("/v1/apps/{APP}"),
+        Some(TOKEN),
+        Some(json!({ "set": { key: value } })),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains(key), "{body}");
+}
+
+/// The next DOWN with `body` (other frames, resends included, are skipped): its QoS1 flag
+/// and sequence.
+async fn down_with(client: &mut RawClient, body: &[u8]) -> (bool, u64) {
+    loop {
+        match client.next_frame().await {
+            Some(Frame::Down {
+                header,
+                qos1,
+                body: got,
+            }) if got.as_ref() == body => return (qos1, header.seq),
+            Some(_) => {}
+            None => panic!(
+                "connection closed before {:?}",
+                String::from_utf8_lossy(body)
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn qos_default_set_live_decides_pushes_without_a_qos_header() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    add_app(&fixture).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let ops = start_ops(&fixture).await;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let (mut device, _) = fixture.login_as(APP, "qos-1").await;
+
+    // No setting: a push without Tether-Qos is QoS1 (stored with a sequence).
+    let reply = business.push(Push::to_dids(["qos-1"], "first")).await?;
+    assert!(reply.accepted.iter().all(|a| a.seq > 0), "{reply:?}");
+    assert!(down_with(&mut device, b"first").await.0);
+
+    refused(&fixture, &ops, "qos_default", json!(2)).await;
+    let (ok, stdout, stderr) = app_set(&fixture, "qos_default=0").await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("\"qos_default\": 0"), "{stdout}");
+    // Applied by the running state: the same push turns QoS0 (written to the device's
+    // gateway, no sequence) and arrives without the QoS1 flag.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut n = 0;
+    let body = loop {
+        n += 1;
+        let body = format!("default-{n}");
+        let reply = business
+            .push(Push::to_dids(["qos-1"], body.clone()))
+            .await?;
+        if reply
+            .accepted
+            .iter()
+            .any(|a| a.did == "qos-1" && a.seq == 0)
+        {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "qos_default=0 never applied: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(down_with(&mut device, body.as_bytes()).await, (false, 0));
+    // An explicit Tether-Qos still wins.
+    let reply = business
+        .push(Push::to_dids(["qos-1"], "explicit").qos1())
+        .await?;
+    assert!(reply.accepted.iter().all(|a| a.seq > 0), "{reply:?}");
+    assert!(down_with(&mut device, b"explicit").await.0);
+    Ok(())
+}
+
+/// Serves `APP`'s uplinks on `subject` (default when `None`), logging their msg ids.
+fn log_uplinks(
+    fixture: &Fixture,
+    subject: Option<String>,
+) -> std::sync::Arc<std::sync::Mutex<Vec<u64>>> {
+    let log: std::sync::Arc<std::sync::Mutex<Vec<u64>>> = Default::default();
+    let mut business = Business::new(fixture.nats_client.clone(), APP);
+    if let Some(subject) = subject {
+        business = business.with_uplink_subject(subject);
+    }
+    let seen = log.clone();
+    tokio::spawn(async move {
+        let _ = business
+            .serve_uplinks("tether-biz", move |uplink| {
+                seen.lock().expect("lock").push(uplink.msg_id);
+                async { tether_business::UplinkReply::stored(None) }
+            })
+            .await;
+    });
+    log
+}
+
+/// Sends UP `id` and waits for its UP_ACK, which must be code 0.
+async fn up_stored(client: &mut RawClient, id: u64) {
+    client.send(&up(id)).await;
+    loop {
+        match client.next_frame().await {
+            Some(Frame::UpAck(ack)) if ack.client_msg_id == id => {
+                assert_eq!(ack.code, 0, "{ack:?}");
+                return;
+            }
+            Some(_) => {}
+            None => panic!("connection closed before UP_ACK {id}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn business_subject_set_live_moves_uplinks_to_another_service() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    add_app(&fixture).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let ops = start_ops(&fixture).await;
+    let v2 = tether_nats::subjects::business_named(APP, "v2");
+    let old = log_uplinks(&fixture, None);
+    let new = log_uplinks(&fixture, Some(v2.clone()));
+    let (mut device, _) = fixture.login_as(APP, "biz-1").await;
+    up_stored(&mut device, 1).await;
+    assert_eq!(*old.lock().expect("lock"), [1]);
+
+    // Only the app's own `biz` subjects, literal.
+    refused(
+        &fixture,
+        &ops,
+        "business_subject",
+        json!(tether_nats::subjects::business_named("other", "up")),
+    )
+    .await;
+    refused(
+        &fixture,
+        &ops,
+        "business_subject",
+        json!(tether_nats::subjects::business_named(APP, "*")),
+    )
+    .await;
+    refused(
+        &fixture,
+        &ops,
+        "business_subject",
+        json!(tether_nats::subjects::push(APP)),
+    )
+    .await;
+
+    let shown = ctl(
+        &ops,
+        &["app", "set", APP, &format!("business_subject={v2}")],
+    )
+    .await;
+    assert!(shown.contains(&v2), "{shown}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut id = 1;
+    while new.lock().expect("lock").is_empty() {
+        id += 1;
+        up_stored(&mut device, id).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "business_subject never applied"
+        );
+    }
+    assert_eq!(*new.lock().expect("lock"), [id]);
+    // Cleared: back to tether.<app>.biz.up.
+    let (ok, _, stderr) = app_set(&fixture, "business_subject=").await;
+    assert!(ok, "{stderr}");
+    let before = old.lock().expect("lock").len();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while old.lock().expect("lock").len() == before {
+        id += 1;
+        up_stored(&mut device, id).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cleared business_subject never applied"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn inbox_retention_set_live_expires_an_apps_stored_messages() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    add_app(&fixture).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let ops = start_ops(&fixture).await;
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    let inbox = async_nats::jetstream::new(fixture.nats_client.clone())
+        .get_stream(tether_nats::layout::INBOX_STREAM)
+        .await?;
+    let mut n = 0;
+
+    refused(&fixture, &ops, "inbox_retention", json!(0)).await;
+    refused(&fixture, &ops, "inbox_retention", json!("1h")).await;
+    let (ok, _, stderr) = app_set(&fixture, "inbox_retention=1").await;
+    assert!(ok, "{stderr}");
+    // Once the running state applied it, a QoS1 message for an offline device is stored
+    // with a one-second TTL (without the setting it stays for the stream's 24 h) ...
+    let did = stored_with_ttl(&business, &inbox, &mut n, Some("1")).await?;
+    // ... and leaves the inbox.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match inbox
+            .direct_get_last_for_subject(tether_nats::subjects::inbox(APP, &did))
+            .await
+        {
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                break;
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the message never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A longer retention, so what is pushed next cannot expire before it is delivered.
+    let (ok, _, stderr) = app_set(&fixture, "inbox_retention=3600").await;
+    assert!(ok, "{stderr}");
+    stored_with_ttl(&business, &inbox, &mut n, Some("3600")).await?;
+    // The device finds nothing of the expired message, and gets what is pushed next.
+    let (mut device, _) = fixture.login_as(APP, &did).await;
+    business
+        .push(Push::to_dids([did.as_str()], "after").qos1())
+        .await?;
+    assert!(down_with(&mut device, b"after").await.0);
+    // Cleared: stored without a TTL again (the stream's max_age).
+    let (ok, _, stderr) = app_set(&fixture, "inbox_retention=").await;
+    assert!(ok, "{stderr}");
+    stored_with_ttl(&business, &inbox, &mut n, None).await?;
+    Ok(())
+}
+
+/// Pushes a QoS1 message to a fresh offline device (`ret-<n>`) until one is stored with
+/// `ttl` as its `Nats-TTL` (state applied the app's `inbox_retention`); that device.
+async fn stored_with_ttl(
+    business: &Business,
+    inbox: &async_nats::jetstream::stream::Stream,
+    n: &mut u64,
+    ttl: Option<&str>,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        *n += 1;
+        let did = format!("ret-{n}");
+        business
+            .push(Push::to_dids([did.as_str()], "stored").qos1())
+            .await?;
+        let stored = inbox
+            .direct_get_last_for_subject(tether_nats::subjects::inbox(APP, &did))
+            .await?;
+        let got = stored.headers.get(tether_nats::headers::MSG_TTL);
+        if got.map(|v| v.as_str()) == ttl {
+            return Ok(did);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "inbox_retention {ttl:?} never applied (last stored with {got:?})"
+        );
+    }
+}
+
+/// An ipconfig on the fixture's NATS (its own token key: only its answers are looked at).
+async fn start_ipconfig(
+    fixture: &Fixture,
+    id: &str,
+    stop: CancellationToken,
+) -> (tether_ipconfig::RunningIpconfig, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("token.key");
+    tether_auth::write_keypair(&key, false).expect("keypair");
+    let config = tether_ipconfig::IpconfigConfig {
+        id: id.into(),
+        record_interval_ms: 200,
+        nats_url: fixture.nats.client_url(),
+        nats: fixture.nats_auth.clone(),
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        http_listen: "127.0.0.1:0".parse().expect("addr"),
+        token_key: key,
+        ..Default::default()
+    };
+    let running = tether_ipconfig::start(config, stop)
+        .await
+        .expect("ipconfig starts");
+    (running, dir)
+}
+
+/// `GET /v1/endpoints` of `ipconfig` with a credential of `did` in APP: status and body.
+async fn discover(ipconfig: SocketAddr, did: &str) -> (u16, Value) {
+    let credential = tether_ipconfig::sign_hs256(
+        "a-secret-of-sixteen-chars",
+        &tether_ipconfig::CredentialClaims {
+            app: APP.into(),
+            uid: format!("u-{did}"),
+            did: did.into(),
+            exp: tether_auth::unix_now() + 600,
+            iat: None,
+        },
+    )
+    .expect("credential");
+    let answer = tether_ops::http::request(
+        "GET",
+        &format!("http://{ipconfig}/v1/endpoints"),
+        Some(&credential),
+        None,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("http");
+    let body = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+    (answer.status, body)
+}
+
+#[tokio::test]
+async fn pausing_an_app_stops_its_discovery_and_logins_until_resumed() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    add_app(&fixture).await;
+    let ops = start_ops(&fixture).await;
+    let (ipconfig, _key) = start_ipconfig(&fixture, "ipc-pause", fixture.shutdown.clone()).await;
+    // Discovery works before (the fixture's gateway heartbeat is live).
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, body) = discover(ipconfig.http_addr, "p-1").await;
+        if status == 200 {
+            assert_eq!(body["app"], json!(APP));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut online, _) = fixture.login_as(APP, "p-online").await;
+
+    // Paused through the CLI: ipconfig refuses discovery with app_paused (503,
+    // retryable), the open connection is closed and a new LOGIN refused with the same code.
+    let shown = ctl(&ops, &["app", "pause", APP]).await;
+    assert!(shown.contains("\"paused\": true"), "{shown}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, body) = discover(ipconfig.http_addr, "p-1").await;
+        if status == 503 {
+            assert_eq!(body["error"]["code"], json!("app_paused"), "{body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("paused")),
+                "{body}"
+            );
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ipconfig never applied the pause"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    online.expect_close(ErrorCode::AppPaused).await;
+    let mut refused = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    refused.send(&fixture.login_frame("p-2")).await;
+    refused.expect_close(ErrorCode::AppPaused).await;
+
+    // Resumed through the API: discovery and logins work again.
+    let (status, body) = api(
+        &ops,
+        "POST",
+        &format!("/v1/apps/{APP}/resume"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, body) = discover(ipconfig.http_addr, "p-1").await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(body["error"]["code"], json!("app_paused"), "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ipconfig never applied the resume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let mut client = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+        client.send(&fixture.login_frame("p-3")).await;
+        match client.next_frame().await {
+            Some(Frame::LoginAck(_)) => break,
+            Some(Frame::Error { error, .. }) => {
+                assert_eq!(error.code, u32::from(ErrorCode::AppPaused.as_u16()))
+            }
+            other => panic!("expected LOGIN_ACK or app_paused, got {other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never applied the resume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both operations are in the audit log.
+    let audit = ctl(&ops, &["--json", "audit"]).await;
+    let audit: Value = serde_json::from_str(&audit)?;
+    for op in ["app.pause", "app.resume"] {
+        assert!(
+            audit
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["op"] == json!(op) && e["outcome"] == json!("ok")),
+            "{op} not audited: {audit}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn cluster_view_shows_ipconfig_instances_and_message_rates_per_app() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    add_app(&fixture).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let _business = log_uplinks(&fixture, None);
+    let ops = start_ops(&fixture).await;
+    let stop_ipconfig = CancellationToken::new();
+    let (ipconfig, _key) = start_ipconfig(&fixture, "ipc-view", stop_ipconfig.clone()).await;
+
+    // The ipconfig instance is listed, with its address, through the API and the CLI.
+    let http = ipconfig.http_addr.to_string();
+    cluster_until(&ops, "the ipconfig instance", |c| {
+        c["ipconfigs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|i| i["id"] == json!("ipc-view") && i["http"] == json!(http))
+    })
+    .await;
+    let table = ctl(&ops, &["ipconfigs"]).await;
+    assert!(
+        table.contains("ipc-view") && table.contains(&http),
+        "{table}"
+    );
+    let listed: Value = serde_json::from_str(&ctl(&ops, &["--json", "ipconfigs"]).await)?;
+    assert_eq!(listed[0]["id"], json!("ipc-view"), "{listed}");
+    assert!(ctl(&ops, &["status"]).await.contains("ipc-view"));
+
+    // Uplinks of the app (each answered by an UP_ACK) show as its rates in and out.
+    let (mut device, _) = fixture.login_as(APP, "rate-view").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut id = 0;
+    let rates = loop {
+        id += 1;
+        up_stored(&mut device, id).await;
+        let (_, apps) = api(&ops, "GET", "/v1/apps", Some(TOKEN), None).await;
+        let app = apps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["id"] == json!(APP))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let (r_in, r_out) = (
+            app["msgs_in_per_sec"].as_f64().unwrap_or(0.0),
+            app["msgs_out_per_sec"].as_f64().unwrap_or(0.0),
+        );
+        if r_in > 0.0 && r_out > 0.0 {
+            break app;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no per-app rate: {app}"
+        );
+        // Under the gateway's frames-per-second limit per connection.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(rates["connections"].as_u64() >= Some(1), "{rates}");
+    let table = ctl(&ops, &["apps"]).await;
+    assert!(table.contains("IN/S") && table.contains("OUT/S"), "{table}");
+
+    // A stopped ipconfig leaves the view (its record is deleted).
+    stop_ipconfig.cancel();
+    ipconfig.wait().await;
+    cluster_until(&ops, "the ipconfig gone", |c| {
+        !c["ipconfigs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|i| i["id"] == json!("ipc-view"))
+    })
+    .await;
     Ok(())
 }

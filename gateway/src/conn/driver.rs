@@ -460,9 +460,8 @@ impl Driver {
         }
         if self.ctx.app_limits.paused(&claims.app) {
             self.ctx.metrics.refused("app_paused");
-            let mut reason =
-                CloseReason::error(ErrorCode::Unavailable, "app paused by the operator");
-            reason.retry_after_ms = 30_000;
+            let mut reason = CloseReason::error(ErrorCode::AppPaused, "app paused by the operator");
+            reason.retry_after_ms = crate::app_limits::PAUSED_RETRY_MS;
             return Err(reason);
         }
         if self.ctx.outbound.client().connection_state() != async_nats::connection::State::Connected
@@ -577,6 +576,9 @@ impl Driver {
         let Some(identity) = self.shared.identity() else {
             return Ok(());
         };
+        if let Some(counters) = self.shared.app_counters(&self.ctx.app_traffic) {
+            counters.received(1);
+        }
         if !header.session.is_empty() && !valid_id(&header.session) {
             // Never published: the session becomes a NATS header on the business request.
             self.ctx.metrics.refused("up_session");
@@ -712,6 +714,9 @@ impl Driver {
             tokio::time::timeout(timeout, self.stream.write_frames(frames, &headers)).await,
         )?;
         self.ctx.metrics.frames_out.inc_by(frames.len() as u64);
+        if let Some(counters) = self.shared.app_counters(&self.ctx.app_traffic) {
+            counters.written(frames.len() as u64);
+        }
         self.ctx.metrics.bytes_out.inc_by(bytes as u64);
         Ok(())
     }

@@ -102,6 +102,8 @@ pub struct ConnShared {
     /// Gateway-clock second the socket was accepted.
     pub accepted_at: u32,
     identity: OnceLock<Identity>,
+    /// The app's message counters, looked up once after login.
+    traffic: OnceLock<Arc<crate::app_traffic::AppCounters>>,
     last_seen: AtomicU32,
     outbound: Mutex<Outbound>,
     /// Set when frames were queued or a close requested since the task last looked.
@@ -120,6 +122,7 @@ impl ConnShared {
             id,
             accepted_at: now,
             identity: OnceLock::new(),
+            traffic: OnceLock::new(),
             last_seen: AtomicU32::new(now),
             outbound: Mutex::new(Outbound::default()),
             woken: AtomicBool::new(false),
@@ -158,6 +161,15 @@ impl ConnShared {
     /// The identity, once logged in.
     pub fn identity(&self) -> Option<&Identity> {
         self.identity.get()
+    }
+
+    /// The message counters of the connection's app (`None` before login).
+    pub fn app_counters(
+        &self,
+        traffic: &crate::app_traffic::AppTraffic,
+    ) -> Option<&crate::app_traffic::AppCounters> {
+        let identity = self.identity()?;
+        Some(self.traffic.get_or_init(|| traffic.counters(&identity.app)))
     }
 
     /// Records a successful login; false if already logged in.

@@ -7,13 +7,16 @@
 // Environment: TETHER_BIN (default target/debug/tether), CHROMIUM (default
 // /usr/bin/chromium). Exits 0 when every step passed; stops every process it started.
 //
-// Steps: the dashboard loads and lists both gateways and the state instance's partitions;
-// 100 devices connect (WebSocket, through ipconfig, from a second page using the browser
-// SDK) and the live connection count rises to 100; the Drain button of the gateway holding
-// the most of them, confirmed, moves them: its count falls to 0 while the total stays 100.
+// Steps: the dashboard loads and lists both gateways, the state instance's partitions and
+// the ipconfig instance; 100 devices connect (WebSocket, through ipconfig, from a second
+// page using the browser SDK) and the live connection count rises to 100; the Restart
+// button of the second gateway (started with a hand-off socket), confirmed, restarts it by
+// socket hand-off: the progress table shows the roll running, then `done` with a new pid,
+// and no device loses its connection; the Drain button of the gateway holding the most
+// devices, confirmed, moves them: its count falls to 0 while the total stays 100.
 
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync, existsSync } from "node:fs";
+import { mkdtempSync, rmSync, existsSync, readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -89,6 +92,32 @@ function start(name, args, env = {}) {
   return { child, output: () => output };
 }
 
+/** Stops the process named by `pidFile` (a gateway's successor after a restart). */
+async function stopPid(pidFile) {
+  let pid;
+  try {
+    pid = Number(readFileSync(pidFile, "utf8").trim());
+  } catch {
+    return;
+  }
+  if (!pid) return;
+  const alive = () => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  if (!alive()) return;
+  process.kill(pid, "SIGTERM");
+  for (let i = 0; i < 200 && alive(); i++) await sleep(100);
+  if (alive()) {
+    log(`gateway pid ${pid} did not stop on SIGTERM; killing it`);
+    process.kill(pid, "SIGKILL");
+  }
+}
+
 async function startStack() {
   if (!existsSync(tetherBin)) throw new Error(`${tetherBin} not found (cargo build -p tether)`);
   const base = await freePorts();
@@ -107,11 +136,20 @@ async function startStack() {
   }
   const dashboard = up.output().match(/dashboard\s+(http:\/\/\S+)/)?.[1];
   check(Boolean(dashboard), `tether up prints the dashboard URL (${dashboard})`);
+  // Restartable by hand-off: a successor process replaces it (in its own session, so it is
+  // not our child); the pid file names whichever process serves, stopped at the end.
+  const pidFile = join(data, "gw-two.pid");
+  cleanups.push(() => stopPid(pidFile));
   const gw2 = start("second gateway", [
     "gateway", "--nats", `nats://127.0.0.1:${base + 50}`, "--id", "gw-two",
     "--tcp", `127.0.0.1:${base + 60}`, "--ws", `127.0.0.1:${base + 61}`, "--admin", `127.0.0.1:${base + 62}`,
     "--token-public-key", join(data, "token.key.pub"),
-  ]);
+    "--handoff-socket", join(data, "gw-two.sock"),
+  ], {
+    TETHER_GATEWAY_PID_FILE: pidFile,
+    TETHER_GATEWAY_RESTART_LOG: join(data, "gw-two.restart.log"),
+    TETHER_GATEWAY_HEARTBEAT_INTERVAL_MS: "500",
+  });
   cleanups.push(() => gw2.output() && log(`second gateway output:\n${gw2.output().slice(-2000)}`));
   return { dashboard, chat: `http://127.0.0.1:${base + 40}/` };
 }
@@ -120,7 +158,7 @@ async function waitFor(page, fn, arg, what) {
   try {
     await page.waitForFunction(fn, arg, { timeout: WAIT, polling: 100 });
   } catch (e) {
-    const state = await page.evaluate(() => ({ live: document.getElementById("live")?.textContent, cluster: window.cluster, log: document.getElementById("oplog")?.innerText }));
+    const state = await page.evaluate(() => ({ log: document.getElementById("oplog")?.innerText, live: document.getElementById("live")?.textContent, restart: window.cluster?.restart, cluster: window.cluster }));
     throw new Error(`timed out waiting for ${what}: ${e.message}\npage: ${JSON.stringify(state).slice(0, 4000)}`);
   }
   log(`ok: ${what}`);
@@ -145,6 +183,7 @@ async function main() {
   await waitFor(dash, () => document.getElementById("live").dataset.state === "live", undefined, "the dashboard is live (server-sent events)");
   await waitFor(dash, () => document.querySelectorAll("#gateways tbody tr").length === 2, undefined, "the dashboard lists both gateways");
   await waitFor(dash, () => document.querySelectorAll("#partitions div").length === 32 && ![...document.querySelectorAll("#partitions div")].some((d) => d.title.endsWith("not leased")), undefined, "the partition map shows every partition leased");
+  await waitFor(dash, () => document.querySelectorAll("#ipconfigs tbody tr").length >= 1, undefined, "the dashboard lists the ipconfig instance");
   const gateways = await dash.evaluate(() => [...document.querySelectorAll("#gateways tbody tr")].map((tr) => tr.dataset.gw));
   const before = await dash.evaluate(() => window.cluster.totals.connections);
 
@@ -155,6 +194,7 @@ async function main() {
   await devices.evaluate(async (n) => {
     const { TetherClient } = await import("/sdk/tether.min.js");
     window.connected = new Set();
+    window.disconnects = 0;
     window.clients = [];
     for (let i = 0; i < n; i++) {
       const did = `load-${i}`;
@@ -165,6 +205,7 @@ async function main() {
         credential: async () => (await (await fetch(`/demo/credential?uid=u-${did}&did=${did}`)).json()).credential,
       });
       client.on("connected", () => window.connected.add(did));
+      client.on("disconnected", () => window.disconnects++);
       client.connect().catch((e) => console.error(`${did}: ${e.message}`));
       window.clients.push(client);
     }
@@ -177,6 +218,35 @@ async function main() {
   const busiest = gateways.reduce((a, b) => (counts[a] >= counts[b] ? a : b));
   check(counts[busiest] > 0, `gateway ${busiest} holds ${counts[busiest]} devices (${JSON.stringify(counts)})`);
 
+  // Restart the second gateway (started with a hand-off socket) from its button, by socket
+  // hand-off, with the devices it holds. Every state the progress table shows is recorded
+  // as it appears (a MutationObserver), so the test sees the roll live, not only its end.
+  const target = "gw-two";
+  log(`restarting ${target}, which holds ${await conns(dash, target)} devices`);
+  const oldPid = await dash.evaluate((gw) => window.cluster.gateways.find((g) => g.id === gw)?.pid, target);
+  await dash.evaluate(() => {
+    window.restartSeen = [];
+    const note = () => {
+      const text = `${document.getElementById("restart-state").textContent} | ${[...document.querySelectorAll("#restart-steps tbody tr")].map((tr) => `${tr.dataset.gw}:${tr.dataset.step}`).join(",")}`;
+      if (window.restartSeen.at(-1) !== text) window.restartSeen.push(text);
+    };
+    new MutationObserver(note).observe(document.getElementById("restart"), { subtree: true, childList: true, characterData: true, attributes: true });
+  });
+  await dash.click(`tr[data-gw="${target}"] button[data-op="restart"]`);
+  await dash.waitForSelector("#confirm:not([hidden])");
+  check((await dash.textContent("#confirm-text")).includes(`Restart ${target}`), "the restart asks for confirmation");
+  await dash.click("#confirm-ok");
+  await waitFor(dash, () => window.restartSeen.some((t) => t.startsWith("running")), undefined, "the restart shows as running");
+  await waitFor(dash, (gw) => document.querySelector(`#restart-steps tr[data-gw="${gw}"]`)?.dataset.step === "done", target, `the restart of ${target} reaches done`);
+  const seen = await dash.evaluate(() => window.restartSeen);
+  log(`restart progress seen: ${JSON.stringify(seen)}`);
+  check(seen.some((t) => t.startsWith("running")) && seen.some((t) => t.startsWith("done")), "the progress went from running to done, live");
+  const newPid = await dash.evaluate((gw) => window.cluster.restart?.gateways.find((g) => g.gw === gw)?.new_pid, target);
+  check(newPid && newPid !== oldPid, `${target} runs as a new process (pid ${oldPid} -> ${newPid})`);
+  await waitFor(dash, (n) => Number(document.getElementById("total-conns").textContent.replace(/,/g, "")) >= n, before + DEVICES, "every device is still connected after the restart");
+  const disconnects = await devices.evaluate(() => window.disconnects);
+  check(disconnects === 0, "no device lost its connection in the restart");
+
   // Drain it from the dashboard: button, confirmation, then its count falls to 0 and the
   // devices are on the other gateway (the total stays).
   await dash.click(`tr[data-gw="${busiest}"] button[data-op="drain"]`);
@@ -187,6 +257,7 @@ async function main() {
   await waitFor(dash, (n) => Number(document.getElementById("total-conns").textContent.replace(/,/g, "")) >= n, before + DEVICES, "every device is connected elsewhere (the total stays)");
   const connectedNow = await devices.evaluate(() => window.clients.filter((c) => c.state === "connected").length);
   log(`devices connected after the drain: ${connectedNow}`);
+
 
   if (screenshot) {
     await dash.screenshot({ path: screenshot, fullPage: true });

@@ -41,7 +41,23 @@ pub struct AppPipeline {
     /// state's `membership_events` for the app.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub membership_events: Option<bool>,
+    /// QoS of the app's pushes that carry no `Tether-Qos` header: 0 or 1 (absent = 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos_default: Option<u8>,
+    /// The subject state sends the app's uplink requests to instead of
+    /// `tether.<app>.biz.up`: `tether.<app>.biz.<token>[.<token>…]` (checked by
+    /// `tether_nats::subjects::check_business_subject` where the record is written and
+    /// where state reads it), so one NATS permission still confines the business.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub business_subject: Option<String>,
+    /// Seconds the app's QoS1 messages stay in device inboxes (a per-message TTL, at most
+    /// the INBOX stream's `max_age`); absent = the stream's `max_age`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbox_retention: Option<u64>,
 }
+
+/// The longest `inbox_retention` accepted (a year, in seconds).
+pub const MAX_INBOX_RETENTION_SECS: u64 = 366 * 24 * 3600;
 
 /// What an UP_ACK code 0 confirms.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +121,18 @@ pub const PIPELINE_KEYS: &[(&str, &str)] = &[
         "membership_events",
         "true|false: publish joined/left events on tether.<app>.presence (empty = state's default)",
     ),
+    (
+        "qos_default",
+        "0|1: QoS of pushes without a Tether-Qos header (empty = 1)",
+    ),
+    (
+        "business_subject",
+        "where state sends the app's uplinks, tether.<app>.biz.<name> (empty = the default, biz.up)",
+    ),
+    (
+        "inbox_retention",
+        "seconds QoS1 messages stay in inboxes, 1..=31622400, at most the stream's max_age (empty = the stream's)",
+    ),
 ];
 
 impl AppPipeline {
@@ -127,6 +155,30 @@ impl AppPipeline {
                 self.membership_events = match value {
                     "" => None,
                     v => Some(boolean(v)?),
+                }
+            }
+            "qos_default" => {
+                self.qos_default = match value {
+                    "" => None,
+                    "0" => Some(0),
+                    "1" => Some(1),
+                    other => return Err(format!("qos_default: {other:?} is not 0 or 1")),
+                }
+            }
+            "business_subject" => {
+                self.business_subject = Some(value).filter(|v| !v.is_empty()).map(str::to_string)
+            }
+            "inbox_retention" => {
+                self.inbox_retention = match value {
+                    "" => None,
+                    v => match number(v)? {
+                        n @ 1..=MAX_INBOX_RETENTION_SECS => Some(n),
+                        n => {
+                            return Err(format!(
+                                "inbox_retention: {n} is not between 1 and {MAX_INBOX_RETENTION_SECS} seconds"
+                            ));
+                        }
+                    },
                 }
             }
             "max_connections" => self.max_connections = number(value)?,
@@ -160,6 +212,29 @@ impl AppPipeline {
             }
         }
         Ok(())
+    }
+
+    /// Checks the values a record written without [`AppPipeline::set`] could carry:
+    /// `qos_default` 0 or 1, `inbox_retention` in range. (`business_subject` depends on
+    /// the app id and the bus crate's subjects: `tether_nats::subjects::check_business_subject`.)
+    pub fn check(&self) -> Result<(), String> {
+        if self.qos_default.is_some_and(|q| q > 1) {
+            return Err("qos_default must be 0 or 1".into());
+        }
+        if self
+            .inbox_retention
+            .is_some_and(|s| s == 0 || s > MAX_INBOX_RETENTION_SECS)
+        {
+            return Err(format!(
+                "inbox_retention must be between 1 and {MAX_INBOX_RETENTION_SECS} seconds"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The QoS of a push without `Tether-Qos`: true for QoS1 (the default).
+    pub fn default_qos1(&self) -> bool {
+        self.qos_default != Some(0)
     }
 }
 
@@ -206,6 +281,23 @@ mod tests {
         assert_eq!(p.broadcast_threshold, None);
         assert!(p.set("max_connections", "-1").is_err());
         assert!(p.set("paused", "maybe").is_err());
+        assert!(p.set("qos_default", "2").is_err());
+        assert!(p.set("qos_default", "0").is_ok());
+        assert!(!p.default_qos1());
+        assert!(p.set("qos_default", "").is_ok());
+        assert!(p.default_qos1());
+        assert!(p.set("inbox_retention", "0").is_err());
+        assert!(p.set("inbox_retention", "99999999999").is_err());
+        assert!(p.set("inbox_retention", "60").is_ok());
+        assert_eq!(p.inbox_retention, Some(60));
+        assert!(p.set("business_subject", "x.y").is_ok());
+        assert_eq!(p.business_subject.as_deref(), Some("x.y"));
+        assert!(p.set("business_subject", "").is_ok());
+        assert_eq!(p.business_subject, None);
+        assert!(p.check().is_ok());
+        p.qos_default = Some(2);
+        assert!(p.check().is_err());
+        p.qos_default = None;
         let err = p.set("qos", "1").err().unwrap_or_default();
         assert!(err.contains("unknown pipeline setting"), "{err}");
     }

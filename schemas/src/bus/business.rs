@@ -108,8 +108,10 @@ pub struct Push {
     pub dids: Vec<String>,
     /// Target users: every device of each (`Tether-Uid`).
     pub uids: Vec<String>,
-    /// QoS1 (stored, resent until acked; the default) or QoS0 (online devices only).
-    pub qos1: bool,
+    /// `Some(true)`: QoS1 (stored, resent until acked); `Some(false)`: QoS0 (online
+    /// devices only); `None` (no `Tether-Qos` header): the app's `qos_default`, which is
+    /// QoS1 unless an operator set it to 0 (PROTOCOL 12.4).
+    pub qos1: Option<bool>,
     /// Copied to `DOWN.session` (`Tether-Session`).
     pub session: Option<String>,
     /// Copied to `DOWN.meta` (`Tether-Meta-<name>`); names are lowercase
@@ -123,7 +125,8 @@ pub struct Push {
     pub id: Option<String>,
 }
 impl Push {
-    /// A QoS1 push of `body` to devices.
+    /// A push of `body` to devices, with the app's `qos_default` (QoS1 unless an operator
+    /// set it to 0); [`Push::qos1`] and [`Push::qos0`] choose explicitly.
     pub fn to_dids<I, S>(dids: I, body: impl Into<Bytes>) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -132,7 +135,7 @@ impl Push {
         Push {
             dids: dids.into_iter().map(Into::into).collect(),
             uids: Vec::new(),
-            qos1: true,
+            qos1: None,
             session: None,
             meta: BTreeMap::new(),
             body: body.into(),
@@ -140,7 +143,7 @@ impl Push {
         }
     }
 
-    /// A QoS1 push of `body` to every device of these users.
+    /// A push of `body` to every device of these users (QoS as [`Push::to_dids`]).
     pub fn to_uids<I, S>(uids: I, body: impl Into<Bytes>) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -154,14 +157,20 @@ impl Push {
 
     /// Best effort (QoS0): delivered to devices online now, else dropped.
     pub fn qos0(mut self) -> Self {
-        self.qos1 = false;
+        self.qos1 = Some(false);
+        self
+    }
+
+    /// Stored and resent until acknowledged (QoS1), whatever the app's `qos_default`.
+    pub fn qos1(mut self) -> Self {
+        self.qos1 = Some(true);
         self
     }
 
     /// A push of `body` to every member of a session (no `Tether-Did`/`Tether-Uid`
     /// header): state delivers it per member (small sessions) or as one broadcast that
     /// every gateway fans out to its local members (sessions above the app's threshold,
-    /// and recoverable rooms). QoS1 by default; large sessions are delivered QoS0, and
+    /// and recoverable rooms). The app's `qos_default` (QoS1 unless set); large sessions are delivered QoS0, and
     /// recoverable rooms through the room stream (section 11.5).
     pub fn to_session(session: impl Into<String>, body: impl Into<Bytes>) -> Self {
         Push {

@@ -43,6 +43,10 @@ pub struct GatewayHeartbeat {
     pub cpu: f64,
     /// Resident memory of the gateway process, in bytes.
     pub mem_bytes: u64,
+    /// Messages per second per app over the last interval (apps with no connection
+    /// since the gateway started are left out).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub app_rates: std::collections::BTreeMap<String, AppRates>,
     /// Uplink messages per second from clients (over the last interval).
     pub msgs_in_per_sec: f64,
     /// Frames per second written to clients (over the last interval).
@@ -58,6 +62,43 @@ pub struct GatewayHeartbeat {
     /// freshness by when they received it, so clocks need not agree).
     pub at_ms: u64,
     /// Milliseconds between heartbeats.
+    pub interval_ms: u64,
+}
+
+/// One app's message rates on one gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AppRates {
+    /// UP frames per second received from the app's devices.
+    pub msgs_in_per_sec: f64,
+    /// Frames per second written to the app's devices.
+    pub msgs_out_per_sec: f64,
+}
+
+/// One ipconfig instance's record in `tether_instances` (key `ipconfig.<id>`), put every
+/// few seconds and removed by the bucket's TTL when it stops (PROTOCOL.md 12.4).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IpconfigHeartbeat {
+    /// Instance id (also in the key).
+    pub id: String,
+    /// Tether version of the binary.
+    pub version: String,
+    /// Region it serves.
+    pub region: String,
+    /// Where devices ask for endpoints (`GET /v1/endpoints`), `host:port`.
+    pub http: String,
+    /// Live gateways it can offer right now (its own region and peers).
+    pub gateways: u64,
+    /// Apps it knows.
+    pub apps: u64,
+    /// Endpoints requests answered since it started (refusals included).
+    pub requests: u64,
+    /// When it started, unix milliseconds.
+    pub started_ms: u64,
+    /// When this record was written, unix milliseconds (informational).
+    pub at_ms: u64,
+    /// Milliseconds between records.
     pub interval_ms: u64,
 }
 

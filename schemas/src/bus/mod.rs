@@ -32,10 +32,15 @@ pub mod restart;
 pub mod sessions;
 
 pub use affinity::{AffinityRecord, AffinityReplyWire, AffinityRequest};
-pub use apps::{AppPipeline, AppPipelineView, PIPELINE_KEYS, ReceiptMode};
+pub use apps::{
+    AppPipeline, AppPipelineView, MAX_INBOX_RETENTION_SECS, PIPELINE_KEYS, ReceiptMode,
+};
 pub use business::{Accepted, PresenceEvent, Push, PushReply, PushReplyWire, Uplink, UplinkReply};
 pub use control::GatewayControl;
-pub use discovery::{AdvertisedEndpoints, EndpointInfo, EndpointsAnswer, GatewayHeartbeat};
+pub use discovery::{
+    AdvertisedEndpoints, AppRates, EndpointInfo, EndpointsAnswer, GatewayHeartbeat,
+    IpconfigHeartbeat,
+};
 pub use errors::{ErrorBody, ReplyWire, WireError};
 pub use events::{ConnEvent, Event, SessionChange};
 pub use ids::{MAX_ID_LEN, valid_id};

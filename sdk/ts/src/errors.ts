@@ -5,7 +5,7 @@ const NAMES = (
   "ok bad_frame frame_too_large unsupported_version login_required login_timeout bad_token " +
   "token_expired wrong_app replaced heartbeat_timeout slow_consumer rate_limited " +
   "too_many_connections going_away forbidden internal timeout rejected recovery_gap not_found " +
-  "unavailable bad_request"
+  "unavailable bad_request app_paused"
 ).split(" ");
 
 /** A section 8 code name, e.g. `"rejected"`; `"closed"` is the SDK's own (client stopped). */
@@ -33,11 +33,13 @@ export type ErrorCodeName =
   | "not_found"
   | "unavailable"
   | "bad_request"
+  | "app_paused"
   | "closed";
 
 /** Retryable codes by number (section 8): login_timeout, heartbeat_timeout, slow_consumer,
- * rate_limited, too_many_connections, going_away, internal, timeout, unavailable. */
-const RETRYABLE = [5, 10, 11, 12, 13, 14, 16, 17, 21];
+ * rate_limited, too_many_connections, going_away, internal, timeout, unavailable,
+ * app_paused. */
+const RETRYABLE = [5, 10, 11, 12, 13, 14, 16, 17, 21, 23];
 
 /** The name of a wire code; unknown numbers are `internal` (section 8). */
 export function codeName(code: number): ErrorCodeName {

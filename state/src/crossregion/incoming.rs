@@ -208,7 +208,13 @@ async fn store_relayed(
     if qos1 {
         let encode = crate::moves::qos1_down(header.clone(), body.clone());
         ctx.store
-            .append_inbox(app, did, Some(relay_id.to_string()), encode)
+            .append_inbox(
+                app,
+                did,
+                Some(relay_id.to_string()),
+                ctx.pipelines.inbox_retention(app),
+                encode,
+            )
             .await
             .map_err(|e| e.to_string())?;
         return Ok(());

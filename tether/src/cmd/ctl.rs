@@ -35,8 +35,10 @@ enum CtlCommand {
     Status,
     /// Live gateways with their figures.
     Gateways,
-    /// Apps with their connections and settings.
+    /// Apps with their connections, message rates and settings.
     Apps,
+    /// Live ipconfig instances.
+    Ipconfigs,
     /// Drain a gateway: ipconfig stops offering it and its devices move elsewhere.
     Drain {
         /// Gateway id.
@@ -185,6 +187,11 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Apps => {
             let v = api.call("GET", "/v1/apps", None).await?;
             let t = apps_table(&v);
+            (v, t)
+        }
+        CtlCommand::Ipconfigs => {
+            let v = api.call("GET", "/v1/ipconfigs", None).await?;
+            let t = ipconfigs_table(&v);
             (v, t)
         }
         CtlCommand::Drain { gw } => {
@@ -455,6 +462,8 @@ fn apps_table(v: &Value) -> String {
             vec![
                 s(&a["id"]),
                 s(&a["connections"]),
+                format!("{:.1}", a["msgs_in_per_sec"].as_f64().unwrap_or(0.0)),
+                format!("{:.1}", a["msgs_out_per_sec"].as_f64().unwrap_or(0.0)),
                 if p["paused"].as_bool().unwrap_or(false) {
                     "paused".into()
                 } else {
@@ -472,12 +481,39 @@ fn apps_table(v: &Value) -> String {
         &[
             "app",
             "conns",
+            "in/s",
+            "out/s",
             "state",
             "pool",
             "max_conns",
-            "msgs/s",
-            "bytes/s",
+            "max_msgs/s",
+            "max_bytes/s",
             "bcast_thr",
+        ],
+        &rows,
+    )
+}
+
+fn ipconfigs_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            vec![
+                s(&i["id"]),
+                s(&i["region"]),
+                s(&i["http"]),
+                s(&i["gateways"]),
+                s(&i["apps"]),
+                s(&i["requests"]),
+                s(&i["version"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ipconfig", "region", "http", "gateways", "apps", "requests", "version",
         ],
         &rows,
     )
@@ -511,6 +547,8 @@ fn status_table(v: &Value) -> String {
     out += &table(&["state", "count", "partitions"], &states);
     out += "\n";
     out += &apps_table(&v["apps"]);
+    out += "\n";
+    out += &ipconfigs_table(&v["ipconfigs"]);
     if let Some(servers) = v["nats"]["servers"].as_array() {
         out += "\n";
         let rows: Vec<Vec<String>> = servers
