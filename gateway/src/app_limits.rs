@@ -22,8 +22,10 @@ use tether_service::Shutdown;
 use crate::conn::CloseReason;
 use crate::context::GatewayCtx;
 
-/// How often the live gateways are counted.
+/// How often the count of live gateways is refreshed.
 const COUNT_EVERY: Duration = Duration::from_secs(3);
+/// A heartbeat's lifetime when the bucket does not say (its `max_age`).
+const FALLBACK_TTL: Duration = Duration::from_secs(15);
 /// The retry hint of connections closed because their app was paused.
 pub const PAUSED_RETRY_MS: u32 = 30_000;
 
@@ -259,20 +261,49 @@ async fn watch(ctx: &GatewayCtx, store: &kv::Store) {
     }
 }
 
+/// Counts the live gateways (their heartbeat records) from one long-lived watch of the
+/// bucket: a key put within the bucket's TTL and not deleted is live. (Listing the keys
+/// every few seconds created a consumer per gateway per round.)
 async fn count_gateways(ctx: Arc<GatewayCtx>, store: kv::Store, shutdown: Shutdown) {
+    let ttl = match store.status().await {
+        Ok(status) if !status.max_age().is_zero() => status.max_age(),
+        _ => FALLBACK_TTL,
+    };
     loop {
-        if let Ok(mut keys) = store.keys().await {
-            let mut live = 0u64;
-            while let Some(key) = keys.next().await {
-                if key.is_ok() {
-                    live += 1;
+        let mut entries = match store.watch_all().await {
+            Ok(entries) => entries,
+            Err(error) => {
+                tracing::debug!(%error, "app limits: cannot watch tether_gateways, retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(COUNT_EVERY) => continue,
                 }
             }
-            ctx.app_limits.set_gateways(live);
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(COUNT_EVERY) => {}
+        };
+        let mut seen: HashMap<String, Instant> = HashMap::new();
+        let mut tick = tokio::time::interval(COUNT_EVERY);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                entry = entries.next() => match entry {
+                    Some(Ok(entry)) => match entry.operation {
+                        kv::Operation::Put => {
+                            seen.insert(entry.key, Instant::now());
+                        }
+                        kv::Operation::Delete | kv::Operation::Purge => {
+                            seen.remove(&entry.key);
+                        }
+                    },
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "app limits: gateway watch error, continuing");
+                    }
+                    None => break, // the watch ended (server restart): start it again
+                },
+                _ = tick.tick() => {
+                    seen.retain(|_, at| at.elapsed() < ttl);
+                    ctx.app_limits.set_gateways(seen.len() as u64);
+                }
+            }
         }
     }
 }
