@@ -6,7 +6,9 @@ TCK=$(getconf CLK_TCK)
 TETHER_BIN=$BIN $BIN bench uplink --duration 12 "$@" > /tmp/cpr.out 2>/dev/null &
 BP=$!
 sleep 3
-S=$(pgrep -f "tether state --nats" | head -1); G=$(pgrep -f "tether gateway --nats" | head -1); N=$(pgrep -f "nats-server -c /tmp" | head -1)
+# The bench's own children only (other benches may run on a shared machine).
+kid() { for p in $(pgrep -P $BP); do tr '\0' ' ' < /proc/$p/cmdline | grep -q -- "$1" && echo $p; done | head -1; }
+S=$(kid " state --nats"); G=$(kid " gateway --nats"); N=$(kid "nats-server -c")
 cpu() { awk '{print $14+$15}' /proc/$1/stat 2>/dev/null || echo 0; }
 s0=$(cpu $S); g0=$(cpu $G); n0=$(cpu $N); b0=$(cpu $BP); t0=$(date +%s.%N)
 sleep 8

@@ -95,17 +95,21 @@ impl Outbound {
         let metrics = self.metrics.clone();
         let conn = conn.clone();
         let did = id.did.clone();
-        let receipt = tether_nats::keys::receipt(&id.app, &id.did, client_msg_id);
+        let query = subjects::receipt_query(&id.app, &id.did);
+        let client = self.client.clone();
         let js = self.js.clone();
         let resends = self.resends.clone();
         let frame_bytes = frame;
         tokio::spawn(async move {
             let stored = match sent {
-                Ok(ack) => ack.await.map(|a| a.duplicate).map_err(|e| e.to_string()),
+                Ok(ack) => ack
+                    .await
+                    .map(|a| (a.duplicate, a.sequence))
+                    .map_err(|e| e.to_string()),
                 Err(error) => Err(error.to_string()),
             };
             match stored {
-                Ok(duplicate) if on_store => {
+                Ok((duplicate, _)) if on_store => {
                     // Stored (now, or an earlier copy was): that is this app's receipt.
                     if duplicate {
                         metrics.uplink_duplicates.inc();
@@ -114,26 +118,27 @@ impl Outbound {
                     }
                     conn.push(stored_ack(client_msg_id), true, queue_limit);
                 }
-                Ok(false) => {
+                Ok((false, _)) => {
                     metrics.uplink_stored.inc();
                 }
-                Ok(true) => {
+                Ok((true, first_seq)) => {
                     // A resend: the first copy's UP_ACK may have gone to a connection
-                    // that is gone. If state has answered it, answer again from its copy;
-                    // if not yet, state's UP_ACK will follow the device's route here.
+                    // that is gone. The partition's owner keeps the receipts it gave.
                     metrics.uplink_duplicates.inc();
-                    let Some(frame) = stored_receipt(&js, &receipt).await else {
+                    match ask_receipt(&client, query, client_msg_id, first_seq).await {
+                        Receipt::Kept(frame) => {
+                            conn.push(frame, true, queue_limit);
+                            return;
+                        }
                         // Not answered yet: state's UP_ACK of the first copy follows the
                         // device's route here.
-                        return;
-                    };
-                    if !is_timeout(&frame) {
-                        conn.push(frame, true, queue_limit);
-                        return;
+                        Receipt::Pending => return,
+                        // Answered `timeout` (nothing stored), or by an earlier owner, or
+                        // no owner answered: processed again below.
+                        Receipt::Unknown => {}
                     }
-                    // The first copy was answered `timeout` (nothing stored): the resend is
-                    // processed again under a retry id, and state answers it (PROTOCOL
-                    // 6.3, 10.2, 11.1).
+                    // The resend is processed again under a retry id, and state answers
+                    // it (the business is idempotent: PROTOCOL 6.3, 10.2, 11.1).
                     let n = resends.fetch_add(1, Ordering::Relaxed);
                     map.insert(headers::MSG_ID, format!("{msg_id}:r{n}").as_str());
                     let again = match js.publish_with_headers(subject, map, frame_bytes).await {
@@ -295,18 +300,6 @@ impl Outbound {
     }
 }
 
-/// Whether a kept receipt is state's `timeout` marker (kept so a resend is processed again,
-/// never sent to the device).
-fn is_timeout(receipt: &Bytes) -> bool {
-    let decoded = tether_schemas::RawFrame::from_bytes(
-        receipt.clone(),
-        tether_schemas::limits::MAX_FRAME_LEN_CAP,
-    )
-    .ok()
-    .and_then(|raw| Frame::decode(&raw).ok());
-    matches!(decoded, Some(Frame::UpAck(ack)) if ack.code == u32::from(ErrorCode::Timeout.as_u16()))
-}
-
 /// The UP_ACK of an uplink the stream stored, for apps whose receipt mode is `stored`.
 fn stored_ack(client_msg_id: u64) -> Bytes {
     Frame::UpAck(pb::UpAck {
@@ -329,11 +322,65 @@ fn unavailable(client_msg_id: u64) -> Bytes {
     .encode()
 }
 
-/// The UP_ACK state kept for a processed uplink, if any.
-async fn stored_receipt(js: &jetstream::Context, key: &str) -> Option<Bytes> {
-    let bucket = js
-        .get_key_value(tether_nats::layout::RECEIPTS_BUCKET)
-        .await
-        .ok()?;
-    bucket.get(key).await.ok().flatten()
+/// What the partition owner said about a duplicate UP (PROTOCOL 10.2).
+enum Receipt {
+    /// Its UP_ACK, to send again.
+    Kept(Bytes),
+    /// The first copy is still to be answered: its UP_ACK follows.
+    Pending,
+    /// Not known (answered `timeout` or by an earlier owner, or no answer): process again.
+    Unknown,
+}
+
+/// How long a gateway waits for the partition owner's answer about a duplicate UP.
+const RECEIPT_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the partition owner (`tether.<app>.rcpt.<p>.<did>`) for the receipt of the UP
+/// `client_msg_id` whose first copy has stream sequence `first_seq`.
+async fn ask_receipt(
+    client: &async_nats::Client,
+    subject: String,
+    client_msg_id: u64,
+    first_seq: u64,
+) -> Receipt {
+    let mut map = HeaderMap::new();
+    map.insert(headers::MSG_ID_CLIENT, client_msg_id.to_string().as_str());
+    map.insert(headers::SEQ, first_seq.to_string().as_str());
+    let request = async_nats::Request::new()
+        .headers(map)
+        .payload(Bytes::new())
+        .timeout(Some(RECEIPT_QUERY_TIMEOUT));
+    let reply = match client.send_request(subject, request).await {
+        Ok(reply) => reply,
+        Err(error) => {
+            tracing::debug!(%error, client_msg_id, "no receipt answer");
+            return Receipt::Unknown;
+        }
+    };
+    let said = reply
+        .headers
+        .as_ref()
+        .and_then(|map| map.get(headers::RECEIPT))
+        .map(|v| v.as_str().to_string());
+    match said.as_deref() {
+        Some(headers::RECEIPT_PENDING) => Receipt::Pending,
+        Some(_) => Receipt::Unknown,
+        // Sent to the device as is: only an UP_ACK of this very UP.
+        None if is_up_ack_of(&reply.payload, client_msg_id) => Receipt::Kept(reply.payload),
+        None => {
+            tracing::warn!(client_msg_id, "receipt answer is not this UP's UP_ACK");
+            Receipt::Unknown
+        }
+    }
+}
+
+/// Whether `frame` is an encoded UP_ACK for `client_msg_id`.
+fn is_up_ack_of(frame: &Bytes, client_msg_id: u64) -> bool {
+    let decoded = tether_schemas::RawFrame::from_bytes(
+        frame.clone(),
+        tether_schemas::limits::MAX_FRAME_LEN_CAP,
+    )
+    .ok()
+    .and_then(|raw| Frame::decode(&raw).ok());
+    matches!(decoded, Some(Frame::UpAck(ack)) if ack.client_msg_id == client_msg_id)
 }

@@ -48,8 +48,15 @@ pub const RELAY_ID: &str = "Tether-Relay-Id";
 /// session request is answered after every device's notice (PROTOCOL 11.5).
 pub const APPLIED_TO: &str = "Tether-Applied-To";
 /// On an uplink: `stored` when the gateway sent the UP_ACK once JetStream stored it (the
-/// app's `receipt_mode` is `stored`): state then sends none (PROTOCOL 11.1).
+/// app's `receipt_mode` is `stored`): state then sends none (PROTOCOL 11.1). On the answer
+/// to a receipt question: [`RECEIPT_PENDING`] or [`RECEIPT_UNKNOWN`] (PROTOCOL 10.2).
 pub const RECEIPT: &str = "Tether-Receipt";
+/// `Tether-Receipt` of a partition owner's answer about a duplicate UP (PROTOCOL 10.2): its
+/// first copy is still to be answered, the UP_ACK follows.
+pub const RECEIPT_PENDING: &str = "pending";
+/// `Tether-Receipt` of a partition owner's answer about a duplicate UP: not known there
+/// (answered `timeout`, or by an earlier owner): the gateway has the UP processed again.
+pub const RECEIPT_UNKNOWN: &str = "unknown";
 /// Prefix of push metadata headers (`Tether-Meta-<name>`).
 pub const META_PREFIX: &str = "Tether-Meta-";
 

@@ -26,8 +26,8 @@ pub fn cursor(app: &str, did: &str) -> String {
     format!("c.{}.{app}.{did}", partition(did))
 }
 
-/// The UP_ACK of one processed uplink: `<app>.<did>.<client_msg_id>` (bucket
-/// `tether_receipts`), kept as long as JetStream de-duplicates the uplink.
+/// The key of one processed uplink's UP_ACK: `<app>.<did>.<client_msg_id>` (kept by the
+/// partition owner in memory as long as JetStream de-duplicates the uplink).
 pub fn receipt(app: &str, did: &str, client_msg_id: u64) -> String {
     format!("{app}.{did}.{client_msg_id}")
 }

@@ -80,6 +80,18 @@ pub fn ack_partition(partition: u16) -> String {
     format!("{PREFIX}.*.ack.{partition}.*")
 }
 
+/// A gateway's question about the receipt of an uplink it got a duplicate of:
+/// `tether.<app>.rcpt.<partition>.<did>` (core request/reply, answered by the partition's
+/// owner, PROTOCOL 10.2).
+pub fn receipt_query(app: &str, did: &str) -> String {
+    format!("{PREFIX}.{app}.rcpt.{}.{did}", partition(did))
+}
+
+/// Receipt questions of one partition, every app: `tether.*.rcpt.<partition>.*`.
+pub fn receipt_query_partition(partition: u16) -> String {
+    format!("{PREFIX}.*.rcpt.{partition}.*")
+}
+
 /// Recoverable room broadcasts: `tether.<app>.room.<session>` (stream ROOMS).
 pub fn room(app: &str, session: &str) -> String {
     format!("{PREFIX}.{app}.room.{session}")
@@ -279,6 +291,7 @@ pub fn regional_only() -> Vec<String> {
         events_stream(),
         inbox_stream(),
         format!("{PREFIX}.*.ack.>"),
+        format!("{PREFIX}.*.rcpt.>"),
         rooms_stream(),
         format!("{PREFIX}.{RELAY_TOKEN}.>"),
         // Every KV bucket (routes, sessions, receipts, apps, gateways, leases).
@@ -321,6 +334,13 @@ pub enum Subject<'a> {
     },
     /// `tether.<app>.ack.<p>.<did>`: a device's DOWN_ACK.
     Ack {
+        /// App id.
+        app: &'a str,
+        /// Device id.
+        did: &'a str,
+    },
+    /// `tether.<app>.rcpt.<p>.<did>`: a gateway asks for an uplink's receipt.
+    ReceiptQuery {
         /// App id.
         app: &'a str,
         /// Device id.
@@ -429,6 +449,10 @@ impl<'a> Subject<'a> {
                 app,
                 did: device(p, did)?,
             },
+            ["rcpt", p, did] => Subject::ReceiptQuery {
+                app,
+                did: device(p, did)?,
+            },
             ["room", session] if valid_id(session) => Subject::Room { app, session },
             ["bcast"] => Subject::Broadcast { app },
             ["biz", "up"] => Subject::BusinessUp { app },
@@ -449,6 +473,7 @@ impl<'a> Subject<'a> {
             | Subject::SessionEvents { app, .. }
             | Subject::Inbox { app, .. }
             | Subject::Ack { app, .. }
+            | Subject::ReceiptQuery { app, .. }
             | Subject::Room { app, .. }
             | Subject::Broadcast { app }
             | Subject::BusinessUp { app }
@@ -509,6 +534,10 @@ mod tests {
         assert_eq!(
             Subject::parse(&ack("chat", did)),
             Some(Subject::Ack { app: "chat", did })
+        );
+        assert_eq!(
+            Subject::parse(&receipt_query("chat", did)),
+            Some(Subject::ReceiptQuery { app: "chat", did })
         );
         assert_eq!(
             Subject::parse(&conn_events("chat", did)),

@@ -35,6 +35,7 @@ pub mod moves;
 pub mod partition;
 pub mod presence_query;
 pub mod push;
+pub mod receipt_book;
 pub mod route_cache;
 pub mod sessions;
 pub mod store;

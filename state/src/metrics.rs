@@ -56,9 +56,10 @@ pub struct StateMetrics {
     pub gateway_recycled: Counter,
     /// QoS1 messages that expired from an inbox before the device acknowledged them.
     pub expired_unacked: Counter,
-    /// Uplink receipts that could not be kept (a redelivery of such an uplink asks the
-    /// business again).
-    pub receipts_not_kept: Counter,
+    /// Uplink receipts kept in memory (for resends and redeliveries).
+    pub receipts_kept: Counter,
+    /// Gateways' questions about duplicate UPs, by answer (`kept`, `pending`, `unknown`).
+    pub receipt_queries: Family<Label, Counter>,
     /// Uplinks answered from their kept receipt instead of asking the business again.
     pub receipts_reused: Counter,
     /// Requests (pushes, session calls) refused because too many were in progress.
@@ -71,9 +72,14 @@ impl StateMetrics {
     /// Registers every metric.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
-            "receipts_not_kept",
-            "uplink receipts that could not be kept",
-            self.receipts_not_kept.clone(),
+            "receipts_kept",
+            "uplink receipts kept in memory for resends",
+            self.receipts_kept.clone(),
+        );
+        registry.register(
+            "receipt_queries",
+            "gateways' questions about duplicate uplinks, by answer",
+            self.receipt_queries.clone(),
         );
         registry.register(
             "receipts_reused",

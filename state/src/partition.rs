@@ -13,6 +13,7 @@ use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 use futures::StreamExt;
+use tether_nats::headers;
 use tether_nats::layout::PartitionConsumer;
 use tether_nats::subjects::{self, Subject};
 use tether_schemas::bus::{
@@ -24,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::context::StateCtx;
+use crate::receipt_book::{MAX_RECEIPTS, ReceiptAnswer, ReceiptBook, UplinkWatermark};
 use crate::store::{Cursor, InboxMessage, Membership, Route, seq_of};
 use crate::uplink::{self, UplinkDone};
 use crate::uplink_lines::{DeviceLines, Turn};
@@ -73,13 +75,14 @@ pub struct Partition {
     devices: HashMap<DeviceKey, Device>,
 }
 
-/// Opens (creating if needed) one of the partition's durable consumers and its messages.
+/// Opens (creating if needed) one of the partition's durable consumers and its messages,
+/// with the highest stream sequence the consumer had delivered when it was opened.
 async fn consumer(
     ctx: &StateCtx,
     kind: PartitionConsumer,
     partition: u16,
     ack_wait: Duration,
-) -> Result<pull::Stream, String> {
+) -> Result<(pull::Stream, u64), String> {
     let stream = ctx
         .js
         .get_stream(kind.stream())
@@ -91,6 +94,7 @@ async fn consumer(
         .create_consumer(kind.config(partition, ack_wait))
         .await
         .map_err(|e| e.to_string())?;
+    let delivered = consumer.cached_info().delivered.stream_sequence;
     // Short pull requests with idle heartbeats: when the consumer's leader moves to
     // another NATS node (a node died), the pending pull is lost with it and only a missed
     // heartbeat (two of them) or the pull's expiry brings a new one. With the client's
@@ -101,6 +105,7 @@ async fn consumer(
         .heartbeat(PULL_HEARTBEAT)
         .messages()
         .await
+        .map(|messages| (messages, delivered))
         .map_err(|e| e.to_string())
 }
 
@@ -139,21 +144,27 @@ impl Partition {
         // Taking the partition over (consumers, takeover snapshot) stops at once when the
         // lease goes again meanwhile: nothing was acknowledged yet, the next owner redoes it.
         let setup = async {
-            let events = consumer(&ctx, PartitionConsumer::Events, p, ack_wait).await?;
-            let uplinks = consumer(&ctx, PartitionConsumer::Uplinks, p, uplink_wait).await?;
-            let inbox = consumer(&ctx, PartitionConsumer::Inbox, p, ack_wait).await?;
+            let (events, _) = consumer(&ctx, PartitionConsumer::Events, p, ack_wait).await?;
+            let (uplinks, delivered) =
+                consumer(&ctx, PartitionConsumer::Uplinks, p, uplink_wait).await?;
+            let (inbox, _) = consumer(&ctx, PartitionConsumer::Inbox, p, ack_wait).await?;
             let acks = ctx
                 .client
                 .subscribe(subjects::ack_partition(p))
+                .await
+                .map_err(|e| e.to_string())?;
+            let receipt_queries = ctx
+                .client
+                .subscribe(subjects::receipt_query_partition(p))
                 .await
                 .map_err(|e| e.to_string())?;
             tether_nats::sync_with_server(&ctx.client)
                 .await
                 .map_err(|e| e.to_string())?;
             self.rebuild().await?;
-            Ok::<_, String>((events, uplinks, inbox, acks))
+            Ok::<_, String>((events, (uplinks, delivered), inbox, acks, receipt_queries))
         };
-        let (mut events, mut uplinks, mut inbox, mut acks) = tokio::select! {
+        let (mut events, (mut uplinks, delivered), mut inbox, mut acks, mut receipt_queries) = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             taken = setup => taken?,
         };
@@ -166,6 +177,13 @@ impl Partition {
         let (done_tx, mut done_rx) = mpsc::channel::<UplinkFinished>(1024);
         let concurrency = ctx.config.uplink_concurrency;
         let mut order = DeviceLines::new(ctx.config.uplink_pipeline);
+        // Receipts live in this owner's memory (no store per UP); the watermark tells a
+        // duplicate whose first copy is still to be answered from one answered before.
+        let book = ReceiptBook::new(
+            tether_nats::BusLayout::default().uplink_duplicate_window,
+            MAX_RECEIPTS,
+        );
+        let mut watermark = UplinkWatermark::new(delivered);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let outcome = loop {
             tokio::select! {
@@ -184,18 +202,20 @@ impl Partition {
                 },
                 message = uplinks.next(), if order.in_flight() < concurrency => match message {
                     Some(Ok(message)) => {
+                        watermark.received(stream_seq(&message));
                         // Several uplinks of one device at once, asked and settled in
                         // order; devices concurrently.
                         if let Some((message, turn)) = order.admit(message) {
-                            spawn_uplink(&ctx, &done_tx, message, turn);
+                            spawn_uplink(&ctx, &book, &done_tx, message, turn);
                         }
                     }
                     Some(Err(error)) => tracing::debug!(partition = p, %error, "uplinks consumer hiccup"),
                     None => break Err("uplinks consumer ended".to_string()),
                 },
                 Some(finished) = done_rx.recv() => {
+                    watermark.finished(finished.seq);
                     if let Some((next, turn)) = order.finished(&finished.device) {
-                        spawn_uplink(&ctx, &done_tx, next, turn);
+                        spawn_uplink(&ctx, &book, &done_tx, next, turn);
                     }
                     if let Some(done) = finished.done {
                         self.on_uplink_done(done).await;
@@ -210,6 +230,7 @@ impl Partition {
                     None => break Err("inbox consumer ended".to_string()),
                 },
                 Some(message) = acks.next() => self.on_ack(&message).await,
+                Some(query) = receipt_queries.next() => answer_receipt_query(&ctx, &book, &watermark, query),
                 _ = tick.tick() => {
                     order.keep_alive().await;
                     self.on_tick().await;
@@ -1059,27 +1080,95 @@ fn presence(event: &ConnEvent, online: bool) -> PresenceEvent {
 /// An uplink's processing ended (answered or terminated).
 struct UplinkFinished {
     device: uplink::DeviceKey,
+    /// Its stream sequence.
+    seq: u64,
     done: Option<UplinkDone>,
+}
+
+/// The stream sequence of a consumer message (0 when its metadata cannot be read).
+fn stream_seq(message: &Message) -> u64 {
+    message.info().map_or(0, |info| info.stream_sequence)
 }
 
 fn spawn_uplink(
     ctx: &Arc<StateCtx>,
+    book: &ReceiptBook,
     done: &mpsc::Sender<UplinkFinished>,
     message: Message,
     mut turn: Turn,
 ) {
-    let (ctx, done) = (ctx.clone(), done.clone());
+    let (ctx, book, done) = (ctx.clone(), book.clone(), done.clone());
     tokio::spawn(async move {
         let device = uplink::device_of(&message);
-        let outcome = uplink::process(&ctx, &message, &mut turn).await;
+        let seq = stream_seq(&message);
+        let outcome = uplink::process(&ctx, &book, &message, &mut turn).await;
         uplink::settle(&message, &mut turn, outcome.is_some()).await;
         // Handed on before the next uplink of the device settles: UP_ACKs leave in order.
         let _ = done
             .send(UplinkFinished {
                 device,
+                seq,
                 done: outcome,
             })
             .await;
         turn.settled();
+    });
+}
+
+/// Answers a gateway's question about a duplicate UP (PROTOCOL 10.2): the kept UP_ACK as
+/// the body, or an empty body with `Tether-Receipt: pending | unknown`. The app and did
+/// come from the subject; the client message id (`Tether-Msg-Id`) and the first copy's
+/// stream sequence (`Tether-Seq`) from the headers. A question without them is "unknown"
+/// (the gateway then has the UP processed again, which is always safe).
+fn answer_receipt_query(
+    ctx: &Arc<StateCtx>,
+    book: &ReceiptBook,
+    watermark: &UplinkWatermark,
+    query: async_nats::Message,
+) {
+    let Some(reply) = query.reply.clone() else {
+        return;
+    };
+    let answer = match Subject::parse(&query.subject) {
+        Some(Subject::ReceiptQuery { app, did }) => {
+            let number = |name: &str| {
+                query
+                    .headers
+                    .as_ref()
+                    .and_then(|map| map.get(name))
+                    .and_then(|v| v.as_str().parse::<u64>().ok())
+            };
+            match (number(headers::MSG_ID_CLIENT), number(headers::SEQ)) {
+                (Some(cmid), Some(seq)) => watermark.answer(book, app, did, cmid, seq),
+                _ => ReceiptAnswer::Unknown,
+            }
+        }
+        _ => ReceiptAnswer::Unknown,
+    };
+    let label = match &answer {
+        ReceiptAnswer::Kept(_) => "kept",
+        ReceiptAnswer::Pending => "pending",
+        ReceiptAnswer::Unknown => "unknown",
+    };
+    ctx.metrics
+        .receipt_queries
+        .get_or_create(&[("answer", label)])
+        .inc();
+    let client = ctx.client.clone();
+    tokio::spawn(async move {
+        let sent = match answer {
+            ReceiptAnswer::Kept(frame) => client.publish(reply, frame).await,
+            other => {
+                let mut map = async_nats::HeaderMap::new();
+                map.insert(
+                    headers::RECEIPT,
+                    other.header_value().unwrap_or(headers::RECEIPT_UNKNOWN),
+                );
+                client.publish_with_headers(reply, map, Bytes::new()).await
+            }
+        };
+        if let Err(error) = sent {
+            tracing::debug!(%error, "receipt answer not sent");
+        }
     });
 }

@@ -10,9 +10,7 @@ use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tether_nats::keys;
-use tether_nats::layout::{
-    INBOX_STREAM, RECEIPTS_BUCKET, ROOMS_STREAM, ROUTES_BUCKET, SESSIONS_BUCKET,
-};
+use tether_nats::layout::{INBOX_STREAM, ROOMS_STREAM, ROUTES_BUCKET, SESSIONS_BUCKET};
 use tether_nats::{headers, subjects};
 
 use crate::metrics::StateMetrics;
@@ -90,7 +88,6 @@ pub struct Store {
     js: jetstream::Context,
     routes: kv::Store,
     sessions: kv::Store,
-    receipts: kv::Store,
     inbox: stream::Stream,
     rooms: stream::Stream,
     metrics: StateMetrics,
@@ -101,46 +98,16 @@ impl Store {
     pub async fn open(js: jetstream::Context, metrics: StateMetrics) -> Result<Self, StoreError> {
         let routes = js.get_key_value(ROUTES_BUCKET).await.map_err(err)?;
         let sessions = js.get_key_value(SESSIONS_BUCKET).await.map_err(err)?;
-        let receipts = js.get_key_value(RECEIPTS_BUCKET).await.map_err(err)?;
         let inbox = js.get_stream(INBOX_STREAM).await.map_err(err)?;
         let rooms = js.get_stream(ROOMS_STREAM).await.map_err(err)?;
         Ok(Self {
             js,
             routes,
             sessions,
-            receipts,
             inbox,
             rooms,
             metrics,
         })
-    }
-
-    /// Keeps the UP_ACK of a processed uplink for the de-duplication window.
-    pub async fn put_receipt(
-        &self,
-        app: &str,
-        did: &str,
-        client_msg_id: u64,
-        frame: Bytes,
-    ) -> Result<(), StoreError> {
-        self.receipts
-            .put(keys::receipt(app, did, client_msg_id), frame)
-            .await
-            .map_err(err)?;
-        Ok(())
-    }
-
-    /// The UP_ACK kept for an uplink, if any (`Ok(None)` when none is kept).
-    pub async fn receipt(
-        &self,
-        app: &str,
-        did: &str,
-        client_msg_id: u64,
-    ) -> Result<Option<Bytes>, StoreError> {
-        self.receipts
-            .get(keys::receipt(app, did, client_msg_id))
-            .await
-            .map_err(err)
     }
 
     /// The sessions bucket's last revision (every write up to it is stored).

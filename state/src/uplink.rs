@@ -10,11 +10,12 @@ use bytes::Bytes;
 use tether_nats::headers;
 use tether_nats::subjects::Subject;
 use tether_schemas::bus::ReceiptMode;
-use tether_schemas::{ErrorCode, Frame, RawFrame, limits, pb};
+use tether_schemas::{ErrorCode, Frame, pb};
 use tokio::time::Instant;
 
 use crate::context::StateCtx;
 use crate::inputs;
+use crate::receipt_book::ReceiptBook;
 use crate::uplink_lines::Turn;
 
 /// An UP_ACK to deliver to a device.
@@ -58,7 +59,12 @@ pub const ACK_WAIT: Duration = Duration::from_secs(5);
 ///
 /// The app and did come from the subject (`tether.<app>.up.<p>.<did>`); the gateway's
 /// headers add the user, gateway and connection.
-pub async fn process(ctx: &StateCtx, message: &Message, turn: &mut Turn) -> Option<UplinkDone> {
+pub async fn process(
+    ctx: &StateCtx,
+    book: &ReceiptBook,
+    message: &Message,
+    turn: &mut Turn,
+) -> Option<UplinkDone> {
     let input = match inputs::uplink(
         &message.subject,
         message.headers.as_ref(),
@@ -80,7 +86,7 @@ pub async fn process(ctx: &StateCtx, message: &Message, turn: &mut Turn) -> Opti
     );
     let up = &input.up;
     if (is_resend(message) || is_redelivery(message))
-        && let Some(frame) = kept_receipt(ctx, &app, &did, up.client_msg_id).await
+        && let Some(frame) = book.answered(&app, &did, up.client_msg_id)
     {
         // Answered before: a resend the gateway passed on after a `timeout` while an
         // earlier retry got a real answer, or a redelivery whose ack was lost (an owner
@@ -150,12 +156,13 @@ pub async fn process(ctx: &StateCtx, message: &Message, turn: &mut Turn) -> Opti
         })
         .encode()
     });
-    // A resend of this UP is dropped by JetStream's de-duplication; its gateway then
-    // answers from this copy, in case the first UP_ACK was lost with its connection. Kept
-    // before the UP_ACK goes out, so no resend can miss both. A `timeout` receipt is only
-    // a marker: the gateway never sends it, it passes the resend on under a retry id so
-    // that it is processed again (PROTOCOL 6.3).
-    keep_receipt(ctx, message, &app, &did, up.client_msg_id, &frame).await;
+    // A resend of this UP is dropped by JetStream's de-duplication; its gateway then asks
+    // this owner, which answers from this copy, in case the first UP_ACK was lost with its
+    // connection. Kept before the UP_ACK goes out, so no resend can miss both. A `timeout`
+    // receipt is only a marker: the owner answers "unknown" for it and the gateway passes
+    // the resend on under a retry id so that it is processed again (PROTOCOL 6.3).
+    book.keep(&app, &did, up.client_msg_id, frame.clone());
+    ctx.metrics.receipts_kept.inc();
     Some(UplinkDone {
         app,
         did,
@@ -203,62 +210,6 @@ fn is_resend(message: &Message) -> bool {
 /// before acking).
 fn is_redelivery(message: &Message) -> bool {
     message.info().is_ok_and(|info| info.delivered > 1)
-}
-
-/// Attempts at keeping a receipt while the bucket is unavailable (a leader change),
-/// with backoff from 100 ms; the uplink is kept in progress meanwhile.
-const RECEIPT_ATTEMPTS: u32 = 6;
-
-/// Keeps the receipt for the de-duplication window, retrying with backoff while the
-/// bucket is unavailable: a redelivery of this uplink (its ack lost) is then answered from
-/// it instead of asking the business again. A receipt that cannot be kept is counted; the
-/// UP_ACK still goes out (the business has answered).
-async fn keep_receipt(
-    ctx: &StateCtx,
-    message: &Message,
-    app: &str,
-    did: &str,
-    client_msg_id: u64,
-    frame: &Bytes,
-) {
-    let mut backoff = Duration::from_millis(100);
-    for attempt in 1..=RECEIPT_ATTEMPTS {
-        match ctx
-            .store
-            .put_receipt(app, did, client_msg_id, frame.clone())
-            .await
-        {
-            Ok(()) => return,
-            Err(error) if attempt == RECEIPT_ATTEMPTS => {
-                ctx.metrics.receipts_not_kept.inc();
-                tracing::warn!(%app, %did, %error, "receipt not kept");
-            }
-            Err(error) => {
-                tracing::debug!(%app, %did, %error, attempt, "receipt not kept yet, retrying");
-                let _ = message.ack_with(AckKind::Progress).await;
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
-        }
-    }
-}
-
-/// The receipt kept for an uplink, if any and not a `timeout` marker.
-async fn kept_receipt(ctx: &StateCtx, app: &str, did: &str, client_msg_id: u64) -> Option<Bytes> {
-    let frame = match ctx.store.receipt(app, did, client_msg_id).await {
-        Ok(found) => found?,
-        Err(error) => {
-            tracing::debug!(%app, %did, %error, "kept receipt not readable");
-            return None;
-        }
-    };
-    let timed_out = RawFrame::from_bytes(frame.clone(), limits::MAX_FRAME_LEN_CAP)
-        .ok()
-        .and_then(|raw| Frame::decode(&raw).ok())
-        .is_some_and(|decoded| {
-            matches!(decoded, Frame::UpAck(ack) if ack.code == u32::from(ErrorCode::Timeout.as_u16()))
-        });
-    (!timed_out).then_some(frame)
 }
 
 /// Runs `work` while telling JetStream every [`KEEP_ALIVE`] that `message` is in progress.

@@ -470,6 +470,94 @@ async fn a_resent_uplink_whose_receipt_was_lost_gets_it_again() -> TestResult {
     Ok(())
 }
 
+/// Receipts live in the partition owner's memory (PROTOCOL 10.2): after the owner
+/// changed, a resend of an UP answered by the previous owner is unknown to the new one,
+/// so it is processed again; the business is asked again, answers its first `stored`,
+/// stores nothing twice, and the device gets the same receipt.
+#[tokio::test]
+async fn a_resend_after_the_owner_changed_is_asked_again_and_stored_once() -> TestResult {
+    use futures::StreamExt;
+    use support::{RawClient, Transport};
+    use tether_schemas::{Frame, pb};
+    let fixture = Fixture::start(|_| {}).await;
+    let first_owner = CancellationToken::new();
+    let state = start_state(&fixture, first_owner.clone()).await;
+    // Every request the business gets, seen by a plain subscriber beside it.
+    let mut spy = fixture
+        .nats_client
+        .subscribe(tether_nats::subjects::business_up(APP))
+        .await?;
+    fixture.nats_client.flush().await?;
+    let stored: Arc<Mutex<Vec<StoredUplink>>> = Arc::default();
+    let kept = stored.clone();
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    tokio::spawn(async move {
+        let _ = business
+            .serve_uplinks("tether-biz", move |uplink| {
+                let kept = kept.clone();
+                async move {
+                    // Idempotent on (did, msg id), as PROTOCOL 11.1 asks.
+                    let mut kept = kept.lock().expect("lock");
+                    if !kept
+                        .iter()
+                        .any(|(did, id, _)| *did == uplink.did && *id == uplink.msg_id)
+                    {
+                        kept.push((uplink.did.clone(), uplink.msg_id, uplink.body.to_vec()));
+                    }
+                    UplinkReply::stored(Some(format!("m{}", uplink.msg_id)))
+                }
+            })
+            .await;
+    });
+    let up = Frame::Up {
+        header: pb::Up {
+            client_msg_id: 91,
+            session: String::new(),
+        },
+        body: Bytes::from_static(b"once"),
+    }
+    .encode();
+    let receipt = |frame: Option<Frame>| match frame {
+        Some(Frame::UpAck(ack)) => (ack.client_msg_id, ack.code, ack.server_msg_id),
+        other => panic!("expected UP_ACK, got {other:?}"),
+    };
+    let (mut first, _) = fixture.login(Transport::Tcp, "mover").await;
+    first.send(&up).await;
+    assert_eq!(receipt(first.next_frame().await), (91, 0, "m91".into()));
+    let asked = |spy: &mut async_nats::Subscriber| {
+        let mut n = 0;
+        while let Some(Some(_)) = futures::FutureExt::now_or_never(spy.next()) {
+            n += 1;
+        }
+        n
+    };
+    // A flush makes sure every request sent so far reached the spy.
+    fixture.nats_client.flush().await?;
+    assert_eq!(asked(&mut spy), 1);
+    // The partition moves to a new owner (this one stops), and the device, whose
+    // connection was lost with the receipt, resends on a new connection.
+    drop(first);
+    first_owner.cancel();
+    state.wait().await;
+    let _second_owner = start_state(&fixture, CancellationToken::new()).await;
+    let (mut second, _): (RawClient, _) = fixture.login(Transport::Tcp, "mover").await;
+    second.send(&up).await;
+    assert_eq!(receipt(second.next_frame().await), (91, 0, "m91".into()));
+    fixture.nats_client.flush().await?;
+    assert_eq!(asked(&mut spy), 1, "the new owner asked the business again");
+    assert_eq!(
+        stored.lock().expect("lock").clone(),
+        vec![("mover".to_string(), 91, b"once".to_vec())],
+        "stored once"
+    );
+    // A later resend is answered by the new owner from memory: not asked again.
+    second.send(&up).await;
+    assert_eq!(receipt(second.next_frame().await), (91, 0, "m91".into()));
+    fixture.nats_client.flush().await?;
+    assert_eq!(asked(&mut spy), 0, "answered from the new owner's memory");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_retried_push_stores_nothing_new_and_gets_the_first_answer() -> TestResult {
     let fixture = Fixture::start(|_| {}).await;
