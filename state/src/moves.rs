@@ -40,7 +40,7 @@ use crate::context::StateCtx;
 use crate::crossregion::Relay;
 
 /// The metadata key that tags a move's marker in the inbox (never sent to a device).
-pub const MARKER_META: &str = "tether.move_marker";
+pub const MARKER_META: &str = "tether-move-marker";
 /// After the peer first answers, how long its inbox is still followed for the device.
 pub const FOLLOW_AFTER_REACHABLE: Duration = Duration::from_secs(60);
 /// Pause between two reads of a peer's inbox.

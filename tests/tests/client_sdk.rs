@@ -665,9 +665,11 @@ async fn reconnects_after_gateway_restart_and_resends_unacked_up() -> TestResult
     .await?;
     assert_eq!(connected(&mut events).await?, GW);
 
-    // The unacked UP was sent again with the same client_msg_id; the stream kept one copy.
+    // The unacked UP was sent again with the same client_msg_id; the stream kept one copy
+    // under that id. No state answers the gateway's receipt question here, so the gateway
+    // stores the resend once more under a retry id, to be processed again (PROTOCOL 6.3).
     let mut copies = 0;
-    while copies < 2 {
+    while copies < 3 {
         let message = within(async {
             uplinks
                 .next()
@@ -681,8 +683,8 @@ async fn reconnects_after_gateway_restart_and_resends_unacked_up() -> TestResult
     }
     assert_eq!(
         bus.uplink_count().await?,
-        1,
-        "the resend is de-duplicated by app:did:client_msg_id"
+        2,
+        "the resend is de-duplicated by app:did:client_msg_id, then stored under a retry id"
     );
     bus.ack_up(GW, "dev-1", 100, ErrorCode::Ok, "").await?;
     assert_eq!(within(async { Ok(sent.await?) }).await??.client_msg_id, 100);

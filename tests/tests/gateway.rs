@@ -90,7 +90,27 @@ async fn tcp_and_ws_clients_uplink_downlink_and_events() -> TestResult {
         );
         connected.push(client);
     }
-    // The duplicate UPs were stored once per device.
+    // The duplicate UPs were stored once per device under their id. No state runs here,
+    // so nobody answers the gateway's receipt question about the duplicate: it stores the
+    // UP again under a retry id, to be processed again (PROTOCOL 6.3, 10.2).
+    for did in ["dev-tcp", "dev-ws"] {
+        let stored = read_stream(
+            &fixture.nats_client,
+            UPLINK_STREAM,
+            &subjects::uplink(APP, did),
+            2,
+        )
+        .await;
+        let ids: Vec<&str> = stored
+            .iter()
+            .map(|m| header(m, tether_nats::headers::MSG_ID.as_ref()))
+            .collect();
+        assert_eq!(ids[0], format!("{APP}:{did}:7"), "{did}: {ids:?}");
+        assert!(
+            ids[1].starts_with(&format!("{APP}:{did}:7:r")),
+            "{did}: the resend under a retry id: {ids:?}"
+        );
+    }
     let js = async_nats::jetstream::new(fixture.nats_client.clone());
     assert_eq!(
         js.get_stream(UPLINK_STREAM)
@@ -99,7 +119,8 @@ async fn tcp_and_ws_clients_uplink_downlink_and_events() -> TestResult {
             .await?
             .state
             .messages,
-        2
+        4,
+        "no other copy"
     );
 
     // Both connects are events with app, uid, did, gateway, conn.
