@@ -216,6 +216,21 @@ impl Migration {
         self.status(ctx)
     }
 
+    /// Waits until no connection is left, the migration is over, or `bound` has passed;
+    /// then stops it and returns its status (what the shutdown drain and a hand-off's
+    /// TLS redirects report).
+    pub async fn finish_within(&self, ctx: &GatewayCtx, bound: Duration) -> MigrationStatus {
+        let deadline = tokio::time::Instant::now() + bound;
+        while !ctx.registry.is_empty()
+            && self.is_running()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop();
+        self.status(ctx)
+    }
+
     /// Stops a running migration (redirected connections stay pending).
     pub fn stop(&self) {
         let mut inner = self.lock();

@@ -371,15 +371,10 @@ async fn drain_by_redirect(ctx: &Arc<GatewayCtx>) {
         tracing::warn!(gw = %ctx.config.id, %error, "no drain on shutdown");
         return;
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !ctx.registry.is_empty()
-        && ctx.migration.is_running()
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    ctx.migration.stop();
-    let status = ctx.migration.status(ctx);
+    let status = ctx
+        .migration
+        .finish_within(ctx, Duration::from_secs(secs))
+        .await;
     tracing::info!(gw = %ctx.config.id, moved = status.moved, left = status.connections, error = ?status.error, "shutdown drain done");
 }
 

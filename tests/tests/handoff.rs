@@ -694,24 +694,10 @@ async fn tls_devices_are_redirected_to_the_successor_and_lose_nothing() -> TestR
     pushing.await?;
     push_round(&business, &dids, ROUNDS).await;
 
-    for device in &devices {
-        let log = device.log.clone();
-        let did = device.did.clone();
-        eventually(&format!("{did} got every message"), async || {
-            log.lock().expect("lock").messages.len() >= ROUNDS as usize
-        })
-        .await;
-    }
-    // Anything late or twice would show now.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    every_round_arrived_once(&devices, ROUNDS).await;
     for device in &devices {
         let did = &device.did;
         let log = device.log.lock().expect("lock");
-        let expected: Vec<(u64, Bytes)> = (1..=ROUNDS)
-            .map(|r| (u64::from(r), Bytes::from(format!("{did}:{r}"))))
-            .collect();
-        assert_eq!(log.messages, expected, "{did}: exactly once, in order");
-        assert_eq!(log.troubles, Vec::<String>::new(), "{did}");
         assert_eq!(log.reconnects, 0, "{did}: no disconnect");
         let redirect = match &log.redirects[..] {
             [one] => one,
@@ -835,23 +821,10 @@ async fn old_process_killed_while_redirecting_tls_devices_loses_nothing() -> Tes
     pushing.await?;
     push_round(&business, &dids, ROUNDS).await;
 
-    for device in &devices {
-        let log = device.log.clone();
-        eventually(&format!("{} got every message", device.did), async || {
-            log.lock().expect("lock").messages.len() >= ROUNDS as usize
-        })
-        .await;
-    }
-    // Anything late or twice would show now.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    every_round_arrived_once(&devices, ROUNDS).await;
     for device in &devices {
         let did = &device.did;
         let log = device.log.lock().expect("lock");
-        let expected: Vec<(u64, Bytes)> = (1..=ROUNDS)
-            .map(|r| (u64::from(r), Bytes::from(format!("{did}:{r}"))))
-            .collect();
-        assert_eq!(log.messages, expected, "{did}: exactly once, in order");
-        assert_eq!(log.troubles, Vec::<String>::new(), "{did}");
         let (_, last) = log.logins.last().ok_or("no login")?;
         assert_eq!(last.gateway, ID);
         assert_eq!(
@@ -868,4 +841,27 @@ async fn old_process_killed_while_redirecting_tls_devices_loses_nothing() -> Tes
     successor.wait().await;
     stop.cancel();
     Ok(())
+}
+
+/// Waits until every TLS device got `rounds` messages, lets anything late or repeated
+/// arrive, then checks each got `<did>:1..=rounds` exactly once, in order, with no trouble.
+async fn every_round_arrived_once(devices: &[tls::TlsDevice], rounds: u32) {
+    for device in devices {
+        let log = device.log.clone();
+        eventually(&format!("{} got every message", device.did), async || {
+            log.lock().expect("lock").messages.len() >= rounds as usize
+        })
+        .await;
+    }
+    // Anything late or twice would show now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for device in devices {
+        let did = &device.did;
+        let log = device.log.lock().expect("lock");
+        let expected: Vec<(u64, Bytes)> = (1..=rounds)
+            .map(|r| (u64::from(r), Bytes::from(format!("{did}:{r}"))))
+            .collect();
+        assert_eq!(log.messages, expected, "{did}: exactly once, in order");
+        assert_eq!(log.troubles, Vec::<String>::new(), "{did}");
+    }
 }

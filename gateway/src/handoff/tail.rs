@@ -64,15 +64,7 @@ pub async fn run(ctx: &Arc<GatewayCtx>) -> Tail {
     let bound =
         Duration::from_secs(2 * ctx.config.migrate_timeout_secs + staying.len() as u64 / rate + 10);
     ctx.migration.hand_off(ctx, staying);
-    let deadline = tokio::time::Instant::now() + bound;
-    while !ctx.registry.is_empty()
-        && ctx.migration.is_running()
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    ctx.migration.stop();
-    let status = ctx.migration.status(ctx);
+    let status = ctx.migration.finish_within(ctx, bound).await;
     // Left: no token for them (no ipconfig), or the migration was stuck.
     let left: Vec<_> = ctx
         .registry
