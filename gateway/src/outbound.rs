@@ -384,3 +384,33 @@ fn is_up_ack_of(frame: &Bytes, client_msg_id: u64) -> bool {
     .and_then(|raw| Frame::decode(&raw).ok());
     matches!(decoded, Some(Frame::UpAck(ack)) if ack.client_msg_id == client_msg_id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up_ack(client_msg_id: u64) -> Bytes {
+        Frame::UpAck(pb::UpAck {
+            client_msg_id,
+            ..Default::default()
+        })
+        .encode()
+    }
+
+    /// A receipt answer may come from anyone allowed on the app's subjects (its business):
+    /// only an UP_ACK of the very UP asked about is forwarded to the device.
+    #[test]
+    fn only_an_up_ack_of_the_asked_up_is_a_receipt() {
+        assert!(is_up_ack_of(&up_ack(7), 7));
+        assert!(!is_up_ack_of(&up_ack(8), 7), "another UP's receipt");
+        let down = Frame::Down {
+            header: pb::Down::default(),
+            qos1: true,
+            body: Bytes::from_static(b"x"),
+        }
+        .encode();
+        assert!(!is_up_ack_of(&down, 7), "not an UP_ACK");
+        assert!(!is_up_ack_of(&Bytes::from_static(b"\xff\x00garbage"), 7));
+        assert!(!is_up_ack_of(&Bytes::new(), 7));
+    }
+}
