@@ -1,6 +1,8 @@
-//! Batched direct gets (`$JS.API.DIRECT.GET.<stream>` with `batch`, nats-server 2.11+):
-//! up to a few hundred stored messages of one subject in a single request, instead of one
-//! request per message. State replays a device's inbox with it.
+//! Stored messages of a stream through any JetStream API prefix (a peer region's domain
+//! included): batched direct gets (`$JS.API.DIRECT.GET.<stream>` with `batch`, nats-server
+//! 2.11+), up to a few hundred stored messages of one subject in a single request instead
+//! of one request per message (state replays a device's inbox with it), and deleting one
+//! stored message (a moved device's message once its copy was acknowledged elsewhere).
 
 use std::time::Duration;
 
@@ -129,6 +131,50 @@ pub async fn next_batch(
     };
     let _ = replies.unsubscribe().await;
     outcome
+}
+
+/// Why a stored message could not be deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// The request failed or got no answer within the wait.
+    #[error("message delete request: {0}")]
+    Request(String),
+    /// The server answered with an API error (404-like "no message found" included).
+    #[error("message delete refused: {0}")]
+    Refused(String),
+}
+
+/// Deletes the message with stream sequence `sequence` from `stream` through `api_prefix`
+/// (`$JS.<domain>.API` for another region), without overwriting its bytes.
+pub async fn delete(
+    client: &Client,
+    api_prefix: &str,
+    stream: &str,
+    sequence: u64,
+    wait: Duration,
+) -> Result<(), DeleteError> {
+    let body = serde_json::json!({ "seq": sequence, "no_erase": true });
+    let asked = client.request(
+        format!("{api_prefix}.STREAM.MSG.DELETE.{stream}"),
+        Bytes::from(body.to_string()),
+    );
+    let answer = tokio::time::timeout(wait, asked)
+        .await
+        .map_err(|_| DeleteError::Request(format!("no answer within {wait:?}")))?
+        .map_err(|e| DeleteError::Request(e.to_string()))?;
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        success: bool,
+        error: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Answer>(&answer.payload) {
+        Ok(Answer { success: true, .. }) => Ok(()),
+        Ok(Answer { error, .. }) => Err(DeleteError::Refused(
+            error.map_or_else(|| "no success".to_string(), |e| e.to_string()),
+        )),
+        Err(e) => Err(DeleteError::Request(format!("unreadable answer: {e}"))),
+    }
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {

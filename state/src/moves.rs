@@ -45,6 +45,8 @@ pub const MARKER_META: &str = "tether-move-marker";
 pub const FOLLOW_AFTER_REACHABLE: Duration = Duration::from_secs(60);
 /// Pause between two reads of a peer's inbox.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// Pause between two looks at the device's cursor once the peer is no longer followed.
+const RELEASE_EVERY: Duration = Duration::from_secs(5);
 /// Most messages of the local inbox re-numbered at a move.
 const MAX_RENUMBERED: usize = 10_000;
 
@@ -240,7 +242,8 @@ async fn peer_last(ctx: &StateCtx, relay: &Relay, peer: &Region, app: &str, did:
 
 /// Copies `peer`'s inbox messages for the device numbered above `resume` into this
 /// region's inbox, in order, until the peer has answered for [`FOLLOW_AFTER_REACHABLE`] or
-/// the relay max age has passed.
+/// the relay max age has passed; then deletes each original in the peer once the device
+/// acknowledged its copy here ([`Copies::release_acknowledged`]).
 async fn follow_peer(
     ctx: Arc<StateCtx>,
     relay: Arc<Relay>,
@@ -254,6 +257,7 @@ async fn follow_peer(
     let prefix = peer.api_prefix();
     let mut next = 1u64;
     let mut reachable_since: Option<Instant> = None;
+    let mut copies = Copies::default();
     let stop = relay.shutdown();
     // The peer's copies of this region's messages (a device that moved there and back):
     // copying them back would deliver them twice, and echo between the regions.
@@ -271,15 +275,8 @@ async fn follow_peer(
             relay.lookup_timeout(),
         )
         .await;
-        if relay
-            .peer_acked(&peer.name, &app, &did)
-            .await
-            .is_some_and(|acked| acked > resume)
-        {
-            // The device acknowledged there what it had not when it moved here: it is
-            // served there again (it moved back), and what is stored there is its own.
-            tracing::info!(region = %peer.name, app, did, "the moved device is served by the peer again");
-            break;
+        if moved_back(&relay, &peer, &app, &did, resume).await {
+            return;
         }
         match read {
             Ok(batch) => {
@@ -287,9 +284,12 @@ async fn follow_peer(
                 for message in batch.messages {
                     if tether_nats::headers::seq(&message.headers) > resume
                         && !copied_from(&message.headers, &own_copies)
-                        && !copy_one(&ctx, &relay, &peer, &app, &did, &message).await
                     {
-                        break;
+                        match copy_one(&ctx, &relay, &peer, &app, &did, &message).await {
+                            Copied::Stored(local) => copies.stored(message.sequence, local),
+                            Copied::Skipped => {}
+                            Copied::Failed => break,
+                        }
                     }
                     next = message.sequence + 1;
                 }
@@ -298,12 +298,113 @@ async fn follow_peer(
                 tracing::debug!(region = %peer.name, did, %error, "peer inbox not readable yet")
             }
         }
+        copies
+            .release_acknowledged(&ctx, &relay, &peer, &app, &did)
+            .await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(FOLLOW_EVERY) => {}
         }
     }
     tracing::info!(region = %peer.name, app, did, "stopped following the peer inbox of a moved device");
+    // Copies the device has not acknowledged yet: their originals stay in the peer until
+    // it does (a device that moves back before that gets them there again).
+    while !copies.is_empty() && Instant::now() < give_up {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RELEASE_EVERY) => {}
+        }
+        if moved_back(&relay, &peer, &app, &did, resume).await {
+            return;
+        }
+        copies
+            .release_acknowledged(&ctx, &relay, &peer, &app, &did)
+            .await;
+    }
+}
+
+/// Whether the peer's cursor shows the device acknowledged there what it had not when it
+/// moved here: it is served there again (it moved back), and what is stored there is its
+/// own.
+async fn moved_back(relay: &Relay, peer: &Region, app: &str, did: &str, resume: u64) -> bool {
+    let back = relay
+        .peer_acked(&peer.name, app, did)
+        .await
+        .is_some_and(|acked| acked > resume);
+    if back {
+        tracing::info!(region = %peer.name, app, did, "the moved device is served by the peer again");
+    }
+    back
+}
+
+/// The peer's messages copied here whose originals are still stored in the peer.
+#[derive(Default)]
+struct Copies {
+    /// (peer stream sequence, sequence of the copy here), in copy order.
+    pending: Vec<(u64, u64)>,
+}
+
+impl Copies {
+    fn stored(&mut self, peer_sequence: u64, local_seq: u64) {
+        if self.pending.len() < MAX_RENUMBERED {
+            self.pending.push((peer_sequence, local_seq));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Deletes in the peer the original of every copy the device acknowledged here, so a
+    /// device that later moves back to the peer does not get it again there (the peer
+    /// renumbers what it holds undelivered, [`renumber_unacked`]). An original the peer
+    /// did not delete (unreachable) is tried again next time.
+    async fn release_acknowledged(
+        &mut self,
+        ctx: &StateCtx,
+        relay: &Relay,
+        peer: &Region,
+        app: &str,
+        did: &str,
+    ) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let acked = match ctx.store.cursor(app, did).await {
+            Ok(cursor) => cursor.acked,
+            Err(_) => return,
+        };
+        let prefix = peer.api_prefix();
+        let mut kept = Vec::with_capacity(self.pending.len());
+        for (peer_sequence, local_seq) in std::mem::take(&mut self.pending) {
+            if local_seq > acked {
+                kept.push((peer_sequence, local_seq));
+                continue;
+            }
+            let deleted = direct::delete(
+                &ctx.client,
+                &prefix,
+                INBOX_STREAM,
+                peer_sequence,
+                relay.lookup_timeout(),
+            )
+            .await;
+            match deleted {
+                Ok(()) => {
+                    relay.metrics.moved_released.inc();
+                }
+                // Already gone (retention, or deleted by an earlier try whose answer was lost).
+                Err(direct::DeleteError::Refused(reason)) => {
+                    tracing::debug!(region = %peer.name, did, peer_sequence, %reason, "original of a copied message not deleted in the peer")
+                }
+                Err(error) => {
+                    tracing::debug!(region = %peer.name, did, peer_sequence, %error, "original of a copied message not deleted yet; retrying");
+                    kept.push((peer_sequence, local_seq));
+                }
+            }
+        }
+        self.pending = kept;
+    }
 }
 
 /// Whether a peer's inbox message is the copy of a message of the region whose copy
@@ -314,8 +415,17 @@ fn copied_from(headers: &async_nats::HeaderMap, prefix: &str) -> bool {
         .is_some_and(|id| id.as_str().starts_with(prefix))
 }
 
-/// Appends one of a peer's inbox messages here; false when it could not be stored (it is
-/// read again next round).
+/// What became of one of a peer's inbox messages.
+enum Copied {
+    /// Stored here with this sequence.
+    Stored(u64),
+    /// Not a message to copy (a marker, or not a QoS1 DOWN).
+    Skipped,
+    /// Not stored (read again next round).
+    Failed,
+}
+
+/// Appends one of a peer's inbox messages here.
 async fn copy_one(
     ctx: &StateCtx,
     relay: &Relay,
@@ -323,9 +433,9 @@ async fn copy_one(
     app: &str,
     did: &str,
     message: &direct::DirectMessage,
-) -> bool {
+) -> Copied {
     let Some(encode) = renumbering(&message.payload) else {
-        return true;
+        return Copied::Skipped;
     };
     let id = format!("{app}:mv-{}-{}:{did}", peer.name, message.sequence);
     let retention = ctx.pipelines.inbox_retention(app);
@@ -334,13 +444,13 @@ async fn copy_one(
         .append_inbox(app, did, Some(id), retention, encode)
         .await
     {
-        Ok(_) => {
+        Ok(seq) => {
             relay.metrics.moved_copied.inc();
-            true
+            Copied::Stored(seq)
         }
         Err(error) => {
             tracing::warn!(region = %peer.name, did, %error, "message of the region a device left not copied; retrying");
-            false
+            Copied::Failed
         }
     }
 }

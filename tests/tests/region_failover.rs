@@ -130,11 +130,10 @@ async fn a_region_whose_nats_dies_hands_its_devices_to_the_other() -> TestResult
 }
 
 /// The phone of the test above then moves back to its first region when the second one's
-/// NATS dies too. Known bug (docs/multi-region.md, "Moving back"): the first region
-/// renumbers and sends again the push it stored while the phone was away, which the phone
-/// already got as a copy in the second region (one duplicate, nothing lost).
+/// NATS dies too: the push the first region stored while the phone was away, which the
+/// phone got as a copy in the second region, was deleted there once acknowledged, so it
+/// does not come again (docs/multi-region.md, "Moving back").
 #[tokio::test]
-#[ignore = "known bug: a device moving back to the region it left gets a duplicate"]
 async fn a_device_moving_back_to_its_first_region_gets_every_message_once() -> TestResult {
     region_failover(true).await
 }

@@ -47,6 +47,8 @@ pub struct RelayMetrics {
     pub moves_unverified: Counter,
     /// Messages copied from the inbox of the region a device left.
     pub moved_copied: Counter,
+    /// Originals deleted in the region a device left, once it acknowledged their copies.
+    pub moved_released: Counter,
 }
 
 impl RelayMetrics {
@@ -86,6 +88,11 @@ impl RelayMetrics {
             "relay_moved_copied",
             "messages copied from the inbox of the region a device left",
             self.moved_copied.clone(),
+        );
+        registry.register(
+            "relay_moved_released",
+            "originals deleted in the region a device left once their copies were acknowledged",
+            self.moved_released.clone(),
         );
     }
 }
