@@ -78,11 +78,13 @@
 
 #![forbid(unsafe_code)]
 
+mod cache;
 mod claims;
 mod error;
 mod keys;
 mod token;
 
+pub use cache::{CachedVerifier, DEFAULT_CACHED_TOKENS};
 pub use claims::{Claims, MAX_ID_LEN, Right, Rights, valid_id};
 pub use error::AuthError;
 pub use keys::{TokenSigner, TokenVerifier, public_key_path, write_keypair};

@@ -60,6 +60,9 @@ pub struct GatewayConfig {
     pub tls: Option<TlsFiles>,
     /// Ed25519 public key (PEM) that verifies gateway tokens.
     pub token_public_key: PathBuf,
+    /// Verified tokens remembered, so a device that logs in again with the same token
+    /// skips the signature check (its expiry is still checked); 0 turns the cache off.
+    pub token_cache_entries: usize,
     /// Apps this gateway serves; empty means every app.
     pub apps: Vec<String>,
     /// Seconds a new connection has to send a valid LOGIN.
@@ -147,6 +150,7 @@ impl Default for GatewayConfig {
             admin_token: String::new(),
             tls: None,
             token_public_key: PathBuf::from(".tether/token.pub"),
+            token_cache_entries: tether_auth::DEFAULT_CACHED_TOKENS,
             apps: Vec::new(),
             login_timeout_secs: limits::DEFAULT_LOGIN_TIMEOUT_SECS,
             heartbeat_secs: limits::DEFAULT_HEARTBEAT_SECS,

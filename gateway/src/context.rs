@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tether_auth::TokenVerifier;
+use tether_auth::CachedVerifier;
 
 use crate::config::GatewayConfig;
 use crate::metrics::GatewayMetrics;
@@ -16,8 +16,8 @@ use crate::timers::{Clock, Timers};
 pub struct GatewayCtx {
     /// Configuration.
     pub config: GatewayConfig,
-    /// Verifies LOGIN tokens.
-    pub verifier: TokenVerifier,
+    /// Verifies LOGIN tokens (remembering the ones it verified).
+    pub verifier: Arc<CachedVerifier>,
     /// Logged-in connections by device.
     pub registry: Registry,
     /// Session → local members.
@@ -51,7 +51,7 @@ impl GatewayCtx {
     /// and accepting paused until it commits).
     pub fn new(
         config: GatewayConfig,
-        verifier: TokenVerifier,
+        verifier: Arc<CachedVerifier>,
         outbound: Outbound,
         metrics: GatewayMetrics,
         taking_over: bool,

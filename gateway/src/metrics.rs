@@ -224,3 +224,36 @@ impl GatewayMetrics {
         self.errors.get_or_create(&[("code", code.as_str())]).inc();
     }
 }
+
+/// The verified-token cache's counters, read at scrape time:
+/// `tether_gateway_token_cache_hits_total` (logins whose token was answered from the cache)
+/// and `tether_gateway_token_cache_misses_total` (tokens checked with the key).
+#[derive(Debug)]
+pub struct TokenCacheMetrics(pub std::sync::Arc<tether_auth::CachedVerifier>);
+
+impl prometheus_client::collector::Collector for TokenCacheMetrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        for (name, help, value) in [
+            (
+                "token_cache_hits",
+                "logins whose token was answered from the verified-token cache",
+                self.0.hits(),
+            ),
+            (
+                "token_cache_misses",
+                "tokens checked with the public key",
+                self.0.misses(),
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry as MetricsRegistry;
-use tether_auth::TokenVerifier;
+use tether_auth::{CachedVerifier, TokenVerifier};
 use tether_schemas::ErrorCode;
 use tether_service::{NatsRoleBuilder, OperationsGuard, Shutdown};
 use tokio::net::TcpListener;
@@ -135,6 +135,7 @@ pub async fn start_with(
     config.validate().map_err(GatewayError::Config)?;
     let verifier = TokenVerifier::from_file(&config.token_public_key)
         .map_err(|e| GatewayError::Key(e.to_string()))?;
+    let verifier = Arc::new(CachedVerifier::new(verifier, config.token_cache_entries));
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
     // A takeover receives the sockets first: one that could not hold them all is refused
     // before anything moves.
@@ -171,6 +172,9 @@ pub async fn start_with(
     let metrics = GatewayMetrics::default();
     let mut registry = MetricsRegistry::with_prefix("tether_gateway");
     metrics.register(&mut registry);
+    registry.register_collector(Box::new(crate::metrics::TokenCacheMetrics(
+        verifier.clone(),
+    )));
     // Internal tasks (admin, downlink, timers) stop after the drain; accepting stops first.
     let internal = Shutdown::new();
     let accepting = Shutdown::new();

@@ -300,6 +300,47 @@ async fn a_second_login_replaces_the_first() -> TestResult {
     Ok(())
 }
 
+/// A device that logs in again with the token it used before is answered from the
+/// verified-token cache (counted); an altered copy of that token is still refused.
+#[tokio::test]
+async fn a_token_seen_before_skips_the_signature_check_and_an_altered_one_is_refused() -> TestResult
+{
+    let fixture = Fixture::start(|_| {}).await;
+    let token = fixture.token("flappy");
+    let login = |token: &str| {
+        Frame::Login(pb::Login {
+            token: token.to_string(),
+            did: "flappy".into(),
+            app: APP.into(),
+            ..Default::default()
+        })
+        .encode()
+    };
+    for round in 0..3 {
+        let mut client = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+        client.send(&login(&token)).await;
+        match client.next_frame().await {
+            Some(Frame::LoginAck(_)) => {}
+            other => panic!("login {round}: expected LOGIN_ACK, got {other:?}"),
+        }
+    }
+    // Same header and claims, the last signature character changed.
+    let mut altered = token.clone();
+    let last = altered.pop().expect("non-empty token");
+    altered.push(if last == 'A' { 'B' } else { 'A' });
+    let mut client = RawClient::connect(Transport::Tcp, fixture.tcp).await;
+    client.send(&login(&altered)).await;
+    client.expect_close(ErrorCode::BadToken).await;
+    let metrics = http_get(fixture.admin, "/metrics").await;
+    for line in [
+        "tether_gateway_token_cache_hits_total 2",
+        "tether_gateway_token_cache_misses_total 2",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn limits_on_frame_rate_and_connections_per_app() -> TestResult {
     let fixture = Fixture::start(|c| {
