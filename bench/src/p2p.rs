@@ -654,3 +654,75 @@ async fn pace(
     });
     let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn leg(rate: f64, p50_us: u64, p99_us: u64) -> Leg {
+        Leg {
+            sent: 100,
+            delivered: 100,
+            repeated: 0,
+            receipts: 100,
+            achieved_rate: rate,
+            latency: Percentiles {
+                count: 100,
+                p50_us,
+                p99_us,
+                ..Percentiles::default()
+            },
+        }
+    }
+
+    #[test]
+    fn cross_over_same_is_figure_by_figure_and_zero_without_a_base() {
+        let r = CrossOverSame::of(&leg(900.0, 3_000, 9_000), &leg(1_000.0, 2_000, 3_000));
+        assert_eq!((r.achieved_rate, r.p50, r.p99, r.p999), (0.9, 1.5, 3.0, 0.0));
+    }
+
+    #[test]
+    fn regions_is_one_or_two() {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            p2p: P2pArgs,
+        }
+        let parse = |n: &str| Cli::try_parse_from(["p2p", "--regions", n]).map(|c| c.p2p.regions);
+        assert_eq!(parse("2").ok(), Some(2));
+        assert!(parse("3").is_err() && parse("0").is_err());
+    }
+
+    #[test]
+    fn a_two_region_report_has_the_cross_region_figures_and_ratios() {
+        let same = leg(1_000.0, 2_000, 4_000);
+        let cross = leg(1_000.0, 3_000, 8_000);
+        let report = P2pReport {
+            target: "tether".into(),
+            pairs: 2,
+            offered_rate: 1_000,
+            regions: 2,
+            qos1: false,
+            cross_region: Some(CrossRegion {
+                vs_same_region: CrossOverSame::of(&cross, &same),
+                leg: cross,
+                relayed: Relayed {
+                    out_of_a: 110,
+                    into_b: 110,
+                },
+                relayed_in_same_region_leg: Relayed::default(),
+            }),
+            leg: same,
+        };
+        let figures: Vec<_> = report.figures().iter().map(|f| (f.key, f.value)).collect();
+        assert!(figures.contains(&("p50", 2_000.0)), "{figures:?}");
+        assert!(figures.contains(&("xr_p50", 3_000.0)), "{figures:?}");
+        assert!(figures.contains(&("xr/same_p99", 2.0)), "{figures:?}");
+        let text = report.to_string();
+        assert!(text.contains("cross/same: achieved 1.00×, p50 1.50×, p99 2.00×"), "{text}");
+        let json = serde_json::to_value(&report).unwrap_or_default();
+        assert_eq!(json["delivered"], 100, "{json}");
+        assert_eq!(json["cross_region"]["relayed"]["into_b"], 110, "{json}");
+    }
+}
