@@ -39,9 +39,9 @@ use crate::BenchError;
 use crate::client_codec::{self, Incoming, Proto, now_ns};
 use crate::compare::Figure;
 use crate::fleet::{self, Plan};
-use crate::regions::{Relayed, TwoRegions};
 use crate::progress::Progress;
 use crate::reader::{self, Counters};
+use crate::regions::{Relayed, TwoRegions};
 use crate::scenario::{self, CommonArgs, Report, RunningArgs, Scenario, source_range};
 use crate::stack::{Target, nats_client};
 use crate::stats::{Percentiles, Sink};
@@ -208,7 +208,12 @@ impl std::fmt::Display for P2pReport {
             self.offered_rate,
             if self.qos1 { "QoS1" } else { "QoS0" }
         )?;
-        writeln!(f, "  same-region  ({0} → {0}): {1}", TwoRegions::A, self.leg)?;
+        writeln!(
+            f,
+            "  same-region  ({0} → {0}): {1}",
+            TwoRegions::A,
+            self.leg
+        )?;
         writeln!(f, "    latency (from intended send): {}", self.leg.latency)?;
         writeln!(
             f,
@@ -422,7 +427,7 @@ impl Pairs {
         let mut tasks = Vec::new();
         for (i, stream, rest) in opened.conns {
             let (r, w) = stream.into_split();
-            if (i - first) % 2 == 0 {
+            if (i - first).is_multiple_of(2) {
                 let (tx, rx) = mpsc::unbounded_channel();
                 senders[(i - first) / 2] = Some(tx);
                 tasks.push(tokio::spawn(sender(plan.proto, i, w, rx)));
@@ -546,9 +551,7 @@ impl P2pArgs {
         let before = regions.relayed().await?;
         let same = same.run(rate, secs, "p2p [tether, same-region]").await?;
         let between = regions.relayed().await?;
-        let cross = cross
-            .run(rate, secs, "p2p [tether, cross-region]")
-            .await?;
+        let cross = cross.run(rate, secs, "p2p [tether, cross-region]").await?;
         let after = regions.relayed().await?;
         let vs_same_region = CrossOverSame::of(&cross, &same);
         Ok(P2pReport {
@@ -602,7 +605,14 @@ impl Scenario for P2pArgs {
         }
         let target = Target::start(proto, self.running.running().as_ref()).await?;
         let nats_url = target.nats_url.as_deref();
-        start_echo(proto, nats_url, target.endpoint, &self.common.app, self.qos1).await?;
+        start_echo(
+            proto,
+            nats_url,
+            target.endpoint,
+            &self.common.app,
+            self.qos1,
+        )
+        .await?;
         let plan = self.plan(proto, vec![target.endpoint], sources);
         let pairs = Pairs::open(&plan, target.signer.as_ref(), 0..2 * self.pairs).await?;
         let label = format!("p2p [{}]", proto.target_name());
@@ -679,7 +689,10 @@ mod tests {
     #[test]
     fn cross_over_same_is_figure_by_figure_and_zero_without_a_base() {
         let r = CrossOverSame::of(&leg(900.0, 3_000, 9_000), &leg(1_000.0, 2_000, 3_000));
-        assert_eq!((r.achieved_rate, r.p50, r.p99, r.p999), (0.9, 1.5, 3.0, 0.0));
+        assert_eq!(
+            (r.achieved_rate, r.p50, r.p99, r.p999),
+            (0.9, 1.5, 3.0, 0.0)
+        );
     }
 
     #[test]
@@ -720,7 +733,10 @@ mod tests {
         assert!(figures.contains(&("xr_p50", 3_000.0)), "{figures:?}");
         assert!(figures.contains(&("xr/same_p99", 2.0)), "{figures:?}");
         let text = report.to_string();
-        assert!(text.contains("cross/same: achieved 1.00×, p50 1.50×, p99 2.00×"), "{text}");
+        assert!(
+            text.contains("cross/same: achieved 1.00×, p50 1.50×, p99 2.00×"),
+            "{text}"
+        );
         let json = serde_json::to_value(&report).unwrap_or_default();
         assert_eq!(json["delivered"], 100, "{json}");
         assert_eq!(json["cross_region"]["relayed"]["into_b"], 110, "{json}");

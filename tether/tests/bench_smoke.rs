@@ -188,6 +188,10 @@ fn p2p_across_two_regions_reports_both_legs() {
         "{cross}"
     );
     let none = &cross["relayed_in_same_region_leg"];
-    assert_eq!((count(&none["out_of_a"]), count(&none["into_b"])), (0, 0), "{cross}");
+    assert_eq!(
+        (count(&none["out_of_a"]), count(&none["into_b"])),
+        (0, 0),
+        "{cross}"
+    );
     assert!(stdout.contains("cross/same:"), "{stdout}");
 }
