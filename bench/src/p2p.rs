@@ -483,7 +483,12 @@ impl Pairs {
                 senders.len()
             )));
         }
+        // The second of traffic drains before the measurement starts: under a backlog its
+        // late arrivals would otherwise be counted as the measurement's.
+        sink.reset();
         pace(senders, rate, 1.0, None).await;
+        let warm_total = u64::from(rate);
+        reader::arrived(sink, warm_total, Duration::from_secs(3), Duration::from_secs(60)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         sink.reset();
         counters.receipts.store(0, Ordering::Relaxed);
