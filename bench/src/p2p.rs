@@ -488,7 +488,13 @@ impl Pairs {
         sink.reset();
         pace(senders, rate, 1.0, None).await;
         let warm_total = u64::from(rate);
-        reader::arrived(sink, warm_total, Duration::from_secs(3), Duration::from_secs(60)).await;
+        reader::arrived(
+            sink,
+            warm_total,
+            Duration::from_secs(3),
+            Duration::from_secs(60),
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         sink.reset();
         counters.receipts.store(0, Ordering::Relaxed);
