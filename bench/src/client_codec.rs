@@ -240,13 +240,33 @@ pub fn tether_up(out: &mut BytesMut, proto: Proto, client_msg_id: u64, body: Byt
     }
 }
 
+/// Appends one Tether DOWN_ACK frame acknowledging every QoS1 DOWN up to `seq` to `out`
+/// (in a masked WebSocket binary message for [`Proto::TetherWs`]).
+pub fn tether_down_ack(out: &mut BytesMut, proto: Proto, seq: u64) {
+    let frame = Frame::DownAck(pb::DownAck { seq }).encode();
+    if proto == Proto::TetherWs {
+        ws_binary(out, &frame);
+    } else {
+        out.extend_from_slice(&frame);
+    }
+}
+
 // ---------------------------------------------------------------- decoding
 
 /// One thing that arrived from the server.
 #[derive(Debug)]
 pub enum Incoming {
-    /// An application payload (Tether DOWN body, NATS MSG payload, MQTT PUBLISH payload).
+    /// An application payload (Tether QoS0 DOWN body, NATS MSG payload, MQTT PUBLISH
+    /// payload).
     Payload(Bytes),
+    /// A stored (QoS1) Tether DOWN: its per-device sequence, to acknowledge with
+    /// [`tether_down_ack`], and its body.
+    Stored {
+        /// Per-device sequence.
+        seq: u64,
+        /// The body.
+        body: Bytes,
+    },
     /// The hello was accepted (LOGIN_ACK, PONG, CONNACK/SUBACK).
     Ready,
     /// A receipt: Tether UP_ACK with code 0 (`client_msg_id`), MQTT PUBACK (packet id).
@@ -277,6 +297,14 @@ fn decode_tether(buf: &mut BytesMut) -> Result<Option<Incoming>, String> {
     Ok(Some(
         match Frame::decode(&raw).map_err(|e| format!("frame: {e}"))? {
             Frame::LoginAck(_) => Incoming::Ready,
+            Frame::Down {
+                header,
+                qos1: true,
+                body,
+            } if header.seq > 0 => Incoming::Stored {
+                seq: header.seq,
+                body,
+            },
             Frame::Down { body, .. } => Incoming::Payload(body),
             Frame::UpAck(ack) if ack.code == 0 => Incoming::Receipt(ack.client_msg_id),
             Frame::UpAck(ack) => Incoming::Error(format!("up_ack code {}", ack.code)),

@@ -289,6 +289,7 @@ impl Scenario for ConnsArgs {
                     key: self.key.clone(),
                     ipconfig_apps: Vec::new(),
                     handoff: false,
+                    ..StackSpec::default()
                 })
                 .await?;
                 let endpoints = if proto == Proto::TetherWs {

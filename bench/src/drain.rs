@@ -74,6 +74,7 @@ pub async fn run(args: &DrainArgs) -> Result<DrainReport, BenchError> {
         key: None,
         ipconfig_apps: vec![APP.into()],
         handoff: false,
+        ..StackSpec::default()
     })
     .await?;
     let nats = nats_client(&stack.nats_url).await?;

@@ -9,7 +9,8 @@
 //!   per connection, kernel socket memory, load-generator RSS; several load processes
 //!   ([`worker`]) and several gateway processes for large N.
 //! - [`fanout`]: N members of one session, M broadcasts: deliveries/s and latency.
-//! - [`p2p`]: device pairs through an echo service at an open-loop rate.
+//! - [`p2p`]: device pairs through an echo service at an open-loop rate; with
+//!   `--regions 2` within one region and across two ([`regions`]) in one run.
 //! - [`uplink`]: the highest uplink rate with store receipts.
 //! - [`drain`]: a gateway of N devices drained to another by REDIRECT: time, QoS1 lost.
 //! - [`restart`]: a gateway restarted by hand-off under a steady ping stream: the pause
@@ -32,6 +33,7 @@ pub mod p2p;
 pub mod procfs;
 pub mod progress;
 pub mod reader;
+pub mod regions;
 pub mod restart;
 pub mod scenario;
 pub mod stack;

@@ -20,11 +20,15 @@ pub struct Counters {
     pub errors: AtomicU64,
     /// Readers that ended (connection closed or failed).
     pub closed: AtomicU64,
+    /// Stored (QoS1) DOWNs at or below a sequence the reader already had: resent by the
+    /// server, not counted as arrivals.
+    pub repeated: AtomicU64,
 }
 
 /// Reads `stream` until it closes, recording stamped payloads into `sink` (shard
 /// `key`). `buf` holds bytes already read past the hello. NATS PINGs are answered on
-/// `pong` when given.
+/// `pong` when given, and stored Tether DOWNs acknowledged there (one cumulative
+/// DOWN_ACK per batch read), as a device does.
 pub async fn read_loop<R, W>(
     key: usize,
     proto: Proto,
@@ -38,6 +42,9 @@ pub async fn read_loop<R, W>(
     W: AsyncWrite + Unpin,
 {
     let mut latencies = Vec::with_capacity(64);
+    // Highest stored sequence received, and acknowledged.
+    let (mut highest, mut acked) = (0u64, 0u64);
+    let mut out = BytesMut::new();
     loop {
         let now = now_ns();
         loop {
@@ -45,6 +52,16 @@ pub async fn read_loop<R, W>(
                 Ok(Some(Incoming::Payload(p))) => {
                     if let Some((stamp, _)) = client_codec::read_payload(&p) {
                         latencies.push(since_us(stamp, now));
+                    }
+                }
+                Ok(Some(Incoming::Stored { seq, body })) => {
+                    if seq <= highest {
+                        counters.repeated.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        highest = seq;
+                        if let Some((stamp, _)) = client_codec::read_payload(&body) {
+                            latencies.push(since_us(stamp, now));
+                        }
                     }
                 }
                 Ok(Some(Incoming::Receipt(_))) => {
@@ -69,6 +86,14 @@ pub async fn read_loop<R, W>(
         }
         sink.record_batch(key, now, &latencies);
         latencies.clear();
+        if highest > acked
+            && let Some(w) = pong.as_mut()
+        {
+            client_codec::tether_down_ack(&mut out, proto, highest);
+            let _ = w.write_all(&out).await;
+            out.clear();
+            acked = highest;
+        }
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(4096);
         }

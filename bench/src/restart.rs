@@ -117,6 +117,7 @@ pub async fn run(args: &RestartArgs) -> Result<RestartReport, BenchError> {
         key: None,
         handoff: true,
         ipconfig_apps: Vec::new(),
+        ..StackSpec::default()
     })
     .await?;
     let endpoint = if args.ws {

@@ -267,8 +267,8 @@ mod tests {
         assert!(f.running.running().is_none());
         let p = P2pArgs::default();
         assert_eq!(
-            (p.pairs, p.rate, p.duration_secs, p.qos1),
-            (100, 10_000, 10.0, false)
+            (p.pairs, p.rate, p.duration_secs, p.qos1, p.regions),
+            (100, 10_000, 10.0, false, 1)
         );
         let u = UplinkArgs::default();
         assert_eq!((u.devices, u.window, u.duration_secs), (50, 32, 10.0));

@@ -183,6 +183,19 @@ impl Gateway {
     }
 }
 
+/// The roles of a stack as one region of several (docs/multi-region.md): they join a
+/// region's nats-server started elsewhere (`crate::regions`), gateways and state name the
+/// region, and state peers with the others.
+#[derive(Debug, Clone, Default)]
+pub struct RegionRoles {
+    /// The region's name, also its JetStream domain.
+    pub name: String,
+    /// The other regions (name = domain): state's `peer_regions`.
+    pub peers: Vec<String>,
+    /// Client URL of the region's nats-server (this stack starts none).
+    pub nats_url: String,
+}
+
 /// What to start.
 #[derive(Debug, Clone, Default)]
 pub struct StackSpec {
@@ -196,6 +209,8 @@ pub struct StackSpec {
     pub ipconfig_apps: Vec<String>,
     /// Give every gateway a hand-off socket (for `Stack::restart_gateway`).
     pub handoff: bool,
+    /// Run the roles as one region on its nats-server instead of starting a nats-server.
+    pub region: Option<RegionRoles>,
 }
 
 /// nats-server, gateways and maybe state, started for one run; stopped on drop (gateways
@@ -205,6 +220,8 @@ pub struct Stack {
     pub gateways: Vec<Gateway>,
     /// The `tether state` child.
     state: Option<ChildGuard>,
+    /// Its admin HTTP listener (`/metrics`).
+    pub state_admin: Option<SocketAddr>,
     /// The `tether ipconfig` child.
     ipconfig: Option<ChildGuard>,
     /// Signs device tokens.
@@ -246,16 +263,23 @@ impl Stack {
         std::fs::write(&pub_path, signer.verifier().to_pem().map_err(setup)?)
             .map_err(BenchError::io("write public key"))?;
 
-        let nats = start_nats(dir.path().join("nats"))?;
-        let nats_url = nats.client_url();
+        let (nats, nats_url) = match &spec.region {
+            Some(region) => (None, region.nats_url.clone()),
+            None => {
+                let nats = start_nats(dir.path().join("nats"))?;
+                let url = nats.client_url();
+                (Some(nats), url)
+            }
+        };
         let mut stack = Stack {
             gateways: Vec::new(),
             state: None,
+            state_admin: None,
             ipconfig: None,
             signer,
             key_path,
             nats_url: nats_url.clone(),
-            nats: Some(nats),
+            nats,
             _dir: dir,
         };
         let dir = stack._dir.path().to_path_buf();
@@ -272,12 +296,17 @@ impl Stack {
         while i < spec.gateways.max(1) {
             attempt += 1;
             let (tcp, ws, admin) = (loopback(port()?), loopback(port()?), loopback(port()?));
+            // Gateway ids are unique across regions (their subjects may cross).
+            let id = match &spec.region {
+                Some(region) => format!("{}-bench{i}", region.name),
+                None => format!("bench{i}"),
+            };
             let args: Vec<String> = [
                 "gateway",
                 "--nats",
                 &nats_url,
                 "--id",
-                &format!("bench{i}"),
+                &id,
                 "--tcp",
                 &tcp.to_string(),
                 "--ws",
@@ -290,6 +319,9 @@ impl Stack {
             .map(String::from)
             .to_vec();
             let mut args = args;
+            if let Some(region) = &spec.region {
+                args.extend(["--region".into(), region.name.clone()]);
+            }
             let handoff_socket = spec.handoff.then(|| dir.join(format!("gateway{i}.sock")));
             if let Some(path) = &handoff_socket {
                 args.extend(["--handoff-socket".into(), path.display().to_string()]);
@@ -317,16 +349,22 @@ impl Stack {
             let state = loop {
                 attempt += 1;
                 let admin = loopback(port()?);
-                let args: Vec<String> =
+                let mut args: Vec<String> =
                     ["state", "--nats", &nats_url, "--admin", &admin.to_string()]
                         .map(String::from)
                         .to_vec();
+                if let Some(region) = &spec.region {
+                    let config = dir.join("state.toml");
+                    std::fs::write(&config, state_region_config(region))
+                        .map_err(BenchError::io("state config"))?;
+                    args.extend(["--config".into(), config.display().to_string()]);
+                }
                 let state = spawn_role(&tether, &args, &[], &log, admin).await;
                 if !port_taken(&state, attempt) {
-                    break state?;
+                    break (state?, admin);
                 }
             };
-            stack.state = Some(state);
+            (stack.state, stack.state_admin) = (Some(state.0), Some(state.1));
         }
         if !spec.ipconfig_apps.is_empty() {
             let config = dir.join("ipconfig.toml");
@@ -366,8 +404,12 @@ impl Stack {
             };
             stack.ipconfig = Some(ipconfig);
         }
+        let server = match &spec.region {
+            Some(region) => format!("region {} on nats-server {nats_url}:", region.name),
+            None => format!("started nats-server {nats_url},"),
+        };
         eprintln!(
-            "started nats-server {nats_url}, {} gateway(s) (pids {:?}){} from {}",
+            "{server} {} gateway(s) (pids {:?}){} from {}",
             stack.gateways.len(),
             stack.gateway_pids(),
             if spec.state { " and state" } else { "" },
@@ -449,6 +491,43 @@ impl Stack {
     pub fn ws_endpoints(&self) -> Vec<SocketAddr> {
         self.gateways.iter().map(|g| g.ws).collect()
     }
+}
+
+/// The TOML of a region's state: its region and its peers (name = domain).
+fn state_region_config(region: &RegionRoles) -> String {
+    let mut text = format!("region = {:?}\n", region.name);
+    for peer in &region.peers {
+        text += &format!("\n[[peer_regions]]\nname = {peer:?}\ndomain = {peer:?}\n");
+    }
+    text
+}
+
+/// The value of the Prometheus sample `name` (without labels) on the `/metrics` page of
+/// the admin listener `admin`.
+pub async fn metric(admin: SocketAddr, name: &str) -> Result<f64, BenchError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(admin)
+        .await
+        .map_err(BenchError::io(format!("connect {admin}")))?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
+        .await
+        .map_err(BenchError::io("GET /metrics"))?;
+    let mut page = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut page))
+        .await
+        .map_err(|_| BenchError::Setup(format!("{admin}/metrics did not answer in 10 s")))?
+        .map_err(BenchError::io("read /metrics"))?;
+    sample(&page, name)
+        .ok_or_else(|| BenchError::Setup(format!("no sample {name} on {admin}/metrics")))
+}
+
+/// The value of sample `name` (without labels) in a Prometheus text page.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok()).flatten()
+    })
 }
 
 /// The lines of `path` that contain `needle`, without terminal colour codes.
@@ -664,6 +743,7 @@ impl Target {
                     key: None,
                     ipconfig_apps: Vec::new(),
                     handoff: false,
+                    region: None,
                 })
                 .await?;
                 Target {
@@ -695,6 +775,29 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sample_is_read_by_its_exact_name() {
+        let page = "# HELP x\ntether_state_relay_out_total 12\ntether_state_relay_in_total 7\n\
+                    tether_state_relay_in_total_x 9\nlabelled{a=\"b\"} 3\n";
+        assert_eq!(sample(page, "tether_state_relay_in_total"), Some(7.0));
+        assert_eq!(sample(page, "tether_state_relay_out_total"), Some(12.0));
+        assert_eq!(sample(page, "labelled"), None);
+        assert_eq!(sample(page, "missing"), None);
+    }
+
+    #[test]
+    fn a_region_state_config_names_its_peers() {
+        let text = state_region_config(&RegionRoles {
+            name: "region-a".into(),
+            peers: vec!["region-b".into()],
+            nats_url: String::new(),
+        });
+        assert_eq!(
+            text,
+            "region = \"region-a\"\n\n[[peer_regions]]\nname = \"region-b\"\ndomain = \"region-b\"\n"
+        );
+    }
 
     #[test]
     fn only_a_taken_port_is_tried_again_and_not_forever() {

@@ -148,3 +148,50 @@ fn p2p_prints_json_on_the_last_line() {
     positive(&json["ratios"]["nats"]["p99"], "p99 ratio");
     assert!(stdout.contains("p2p [tether]"), "{stdout}");
 }
+
+/// `p2p --regions 2`: one run with both legs (a hub and two leaf regions, a gateway and
+/// state in each): messages arrive within region A and from A to B, the cross-region ones
+/// through the relay streams (counted out of A and into B) and none of the same-region
+/// ones.
+#[test]
+fn p2p_across_two_regions_reports_both_legs() {
+    let output = tether(&[
+        "bench",
+        "p2p",
+        "--regions",
+        "2",
+        "--pairs",
+        "2",
+        "--rate",
+        "50",
+        "--duration",
+        "1",
+        "--json",
+        "--source",
+        "127.0.5.20",
+    ]);
+    check(&output);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let json: Value = serde_json::from_str(last).expect("last line is JSON");
+    assert_eq!(json["params"]["regions"], 2, "{json}");
+    let same = &json["tether"]["detail"];
+    let cross = &same["cross_region"];
+    positive(&same["delivered"], "same-region delivered");
+    positive(&cross["delivered"], "cross-region delivered");
+    positive(&json["tether"]["figures"]["xr_p50"], "cross-region p50");
+    let count = |v: &Value| v.as_u64().unwrap_or_default();
+    // The relay counters include the warm-up: at least every measured arrival crossed.
+    assert!(
+        count(&cross["relayed"]["into_b"]) >= count(&cross["delivered"])
+            && count(&cross["relayed"]["out_of_a"]) >= count(&cross["delivered"]),
+        "{cross}"
+    );
+    let none = &cross["relayed_in_same_region_leg"];
+    assert_eq!(
+        (count(&none["out_of_a"]), count(&none["into_b"])),
+        (0, 0),
+        "{cross}"
+    );
+    assert!(stdout.contains("cross/same:"), "{stdout}");
+}

@@ -10,31 +10,42 @@
 //!   subject as reply-to; an echo service (async-nats) answers to it.
 //! - mosquitto: the sender publishes on `p/up`; an echo client republishes to
 //!   `p/<receiver>`, which the receiver subscribed.
+//!
+//! With `regions: 2` Tether runs as two regions ([`crate::regions`]) and the pairs run
+//! twice in one invocation, one leg after the other on the same processes: within region
+//! A (senders, receivers and the echo in A), then across (senders and echo in A,
+//! receivers logged in to B's gateway: A's state relays each push to B through
+//! `TETHER_XR_region-a`, B's state delivers it). The report gives both legs and the ratio
+//! cross/same of each figure.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::StreamExt;
-use serde::Serialize;
 use serde_json::{Value, json};
 use tether_business::{Business, Push, UplinkReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::BenchError;
 use crate::client_codec::{self, Incoming, Proto, now_ns};
-use crate::compare::Figure;
 use crate::fleet::{self, Plan};
 use crate::progress::Progress;
 use crate::reader::{self, Counters};
-use crate::scenario::{self, CommonArgs, Report, RunningArgs, Scenario, source_range};
+use crate::regions::TwoRegions;
+use crate::scenario::{self, CommonArgs, RunningArgs, Scenario, source_range};
 use crate::stack::{Target, nats_client};
 use crate::stats::{Percentiles, Sink};
+
+mod report;
+pub use report::{CrossOverSame, CrossRegion, Leg, P2pReport};
 
 /// Arguments of the `p2p` scenario.
 #[derive(Debug, Clone, clap::Args)]
@@ -51,6 +62,10 @@ pub struct P2pArgs {
     /// The echo pushes QoS1 (stored in the device inbox) instead of QoS0.
     #[arg(long)]
     pub qos1: bool,
+    /// 2: run Tether as two regions (a hub and two leaf regions, each with its gateway and
+    /// state) and measure the pairs within region A, then from A to B (docs/multi-region.md).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub regions: u8,
     /// A running Tether stack to target.
     #[command(flatten)]
     pub running: RunningArgs,
@@ -65,71 +80,18 @@ impl Default for P2pArgs {
     }
 }
 
-/// Results of one p2p run.
-#[derive(Debug, Clone, Serialize)]
-pub struct P2pReport {
-    /// `tether`, `nats` or `mosquitto`.
-    pub target: String,
-    /// Pairs.
-    pub pairs: usize,
-    /// Offered messages per second.
-    pub offered_rate: u32,
-    /// Messages sent.
-    pub sent: u64,
-    /// Messages that reached their receiver.
-    pub delivered: u64,
-    /// Receipts the senders got (Tether UP_ACK).
-    pub receipts: u64,
-    /// Delivered per second (first intended send → last arrival).
-    pub achieved_rate: f64,
-    /// Intended send → arrival at the receiver.
-    pub latency: Percentiles,
-}
-
-impl std::fmt::Display for P2pReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "p2p [{}]: {} pairs at {}/s offered: {}/{} delivered ({} receipts), {:.0}/s achieved",
-            self.target,
-            self.pairs,
-            self.offered_rate,
-            self.delivered,
-            self.sent,
-            self.receipts,
-            self.achieved_rate
-        )?;
-        write!(
-            f,
-            "  end-to-end latency (from intended send): {}",
-            self.latency
-        )
-    }
-}
-
-impl Report for P2pReport {
-    fn target(&self) -> &str {
-        &self.target
-    }
-
-    fn figures(&self) -> Vec<Figure> {
-        let rate = Figure::new("achieved_rate", self.achieved_rate, "/s");
-        std::iter::once(rate)
-            .chain(self.latency.figures(true))
-            .collect()
-    }
-}
-
-/// Starts the echo service of `proto`; it runs until the target stops.
+/// Starts the echo service of `proto` against the server at `nats_url` (Tether's bus, the
+/// nats peer) or `endpoint` (Mosquitto); it runs until the server stops.
 async fn start_echo(
-    target: &Target,
     proto: Proto,
+    nats_url: Option<&str>,
+    endpoint: SocketAddr,
     app: &str,
     qos1: bool,
 ) -> Result<(), BenchError> {
     match proto {
         Proto::Tether | Proto::TetherWs => {
-            let url = target.nats_url.as_deref().unwrap_or_default();
+            let url = nats_url.unwrap_or_default();
             let business = Business::new(nats_client(url).await?, app).with_concurrency(1024);
             let pusher = business.clone();
             tokio::spawn(async move {
@@ -149,7 +111,7 @@ async fn start_echo(
             });
         }
         Proto::Nats => {
-            let url = target.nats_url.as_deref().unwrap_or_default();
+            let url = nats_url.unwrap_or_default();
             let client = nats_client(url).await?;
             let mut requests = client
                 .subscribe("p.echo")
@@ -168,7 +130,7 @@ async fn start_echo(
             });
         }
         Proto::Mqtt => {
-            let mut stream = TcpStream::connect(target.endpoint)
+            let mut stream = TcpStream::connect(endpoint)
                 .await
                 .map_err(BenchError::io("echo connect"))?;
             let _ = stream.set_nodelay(true);
@@ -241,6 +203,196 @@ async fn sender(
     }
 }
 
+/// Pairs of logged-in devices: connection `2k` (of its range) sends to `2k + 1` (the
+/// index in the payload is the receiver's connection index); what the receivers get is
+/// recorded in one sink. Dropping it closes the connections.
+struct Pairs {
+    senders: Vec<mpsc::UnboundedSender<u64>>,
+    sink: Arc<Sink>,
+    counters: Arc<Counters>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Pairs {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Pairs {
+    /// Opens connections `range` (an even start) of `plan` and starts their tasks.
+    async fn open(
+        plan: &Plan,
+        signer: Option<&tether_auth::TokenSigner>,
+        range: Range<usize>,
+    ) -> Result<Pairs, BenchError> {
+        let first = range.start;
+        let opened = fleet::open(plan, signer, range.clone(), |_, _| {})
+            .await?
+            .all()?;
+        let sink = Arc::new(Sink::default());
+        let counters = Arc::new(Counters::default());
+        let mut senders = vec![None; range.len() / 2];
+        let mut tasks = Vec::new();
+        for (i, stream, rest) in opened.conns {
+            let (r, w) = stream.into_split();
+            if (i - first).is_multiple_of(2) {
+                let (tx, rx) = mpsc::unbounded_channel();
+                senders[(i - first) / 2] = Some(tx);
+                tasks.push(tokio::spawn(sender(plan.proto, i, w, rx)));
+                let w: Option<OwnedWriteHalf> = None;
+                let (sink, counters) = (Arc::new(Sink::default()), counters.clone());
+                tasks.push(tokio::spawn(reader::read_loop(
+                    i, plan.proto, r, w, rest, sink, counters,
+                )));
+            } else {
+                let (sink, counters) = (sink.clone(), counters.clone());
+                tasks.push(tokio::spawn(reader::read_loop(
+                    i,
+                    plan.proto,
+                    r,
+                    Some(w),
+                    rest,
+                    sink,
+                    counters,
+                )));
+            }
+        }
+        Ok(Pairs {
+            senders: senders.into_iter().flatten().collect(),
+            sink,
+            counters,
+            tasks,
+        })
+    }
+
+    /// Warms up, then sends `rate × secs` messages and waits for them; `label` names the
+    /// progress bar and the errors.
+    async fn run(&self, rate: u32, secs: f64, label: &str) -> Result<Leg, BenchError> {
+        let (sink, counters, senders) = (&self.sink, &self.counters, &self.senders);
+        // Warm-up: a round of one message per pair until a round fully arrives (state
+        // partitions leased, subscriptions settled, relay sources running), then a second
+        // of traffic at the rate.
+        let mut warm = false;
+        for _ in 0..15 {
+            sink.reset();
+            for tx in senders {
+                let _ = tx.send(now_ns());
+            }
+            let n = senders.len() as u64;
+            warm = reader::arrived(sink, n, Duration::from_secs(2), Duration::from_secs(4)).await;
+            if warm {
+                break;
+            }
+        }
+        if !warm {
+            return Err(BenchError::Setup(format!(
+                "{label} warm-up: {} of {} echoes arrived",
+                sink.count(),
+                senders.len()
+            )));
+        }
+        // The second of traffic drains before the measurement starts: under a backlog its
+        // late arrivals would otherwise be counted as the measurement's.
+        sink.reset();
+        pace(senders, rate, 1.0, None).await;
+        let warm_total = u64::from(rate);
+        reader::arrived(
+            sink,
+            warm_total,
+            Duration::from_secs(3),
+            Duration::from_secs(60),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sink.reset();
+        counters.receipts.store(0, Ordering::Relaxed);
+        counters.repeated.store(0, Ordering::Relaxed);
+
+        let total = (f64::from(rate) * secs).round() as u64;
+        let progress = Progress::start(label, total);
+        let start_ns = now_ns();
+        pace(senders, rate, secs, Some(&progress)).await;
+        reader::arrived(sink, total, Duration::from_secs(3), Duration::from_secs(60)).await;
+        progress.set(sink.count());
+        progress.finish();
+        let delivered = sink.count();
+        let last = sink.span_ns().map_or(start_ns, |(_, last)| last);
+        Ok(Leg {
+            sent: total,
+            delivered,
+            repeated: counters.repeated.load(Ordering::Relaxed),
+            receipts: counters.receipts.load(Ordering::Relaxed),
+            achieved_rate: delivered as f64
+                / ((last.saturating_sub(start_ns)) as f64 / 1e9).max(1e-9),
+            latency: Percentiles::of(&sink.merged()),
+        })
+    }
+}
+
+impl P2pArgs {
+    /// The plan of `proto`'s devices, connection `i` to `endpoints[i % len]`.
+    fn plan(&self, proto: Proto, endpoints: Vec<SocketAddr>, sources: &[IpAddr]) -> Plan {
+        Plan {
+            proto,
+            endpoints,
+            sources: sources.to_vec(),
+            app: self.common.app.clone(),
+            did_prefix: "p".into(),
+            subscribe: match proto {
+                Proto::Tether | Proto::TetherWs => None,
+                Proto::Nats => Some("p.{i}".into()),
+                Proto::Mqtt => Some("p/{i}".into()),
+            },
+            rate: 5_000,
+        }
+    }
+
+    /// Tether as two regions: both sets of pairs open first (so no login or logout
+    /// happens during a leg), then the same-region leg, then the cross-region one.
+    async fn measure_regions(&self, sources: &[IpAddr]) -> Result<P2pReport, BenchError> {
+        if self.running.running().is_some() {
+            return Err(BenchError::Args(
+                "--regions 2 starts its own regions: leave out --nats, --endpoint and --key".into(),
+            ));
+        }
+        let regions = TwoRegions::start().await?;
+        let (a, b) = (regions.a.tcp_endpoints()[0], regions.b.tcp_endpoints()[0]);
+        let signer = Some(&regions.a.signer);
+        let (app, qos1) = (&self.common.app, self.qos1);
+        start_echo(Proto::Tether, Some(&regions.a.nats_url), a, app, qos1).await?;
+        let n = 2 * self.pairs;
+        let same = self.plan(Proto::Tether, vec![a], sources);
+        let same = Pairs::open(&same, signer, 0..n).await?;
+        // Senders (even indices) to A's gateway, receivers (odd) to B's.
+        let cross = self.plan(Proto::Tether, vec![a, b], sources);
+        let cross = Pairs::open(&cross, signer, n..2 * n).await?;
+        let (rate, secs) = (self.rate, self.duration_secs);
+        let before = regions.relayed().await?;
+        let same = same.run(rate, secs, "p2p [tether, same-region]").await?;
+        let between = regions.relayed().await?;
+        let cross = cross.run(rate, secs, "p2p [tether, cross-region]").await?;
+        let after = regions.relayed().await?;
+        let vs_same_region = CrossOverSame::of(&cross, &same);
+        Ok(P2pReport {
+            target: "tether".into(),
+            pairs: self.pairs,
+            offered_rate: self.rate,
+            regions: 2,
+            qos1: self.qos1,
+            leg: same,
+            cross_region: Some(CrossRegion {
+                leg: cross,
+                vs_same_region,
+                relayed: after.since(between),
+                relayed_in_same_region_leg: between.since(before),
+            }),
+        })
+    }
+}
+
 impl Scenario for P2pArgs {
     type Report = P2pReport;
     const NAME: &'static str = "p2p";
@@ -259,6 +411,7 @@ impl Scenario for P2pArgs {
             "rate": self.rate,
             "duration_secs": self.duration_secs,
             "qos1": self.qos1,
+            "regions": self.regions,
             "payload_bytes": client_codec::PAYLOAD_LEN,
         })
     }
@@ -269,112 +422,34 @@ impl Scenario for P2pArgs {
                 "pairs, rate and duration must be positive".into(),
             ));
         }
+        if self.regions == 2 && matches!(proto, Proto::Tether | Proto::TetherWs) {
+            return self.measure_regions(sources).await;
+        }
         let target = Target::start(proto, self.running.running().as_ref()).await?;
-        start_echo(&target, proto, &self.common.app, self.qos1).await?;
-        let plan = Plan {
+        let nats_url = target.nats_url.as_deref();
+        start_echo(
             proto,
-            endpoints: vec![target.endpoint],
-            sources: sources.to_vec(),
-            app: self.common.app.clone(),
-            did_prefix: "p".into(),
-            subscribe: match proto {
-                Proto::Tether | Proto::TetherWs => None,
-                Proto::Nats => Some("p.{i}".into()),
-                Proto::Mqtt => Some("p/{i}".into()),
-            },
-            rate: 5_000,
-        };
-        let opened = fleet::open(&plan, target.signer.as_ref(), 0..2 * self.pairs, |_, _| {})
-            .await?
-            .all()?;
-        let sink = Arc::new(Sink::default());
-        let counters = Arc::new(Counters::default());
-        let mut senders = vec![None; self.pairs];
-        let mut tasks = Vec::new();
-        for (i, stream, rest) in opened.conns {
-            let (r, w) = stream.into_split();
-            if i % 2 == 0 {
-                let (tx, rx) = mpsc::unbounded_channel();
-                senders[i / 2] = Some(tx);
-                tasks.push(tokio::spawn(sender(proto, i, w, rx)));
-                let w: Option<OwnedWriteHalf> = None;
-                let (sink, counters) = (Arc::new(Sink::default()), counters.clone());
-                tasks.push(tokio::spawn(reader::read_loop(
-                    i, proto, r, w, rest, sink, counters,
-                )));
-            } else {
-                let (sink, counters) = (sink.clone(), counters.clone());
-                tasks.push(tokio::spawn(reader::read_loop(
-                    i,
-                    proto,
-                    r,
-                    Some(w),
-                    rest,
-                    sink,
-                    counters,
-                )));
-            }
-        }
-        let senders: Vec<_> = senders.into_iter().flatten().collect();
-
-        // Warm-up: a round of one message per pair until a round fully arrives (state
-        // partitions leased, subscriptions settled), then a second of traffic at the rate.
-        let mut warm = false;
-        for _ in 0..15 {
-            sink.reset();
-            for tx in &senders {
-                let _ = tx.send(now_ns());
-            }
-            let n = senders.len() as u64;
-            warm = reader::arrived(&sink, n, Duration::from_secs(2), Duration::from_secs(4)).await;
-            if warm {
-                break;
-            }
-        }
-        if !warm {
-            return Err(BenchError::Setup(format!(
-                "warm-up: {} of {} echoes arrived",
-                sink.count(),
-                senders.len()
-            )));
-        }
-        pace(&senders, self.rate, 1.0, None).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        sink.reset();
-        counters.receipts.store(0, Ordering::Relaxed);
-
-        let total = (f64::from(self.rate) * self.duration_secs).round() as u64;
-        let progress = Progress::start(format!("p2p [{}]", proto.target_name()), total);
-        let start_ns = now_ns();
-        pace(&senders, self.rate, self.duration_secs, Some(&progress)).await;
-        reader::arrived(
-            &sink,
-            total,
-            Duration::from_secs(3),
-            Duration::from_secs(60),
+            nats_url,
+            target.endpoint,
+            &self.common.app,
+            self.qos1,
         )
-        .await;
-        progress.set(sink.count());
-        progress.finish();
-        let delivered = sink.count();
-        let last = sink.span_ns().map_or(start_ns, |(_, last)| last);
-        let report = P2pReport {
-            target: proto.target_name().into(),
-            pairs: senders.len(),
-            offered_rate: self.rate,
-            sent: total,
-            delivered,
-            receipts: counters.receipts.load(Ordering::Relaxed),
-            achieved_rate: delivered as f64
-                / ((last.saturating_sub(start_ns)) as f64 / 1e9).max(1e-9),
-            latency: Percentiles::of(&sink.merged()),
-        };
-        drop(senders);
-        for t in tasks {
-            t.abort();
-        }
+        .await?;
+        let plan = self.plan(proto, vec![target.endpoint], sources);
+        let pairs = Pairs::open(&plan, target.signer.as_ref(), 0..2 * self.pairs).await?;
+        let label = format!("p2p [{}]", proto.target_name());
+        let leg = pairs.run(self.rate, self.duration_secs, &label).await?;
+        drop(pairs);
         drop(target);
-        Ok(report)
+        Ok(P2pReport {
+            target: proto.target_name().into(),
+            pairs: self.pairs,
+            offered_rate: self.rate,
+            regions: 1,
+            qos1: self.qos1,
+            leg,
+            cross_region: None,
+        })
     }
 }
 
@@ -410,4 +485,22 @@ async fn pace(
         }
     });
     let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn regions_is_one_or_two() {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            p2p: P2pArgs,
+        }
+        let parse = |n: &str| Cli::try_parse_from(["p2p", "--regions", n]).map(|c| c.p2p.regions);
+        assert_eq!(parse("2").ok(), Some(2));
+        assert!(parse("3").is_err() && parse("0").is_err());
+    }
 }
