@@ -76,9 +76,11 @@ bench-tools:
 	@scripts/install-tools.sh bench
 
 ## The table of BENCHMARKS.md (~10 min on 2 cores): release build, every scenario with
-## the nats and mosquitto peers; writes docs/bench/{results.json,table.md,*.png}.
+## the nats and mosquitto peers, servers on cpu 1 and the load on cpu 0 (BENCH_PIN= for
+## none); writes docs/bench/{results.json,table.md,*.png}.
+BENCH_PIN ?= 1/0
 bench: bench-tools
-	$(CARGO) run --release -p tether -- bench suite --out docs/bench
+	$(CARGO) run --release -p tether -- bench suite --out docs/bench $(if $(BENCH_PIN),--pin $(BENCH_PIN))
 
 ## Formatting and lints, as CI expects them.
 lint:

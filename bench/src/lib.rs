@@ -20,7 +20,8 @@
 //! Plumbing: [`client_codec`] (raw Tether/NATS/MQTT clients), [`fleet`] (opening many
 //! connections at a rate), [`reader`] (per-connection readers), [`stats`] (HDR
 //! histograms), [`stack`] (starting and stopping the processes), [`compare`] (ratios
-//! Tether/peer), [`progress`], [`procfs`].
+//! Tether/peer), [`progress`], [`procfs`], [`pin`] (server side and load generator on
+//! different CPUs, `--pin`).
 
 pub mod chart;
 pub mod client_codec;
@@ -30,6 +31,7 @@ pub mod drain;
 pub mod fanout;
 pub mod fleet;
 pub mod p2p;
+pub mod pin;
 pub mod procfs;
 pub mod progress;
 pub mod reader;

@@ -53,6 +53,11 @@ impl TwoRegions {
     pub async fn start() -> Result<TwoRegions, BenchError> {
         let nats = harness::leaf_regions()
             .map_err(|e| BenchError::Setup(format!("hub and leaf regions: {e}")))?;
+        for server in [&nats.hub, &nats.region_a, &nats.region_b] {
+            if let Some(pid) = server.pid() {
+                crate::pin::server_process(pid);
+            }
+        }
         let roles = |name: &str, peer: &str, nats_url: String| RegionRoles {
             name: name.into(),
             peers: vec![peer.into()],

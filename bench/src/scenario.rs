@@ -34,6 +34,10 @@ pub struct CommonArgs {
     /// Print one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
+    /// Pin the server side and the load generator to different CPUs: `SERVER/LOAD`, e.g.
+    /// `1/0` (lists and ranges: `2-3/0,1`).
+    #[arg(long, value_name = "SERVER/LOAD")]
+    pub pin: Option<crate::pin::Pinning>,
 }
 
 impl Default for CommonArgs {
@@ -156,6 +160,10 @@ pub struct Ran<R> {
 /// comparison (and, with `--json`, the JSON object as the last line).
 pub async fn run<S: Scenario>(scenario: &S) -> Result<Ran<S::Report>, BenchError> {
     let common = scenario.common();
+    if let Some(pinning) = &common.pin {
+        crate::pin::configure(pinning)?;
+        eprintln!("{} pinned: {pinning}", S::NAME);
+    }
     let sources = if common.sources.is_empty() {
         S::default_sources()
     } else {
@@ -185,9 +193,13 @@ pub async fn run<S: Scenario>(scenario: &S) -> Result<Ran<S::Report>, BenchError
             Err(e) => return Err(e),
         }
     }
+    let mut params = scenario.params();
+    if let (Some(pinning), Some(object)) = (&common.pin, params.as_object_mut()) {
+        object.insert("pin".into(), serde_json::json!(pinning));
+    }
     let comparison = Comparison {
         scenario: S::NAME.into(),
-        params: scenario.params(),
+        params,
         outcomes,
     };
     comparison.print(common.json);

@@ -404,6 +404,9 @@ impl Stack {
             };
             stack.ipconfig = Some(ipconfig);
         }
+        for pid in stack.server_pids() {
+            crate::pin::server_process(pid);
+        }
         let server = match &spec.region {
             Some(region) => format!("region {} on nats-server {nats_url}:", region.name),
             None => format!("started nats-server {nats_url},"),
@@ -453,6 +456,7 @@ impl Stack {
             .spawn()
             .map_err(BenchError::io("start the takeover process"))?;
         let mut new = ChildGuard(child);
+        crate::pin::server_process(new.id());
         loop {
             if gateway.child.exited() {
                 break;
@@ -478,6 +482,17 @@ impl Stack {
     }
 
     /// Process ids of the gateways.
+    /// The process ids of the server side: gateways, state, ipconfig and the nats-server
+    /// this stack started.
+    pub fn server_pids(&self) -> Vec<u32> {
+        let mut pids = self.gateway_pids();
+        pids.extend(self.state.as_ref().map(ChildGuard::id));
+        pids.extend(self.ipconfig.as_ref().map(ChildGuard::id));
+        pids.extend(self.nats.as_ref().and_then(NatsServer::pid));
+        pids
+    }
+
+    /// The process ids of the gateways.
     pub fn gateway_pids(&self) -> Vec<u32> {
         self.gateways.iter().map(Gateway::pid).collect()
     }
@@ -621,6 +636,7 @@ impl PeerServer {
         let pid = server
             .pid()
             .ok_or_else(|| BenchError::Setup("nats-server has no pid".into()))?;
+        crate::pin::server_process(pid);
         eprintln!("started peer nats-server {addr} (pid {pid})");
         Ok(PeerServer {
             addr,
@@ -655,6 +671,7 @@ impl PeerServer {
         let timeout = Duration::from_secs(15);
         let guard = spawn_listening(command, "mosquitto", &log_path, addr, timeout).await?;
         let pid = guard.id();
+        crate::pin::server_process(pid);
         eprintln!("started peer mosquitto {addr} (pid {pid})");
         Ok(PeerServer {
             addr,

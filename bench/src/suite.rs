@@ -35,10 +35,14 @@ pub struct SuiteArgs {
     /// Only these scenarios (conns, conns_ws, conns_multi, fanout, p2p, p2p_1k, uplink).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Pin the server side and the load generator to different CPUs (`SERVER/LOAD`, as
+    /// each scenario's `--pin`).
+    #[arg(long, value_name = "SERVER/LOAD")]
+    pub pin: Option<crate::pin::Pinning>,
 }
 
-/// Hands out fresh source addresses run after run.
-struct Sources(u16);
+/// Hands out fresh source addresses run after run (and the pinning to every scenario).
+struct Sources(u16, Option<crate::pin::Pinning>);
 
 impl Sources {
     /// The flags of one scenario: `n` fresh source addresses for each of its `runs`
@@ -49,6 +53,7 @@ impl Sources {
         CommonArgs {
             sources,
             peers: peers.to_vec(),
+            pin: self.1.clone(),
             ..CommonArgs::default()
         }
     }
@@ -89,7 +94,7 @@ pub async fn run(args: SuiteArgs) -> Result<Vec<Comparison>, BenchError> {
     std::fs::create_dir_all(&args.out).map_err(BenchError::io("create output folder"))?;
     let q = args.quick;
     let (peers, runs) = (&args.peers[..], 1 + args.peers.len());
-    let mut src = Sources(args.first_source.max(2));
+    let mut src = Sources(args.first_source.max(2), args.pin.clone());
     let mut results = Results {
         only: &args.only,
         done: Vec::new(),

@@ -124,7 +124,7 @@ fn suite_quick_with_nats_peer() {
 /// A scenario run from the command line ends with one JSON object on the last line.
 #[test]
 fn p2p_prints_json_on_the_last_line() {
-    let output = tether(&[
+    let mut args = vec![
         "bench",
         "p2p",
         "--pairs",
@@ -138,7 +138,13 @@ fn p2p_prints_json_on_the_last_line() {
         "--json",
         "--source",
         "127.0.5.10",
-    ]);
+    ];
+    // With two CPUs or more, the server side on cpu 1 and the load generator on cpu 0.
+    let pinned = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    if pinned {
+        args.extend(["--pin", "1/0"]);
+    }
+    let output = tether(&args);
     check(&output);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let last = stdout.lines().last().unwrap_or_default();
@@ -147,6 +153,17 @@ fn p2p_prints_json_on_the_last_line() {
     positive(&json["tether"]["detail"]["delivered"], "delivered");
     positive(&json["ratios"]["nats"]["p99"], "p99 ratio");
     assert!(stdout.contains("p2p [tether]"), "{stdout}");
+    if pinned {
+        assert_eq!(json["params"]["pin"]["server"], serde_json::json!([1]));
+        assert_eq!(json["params"]["pin"]["load"], serde_json::json!([0]));
+        // nats-server, gateway and state of the stack, and the nats peer.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let pinned = stderr
+            .lines()
+            .filter(|l| l.starts_with("pinned pid ") && l.ends_with("to cpu 1"))
+            .count();
+        assert!(pinned >= 4, "{pinned} processes pinned:\n{stderr}");
+    }
 }
 
 /// `p2p --regions 2`: one run with both legs (a hub and two leaf regions, a gateway and
