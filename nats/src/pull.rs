@@ -1,10 +1,130 @@
-//! Pull consumers: giving back what a worker fetched but did not handle.
+//! Pull consumers: a message stream that pulls again when its pull request was lost
+//! ([`Pulling`]), and giving back what a worker fetched but did not handle
+//! ([`release_prefetched`]).
 
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
-use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::consumer::pull::{self, MessagesError, MessagesErrorKind};
+use async_nats::jetstream::consumer::{PullConsumer, StreamError};
 use futures::StreamExt;
+use tokio::time::Instant;
+
+/// Pause before pulling again after a pull found no consumer leader (503): the consumer
+/// is electing one.
+pub const REPULL_AFTER_NO_LEADER: Duration = Duration::from_millis(250);
+
+/// The messages of a pull consumer, read with pull requests that expire after `expires`
+/// and carry idle heartbeats every `heartbeat`; a pull request that was lost is replaced
+/// at once.
+///
+/// A pull request lives in the memory of the consumer's leader. When that NATS node dies
+/// (or the consumer elects another leader), the request is gone, no message and no
+/// heartbeat comes any more, and async-nats sends no new request for that (it reports a
+/// missed heartbeat and sends the next request only when the expired one's 5 s grace has
+/// passed: `expires` + 5 s after the last request, 15 s with our 10 s pulls). A pull sent
+/// while the consumer has no leader is answered 503 and is not sent again either. Here a
+/// missed heartbeat (two heartbeat periods without anything) drops the message stream and
+/// opens a new one at once, and a 503 does the same after [`REPULL_AFTER_NO_LEADER`]; so
+/// the consumer is read again within about two heartbeats of its new leader's election.
+///
+/// Reopening never loses a message: the dropped stream had nothing buffered (a missed
+/// heartbeat or a 503 is reported only when nothing else is waiting), and anything
+/// delivered to it afterwards is redelivered by JetStream after the consumer's ack wait.
+/// [`Pulling::next`] is cancel-safe (usable in `select!`).
+pub struct Pulling {
+    consumer: PullConsumer,
+    expires: Duration,
+    heartbeat: Duration,
+    stream: Option<pull::Stream>,
+    /// No new stream before this instant (after a 503 or a failed open).
+    not_before: Option<Instant>,
+    reopened: u64,
+}
+
+impl Pulling {
+    /// Opens the first message stream of `consumer`.
+    pub async fn open(
+        consumer: PullConsumer,
+        expires: Duration,
+        heartbeat: Duration,
+    ) -> Result<Self, StreamError> {
+        let stream = messages(&consumer, expires, heartbeat).await?;
+        Ok(Self {
+            consumer,
+            expires,
+            heartbeat,
+            stream: Some(stream),
+            not_before: None,
+            reopened: 0,
+        })
+    }
+
+    /// How many times a lost pull was replaced.
+    pub fn reopened(&self) -> u64 {
+        self.reopened
+    }
+
+    /// The next message; `Err` reports a hiccup (the stream goes on: call again), `None`
+    /// that the stream ended (the consumer was deleted).
+    pub async fn next(&mut self) -> Option<Result<async_nats::jetstream::Message, MessagesError>> {
+        loop {
+            let Some(stream) = self.stream.as_mut() else {
+                if let Some(at) = self.not_before {
+                    tokio::time::sleep_until(at).await;
+                }
+                match messages(&self.consumer, self.expires, self.heartbeat).await {
+                    Ok(stream) => {
+                        self.stream = Some(stream);
+                        self.not_before = None;
+                        self.reopened += 1;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "pull stream not reopened, retrying");
+                        self.not_before = Some(Instant::now() + REPULL_AFTER_NO_LEADER);
+                    }
+                }
+                continue;
+            };
+            let item = stream.next().await;
+            if let Some(Err(error)) = &item {
+                match error.kind() {
+                    MessagesErrorKind::MissingHeartbeat => {
+                        self.stream = None;
+                    }
+                    MessagesErrorKind::NoResponders => {
+                        self.stream = None;
+                        self.not_before = Some(Instant::now() + REPULL_AFTER_NO_LEADER);
+                    }
+                    _ => {}
+                }
+            }
+            return item;
+        }
+    }
+
+    /// Gives back what the current stream fetched and did not hand out
+    /// ([`release_prefetched`]); returns how many.
+    pub async fn release(self) -> usize {
+        match self.stream {
+            Some(stream) => release_prefetched(stream).await,
+            None => 0,
+        }
+    }
+}
+
+async fn messages(
+    consumer: &PullConsumer,
+    expires: Duration,
+    heartbeat: Duration,
+) -> Result<pull::Stream, StreamError> {
+    consumer
+        .stream()
+        .expires(expires)
+        .heartbeat(heartbeat)
+        .messages()
+        .await
+}
 
 /// How long [`release_prefetched`] waits for one more fetched message.
 const QUIET: Duration = Duration::from_millis(20);

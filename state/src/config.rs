@@ -23,6 +23,10 @@ pub struct StateConfig {
     pub instance_id: String,
     /// Partition lease time-to-live: a dead instance's partitions move after about this long.
     pub lease_ttl_ms: u64,
+    /// How long an inbox or room append is sent again while its stream has no leader (a
+    /// NATS node died and the stream elects another, 4–9 s) before the push is answered
+    /// `unavailable`. Keep it below the business's push request timeout (5–10 s).
+    pub unavailable_retry_ms: u64,
     /// How long to wait for a business service to answer an uplink.
     pub business_timeout_ms: u64,
     /// How long a session request waits for the partition owners to apply its change
@@ -98,6 +102,7 @@ impl Default for StateConfig {
             stream_replicas: 1,
             instance_id: String::new(),
             lease_ttl_ms: 6_000,
+            unavailable_retry_ms: 4_000,
             business_timeout_ms: 5_000,
             session_apply_timeout_ms: 10_000,
             business_retries: 3,

@@ -129,7 +129,8 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         .map_err(|e| StateError::Bus(e.to_string()))?;
     let store = store::Store::open(js.clone(), metrics.clone())
         .await
-        .map_err(|e| StateError::Bus(e.to_string()))?;
+        .map_err(|e| StateError::Bus(e.to_string()))?
+        .with_unavailable_retry(Duration::from_millis(config.unavailable_retry_ms));
     let index = Arc::new(index::SessionIndex::default());
     index::spawn_watchers(
         store.sessions_bucket().clone(),
