@@ -596,6 +596,18 @@ const READ_WAIT: Duration = Duration::from_secs(5);
 /// is checked against the bucket's stream (empty for real, or not answering).
 async fn snapshot(bucket: &kv::Store, filter: String) -> Result<Vec<(String, Bytes)>, StoreError> {
     use futures::StreamExt;
+    // An empty range answers at once: the stream leader says no message matches. (The
+    // watch below would say so only by its silence, SNAPSHOT_QUIET later: 2 s of every
+    // takeover of a partition without session members went there.)
+    let subject = format!("{}{filter}", bucket.prefix);
+    if let Err(e) = bucket
+        .stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        && e.kind() == stream::LastRawMessageErrorKind::NoMessageFound
+    {
+        return Ok(Vec::new());
+    }
     let mut watch = bucket
         .watch_with_history(filter.clone())
         .await
@@ -610,7 +622,6 @@ async fn snapshot(bucket: &kv::Store, filter: String) -> Result<Vec<(String, Byt
             Ok(None) => return Err(StoreError(format!("watch of {filter} ended early"))),
             Err(_) if seen == 0 => {
                 // Nothing came: an empty range, or a bucket that does not answer.
-                let subject = format!("{}{filter}", bucket.prefix);
                 return match bucket
                     .stream
                     .get_last_raw_message_by_subject(&subject)
