@@ -168,6 +168,119 @@ mod tests {
     use super::*;
     use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 
+    /// The consumer's leader dies with the pull request it held: the stream pulls again
+    /// once the consumer has a new leader, long before the lost pull would have expired
+    /// (two minutes here; the client alone sends nothing new before then). The client is
+    /// connected to a node that stays up, so no reconnect hides the lost pull.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pull_lost_with_its_consumer_leader_is_replaced() {
+        let mut cluster = tokio::task::block_in_place(crate::harness::cluster3).expect("cluster");
+        let names: Vec<String> = cluster
+            .servers
+            .iter()
+            .map(|s| s.name().to_owned())
+            .collect();
+        let js = async_nats::jetstream::new(
+            crate::connect(&cluster.client_url(), "pull-setup")
+                .await
+                .expect("connect"),
+        );
+        let deadline = || Instant::now() + Duration::from_secs(60);
+        let setup_end = deadline();
+        let stream = loop {
+            match js
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: "LOST_PULL".into(),
+                    subjects: vec!["lp.>".into()],
+                    num_replicas: 3,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(stream) => break stream,
+                Err(error) => {
+                    assert!(Instant::now() < setup_end, "stream never created: {error}");
+                    eprintln!("stream not created yet: {error}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        // The consumer and its leader, once elected (a fresh cluster may take a moment).
+        let leader = loop {
+            let created: Result<PullConsumer, _> = stream
+                .create_consumer(pull::Config {
+                    durable_name: Some("reader".into()),
+                    ack_policy: AckPolicy::Explicit,
+                    ..Default::default()
+                })
+                .await;
+            let leader = match created {
+                Ok(mut consumer) => consumer
+                    .info()
+                    .await
+                    .ok()
+                    .and_then(|info| info.cluster.as_ref().and_then(|c| c.leader.clone())),
+                Err(error) => {
+                    eprintln!("consumer not created yet: {error}");
+                    None
+                }
+            };
+            if let Some(leader) = leader {
+                break leader;
+            }
+            assert!(Instant::now() < setup_end, "consumer never got a leader");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let leader = names.iter().position(|n| *n == leader).expect("leader node");
+        let survivor = cluster.servers[(leader + 1) % 3].client_url();
+        let reader = async_nats::jetstream::new(
+            crate::connect(&survivor, "pull-reader").await.expect("connect"),
+        );
+        let consumer: PullConsumer = reader
+            .get_stream("LOST_PULL")
+            .await
+            .expect("stream")
+            .get_consumer("reader")
+            .await
+            .expect("consumer");
+        let mut pulling = Pulling::open(consumer, Duration::from_secs(120), Duration::from_secs(1))
+            .await
+            .expect("pulling");
+        let payload = bytes::Bytes::from_static(b"before");
+        let headers = async_nats::HeaderMap::new();
+        crate::unavailable::publish_until(&reader, "lp.a", &headers, &payload, deadline())
+            .await
+            .expect("stored");
+        let first = next_message(&mut pulling).await;
+        assert_eq!(&first.payload[..], b"before");
+        first.ack().await.expect("ack");
+
+        cluster.kill(leader);
+        let payload = bytes::Bytes::from_static(b"after");
+        crate::unavailable::publish_until(&reader, "lp.a", &headers, &payload, deadline())
+            .await
+            .expect("stored after the election");
+        // (When the new leader happens to know the pull, nothing was lost and nothing is
+        // replaced: `reopened()` tells which case ran.)
+        let second = next_message(&mut pulling).await;
+        assert_eq!(&second.payload[..], b"after");
+        eprintln!("pulls replaced: {}", pulling.reopened());
+    }
+
+    /// The next message, skipping hiccups; fails after a minute (well before the lost
+    /// pull's expiry).
+    async fn next_message(pulling: &mut Pulling) -> async_nats::jetstream::Message {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            match tokio::time::timeout_at(end, pulling.next()).await {
+                Ok(Some(Ok(message))) => return message,
+                Ok(Some(Err(error))) => eprintln!("hiccup: {error}"),
+                Ok(None) => panic!("stream ended"),
+                Err(_) => panic!("no message within a minute"),
+            }
+        }
+    }
+
     /// Fifty messages fetched by a worker that handles one of them: the other 49 go back,
     /// and the next reader gets each of them once, none given up by the consumer
     /// (`max_deliver` 5 here: a release that keeps refetching what it gave back loses them).
