@@ -231,10 +231,15 @@ mod tests {
             assert!(Instant::now() < setup_end, "consumer never got a leader");
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
-        let leader = names.iter().position(|n| *n == leader).expect("leader node");
+        let leader = names
+            .iter()
+            .position(|n| *n == leader)
+            .expect("leader node");
         let survivor = cluster.servers[(leader + 1) % 3].client_url();
         let reader = async_nats::jetstream::new(
-            crate::connect(&survivor, "pull-reader").await.expect("connect"),
+            crate::connect(&survivor, "pull-reader")
+                .await
+                .expect("connect"),
         );
         let consumer: PullConsumer = reader
             .get_stream("LOST_PULL")

@@ -401,7 +401,9 @@ impl Looper {
         let deadline = Instant::now() + self.op_timeout;
         let listed = self.table.guard(list(&self.store), deadline).await;
         let Some(Ok((_, taken))) = listed else {
-            tracing::warn!("listing lease bucket failed; an earlier process's leases expire instead");
+            tracing::warn!(
+                "listing lease bucket failed; an earlier process's leases expire instead"
+            );
             return 0;
         };
         let store = &self.store;

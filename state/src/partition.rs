@@ -9,12 +9,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_nats::pull::Pulling;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 use futures::StreamExt;
 use tether_nats::headers;
 use tether_nats::layout::PartitionConsumer;
+use tether_nats::pull::Pulling;
 use tether_nats::subjects::{self, Subject};
 use tether_schemas::bus::{
     ConnEvent, Event, GatewayControl, MembershipChange, MembershipEvent, PresenceEvent,
@@ -190,11 +190,7 @@ impl Partition {
         result
     }
 
-    async fn serve(
-        &mut self,
-        stop: tether_service::Shutdown,
-        reclaim: bool,
-    ) -> Result<(), String> {
+    async fn serve(&mut self, stop: tether_service::Shutdown, reclaim: bool) -> Result<(), String> {
         let p = self.partition;
         let ctx = self.ctx.clone();
         // Uplinks waiting for the business send progress every second (`uplink.rs`), so
@@ -212,8 +208,7 @@ impl Partition {
             // ask the business again for answered ones. Their ack wait is short instead.
             let (uplinks, delivered) =
                 consumer(&ctx, PartitionConsumer::Uplinks, p, uplink_wait, false).await?;
-            let (inbox, _) =
-                consumer(&ctx, PartitionConsumer::Inbox, p, ack_wait, reclaim).await?;
+            let (inbox, _) = consumer(&ctx, PartitionConsumer::Inbox, p, ack_wait, reclaim).await?;
             let acks = ctx
                 .client
                 .subscribe(subjects::ack_partition(p))

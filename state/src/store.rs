@@ -462,9 +462,8 @@ impl Store {
         ttl: Option<Duration>,
         encode: impl Fn(u64) -> Bytes,
     ) -> Result<u64, StoreError> {
-        let mut backoff = unavailable::Backoff::until(
-            tokio::time::Instant::now() + self.unavailable_retry,
-        );
+        let mut backoff =
+            unavailable::Backoff::until(tokio::time::Instant::now() + self.unavailable_retry);
         let mut conflicts = 0;
         while conflicts < 100 {
             let (last_seq, last_stream_seq) =

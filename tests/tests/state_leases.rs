@@ -290,7 +290,11 @@ async fn a_restart_with_proof_takes_its_dead_predecessors_leases_at_once() -> Te
         theirs.is_empty(),
         "another id took leases of a live instance: {theirs:?}"
     );
-    assert_eq!(again.owned_now(), all(), "the restarted instance keeps them");
+    assert_eq!(
+        again.owned_now(),
+        all(),
+        "the restarted instance keeps them"
+    );
     other_token.cancel();
     again_token.cancel();
     other.stopped().await;
