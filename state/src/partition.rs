@@ -142,6 +142,15 @@ async fn reclaim_pending(
 ) {
     let info = consumer.cached_info();
     if info.num_ack_pending == 0 || info.num_redelivered > 0 {
+        if info.num_ack_pending > 0 {
+            tracing::info!(
+                partition,
+                consumer = %info.name,
+                pending = info.num_ack_pending,
+                redelivered = info.num_redelivered,
+                "pending messages of an earlier owner come back after the ack wait"
+            );
+        }
         return;
     }
     let pending = info.num_ack_pending;
