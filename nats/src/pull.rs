@@ -14,6 +14,10 @@ use tokio::time::Instant;
 /// is electing one.
 pub const REPULL_AFTER_NO_LEADER: Duration = Duration::from_millis(250);
 
+/// Pulls answered 503 in a row after which the stream ends (`None`): the consumer has no
+/// leader for about 20 s, or no longer exists; its owner starts again (and creates it).
+pub const MAX_UNANSWERED_PULLS: u32 = 80;
+
 /// The messages of a pull consumer, read with pull requests that expire after `expires`
 /// and carry idle heartbeats every `heartbeat`; a pull request that was lost is replaced
 /// at once.
@@ -40,6 +44,9 @@ pub struct Pulling {
     /// No new stream before this instant (after a 503 or a failed open).
     not_before: Option<Instant>,
     reopened: u64,
+    /// Pulls answered 503 in a row (each soon after the previous one).
+    unanswered: u32,
+    last_unanswered: Option<Instant>,
 }
 
 impl Pulling {
@@ -57,6 +64,8 @@ impl Pulling {
             stream: Some(stream),
             not_before: None,
             reopened: 0,
+            unanswered: 0,
+            last_unanswered: None,
         })
     }
 
@@ -87,17 +96,36 @@ impl Pulling {
                 continue;
             };
             let item = stream.next().await;
-            if let Some(Err(error)) = &item {
-                match error.kind() {
-                    MessagesErrorKind::MissingHeartbeat => {
-                        self.stream = None;
-                    }
-                    MessagesErrorKind::NoResponders => {
-                        self.stream = None;
-                        self.not_before = Some(Instant::now() + REPULL_AFTER_NO_LEADER);
-                    }
-                    _ => {}
+            match &item {
+                Some(Err(error)) if error.kind() == MessagesErrorKind::MissingHeartbeat => {
+                    self.stream = None;
                 }
+                Some(Err(error)) if error.kind() == MessagesErrorKind::NoResponders => {
+                    self.stream = None;
+                    // A pull that lived for a while before this 503 was answered: a new run.
+                    let now = Instant::now();
+                    if self
+                        .last_unanswered
+                        .is_some_and(|at| now - at > REPULL_AFTER_NO_LEADER * 8)
+                    {
+                        self.unanswered = 0;
+                    }
+                    self.last_unanswered = Some(now);
+                    self.unanswered += 1;
+                    if self.unanswered >= MAX_UNANSWERED_PULLS {
+                        tracing::warn!(
+                            unanswered = self.unanswered,
+                            "consumer unanswered for too long; ending its stream"
+                        );
+                        return None;
+                    }
+                    self.not_before = Some(Instant::now() + REPULL_AFTER_NO_LEADER);
+                }
+                Some(Ok(_)) => {
+                    self.unanswered = 0;
+                    self.last_unanswered = None;
+                }
+                _ => {}
             }
             return item;
         }
