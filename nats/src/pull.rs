@@ -290,9 +290,20 @@ mod tests {
 
         cluster.kill(leader);
         let payload = bytes::Bytes::from_static(b"after");
-        crate::unavailable::publish_until(&reader, "lp.a", &headers, &payload, deadline())
-            .await
-            .expect("stored after the election");
+        // A publish sent just before the servers noticed the dead node can time out: sent
+        // again with the same id (stored once).
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, "after");
+        let give_up = deadline();
+        loop {
+            match crate::unavailable::publish_until(&reader, "lp.a", &headers, &payload, give_up)
+                .await
+            {
+                Ok(_) => break,
+                Err(error) if Instant::now() < give_up => eprintln!("publish again: {error}"),
+                Err(error) => panic!("not stored after the election: {error}"),
+            }
+        }
         // (When the new leader happens to know the pull, nothing was lost and nothing is
         // replaced: `reopened()` tells which case ran.)
         let second = next_message(&mut pulling).await;
