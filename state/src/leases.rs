@@ -21,7 +21,8 @@
 //! 2. renews each partition it owns with a revision-checked update (compare-and-set); a failed
 //!    CAS means someone else holds the key now, and the partition is dropped at once;
 //! 3. lists the live members and the existing `part.` keys; the target share is
-//!    `ceil(PARTITIONS / members)`;
+//!    `ceil(PARTITIONS / members)` (skipped in the first round whose heartbeat is stored
+//!    after rounds whose heartbeat failed: the others' member keys may have expired too);
 //! 4. above the target it releases the excess: it publishes the smaller owned set first, then
 //!    deletes the keys with a revision check, so the caller stops working on a partition before
 //!    anyone else can take it;
@@ -360,6 +361,8 @@ struct Looper {
     cooldown: BTreeMap<u16, Instant>,
     /// Take over the keys of a dead earlier process with this id in the first round.
     adopt: bool,
+    /// Whether the previous round's heartbeat was stored (see `round`).
+    last_beat_ok: bool,
 }
 
 fn part_key(partition: u16) -> String {
@@ -391,6 +394,7 @@ impl Looper {
             given_up,
             cooldown: BTreeMap::new(),
             adopt: config.previous_incarnations_dead,
+            last_beat_ok: true,
         }
     }
 
@@ -533,16 +537,34 @@ impl Looper {
         let put = self
             .store
             .put(&self.member_key, self.id.clone().into_bytes().into());
-        match self.table.guard(put, deadline).await {
-            Some(Ok(_)) => {}
-            Some(Err(err)) => tracing::warn!(error = %err, "lease heartbeat failed"),
-            None => tracing::warn!("lease heartbeat timed out"),
-        }
+        let beat = match self.table.guard(put, deadline).await {
+            Some(Ok(_)) => true,
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, "lease heartbeat failed");
+                false
+            }
+            None => {
+                tracing::warn!("lease heartbeat timed out");
+                false
+            }
+        };
+        // After rounds whose heartbeat failed (the bucket had no leader, or NATS was out of
+        // reach), the other instances' member keys may have expired as ours did: a listing
+        // now would count too few members and take too many partitions, only to release
+        // them again a round later (partitions served by no one meanwhile). So the first
+        // round with a heartbeat again does not rebalance; by the next one every live
+        // instance has put its member key again.
+        let rebalance = beat && self.last_beat_ok;
+        self.last_beat_ok = beat;
 
         // 2. Renew what we own (after letting go of partitions whose workers gave up).
         self.release_given_up().await;
         self.renew_all().await;
         if shutdown.is_cancelled() {
+            return;
+        }
+
+        if !rebalance {
             return;
         }
 
