@@ -76,6 +76,10 @@ pub struct GatewayConfig {
     pub await_registration: bool,
     /// How long a login waits for its `conn.up` to be stored and registered.
     pub registration_timeout_ms: u64,
+    /// How long an UP is published again while the uplink stream has no leader (a NATS
+    /// node died and the stream elects another, 4–9 s) before the device gets UP_ACK
+    /// `unavailable`. Keep it well below the devices' ack timeout (10 s in the SDKs).
+    pub unavailable_retry_ms: u64,
     /// A logged-in connection silent for this long is closed (`heartbeat_timeout`).
     pub idle_timeout_secs: u64,
     /// Largest frame accepted from a client, in bytes (header included).
@@ -156,6 +160,7 @@ impl Default for GatewayConfig {
             heartbeat_secs: limits::DEFAULT_HEARTBEAT_SECS,
             await_registration: true,
             registration_timeout_ms: 10_000,
+            unavailable_retry_ms: 4_000,
             idle_timeout_secs: limits::DEFAULT_IDLE_TIMEOUT_SECS,
             max_frame_len: limits::DEFAULT_MAX_FRAME_LEN,
             max_frames_per_sec: 200,

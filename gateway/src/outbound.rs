@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
-use tether_nats::{headers, subjects};
+use tether_nats::{headers, subjects, unavailable};
 use tether_schemas::bus::{Event, ReceiptMode};
 use tether_schemas::{ErrorCode, Frame, pb};
 use tokio_util::task::TaskTracker;
@@ -29,6 +29,8 @@ pub struct Outbound {
     events: TaskTracker,
     /// Numbers the republished resends of timed-out uplinks (6.3).
     resends: Arc<AtomicU64>,
+    /// How long an UP is published again while the uplink stream has no leader.
+    unavailable_retry: Duration,
 }
 
 impl Outbound {
@@ -43,7 +45,16 @@ impl Outbound {
             events: TaskTracker::new(),
             // Retry ids stay unique across restarts of a gateway within the window.
             resends: Arc::new(AtomicU64::new(tether_schemas::bus::unix_now_ms())),
+            unavailable_retry: Duration::from_secs(4),
         }
+    }
+
+    /// Sets how long an UP is published again while the uplink stream has no leader (an
+    /// election after a NATS node died: "no responders", so nothing was stored) before the
+    /// device is answered `unavailable`.
+    pub fn with_unavailable_retry(mut self, retry: Duration) -> Self {
+        self.unavailable_retry = retry;
+        self
     }
 
     /// The NATS client.
@@ -100,14 +111,14 @@ impl Outbound {
         let js = self.js.clone();
         let resends = self.resends.clone();
         let frame_bytes = frame;
+        let deadline = tokio::time::Instant::now() + self.unavailable_retry;
         tokio::spawn(async move {
-            let stored = match sent {
-                Ok(ack) => ack
-                    .await
-                    .map(|a| (a.duplicate, a.sequence))
-                    .map_err(|e| e.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
+            // While the stream elects a leader the publish reaches no stream ("no
+            // responders": not stored); it is sent again, same id, until the deadline.
+            let stored = unavailable::settle(&js, sent, &subject, &map, &frame_bytes, deadline)
+                .await
+                .map(|a| (a.duplicate, a.sequence))
+                .map_err(|e| e.to_string());
             match stored {
                 Ok((duplicate, _)) if on_store => {
                     // Stored (now, or an earlier copy was): that is this app's receipt.

@@ -195,7 +195,8 @@ pub async fn start_with(
         .start(internal.clone())
         .await?;
     let (client, admin) = (role.client, role.admin);
-    let outbound = Outbound::new(client.clone(), &config.id, metrics.clone());
+    let outbound = Outbound::new(client.clone(), &config.id, metrics.clone())
+        .with_unavailable_retry(Duration::from_millis(config.unavailable_retry_ms));
     let ctx = Arc::new(GatewayCtx::new(
         config.clone(),
         verifier,

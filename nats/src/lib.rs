@@ -7,8 +7,11 @@
 //! - [`keys`]: key names in the KV buckets.
 //! - [`layout`]: JetStream streams, KV buckets and durable consumers with their settings,
 //!   created idempotently.
-//! - [`pull`]: pull consumers: giving back fetched messages a worker did not handle.
+//! - [`pull`]: pull consumers: a message stream that replaces a lost pull request, and
+//!   giving back fetched messages a worker did not handle.
 //! - [`serve`]: the shared loops: serve a subscription, watch a KV bucket, until shutdown.
+//! - [`unavailable`]: writes refused while a stream has no leader, sent again within a
+//!   deadline.
 //! - [`connect`]: how services connect (names, reconnect logging, timeouts, credentials and
 //!   TLS in [`NatsAuth`]).
 //! - [`region`]: the cross-region relay streams (`TETHER_XR_<region>`, `TETHER_XR_IN`)
@@ -29,6 +32,7 @@ pub mod region;
 pub mod serve;
 pub mod server;
 pub mod subjects;
+pub mod unavailable;
 
 pub use connect::{BusError, NatsAuth, connect, connect_with, sync_with_server};
 pub use layout::{BusLayout, apply_layout, ensure_layout};

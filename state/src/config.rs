@@ -21,8 +21,18 @@ pub struct StateConfig {
     pub stream_replicas: usize,
     /// This instance's id (unique among state instances); empty = random.
     pub instance_id: String,
+    /// A directory for the instance lock (`tether-state-<instance_id>.lock`), the same for
+    /// every process that may run this `instance_id` (the host's, or a volume that moves
+    /// with the id). With it, a second live process of the id refuses to start, and a
+    /// process restarted after a crash takes its dead predecessor's partition leases over
+    /// at once instead of after `lease_ttl_ms`. Empty = no lock (leases expire).
+    pub instance_lock_dir: String,
     /// Partition lease time-to-live: a dead instance's partitions move after about this long.
     pub lease_ttl_ms: u64,
+    /// How long an inbox or room append is sent again while its stream has no leader (a
+    /// NATS node died and the stream elects another, 4–9 s) before the push is answered
+    /// `unavailable`. Keep it below the business's push request timeout (5–10 s).
+    pub unavailable_retry_ms: u64,
     /// How long to wait for a business service to answer an uplink.
     pub business_timeout_ms: u64,
     /// How long a session request waits for the partition owners to apply its change
@@ -97,7 +107,9 @@ impl Default for StateConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7410)),
             stream_replicas: 1,
             instance_id: String::new(),
+            instance_lock_dir: String::new(),
             lease_ttl_ms: 6_000,
+            unavailable_retry_ms: 4_000,
             business_timeout_ms: 5_000,
             session_apply_timeout_ms: 10_000,
             business_retries: 3,

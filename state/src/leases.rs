@@ -21,7 +21,8 @@
 //! 2. renews each partition it owns with a revision-checked update (compare-and-set); a failed
 //!    CAS means someone else holds the key now, and the partition is dropped at once;
 //! 3. lists the live members and the existing `part.` keys; the target share is
-//!    `ceil(PARTITIONS / members)`;
+//!    `ceil(PARTITIONS / members)` (skipped in the first round whose heartbeat is stored
+//!    after rounds whose heartbeat failed: the others' member keys may have expired too);
 //! 4. above the target it releases the excess: it publishes the smaller owned set first, then
 //!    deletes the keys with a revision check, so the caller stops working on a partition before
 //!    anyone else can take it;
@@ -44,6 +45,26 @@
 //!
 //! On shutdown the instance publishes an empty owned set, then deletes its partition keys and
 //! its member key, so the others take over at their next round instead of after the TTL.
+//!
+//! # Taking over a dead incarnation
+//!
+//! An instance restarted after a crash (`kill -9`, OOM) with the same stable id finds the
+//! keys of its previous process still in the bucket, with its own id as value; nobody may
+//! take them before they expire (one TTL after the last renewal), so its partitions are
+//! served by no one meanwhile. With [`LeaseConfig::previous_incarnations_dead`] the caller
+//! states that it has *proved* that no earlier process with this id is alive: it holds
+//! the instance lock (`instance_lock.rs`), which the kernel releases only when the process
+//! holding it has ended. Then, once at start, every key whose value is this instance's id
+//! is taken over at once with a compare-and-set on the revision read (a key someone else
+//! rewrote meanwhile stays theirs).
+//!
+//! Why this cannot make two live owners: a key with our id as value was written by a
+//! process with our id, i.e. by this process or an earlier one; the lock proves the earlier
+//! ones are dead, so nothing else works on those partitions (a dead process acts on
+//! nothing; the ack-waits and revision checks of its last writes, still on the wire when it
+//! died, are the same as after any crash). A key written by another instance has another
+//! value and is untouched. Without the proof (no lock directory, or a random id) the keys
+//! are left to expire as before.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -82,6 +103,10 @@ pub struct LeaseConfig {
     pub bucket: String,
     /// Replicas of the bucket (3 on a cluster).
     pub replicas: usize,
+    /// Set ONLY when the caller proved that no earlier process with this `instance_id` is
+    /// alive (it holds the instance lock): keys still held under this id at start are
+    /// taken over at once instead of after they expire ("Taking over a dead incarnation").
+    pub previous_incarnations_dead: bool,
 }
 
 impl LeaseConfig {
@@ -126,6 +151,7 @@ impl Default for LeaseConfig {
             ttl: DEFAULT_TTL,
             bucket: DEFAULT_BUCKET.into(),
             replicas: 1,
+            previous_incarnations_dead: false,
         }
     }
 }
@@ -333,6 +359,10 @@ struct Looper {
     given_up: mpsc::UnboundedReceiver<u16>,
     /// Partitions not to take again before the instant.
     cooldown: BTreeMap<u16, Instant>,
+    /// Take over the keys of a dead earlier process with this id in the first round.
+    adopt: bool,
+    /// Whether the previous round's heartbeat was stored (see `round`).
+    last_beat_ok: bool,
 }
 
 fn part_key(partition: u16) -> String {
@@ -363,7 +393,62 @@ impl Looper {
             workers,
             given_up,
             cooldown: BTreeMap::new(),
+            adopt: config.previous_incarnations_dead,
+            last_beat_ok: true,
         }
+    }
+
+    /// Takes over, by compare-and-set, the partition keys whose value is this instance's
+    /// id: written by a dead earlier process with this id (see the module doc; only called
+    /// with that proof). Returns how many were taken.
+    async fn adopt_previous(&mut self) -> usize {
+        let deadline = Instant::now() + self.op_timeout;
+        let listed = self.table.guard(list(&self.store), deadline).await;
+        let Some(Ok((_, taken))) = listed else {
+            tracing::warn!(
+                "listing lease bucket failed; an earlier process's leases expire instead"
+            );
+            return 0;
+        };
+        let store = &self.store;
+        let id = &self.id;
+        let mut pending: FuturesUnordered<_> = taken
+            .into_iter()
+            .map(|partition| async move {
+                let key = part_key(partition);
+                let entry = match store.entry(key.as_str()).await {
+                    Ok(Some(entry))
+                        if entry.operation == kv::Operation::Put
+                            && entry.value.as_ref() == id.as_bytes() =>
+                    {
+                        entry
+                    }
+                    _ => return None,
+                };
+                let sent = Instant::now();
+                store
+                    .update(&key, id.as_bytes().to_vec().into(), entry.revision)
+                    .await
+                    .ok()
+                    .map(|revision| (partition, revision, sent))
+            })
+            .collect();
+        let deadline = Instant::now() + self.op_timeout;
+        let mut adopted = 0;
+        while let Some(Some(outcome)) = self.table.guard(pending.next(), deadline).await {
+            if let Some((partition, revision, sent)) = outcome {
+                self.table.owned.insert(
+                    partition,
+                    Held {
+                        revision,
+                        valid_until: sent + self.valid_for,
+                    },
+                );
+                self.table.publish();
+                adopted += 1;
+            }
+        }
+        adopted
     }
 
     /// Waits (at most half a TTL) until none of `partitions` has a running worker.
@@ -415,6 +500,15 @@ impl Looper {
 
     async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(instance = %self.id, ttl = ?self.ttl, "lease loop started");
+        if std::mem::take(&mut self.adopt) {
+            let adopted = self.adopt_previous().await;
+            if adopted > 0 {
+                tracing::info!(
+                    adopted,
+                    "took over the leases of a dead earlier process of this instance"
+                );
+            }
+        }
         let mut next_round = Instant::now();
         loop {
             if self
@@ -443,16 +537,34 @@ impl Looper {
         let put = self
             .store
             .put(&self.member_key, self.id.clone().into_bytes().into());
-        match self.table.guard(put, deadline).await {
-            Some(Ok(_)) => {}
-            Some(Err(err)) => tracing::warn!(error = %err, "lease heartbeat failed"),
-            None => tracing::warn!("lease heartbeat timed out"),
-        }
+        let beat = match self.table.guard(put, deadline).await {
+            Some(Ok(_)) => true,
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, "lease heartbeat failed");
+                false
+            }
+            None => {
+                tracing::warn!("lease heartbeat timed out");
+                false
+            }
+        };
+        // After rounds whose heartbeat failed (the bucket had no leader, or NATS was out of
+        // reach), the other instances' member keys may have expired as ours did: a listing
+        // now would count too few members and take too many partitions, only to release
+        // them again a round later (partitions served by no one meanwhile). So the first
+        // round with a heartbeat again does not rebalance; by the next one every live
+        // instance has put its member key again.
+        let rebalance = beat && self.last_beat_ok;
+        self.last_beat_ok = beat;
 
         // 2. Renew what we own (after letting go of partitions whose workers gave up).
         self.release_given_up().await;
         self.renew_all().await;
         if shutdown.is_cancelled() {
+            return;
+        }
+
+        if !rebalance {
             return;
         }
 

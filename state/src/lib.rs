@@ -4,7 +4,8 @@
 //! Layout:
 //! - [`config`]: the one configuration struct; [`app_pipelines`]: per-app settings from
 //!   `tether_apps`, applied live.
-//! - [`leases`]: which partitions this instance owns (KV leases, compare-and-set).
+//! - [`leases`]: which partitions this instance owns (KV leases, compare-and-set);
+//!   [`instance_lock`]: proof that no earlier process of this instance id is alive.
 //! - [`partition`]: the owner of one partition — events, uplinks, inbox delivery, acks,
 //!   retransmission, recycling; rebuilt from streams and KV on takeover.
 //! - [`uplink`]: business requests with retries and UP_ACK receipts; [`uplink_lines`]:
@@ -28,6 +29,7 @@ pub mod context;
 pub mod crossregion;
 pub mod index;
 pub mod inputs;
+pub mod instance_lock;
 pub mod leases;
 pub mod liveness;
 pub mod metrics;
@@ -77,6 +79,8 @@ pub struct RunningState {
     /// This instance's id.
     pub instance_id: String,
     role: NatsRole,
+    /// Held while the instance runs (released when the process ends).
+    _lock: Option<instance_lock::InstanceLock>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -96,6 +100,19 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         format!("state-{:08x}", rand::random::<u32>())
     } else {
         config.instance_id.clone()
+    };
+    // A stable id with a lock directory: no other live process has this id (else this
+    // one stops here), and every earlier one is dead, so its leases can be taken at once.
+    let lock = if config.instance_id.is_empty() || config.instance_lock_dir.is_empty() {
+        None
+    } else {
+        let lock = instance_lock::InstanceLock::acquire(
+            std::path::Path::new(&config.instance_lock_dir),
+            &instance_id,
+        )
+        .map_err(|e| StateError::Config(e.to_string()))?;
+        tracing::info!(instance = %instance_id, lock = %lock.path().display(), "instance lock held");
+        Some(lock)
     };
     let metrics = StateMetrics::default();
     let mut registry = Registry::with_prefix("tether_state");
@@ -129,7 +146,8 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         .map_err(|e| StateError::Bus(e.to_string()))?;
     let store = store::Store::open(js.clone(), metrics.clone())
         .await
-        .map_err(|e| StateError::Bus(e.to_string()))?;
+        .map_err(|e| StateError::Bus(e.to_string()))?
+        .with_unavailable_retry(Duration::from_millis(config.unavailable_retry_ms));
     let index = Arc::new(index::SessionIndex::default());
     index::spawn_watchers(
         store.sessions_bucket().clone(),
@@ -203,6 +221,7 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         instance_id: instance_id.clone(),
         ttl: Duration::from_millis(config.lease_ttl_ms),
         replicas: config.stream_replicas,
+        previous_incarnations_dead: lock.is_some(),
         ..Default::default()
     };
     let (workers_tx, workers_rx) = tokio::sync::watch::channel(BTreeSet::new());
@@ -217,6 +236,7 @@ pub async fn start(config: StateConfig, shutdown: Shutdown) -> Result<RunningSta
         admin_addr: role.admin.addr,
         instance_id,
         role,
+        _lock: lock,
         task,
     })
 }

@@ -48,6 +48,11 @@ pub struct StateMetrics {
     pub stale_events: Counter,
     /// Events whose effect could not be written, retried with backoff.
     pub event_retries: Counter,
+    /// Appends sent again because their stream had no leader (a NATS node died).
+    pub store_unavailable_retries: Counter,
+    /// Partition consumers reset to their ack floor at a takeover (what the previous
+    /// owner had fetched comes back at once instead of after the ack wait).
+    pub consumer_resets: Counter,
     /// Partition worker failures (errors and panics), each followed by a restart.
     pub partition_failures: Counter,
     /// Partitions whose worker is failing right now.
@@ -151,6 +156,16 @@ impl StateMetrics {
             "event_retries",
             "events retried because their effect was not written",
             self.event_retries.clone(),
+        );
+        registry.register(
+            "store_unavailable_retries",
+            "appends sent again because their stream had no leader",
+            self.store_unavailable_retries.clone(),
+        );
+        registry.register(
+            "consumer_resets",
+            "partition consumers reset to their ack floor at a takeover",
+            self.consumer_resets.clone(),
         );
         registry.register(
             "partition_failures",

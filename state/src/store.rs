@@ -11,9 +11,13 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tether_nats::keys;
 use tether_nats::layout::{INBOX_STREAM, ROOMS_STREAM, ROUTES_BUCKET, SESSIONS_BUCKET};
-use tether_nats::{headers, subjects};
+use tether_nats::{headers, subjects, unavailable};
 
 use crate::metrics::StateMetrics;
+
+/// How long an append waits for a stream without leader by default (see
+/// [`Store::with_unavailable_retry`]).
+pub const DEFAULT_UNAVAILABLE_RETRY: Duration = Duration::from_secs(4);
 
 /// Errors talking to the store.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +95,8 @@ pub struct Store {
     inbox: stream::Stream,
     rooms: stream::Stream,
     metrics: StateMetrics,
+    /// How long an append is sent again while its stream has no leader.
+    unavailable_retry: Duration,
 }
 
 impl Store {
@@ -107,7 +113,15 @@ impl Store {
             inbox,
             rooms,
             metrics,
+            unavailable_retry: DEFAULT_UNAVAILABLE_RETRY,
         })
+    }
+
+    /// Sets how long an append is sent again while its stream has no leader (a NATS node
+    /// died and the stream elects another: `tether_nats::unavailable`) before it fails.
+    pub fn with_unavailable_retry(mut self, retry: Duration) -> Self {
+        self.unavailable_retry = retry;
+        self
     }
 
     /// The sessions bucket's last revision (every write up to it is stored).
@@ -434,6 +448,11 @@ impl Store {
     /// on the subject (or `floor`, if higher) plus one. The append states the subject's
     /// last stream sequence, so of two racing writers only one wins; the other retries.
     /// `ttl` (whole seconds, at least one) becomes the message's `Nats-TTL`.
+    ///
+    /// While the stream has no leader (an election after a NATS node died: the read and
+    /// the append are answered "no responders", so nothing was stored), both are tried
+    /// again with short backoff for up to the store's `unavailable_retry`; a timeout, whose
+    /// outcome is unknown, fails at once.
     async fn append_next(
         &self,
         stream: &stream::Stream,
@@ -443,11 +462,18 @@ impl Store {
         ttl: Option<Duration>,
         encode: impl Fn(u64) -> Bytes,
     ) -> Result<u64, StoreError> {
-        for _ in 0..100 {
+        let mut backoff =
+            unavailable::Backoff::until(tokio::time::Instant::now() + self.unavailable_retry);
+        let mut conflicts = 0;
+        while conflicts < 100 {
             let (last_seq, last_stream_seq) =
                 match stream.direct_get_last_for_subject(subject.clone()).await {
                     Ok(message) => (seq_of(&message.headers), message.sequence),
                     Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => (0, 0),
+                    Err(e) if unavailable::direct_get_unanswered(&e) && backoff.wait().await => {
+                        self.metrics.store_unavailable_retries.inc();
+                        continue;
+                    }
                     Err(e) => return Err(err(e)),
                 };
             if last_seq == 0 && last_stream_seq > 0 {
@@ -456,6 +482,7 @@ impl Store {
                 self.metrics.refused("foreign_sequence_message");
                 tracing::warn!(%subject, stream_seq = last_stream_seq, "message without a sequence on a sequenced subject, removed");
                 stream.delete_message(last_stream_seq).await.map_err(err)?;
+                conflicts += 1;
                 continue;
             }
             let seq = last_seq.max(floor) + 1;
@@ -471,12 +498,15 @@ impl Store {
             if let Some(ttl) = ttl {
                 map.insert(headers::MSG_TTL, ttl.as_secs().max(1).to_string().as_str());
             }
-            let ack = self
+            let answer = match self
                 .js
                 .publish_with_headers(subject.clone(), map, encode(seq))
                 .await
-                .map_err(err)?;
-            match ack.await {
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match answer {
                 // JetStream checks the id before the expected sequence: a retry within the
                 // window is answered with the first copy's stream sequence.
                 Ok(ack) if ack.duplicate => {
@@ -484,7 +514,12 @@ impl Store {
                     return Ok(seq_of(&first.headers));
                 }
                 Ok(_) => return Ok(seq),
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => conflicts += 1,
+                // No leader listens: not stored. Read the last sequence again and append
+                // again (the new leader may have a newer last message).
+                Err(e) if unavailable::not_stored(&e) && backoff.wait().await => {
+                    self.metrics.store_unavailable_retries.inc();
+                }
                 Err(e) => return Err(err(e)),
             }
         }
@@ -560,6 +595,18 @@ const READ_WAIT: Duration = Duration::from_secs(5);
 /// is checked against the bucket's stream (empty for real, or not answering).
 async fn snapshot(bucket: &kv::Store, filter: String) -> Result<Vec<(String, Bytes)>, StoreError> {
     use futures::StreamExt;
+    // An empty range answers at once: the stream leader says no message matches. (The
+    // watch below would say so only by its silence, SNAPSHOT_QUIET later: 2 s of every
+    // takeover of a partition without session members went there.)
+    let subject = format!("{}{filter}", bucket.prefix);
+    if let Err(e) = bucket
+        .stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        && e.kind() == stream::LastRawMessageErrorKind::NoMessageFound
+    {
+        return Ok(Vec::new());
+    }
     let mut watch = bucket
         .watch_with_history(filter.clone())
         .await
@@ -574,7 +621,6 @@ async fn snapshot(bucket: &kv::Store, filter: String) -> Result<Vec<(String, Byt
             Ok(None) => return Err(StoreError(format!("watch of {filter} ended early"))),
             Err(_) if seen == 0 => {
                 // Nothing came: an empty range, or a bucket that does not answer.
-                let subject = format!("{}{filter}", bucket.prefix);
                 return match bucket
                     .stream
                     .get_last_raw_message_by_subject(&subject)

@@ -133,10 +133,18 @@ async fn supervise(
     ended: mpsc::UnboundedSender<u16>,
 ) {
     let mut failures = 0u32;
+    let mut restarted = false;
     let mut backoff = Duration::from_millis(500);
     while !stop.is_cancelled() {
         let started = tokio::time::Instant::now();
-        let attempt = tokio::spawn(Partition::run(ctx.clone(), partition, stop.clone()));
+        let first_attempt = failures == 0 && !restarted;
+        restarted = true;
+        let attempt = tokio::spawn(Partition::run(
+            ctx.clone(),
+            partition,
+            stop.clone(),
+            first_attempt,
+        ));
         let outcome = attempt.await;
         if started.elapsed() >= HEALTHY_RUN {
             // A worker that served for a while before failing starts a new count: only

@@ -970,6 +970,8 @@ async fn cursor_event_seq(fixture: &Fixture, did: &str) -> u64 {
 /// fetched and never acknowledged comes back after the ack wait, when the new owner has
 /// already applied a newer event of the same device. It is stale (its stream sequence is
 /// at or below the device's applied `event_seq`) and must not overwrite the newer route.
+/// (The previous owner got it twice, so the new owner does not reclaim it at once: see
+/// `an_unacknowledged_event_of_a_dead_owner_is_reclaimed_in_order`.)
 #[tokio::test]
 async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> TestResult {
     use futures::StreamExt;
@@ -1022,10 +1024,27 @@ async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> Test
     )
     .await?
     .await?;
+    // Fetched twice (given back once), then never acknowledged.
     let mut fetched = consumer.fetch().max_messages(1).messages().await?;
     let older = tokio::time::timeout(WAIT, fetched.next())
         .await?
         .ok_or("the older event was not fetched")??;
+    older
+        .ack_with(async_nats::jetstream::AckKind::Nak(None))
+        .await?;
+    // (The nak is not confirmed: fetch until it took effect.)
+    let give_up = tokio::time::Instant::now() + WAIT;
+    let older = loop {
+        let mut fetched = consumer.fetch().max_messages(1).messages().await?;
+        if let Some(message) = fetched.next().await {
+            break message?;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the older event was not fetched again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     drop(older); // never acknowledged
     let newer = js
         .publish(subject, Event::ConnUp(event("gw-new", 2)).to_json()?)
@@ -1044,8 +1063,8 @@ async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> Test
     let mut consumer = consumer;
     loop {
         let info = consumer.info().await?;
-        // Two events, three deliveries: the older one came back and was acknowledged.
-        if info.delivered.consumer_sequence >= 3 && info.num_ack_pending == 0 {
+        // Two events, four deliveries: the older one came back and was acknowledged.
+        if info.delivered.consumer_sequence >= 4 && info.num_ack_pending == 0 {
             break;
         }
         assert!(
@@ -1064,5 +1083,102 @@ async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> Test
     assert_eq!(route["gw"], "gw-new", "the stale event overwrote the route");
     assert_eq!(route["conn"], 2);
     assert_eq!(cursor_event_seq(&fixture, did).await, newer);
+    Ok(())
+}
+
+/// A takeover reclaims what the dead previous owner fetched and never acknowledged: the
+/// events consumer is reset to its ack floor, so the older event comes again at once and
+/// before the newer one (none is stale), instead of after the 10 s ack wait and after it.
+#[tokio::test]
+async fn an_unacknowledged_event_of_a_dead_owner_is_reclaimed_in_order() -> TestResult {
+    use futures::StreamExt;
+    use tether_nats::layout::PartitionConsumer;
+    use tether_schemas::bus::{ConnEvent, Event};
+    let fixture = Fixture::start(|_| {}).await;
+    let js = async_nats::jetstream::new(fixture.nats_client.clone());
+    tether_nats::ensure_layout(&js, &tether_nats::BusLayout::default()).await?;
+    let heartbeats = js
+        .get_key_value(tether_nats::layout::GATEWAYS_BUCKET)
+        .await?;
+    let beating = heartbeats.clone();
+    let beats = tokio::spawn(async move {
+        loop {
+            for gw in ["gw-old", "gw-new"] {
+                let _ = beating.put(gw, "{}".into()).await;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    let did = "reclaimed";
+    let event = |gw: &str, conn: u64| ConnEvent {
+        app: APP.into(),
+        uid: "u-reclaimed".into(),
+        did: did.into(),
+        gw: gw.into(),
+        region: String::new(),
+        conn,
+        remote: "127.0.0.1:1".into(),
+        resume_seq: Some(0),
+        reason: None,
+        sessions: Vec::new(),
+        at_ms: 1,
+    };
+    // The previous owner fetches the older event once and dies without acknowledging it.
+    let partition = tether_nats::subjects::partition(did);
+    let kind = PartitionConsumer::Events;
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(kind.stream())
+        .await?
+        .create_consumer(kind.config(partition, Duration::from_secs(10)))
+        .await?;
+    let subject = tether_nats::subjects::conn_events(APP, did);
+    js.publish(
+        subject.clone(),
+        Event::ConnUp(event("gw-old", 1)).to_json()?,
+    )
+    .await?
+    .await?;
+    let mut fetched = consumer.fetch().max_messages(1).messages().await?;
+    let older = tokio::time::timeout(WAIT, fetched.next())
+        .await?
+        .ok_or("the older event was not fetched")??;
+    drop(older);
+    let newer = js
+        .publish(subject, Event::ConnUp(event("gw-new", 2)).to_json()?)
+        .await?
+        .await?
+        .sequence;
+
+    let state = start_state(&fixture, CancellationToken::new()).await;
+    eventually("the newer event is applied", async || {
+        cursor_event_seq(&fixture, did).await >= newer
+    })
+    .await;
+    let mut consumer = consumer;
+    eventually("both events acknowledged", async || {
+        consumer
+            .info()
+            .await
+            .is_ok_and(|i| i.num_ack_pending == 0 && i.ack_floor.stream_sequence >= newer)
+    })
+    .await;
+    beats.abort();
+    let metrics = support::http_get(state.admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("tether_state_consumer_resets_total 1"),
+        "the events consumer was reset once: {metrics}"
+    );
+    assert!(
+        metrics.contains("tether_state_stale_events_total 0"),
+        "the older event came after the newer one: {metrics}"
+    );
+    let routes = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await?;
+    let route = routes
+        .get(tether_nats::keys::route(APP, did))
+        .await?
+        .ok_or("the route was removed")?;
+    let route: serde_json::Value = serde_json::from_slice(&route)?;
+    assert_eq!(route["gw"], "gw-new");
+    assert_eq!(route["conn"], 2);
     Ok(())
 }

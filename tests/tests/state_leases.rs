@@ -246,3 +246,58 @@ async fn a_gateway_is_gone_only_when_its_heartbeat_record_says_so() -> TestResul
     assert!(other.is_alive("gw-y"), "unknown is not dead");
     Ok(())
 }
+
+/// A process restarted after a crash with the same id, holding the proof that its
+/// predecessor is dead (the instance lock), takes the predecessor's leases at once instead
+/// of after the TTL; an instance with another id, even with the same flag, takes none of
+/// the keys of a live instance.
+#[tokio::test]
+async fn a_restart_with_proof_takes_its_dead_predecessors_leases_at_once() -> TestResult {
+    let node = harness::single()?;
+    let url = node.client_url();
+    // Two minutes: without the takeover nothing would move within this test's waits.
+    let long = Duration::from_secs(120);
+    let start = |id: &'static str, proof: bool| {
+        let url = url.clone();
+        async move {
+            let client = tether_nats::connect(&url, id).await?;
+            let token = CancellationToken::new();
+            let config = LeaseConfig {
+                ttl: long,
+                previous_incarnations_dead: proof,
+                ..LeaseConfig::new(id)
+            };
+            let leases = leases::start(jetstream::new(client), config, token.clone()).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((leases, token))
+        }
+    };
+    let (first, _first_token) = start("state-a", false).await?;
+    wait_owned(&first, TIMEOUT, "all partitions", |s| *s == all()).await?;
+    // kill -9: the keys stay, with "state-a" as value, for two minutes.
+    first.abort();
+
+    let (again, again_token) = start("state-a", true).await?;
+    wait_owned(&again, TIMEOUT, "the predecessor's partitions", |s| {
+        *s == all()
+    })
+    .await?;
+    // Another id with the same flag: the keys name a live instance; it takes nothing
+    // (its first round runs at once; two seconds cover it).
+    let (other, other_token) = start("state-b", true).await?;
+    sleep(Duration::from_secs(2)).await;
+    let theirs = other.owned_now();
+    assert!(
+        theirs.is_empty(),
+        "another id took leases of a live instance: {theirs:?}"
+    );
+    assert_eq!(
+        again.owned_now(),
+        all(),
+        "the restarted instance keeps them"
+    );
+    other_token.cancel();
+    again_token.cancel();
+    other.stopped().await;
+    again.stopped().await;
+    Ok(())
+}
