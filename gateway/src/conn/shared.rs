@@ -1,8 +1,8 @@
 //! The part of a connection other tasks can reach: its identity, its bounded outbound queue
-//! and the close request. Small on purpose: an idle connection costs this struct, its map
-//! entries and its task, nothing more.
+//! and the close request. Small on purpose: an idle connection costs this struct (one
+//! allocation of 160 B with jemalloc, see the size test below), its identity's one string,
+//! its map entries and its task, nothing more.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
@@ -11,21 +11,71 @@ use bytes::Bytes;
 use futures::task::AtomicWaker;
 use tether_schemas::ErrorCode;
 
+use crate::app_traffic::AppCounters;
+
 /// Who a logged-in connection is.
+///
+/// Compact: the app is the gateway's shared record of it (its counters, which hold its
+/// id), and the user and device ids share one allocation.
 #[derive(Debug)]
 pub struct Identity {
-    /// App id.
-    pub app: Arc<str>,
-    /// User id.
-    pub uid: Arc<str>,
-    /// Device id.
-    pub did: Arc<str>,
+    /// The app's counters, shared by every connection of the app; they hold its id.
+    app: Arc<AppCounters>,
+    /// The user id followed by the device id.
+    ids: Box<str>,
+    /// Where the device id starts in `ids`.
+    did_at: u32,
     /// Whether the token allows UP frames.
     pub may_uplink: bool,
     /// The token's rights (carried into a redirect token).
     pub rights: tether_auth::Rights,
     /// The connection's transport (a REDIRECT names an endpoint of the same kind).
     pub transport: super::Transport,
+}
+
+impl Identity {
+    /// The identity of a device `did` of user `uid` in the app whose counters are `app`.
+    pub fn new(
+        app: Arc<AppCounters>,
+        uid: &str,
+        did: &str,
+        may_uplink: bool,
+        rights: tether_auth::Rights,
+        transport: super::Transport,
+    ) -> Self {
+        let mut ids = String::with_capacity(uid.len() + did.len());
+        ids.push_str(uid);
+        ids.push_str(did);
+        Self {
+            app,
+            // A user id longer than 4 GiB cannot arrive in a frame; clamp rather than panic.
+            did_at: u32::try_from(uid.len()).unwrap_or(u32::MAX),
+            ids: ids.into_boxed_str(),
+            may_uplink,
+            rights,
+            transport,
+        }
+    }
+
+    /// App id.
+    pub fn app(&self) -> &str {
+        self.app.name()
+    }
+
+    /// User id.
+    pub fn uid(&self) -> &str {
+        self.ids.get(..self.did_at as usize).unwrap_or_default()
+    }
+
+    /// Device id.
+    pub fn did(&self) -> &str {
+        self.ids.get(self.did_at as usize..).unwrap_or_default()
+    }
+
+    /// The message counters of the app.
+    pub fn counters(&self) -> &AppCounters {
+        &self.app
+    }
 }
 
 /// Why a connection ends; `send_error` says whether the client gets an ERROR frame first.
@@ -87,7 +137,8 @@ pub enum Enqueued {
 
 #[derive(Debug, Default)]
 struct Outbound {
-    frames: VecDeque<Bytes>,
+    /// A `Vec`, not a `VecDeque`: the task always takes the whole queue.
+    frames: Vec<Bytes>,
     /// Boxed: a pointer while no close is pending, which is almost always.
     close: Option<Box<CloseReason>>,
     /// A hand-off asked the task to stop and give its state up (see `crate::handoff`).
@@ -102,8 +153,6 @@ pub struct ConnShared {
     /// Gateway-clock second the socket was accepted.
     pub accepted_at: u32,
     identity: OnceLock<Identity>,
-    /// The app's message counters, looked up once after login.
-    traffic: OnceLock<Arc<crate::app_traffic::AppCounters>>,
     last_seen: AtomicU32,
     outbound: Mutex<Outbound>,
     /// Set when frames were queued or a close requested since the task last looked.
@@ -122,7 +171,6 @@ impl ConnShared {
             id,
             accepted_at: now,
             identity: OnceLock::new(),
-            traffic: OnceLock::new(),
             last_seen: AtomicU32::new(now),
             outbound: Mutex::new(Outbound::default()),
             woken: AtomicBool::new(false),
@@ -164,12 +212,8 @@ impl ConnShared {
     }
 
     /// The message counters of the connection's app (`None` before login).
-    pub fn app_counters(
-        &self,
-        traffic: &crate::app_traffic::AppTraffic,
-    ) -> Option<&crate::app_traffic::AppCounters> {
-        let identity = self.identity()?;
-        Some(self.traffic.get_or_init(|| traffic.counters(&identity.app)))
+    pub fn app_counters(&self) -> Option<&AppCounters> {
+        self.identity().map(Identity::counters)
     }
 
     /// Records a successful login; false if already logged in.
@@ -194,7 +238,7 @@ impl ConnShared {
             if out.close.is_some() {
                 Enqueued::Closing
             } else if out.frames.len() < limit {
-                out.frames.push_back(frame);
+                out.frames.push(frame);
                 Enqueued::Queued
             } else if qos1 {
                 out.close = Some(Box::new(CloseReason::error(
@@ -246,7 +290,7 @@ impl ConnShared {
     }
 
     /// Takes everything queued and the close request, if any.
-    pub fn take(&self) -> (VecDeque<Bytes>, Option<CloseReason>) {
+    pub fn take(&self) -> (Vec<Bytes>, Option<CloseReason>) {
         let mut out = lock(&self.outbound);
         (
             std::mem::take(&mut out.frames),
@@ -284,6 +328,44 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shared part is one `Arc` allocation per connection: 16 B of counts plus this
+    /// struct. jemalloc's size classes around it are 128, 160 and 192 B; keep it in 160.
+    #[test]
+    fn shared_part_is_small() {
+        let size = std::mem::size_of::<ConnShared>();
+        eprintln!(
+            "ConnShared: {size} bytes, Identity: {} bytes",
+            std::mem::size_of::<Identity>()
+        );
+        assert!(size + 16 <= 160, "ConnShared grew to {size} bytes");
+    }
+
+    #[test]
+    fn identity_ids_share_one_string() {
+        let app = Arc::new(AppCounters::new("demo".into()));
+        let id = Identity::new(
+            app,
+            "user-1",
+            "device-1",
+            true,
+            tether_auth::Rights::default(),
+            crate::conn::Transport::Tcp,
+        );
+        assert_eq!(
+            (id.app(), id.uid(), id.did()),
+            ("demo", "user-1", "device-1")
+        );
+        let empty_uid = Identity::new(
+            Arc::new(AppCounters::new("a".into())),
+            "",
+            "d",
+            false,
+            tether_auth::Rights::default(),
+            crate::conn::Transport::Ws,
+        );
+        assert_eq!((empty_uid.uid(), empty_uid.did()), ("", "d"));
+    }
 
     #[test]
     fn slow_consumer_policy() {
