@@ -155,6 +155,17 @@ impl Registry {
         found
     }
 
+    /// Calls `f` with every registered connection (each shard locked in turn: `f` must
+    /// not use the registry).
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<ConnShared>)) {
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            for devices in shard.values() {
+                devices.iter().for_each(|c| f(&c.0));
+            }
+        }
+    }
+
     /// Every registered connection.
     pub fn all(&self) -> Vec<Arc<ConnShared>> {
         let mut found = Vec::new();

@@ -82,6 +82,11 @@ fn launch(driver: Driver) {
     tokio::spawn(ConnTask::new(driver));
 }
 
+/// Starts the task of a dormant connection again (see [`super::dormant`]).
+pub(super) fn relaunch(driver: Box<Driver>) {
+    launch(*driver);
+}
+
 /// A connection's place under the gateway's connection limit, given back on drop. The
 /// semaphore alone (8 bytes), where a tokio permit also carries its count (16).
 struct ConnSlot(Arc<Semaphore>);
@@ -248,7 +253,7 @@ fn boxed_input(input: BytesMut) -> Option<Box<BytesMut>> {
 /// Everything a connection's task owns. Every field is small on purpose (see the size
 /// test): rarely used parts are boxed, and what a LOGIN carries only for the `conn.up`
 /// event (resume point, token sessions) is not kept after it.
-struct Driver {
+pub(super) struct Driver {
     ctx: Arc<GatewayCtx>,
     shared: Arc<ConnShared>,
     stream: Stream,
@@ -354,6 +359,16 @@ impl ConnTask {
                     ctx.handoff.park(Parked(Box::new(driver)));
                     return Self::Done;
                 }
+                if driver.shared.take_sleep_request() {
+                    let ctx = driver.ctx.clone();
+                    match ctx.dormant.put(Box::new(driver)) {
+                        Ok(()) => return Self::Done,
+                        Err(awake) => {
+                            awake.shared.woke_up();
+                            return Self::flush(*awake);
+                        }
+                    }
+                }
                 Self::flush(driver)
             }
             Wake::Read(Ok(0)) => {
@@ -403,6 +418,71 @@ impl Future for ConnTask {
                 ConnTask::Done => return Poll::Ready(()),
             };
         }
+    }
+}
+
+/// What [`super::dormant`] does with a driver.
+impl Driver {
+    /// The connection's shared part.
+    pub(super) fn shared(&self) -> &Arc<ConnShared> {
+        &self.shared
+    }
+
+    /// The gateway's metrics.
+    pub(super) fn metrics(&self) -> &crate::metrics::GatewayMetrics {
+        &self.ctx.metrics
+    }
+
+    /// Whether the connection may go dormant: a plain socket (TLS state stays with a task).
+    pub(super) fn can_sleep(&self) -> bool {
+        matches!(self.stream, Stream::Plain(_))
+    }
+
+    /// Takes the plain socket out of the runtime; `Err` when that failed (the socket is
+    /// then gone, and the connection closes when its task runs).
+    pub(super) fn take_socket(&mut self) -> Result<std::net::TcpStream, ()> {
+        match std::mem::replace(&mut self.stream, Stream::Gone) {
+            Stream::Plain(socket) => socket.into_std().map_err(|error| {
+                tracing::debug!(conn = self.shared.id, %error, "socket lost leaving the runtime");
+            }),
+            other => {
+                self.stream = other;
+                Err(())
+            }
+        }
+    }
+
+    /// Keeps the socket out of the runtime while dormant.
+    pub(super) fn keep_socket(&mut self, socket: std::net::TcpStream) {
+        self.stream = Stream::Dormant(socket);
+    }
+
+    /// The socket of a dormant connection.
+    pub(super) fn dormant_socket(&self) -> Option<&std::net::TcpStream> {
+        match &self.stream {
+            Stream::Dormant(socket) => Some(socket),
+            _ => None,
+        }
+    }
+
+    /// Registers `socket` with the runtime again (no socket if that fails: the task then
+    /// closes the connection).
+    pub(super) fn return_socket(&mut self, socket: std::net::TcpStream) {
+        self.stream = match tokio::net::TcpStream::from_std(socket) {
+            Ok(socket) => Stream::Plain(socket),
+            Err(error) => {
+                tracing::debug!(conn = self.shared.id, %error, "socket lost returning to the runtime");
+                Stream::Gone
+            }
+        };
+    }
+
+    /// Leaves dormancy: the socket back in the runtime, the connection awake.
+    pub(super) fn wake_socket(&mut self) {
+        if let Stream::Dormant(socket) = std::mem::replace(&mut self.stream, Stream::Gone) {
+            self.return_socket(socket);
+        }
+        self.shared.woke_up();
     }
 }
 

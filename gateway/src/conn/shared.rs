@@ -3,9 +3,9 @@
 //! allocation of 160 B with jemalloc, see the size test below), its identity's one string,
 //! its map entries and its task, nothing more.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
@@ -157,6 +157,8 @@ pub struct ConnShared {
     outbound: Mutex<Outbound>,
     /// Set when frames were queued or a close requested since the task last looked.
     woken: AtomicBool,
+    /// Dormancy ([`super::dormant`]): [`AWAKE`], [`SLEEP_ASKED`] or [`ASLEEP`].
+    sleep: AtomicU8,
     /// The plain socket's descriptor, for a hand-off (-1: TLS, which cannot move).
     fd: AtomicI32,
     /// The connection task, polled directly by its idle loop (no waiter node, unlike
@@ -174,6 +176,7 @@ impl ConnShared {
             last_seen: AtomicU32::new(now),
             outbound: Mutex::new(Outbound::default()),
             woken: AtomicBool::new(false),
+            sleep: AtomicU8::new(AWAKE),
             fd: AtomicI32::new(-1),
             waker: AtomicWaker::new(),
         }
@@ -315,6 +318,65 @@ impl ConnShared {
     /// Waits until frames are queued or a close is requested.
     pub async fn woken(&self) {
         std::future::poll_fn(|cx| self.poll_woken(cx)).await;
+    }
+}
+
+/// The connection has its task.
+const AWAKE: u8 = 0;
+/// The task was asked to go dormant at its next idle point.
+const SLEEP_ASKED: u8 = 1;
+/// Dormant: no task, the socket waits in the gateway's dormant set.
+const ASLEEP: u8 = 2;
+
+impl ConnShared {
+    /// Asks an awake connection's task to go dormant when it is idle; false when it is
+    /// dormant or asked already.
+    pub fn request_sleep(&self) -> bool {
+        let asked = self
+            .sleep
+            .compare_exchange(AWAKE, SLEEP_ASKED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if asked {
+            self.wake();
+        }
+        asked
+    }
+
+    /// Takes a pending request to go dormant (the task is at an idle point): true when
+    /// one was pending and nothing is queued, closing or parking; the connection counts
+    /// as dormant from then on until [`ConnShared::woke_up`].
+    pub fn take_sleep_request(&self) -> bool {
+        if self.sleep.load(Ordering::Acquire) != SLEEP_ASKED {
+            return false;
+        }
+        let out = lock(&self.outbound);
+        let idle = out.frames.is_empty() && out.close.is_none() && !out.park;
+        let next = if idle { ASLEEP } else { AWAKE };
+        self.sleep.store(next, Ordering::Release);
+        idle
+    }
+
+    /// The connection has its task again.
+    pub fn woke_up(&self) {
+        self.sleep.store(AWAKE, Ordering::Release);
+    }
+
+    /// Whether the connection is dormant (or about to be).
+    pub fn is_asleep(&self) -> bool {
+        self.sleep.load(Ordering::Acquire) == ASLEEP
+    }
+
+    /// Whether the connection is awake and not asked to sleep.
+    pub fn is_awake(&self) -> bool {
+        self.sleep.load(Ordering::Acquire) == AWAKE
+    }
+
+    /// Registers who is woken when frames are queued or a close is requested while the
+    /// connection has no task (a dormant connection's reviver); true when such a wake-up
+    /// is already pending (the caller wakes it itself). The flag stays set for the task.
+    pub fn wake_instead(&self, waker: &Waker) -> bool {
+        self.waker.register(waker);
+        self.woken.load(Ordering::Acquire)
     }
 }
 
