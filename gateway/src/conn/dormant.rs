@@ -9,8 +9,9 @@
 //!
 //! Once a second [`run`] asks every awake logged-in connection silent for long enough to
 //! sleep ([`ConnShared::request_sleep`]); its task goes dormant at its next idle point
-//! ([`super::driver`]). Receiving a frame keeps a connection awake; one that only gets
-//! downlinks is woken for each and may sleep again a second later.
+//! ([`super::driver`]). Traffic either way keeps a connection awake (a fan-out member
+//! getting a broadcast every few hundred milliseconds never sleeps); one that gets a push
+//! now and then is woken for it and sleeps again `dormant_after_secs` later.
 //!
 //! [`ConnShared::request_sleep`]: super::ConnShared::request_sleep
 
@@ -127,7 +128,11 @@ impl Dormant {
             Err(()) => return Err(driver),
         };
         let shared = driver.shared().clone();
-        {
+        let reviver = Waker::from(Arc::new(Reviver {
+            conn: id,
+            dormant: Arc::downgrade(self),
+        }));
+        let pending = {
             let mut sleepers = lock(&self.sleepers);
             let event = EpollEvent::new(
                 EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT,
@@ -141,12 +146,12 @@ impl Dormant {
             driver.keep_socket(socket);
             driver.metrics().dormant.inc();
             sleepers.insert(id, driver);
-        }
-        let reviver = Waker::from(Arc::new(Reviver {
-            conn: id,
-            dormant: Arc::downgrade(self),
-        }));
-        if shared.wake_instead(&reviver) {
+            // Under the lock: a revival (socket input may already have arrived) takes it
+            // first, so it cannot start the new task before the reviver is in place and
+            // then have the reviver replace the new task's waker.
+            shared.wake_instead(&reviver)
+        };
+        if pending {
             // Something was queued meanwhile: wake at once.
             reviver.wake();
         }
@@ -242,11 +247,12 @@ pub async fn run(ctx: Arc<GatewayCtx>) {
     }
 }
 
-/// Asks every awake logged-in connection silent for `after` seconds to go dormant.
+/// Asks every awake logged-in connection silent (nothing read or written) for `after`
+/// seconds to go dormant.
 fn ask_silent_to_sleep(ctx: &GatewayCtx, after: u32) {
     let now = ctx.clock.now();
     ctx.registry.for_each(|conn| {
-        if conn.is_awake() && now.saturating_sub(conn.last_seen()) >= after {
+        if conn.is_awake() && now.saturating_sub(conn.last_active()) >= after {
             conn.request_sleep();
         }
     });

@@ -933,6 +933,7 @@ impl Driver {
             tokio::time::timeout(timeout, self.stream.write_frames(frames, &headers)).await,
         )?;
         self.ctx.metrics.frames_out.inc_by(frames.len() as u64);
+        self.shared.wrote(self.ctx.clock.now());
         if let Some(counters) = self.shared.app_counters() {
             counters.written(frames.len() as u64);
         }

@@ -154,6 +154,8 @@ pub struct ConnShared {
     pub accepted_at: u32,
     identity: OnceLock<Identity>,
     last_seen: AtomicU32,
+    /// Gateway-clock second frames were last written to the client.
+    last_written: AtomicU32,
     outbound: Mutex<Outbound>,
     /// Set when frames were queued or a close requested since the task last looked.
     woken: AtomicBool,
@@ -174,6 +176,7 @@ impl ConnShared {
             accepted_at: now,
             identity: OnceLock::new(),
             last_seen: AtomicU32::new(now),
+            last_written: AtomicU32::new(now),
             outbound: Mutex::new(Outbound::default()),
             woken: AtomicBool::new(false),
             sleep: AtomicU8::new(AWAKE),
@@ -232,6 +235,18 @@ impl ConnShared {
     /// Gateway-clock second of the last frame from the client.
     pub fn last_seen(&self) -> u32 {
         self.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Marks frames written to the client at gateway-clock second `now`.
+    pub fn wrote(&self, now: u32) {
+        self.last_written.store(now, Ordering::Relaxed);
+    }
+
+    /// Gateway-clock second of the last frame in either direction (a connection that
+    /// only receives pushes is not silent).
+    pub fn last_active(&self) -> u32 {
+        self.last_seen()
+            .max(self.last_written.load(Ordering::Relaxed))
     }
 
     /// Offers a frame; applies the slow-consumer policy when `limit` frames are queued.
@@ -359,11 +374,6 @@ impl ConnShared {
     /// The connection has its task again.
     pub fn woke_up(&self) {
         self.sleep.store(AWAKE, Ordering::Release);
-    }
-
-    /// Whether the connection is dormant (or about to be).
-    pub fn is_asleep(&self) -> bool {
-        self.sleep.load(Ordering::Acquire) == ASLEEP
     }
 
     /// Whether the connection is awake and not asked to sleep.
