@@ -75,10 +75,10 @@ pub struct GatewayConfig {
     pub registration_timeout_ms: u64,
     /// A logged-in connection silent for this long is closed (`heartbeat_timeout`).
     pub idle_timeout_secs: u64,
-    /// A logged-in plain (not TLS) connection silent for this long goes dormant: its task
-    /// and runtime registration are released until input, a frame for it or a close
-    /// arrives (about 500 bytes less per idle connection; waking costs a few
-    /// microseconds). 0 = never.
+    /// A logged-in plain (not TLS) connection with no frame either way for this long goes
+    /// dormant: its task and runtime registration are released until input, a frame for
+    /// it or a close arrives (about 300 bytes less per idle connection; waking costs ~2
+    /// µs). 0 = never.
     pub dormant_after_secs: u64,
     /// Largest frame accepted from a client, in bytes (header included).
     pub max_frame_len: usize,

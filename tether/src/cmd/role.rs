@@ -152,8 +152,8 @@ pub struct GatewayArgs {
     #[arg(long, help_heading = "Limits")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
-    /// Seconds of client silence before a plain connection goes dormant (no task, about
-    /// 500 bytes less); 0 = never [default: 2].
+    /// Seconds without a frame either way before a plain connection goes dormant (no
+    /// task, about 300 bytes less); 0 = never [default: 2].
     #[arg(long, help_heading = "Limits")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dormant_after_secs: Option<u64>,
