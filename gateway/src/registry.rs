@@ -4,6 +4,10 @@
 //! A device's entry is the connection pointer alone (8 bytes in a hash set): the set is
 //! keyed by the device id the connection's identity already holds (see [`ByDid`]).
 
+// `ByDid` holds a connection, which has interior mutability, but its hash and equality
+// read only the identity's device id, set once before it is ever a key and never changed.
+#![allow(clippy::mutable_key_type)]
+
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};

@@ -328,22 +328,14 @@ mod tests {
         Arc::new(ConnShared::new(id, 0))
     }
 
-    fn ids<'a>(app: &'a str, did: &'a str) -> (&'a str, &'a str) {
-        (app, did)
-    }
-
     #[test]
     fn join_set_leave_and_deliver() {
         let sessions = Sessions::default();
-        let (app, a) = ids("demo", "a");
-        let (_, b) = ids("demo", "b");
+        let (app, a) = ("demo", "a");
+        let (_, b) = ("demo", "b");
         let (ca, cb) = (conn(1), conn(2));
-        assert!(
-            sessions
-                .login(&ca, &app, &a, &["r1".into()], &[])
-                .is_empty()
-        );
-        sessions.set(&cb, &app, &b, &["r1".into(), "r2".into()]);
+        assert!(sessions.login(&ca, app, a, &["r1".into()], &[]).is_empty());
+        sessions.set(&cb, app, b, &["r1".into(), "r2".into()]);
         assert_eq!(sessions.members("demo", "r1"), 2);
         assert_eq!(sessions.members("demo", "r2"), 1);
         let frame = Bytes::from_static(b"x");
@@ -352,21 +344,21 @@ mod tests {
         let only: HashSet<&str> = ["b"].into();
         let delivered = sessions.deliver("demo", "r1", &frame, 0, Some(&only), 8);
         assert_eq!(delivered.queued, 1);
-        sessions.set(&cb, &app, &b, &["r2".into()]);
+        sessions.set(&cb, app, b, &["r2".into()]);
         assert_eq!(sessions.members("demo", "r1"), 1);
-        sessions.leave_device(&app, &a);
+        sessions.leave_device(app, a);
         assert_eq!(sessions.members("demo", "r1"), 0);
-        assert!(!sessions.knows(&app, &a));
+        assert!(!sessions.knows(app, a));
         assert_eq!(sessions.len(), 1);
     }
 
     #[test]
     fn a_new_connection_of_the_device_takes_over_its_sessions() {
         let sessions = Sessions::default();
-        let (app, a) = ids("demo", "a");
+        let (app, a) = ("demo", "a");
         let (old, new) = (conn(1), conn(2));
-        sessions.set(&old, &app, &a, &["r1".into()]);
-        sessions.login(&new, &app, &a, &[], &[]);
+        sessions.set(&old, app, a, &["r1".into()]);
+        sessions.login(&new, app, a, &[], &[]);
         let frame = Bytes::from_static(b"x");
         sessions.deliver("demo", "r1", &frame, 0, None, 8);
         assert_eq!(new.take().0.len(), 1, "delivered to the new connection");
@@ -376,15 +368,15 @@ mod tests {
     #[test]
     fn recovering_members_hold_live_room_frames_until_replayed() {
         let sessions = Sessions::default();
-        let (app, a) = ids("demo", "a");
+        let (app, a) = ("demo", "a");
         let ca = conn(1);
         // The cursor waits for the join (state's sync), then starts a recovery.
         assert!(
             sessions
-                .login(&ca, &app, &a, &[], &[("room".into(), 4)])
+                .login(&ca, app, a, &[], &[("room".into(), 4)])
                 .is_empty()
         );
-        let recoveries = sessions.set(&ca, &app, &a, &["room".into()]);
+        let recoveries = sessions.set(&ca, app, a, &["room".into()]);
         assert_eq!(recoveries.len(), 1);
         assert_eq!(recoveries[0].after, 4);
         for seq in [7u64, 6, 8] {

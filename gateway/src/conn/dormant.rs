@@ -170,7 +170,7 @@ impl Dormant {
         }
         driver.wake_socket();
         driver.metrics().dormant.dec();
-        super::driver::relaunch(driver);
+        super::driver::relaunch(*driver);
     }
 
     /// Ids of the connections whose sockets have input (or hung up), without waiting.

@@ -83,8 +83,8 @@ fn launch(driver: Driver) {
 }
 
 /// Starts the task of a dormant connection again (see [`super::dormant`]).
-pub(super) fn relaunch(driver: Box<Driver>) {
-    launch(*driver);
+pub(super) fn relaunch(driver: Driver) {
+    launch(driver);
 }
 
 /// A connection's place under the gateway's connection limit, given back on drop. The
@@ -915,11 +915,10 @@ impl Driver {
     /// Writes what is queued; returns the close reason when one was requested or the write failed.
     async fn flush(&mut self) -> Option<CloseReason> {
         let (frames, close) = self.shared.take();
-        if !frames.is_empty() {
-            let frames: Vec<Bytes> = frames.into();
-            if let Err(reason) = self.write_frames(&frames, WRITE_TIMEOUT).await {
-                return Some(reason);
-            }
+        if !frames.is_empty()
+            && let Err(reason) = self.write_frames(&frames, WRITE_TIMEOUT).await
+        {
+            return Some(reason);
         }
         close
     }

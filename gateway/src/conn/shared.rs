@@ -293,7 +293,7 @@ impl ConnShared {
 
     /// A copy of the frames queued and not written yet, in order.
     pub fn queued(&self) -> Vec<Bytes> {
-        lock(&self.outbound).frames.iter().cloned().collect()
+        lock(&self.outbound).frames.to_vec()
     }
 
     /// Wakes the connection task (a wake-up before it waits is kept, like a permit).
