@@ -247,12 +247,15 @@ pub async fn run(ctx: Arc<GatewayCtx>) {
     }
 }
 
-/// Asks every awake logged-in connection silent (nothing read or written) for `after`
-/// seconds to go dormant.
+/// Asks every awake logged-in plain connection silent (nothing read or written) for
+/// `after` seconds to go dormant (TLS ones, without a movable descriptor, never can).
 fn ask_silent_to_sleep(ctx: &GatewayCtx, after: u32) {
     let now = ctx.clock.now();
     ctx.registry.for_each(|conn| {
-        if conn.is_awake() && now.saturating_sub(conn.last_active()) >= after {
+        if conn.is_awake()
+            && conn.movable_fd().is_some()
+            && now.saturating_sub(conn.last_active()) >= after
+        {
             conn.request_sleep();
         }
     });
