@@ -2,23 +2,27 @@
 //!
 //! An Ed25519 verification is most of the CPU a login costs in the gateway. A device that
 //! reconnects (a network flap, a reconnect storm after a gateway or NATS trouble) presents
-//! the token it presented before, so the gateway remembers, for every token it verified,
-//! the SHA-256 of the token's exact bytes and the claims it yielded. A token with the same
-//! hash was signed by the key already: only its expiry is checked again. The cache holds
-//! only what [`TokenVerifier::verify`] accepted, so a cached answer is never more lenient
-//! than a fresh one; a forged or altered token never matches (it would need a SHA-256
-//! collision with a verified token).
+//! the token it presented before, so the gateway remembers a digest of every token it
+//! verified (the first 16 bytes of the SHA-256 of the token's exact bytes, 16 bytes per
+//! token plus the set's overhead). A token whose digest is remembered was signed by the
+//! key already: everything else (format, claims, expiry) is checked again, only the
+//! signature check is skipped. The cache holds only tokens [`TokenVerifier::verify`]
+//! accepted, so a cached answer is never more lenient than a fresh one; a forged or
+//! altered token never matches (it would need a second preimage of a 128-bit digest).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 
-use crate::{AuthError, Claims, TokenVerifier};
+use crate::{AuthError, Claims, TokenVerifier, token};
 
-/// The default number of tokens remembered (about 200 bytes each).
+/// The default number of tokens remembered.
 pub const DEFAULT_CACHED_TOKENS: usize = 100_000;
+
+/// What is remembered of a verified token.
+type TokenDigest = [u8; 16];
 
 /// A [`TokenVerifier`] that remembers up to `capacity` verified tokens, oldest forgotten
 /// first. With capacity 0 every token is verified.
@@ -33,9 +37,16 @@ pub struct CachedVerifier {
 
 #[derive(Debug, Default)]
 struct Cache {
-    claims: HashMap<[u8; 32], Claims>,
+    verified: HashSet<TokenDigest>,
     /// Insertion order, for eviction.
-    order: VecDeque<[u8; 32]>,
+    order: VecDeque<TokenDigest>,
+}
+
+fn digest(token: &str) -> TokenDigest {
+    let full = Sha256::digest(token.as_bytes());
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&full[..16]);
+    digest
 }
 
 impl CachedVerifier {
@@ -55,39 +66,32 @@ impl CachedVerifier {
         &self.verifier
     }
 
-    /// Like [`TokenVerifier::verify`], from the cache when the same token verified before
-    /// (its expiry is checked again against `now_unix`).
+    /// Like [`TokenVerifier::verify`]; without the signature check when the same token
+    /// verified before (every other check, expiry included, is made again).
     pub fn verify(&self, token: &str, now_unix: u64) -> Result<Claims, AuthError> {
         if self.capacity == 0 {
             return self.verifier.verify(token, now_unix);
         }
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let cached = self.lock().claims.get(&key).cloned();
-        if let Some(claims) = cached {
+        let key = digest(token);
+        if self.lock().verified.contains(&key) {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            if claims.exp <= now_unix {
-                return Err(AuthError::Expired {
-                    exp: claims.exp,
-                    now: now_unix,
-                });
-            }
-            return Ok(claims);
+            return token::decode_verified_before(token, now_unix);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let claims = self.verifier.verify(token, now_unix)?;
         let mut cache = self.lock();
-        if cache.claims.insert(key, claims.clone()).is_none() {
+        if cache.verified.insert(key) {
             cache.order.push_back(key);
             while cache.order.len() > self.capacity {
                 if let Some(oldest) = cache.order.pop_front() {
-                    cache.claims.remove(&oldest);
+                    cache.verified.remove(&oldest);
                 }
             }
         }
         Ok(claims)
     }
 
-    /// Tokens answered from the cache (expired ones included).
+    /// Tokens answered without the signature check (expired ones included).
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }
@@ -99,7 +103,7 @@ impl CachedVerifier {
 
     /// Tokens remembered now.
     pub fn len(&self) -> usize {
-        self.lock().claims.len()
+        self.lock().verified.len()
     }
 
     /// Whether no token is remembered.

@@ -42,6 +42,8 @@ pub struct GatewayCtx {
     pub handoff: crate::handoff::Handoff,
     /// A restart this process started itself (control op `restart`).
     pub restart: crate::restart::Restart,
+    /// Silent connections without a task ([`crate::conn::dormant`]).
+    pub dormant: Arc<crate::conn::dormant::Dormant>,
     conn_ids: AtomicU64,
 }
 
@@ -64,6 +66,9 @@ impl GatewayCtx {
         ));
         // 21 random bits above a 32-bit counter: unique, and exact in JSON numbers (< 2^53).
         let prefix = u64::from(rand::random::<u32>() & 0x1F_FFFF) << 32;
+        let dormant = Arc::new(crate::conn::dormant::Dormant::new(
+            config.dormant_after_secs,
+        ));
         Self {
             config,
             verifier,
@@ -79,6 +84,7 @@ impl GatewayCtx {
             migration: Default::default(),
             handoff: crate::handoff::Handoff::new(taking_over),
             restart: Default::default(),
+            dormant,
             conn_ids: AtomicU64::new(prefix | 1),
         }
     }

@@ -161,8 +161,9 @@ fn set_sessions(ctx: &Arc<GatewayCtx>, app: &str, did: &str, sessions: &[String]
     let Some(identity) = conn.identity() else {
         return;
     };
-    let (app, did) = (identity.app.clone(), identity.did.clone());
-    let recoveries = ctx.sessions.set(&conn, &app, &did, sessions);
+    let recoveries = ctx
+        .sessions
+        .set(&conn, identity.app(), identity.did(), sessions);
     ctx.metrics.session_syncs.inc();
     rooms::start(ctx, recoveries);
 }

@@ -16,6 +16,8 @@ pub struct GatewayMetrics {
     pub connections: Gauge,
     /// Logged-in connections.
     pub sessions: Gauge,
+    /// Dormant connections: silent, without a task or a runtime registration.
+    pub dormant: Gauge,
     /// Accepted sockets by transport (`tcp`, `ws`).
     pub accepted: Family<Label, Counter>,
     /// Successful logins.
@@ -81,6 +83,11 @@ impl GatewayMetrics {
             self.connections.clone(),
         );
         registry.register("sessions", "logged-in connections", self.sessions.clone());
+        registry.register(
+            "dormant",
+            "silent connections without a task or runtime registration",
+            self.dormant.clone(),
+        );
         registry.register(
             "accepted",
             "accepted sockets by transport",

@@ -288,7 +288,7 @@ impl Migration {
             let conn = &pending.conn;
             let here = conn.identity().is_some_and(|id| {
                 ctx.registry
-                    .get(&id.app, &id.did)
+                    .get(id.app(), id.did())
                     .is_some_and(|c| c.id == conn.id)
             });
             if !here {
@@ -440,7 +440,7 @@ impl Job {
                 .filter(|c| {
                     c.identity().is_some_and(|id| {
                         registry
-                            .get(&id.app, &id.did)
+                            .get(id.app(), id.did())
                             .is_some_and(|here| here.id == c.id)
                     })
                 })
@@ -494,9 +494,9 @@ impl Job {
         for conn in batch {
             let Some(id) = conn.identity() else { continue };
             devices.push(RedirectDevice {
-                app: id.app.to_string(),
-                uid: id.uid.to_string(),
-                did: id.did.to_string(),
+                app: id.app().to_string(),
+                uid: id.uid().to_string(),
+                did: id.did().to_string(),
                 transport: id.transport.as_str().into(),
                 rights: id.rights.iter().map(|r| r.as_str().to_string()).collect(),
             });
@@ -532,7 +532,7 @@ impl Job {
         for (conn, grant) in conns.into_iter().zip(grants) {
             let same = conn
                 .identity()
-                .is_some_and(|id| *id.did == grant.did && *id.app == grant.app);
+                .is_some_and(|id| id.did() == grant.did && id.app() == grant.app);
             let (Some(endpoint), Some(token), true) = (grant.endpoint, grant.token, same) else {
                 failed += 1;
                 last_error = grant.error.map(|e| e.to_string());

@@ -69,9 +69,9 @@ impl Outbound {
 
     fn identity_headers(&self, id: &Identity, conn: u64) -> HeaderMap {
         let mut map = HeaderMap::new();
-        map.insert(headers::APP, &*id.app);
-        map.insert(headers::UID, &*id.uid);
-        map.insert(headers::DID, &*id.did);
+        map.insert(headers::APP, id.app());
+        map.insert(headers::UID, id.uid());
+        map.insert(headers::DID, id.did());
         map.insert(headers::GATEWAY, &*self.gw);
         map.insert(headers::CONN, conn.to_string().as_str());
         map
@@ -91,22 +91,21 @@ impl Outbound {
         queue_limit: usize,
         mode: ReceiptMode,
     ) {
-        let msg_id = format!("{}:{}:{client_msg_id}", id.app, id.did);
+        let msg_id = format!("{}:{}:{client_msg_id}", id.app(), id.did());
         let mut map = self.identity_headers(id, conn.id);
         map.insert(headers::MSG_ID, msg_id.as_str());
         let on_store = mode == ReceiptMode::Stored;
         if on_store {
             map.insert(headers::RECEIPT, ReceiptMode::Stored.as_str());
         }
-        let subject = subjects::uplink(&id.app, &id.did);
+        let subject = subjects::uplink(id.app(), id.did());
         let sent = self
             .js
             .publish_with_headers(subject.clone(), map.clone(), frame.clone())
             .await;
         let metrics = self.metrics.clone();
         let conn = conn.clone();
-        let did = id.did.clone();
-        let query = subjects::receipt_query(&id.app, &id.did);
+        let query = subjects::receipt_query(id.app(), id.did());
         let client = self.client.clone();
         let js = self.js.clone();
         let resends = self.resends.clone();
@@ -158,13 +157,13 @@ impl Outbound {
                     };
                     if let Err(error) = again {
                         metrics.uplink_failed.inc();
-                        tracing::warn!(%did, conn = conn.id, client_msg_id, %error, "uplink resend not stored");
+                        tracing::warn!(did = conn.identity().map_or("", Identity::did), conn = conn.id, client_msg_id, %error, "uplink resend not stored");
                         conn.push(unavailable(client_msg_id), true, queue_limit);
                     }
                 }
                 Err(error) => {
                     metrics.uplink_failed.inc();
-                    tracing::warn!(%did, conn = conn.id, client_msg_id, %error, "uplink not stored");
+                    tracing::warn!(did = conn.identity().map_or("", Identity::did), conn = conn.id, client_msg_id, %error, "uplink not stored");
                     conn.push(unavailable(client_msg_id), true, queue_limit);
                 }
             };
@@ -187,10 +186,10 @@ impl Outbound {
         let map = self.identity_headers(id, conn);
         if let Err(error) = self
             .client
-            .publish_with_headers(subjects::ack(&id.app, &id.did), map, frame)
+            .publish_with_headers(subjects::ack(id.app(), id.did()), map, frame)
             .await
         {
-            tracing::warn!(did = %id.did, conn, %error, "ack not forwarded");
+            tracing::warn!(did = %id.did(), conn, %error, "ack not forwarded");
         }
     }
 

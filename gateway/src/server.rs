@@ -236,6 +236,8 @@ pub async fn start_with(
         .await
         .map_err(|e| GatewayError::Subscribe(e.to_string()))?;
     tokio::spawn(ctx.timers.clone().run(internal.clone()));
+    // Not stopped by the shutdown: closing a dormant connection wakes it through this task.
+    tokio::spawn(crate::conn::dormant::run(ctx.clone()));
     crate::app_limits::spawn(ctx.clone(), client.clone(), internal.clone());
     let limit = Arc::new(Semaphore::new(
         config.max_connections.min(Semaphore::MAX_PERMITS),

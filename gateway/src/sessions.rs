@@ -88,6 +88,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The `devices` key of a device (connections hold their ids in one string of their own,
+/// so the index makes its `Arc`s when a device first joins).
+fn key(app: &str, did: &str) -> Key {
+    (Arc::from(app), Arc::from(did))
+}
+
 impl Sessions {
     fn shard(&self, app: &str, session: &str) -> MutexGuard<'_, RoomShard> {
         let index = (self.hasher.hash_one((app, session)) as usize) % SHARDS;
@@ -99,15 +105,15 @@ impl Sessions {
     pub fn login(
         &self,
         conn: &Arc<ConnShared>,
-        app: &Arc<str>,
-        did: &Arc<str>,
+        app: &str,
+        did: &str,
         sessions: &[String],
         cursors: &[(String, u64)],
     ) -> Vec<Recovery> {
         let mut all: Vec<String> = sessions.to_vec();
         {
             let mut devices = lock(&self.devices);
-            let device = devices.entry((app.clone(), did.clone())).or_default();
+            let device = devices.entry(key(app, did)).or_default();
             device.cursors = cursors
                 .iter()
                 .filter(|(session, _)| !session.is_empty())
@@ -127,24 +133,28 @@ impl Sessions {
     pub fn join(
         &self,
         conn: &Arc<ConnShared>,
-        app: &Arc<str>,
-        did: &Arc<str>,
+        app: &str,
+        did: &str,
         sessions: &[String],
     ) -> Vec<Recovery> {
         let mut recoveries = Vec::new();
         let mut joined = Vec::with_capacity(sessions.len());
-        {
+        // The device's key in `devices` (an existing one is reused): its members share it.
+        let (app, did) = {
             let mut devices = lock(&self.devices);
-            let device = devices.entry((app.clone(), did.clone())).or_default();
+            let entry = devices.entry(key(app, did));
+            let ids = entry.key().clone();
+            let device = entry.or_default();
             for session in sessions {
                 let session: Arc<str> = Arc::from(session.as_str());
                 device.sessions.insert(session.clone());
                 let after = device.cursors.remove(&session);
                 joined.push((session, after));
             }
-        }
+            ids
+        };
         for (session, after) in joined {
-            let mut shard = self.shard(app, &session);
+            let mut shard = self.shard(&app, &session);
             let members = shard.entry((app.clone(), session.clone())).or_default();
             let member = members.entry(did.clone()).or_insert_with(|| Member {
                 conn: conn.clone(),
@@ -169,43 +179,58 @@ impl Sessions {
     pub fn set(
         &self,
         conn: &Arc<ConnShared>,
-        app: &Arc<str>,
-        did: &Arc<str>,
+        app: &str,
+        did: &str,
         sessions: &[String],
     ) -> Vec<Recovery> {
         let wanted: HashSet<&str> = sessions.iter().map(String::as_str).collect();
         let leaving: Vec<Arc<str>> = lock(&self.devices)
-            .entry((app.clone(), did.clone()))
+            .entry(key(app, did))
             .or_default()
             .sessions
             .extract_if(|s| !wanted.contains(&**s))
             .collect();
-        for session in leaving {
-            self.remove_member(app, &session, did);
+        if !leaving.is_empty() {
+            let app: Arc<str> = app.into();
+            for session in leaving {
+                self.remove_member(&app, &session, did);
+            }
         }
         // Joining a session the device is in already just points it at `conn`.
         self.join(conn, app, did, sessions)
     }
 
     /// The sessions the device is a member of here.
-    pub fn sessions_of(&self, app: &Arc<str>, did: &Arc<str>) -> Vec<String> {
-        lock(&self.devices)
-            .get(&(app.clone(), did.clone()))
+    pub fn sessions_of(&self, app: &str, did: &str) -> Vec<String> {
+        let devices = lock(&self.devices);
+        if devices.is_empty() {
+            return Vec::new();
+        }
+        devices
+            .get(&key(app, did))
             .map(|device| device.sessions.iter().map(|s| s.to_string()).collect())
             .unwrap_or_default()
     }
 
     /// Whether the device has sessions or pending cursors here.
-    pub fn knows(&self, app: &Arc<str>, did: &Arc<str>) -> bool {
-        lock(&self.devices).contains_key(&(app.clone(), did.clone()))
+    pub fn knows(&self, app: &str, did: &str) -> bool {
+        let devices = lock(&self.devices);
+        !devices.is_empty() && devices.contains_key(&key(app, did))
     }
 
     /// The device's connection is gone: it leaves every session.
-    pub fn leave_device(&self, app: &Arc<str>, did: &Arc<str>) {
-        let device = lock(&self.devices).remove(&(app.clone(), did.clone()));
+    pub fn leave_device(&self, app: &str, did: &str) {
+        let device = {
+            let mut devices = lock(&self.devices);
+            if devices.is_empty() {
+                return;
+            }
+            devices.remove(&key(app, did))
+        };
         if let Some(device) = device {
+            let app: Arc<str> = app.into();
             for session in device.sessions {
-                self.remove_member(app, &session, did);
+                self.remove_member(&app, &session, did);
             }
         }
     }
@@ -303,22 +328,14 @@ mod tests {
         Arc::new(ConnShared::new(id, 0))
     }
 
-    fn ids(app: &str, did: &str) -> (Arc<str>, Arc<str>) {
-        (Arc::from(app), Arc::from(did))
-    }
-
     #[test]
     fn join_set_leave_and_deliver() {
         let sessions = Sessions::default();
-        let (app, a) = ids("demo", "a");
-        let (_, b) = ids("demo", "b");
+        let (app, a) = ("demo", "a");
+        let (_, b) = ("demo", "b");
         let (ca, cb) = (conn(1), conn(2));
-        assert!(
-            sessions
-                .login(&ca, &app, &a, &["r1".into()], &[])
-                .is_empty()
-        );
-        sessions.set(&cb, &app, &b, &["r1".into(), "r2".into()]);
+        assert!(sessions.login(&ca, app, a, &["r1".into()], &[]).is_empty());
+        sessions.set(&cb, app, b, &["r1".into(), "r2".into()]);
         assert_eq!(sessions.members("demo", "r1"), 2);
         assert_eq!(sessions.members("demo", "r2"), 1);
         let frame = Bytes::from_static(b"x");
@@ -327,21 +344,21 @@ mod tests {
         let only: HashSet<&str> = ["b"].into();
         let delivered = sessions.deliver("demo", "r1", &frame, 0, Some(&only), 8);
         assert_eq!(delivered.queued, 1);
-        sessions.set(&cb, &app, &b, &["r2".into()]);
+        sessions.set(&cb, app, b, &["r2".into()]);
         assert_eq!(sessions.members("demo", "r1"), 1);
-        sessions.leave_device(&app, &a);
+        sessions.leave_device(app, a);
         assert_eq!(sessions.members("demo", "r1"), 0);
-        assert!(!sessions.knows(&app, &a));
+        assert!(!sessions.knows(app, a));
         assert_eq!(sessions.len(), 1);
     }
 
     #[test]
     fn a_new_connection_of_the_device_takes_over_its_sessions() {
         let sessions = Sessions::default();
-        let (app, a) = ids("demo", "a");
+        let (app, a) = ("demo", "a");
         let (old, new) = (conn(1), conn(2));
-        sessions.set(&old, &app, &a, &["r1".into()]);
-        sessions.login(&new, &app, &a, &[], &[]);
+        sessions.set(&old, app, a, &["r1".into()]);
+        sessions.login(&new, app, a, &[], &[]);
         let frame = Bytes::from_static(b"x");
         sessions.deliver("demo", "r1", &frame, 0, None, 8);
         assert_eq!(new.take().0.len(), 1, "delivered to the new connection");
@@ -351,15 +368,15 @@ mod tests {
     #[test]
     fn recovering_members_hold_live_room_frames_until_replayed() {
         let sessions = Sessions::default();
-        let (app, a) = ids("demo", "a");
+        let (app, a) = ("demo", "a");
         let ca = conn(1);
         // The cursor waits for the join (state's sync), then starts a recovery.
         assert!(
             sessions
-                .login(&ca, &app, &a, &[], &[("room".into(), 4)])
+                .login(&ca, app, a, &[], &[("room".into(), 4)])
                 .is_empty()
         );
-        let recoveries = sessions.set(&ca, &app, &a, &["room".into()]);
+        let recoveries = sessions.set(&ca, app, a, &["room".into()]);
         assert_eq!(recoveries.len(), 1);
         assert_eq!(recoveries[0].after, 4);
         for seq in [7u64, 6, 8] {

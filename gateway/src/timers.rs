@@ -194,14 +194,14 @@ mod tests {
         timers.track(&silent);
         timers.track(&active);
         assert_eq!(timers.tick_at(1), 0);
-        active.set_identity(Identity {
-            app: "a".into(),
-            uid: "u".into(),
-            did: "d".into(),
-            may_uplink: true,
-            rights: tether_auth::Rights::default(),
-            transport: crate::conn::Transport::Tcp,
-        });
+        active.set_identity(Identity::new(
+            Arc::new(crate::app_traffic::AppCounters::new("a".into())),
+            "u",
+            "d",
+            true,
+            tether_auth::Rights::default(),
+            crate::conn::Transport::Tcp,
+        ));
         active.touch(1);
         assert_eq!(
             timers.tick_at(2),

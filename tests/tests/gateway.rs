@@ -288,6 +288,88 @@ async fn silent_connections_time_out_with_their_reason_and_event() -> TestResult
     Ok(())
 }
 
+/// Waits until the gateway's `dormant` gauge reads `n` (or fails after a while).
+async fn dormant_gauge_reaches(fixture: &Fixture, n: u64) {
+    let line = format!("tether_gateway_dormant {n}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = http_get(fixture.admin, "/metrics").await;
+        if metrics.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never `{line}`:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Silent connections give up their task and come back exactly where they were: for a
+/// downlink, for input (also a frame split across the sleep), and for the peer leaving.
+#[tokio::test]
+async fn silent_connections_go_dormant_and_wake_where_they_were() -> TestResult {
+    let fixture = Fixture::start(|c| c.dormant_after_secs = 1).await;
+    let (mut tcp, _) = fixture.login(Transport::Tcp, "sleepy-tcp").await;
+    let (mut ws, _) = fixture.login(Transport::Ws, "sleepy-ws").await;
+    dormant_gauge_reaches(&fixture, 2).await;
+
+    // A downlink wakes each of them, in order with what follows.
+    let (first, second) = (down(1, true, b"first"), down(2, false, b"second"));
+    fixture
+        .push(&["sleepy-tcp", "sleepy-ws"], first.clone())
+        .await;
+    fixture
+        .push(&["sleepy-tcp", "sleepy-ws"], second.clone())
+        .await;
+    for client in [&mut tcp, &mut ws] {
+        assert_eq!(
+            client.next_raw().await.map(|r| r.bytes),
+            Some(first.clone())
+        );
+        assert_eq!(
+            client.next_raw().await.map(|r| r.bytes),
+            Some(second.clone())
+        );
+    }
+
+    // Asleep again; half a PING before the sleep, the rest after it: one PONG.
+    dormant_gauge_reaches(&fixture, 2).await;
+    let ping = Frame::Ping(Bytes::from_static(b"half and half")).encode();
+    let (head, tail) = ping.split_at(ping.len() / 2);
+    tcp.send_raw(head).await;
+    dormant_gauge_reaches(&fixture, 2).await;
+    tcp.send_raw(tail).await;
+    assert_eq!(
+        tcp.next_frame().await,
+        Some(Frame::Pong(Bytes::from_static(b"half and half")))
+    );
+    ws.send(&Frame::Ping(Bytes::from_static(b"ws")).encode())
+        .await;
+    assert_eq!(
+        ws.next_frame().await,
+        Some(Frame::Pong(Bytes::from_static(b"ws")))
+    );
+
+    // A dormant connection whose peer leaves is closed and reported like any other.
+    dormant_gauge_reaches(&fixture, 2).await;
+    drop(tcp);
+    dormant_gauge_reaches(&fixture, 1).await;
+    let events = read_stream(
+        &fixture.nats_client,
+        EVENTS_STREAM,
+        &subjects::conn_events_all(APP),
+        3,
+    )
+    .await;
+    let gone: serde_json::Value = serde_json::from_slice(&events[2].payload)?;
+    assert_eq!(
+        (gone["kind"].as_str(), gone["did"].as_str()),
+        (Some("conn.down"), Some("sleepy-tcp"))
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_second_login_replaces_the_first() -> TestResult {
     let fixture = Fixture::start(|_| {}).await;

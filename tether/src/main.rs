@@ -13,7 +13,9 @@ use clap::{Parser, Subcommand};
 
 /// jemalloc instead of the system allocator: the message path allocates and frees per
 /// message in many tasks at once, where glibc's malloc spent ~30% of state's time
-/// (BENCHMARKS.md, the speed work), and it keeps idle connections smaller.
+/// (BENCHMARKS.md, the speed work), and it keeps idle connections smaller. Its options are
+/// set at build time in `.cargo/config.toml` (a background thread gives pages unused for
+/// 1 s back to the system).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -25,6 +25,16 @@ pub enum Stream {
     Plain(TcpStream),
     /// TLS over TCP (rustls keeps its own buffers).
     Tls(Box<TlsStream<TcpStream>>),
+    /// A plain socket out of the runtime while its connection is dormant (see
+    /// [`super::dormant`]); no I/O until it is registered again.
+    Dormant(std::net::TcpStream),
+    /// No socket: it could not be registered with the runtime again. Every I/O fails,
+    /// so the connection closes.
+    Gone,
+}
+
+fn unavailable() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "socket not registered")
 }
 
 impl Stream {
@@ -63,6 +73,7 @@ impl Stream {
                 input.extend_from_slice(buf.filled());
                 Poll::Ready(Ok(buf.filled().len()))
             }),
+            Stream::Dormant(_) | Stream::Gone => Poll::Ready(Err(unavailable())),
         }
     }
 
@@ -92,6 +103,7 @@ impl Stream {
             let mut written = match self {
                 Stream::Plain(stream) => stream.write_vectored(&slices).await?,
                 Stream::Tls(stream) => stream.write_vectored(&slices).await?,
+                Stream::Dormant(_) | Stream::Gone => return Err(unavailable()),
             };
             if written == 0 {
                 return Err(io::Error::new(
@@ -125,6 +137,7 @@ impl Stream {
                 stream.write_all(bytes).await?;
                 stream.flush().await
             }
+            Stream::Dormant(_) | Stream::Gone => Err(unavailable()),
         }
     }
 
@@ -133,6 +146,7 @@ impl Stream {
         let _ = match self {
             Stream::Plain(stream) => stream.shutdown().await,
             Stream::Tls(stream) => stream.shutdown().await,
+            Stream::Dormant(_) | Stream::Gone => Ok(()),
         };
     }
 }

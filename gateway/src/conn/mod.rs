@@ -1,6 +1,8 @@
 //! One client connection: shared part ([`ConnShared`]), task-owned state ([`ConnState`]),
-//! socket I/O ([`io`]) and the task that drives it ([`driver`]).
+//! socket I/O ([`io`]), the task that drives it ([`driver`]) and dormancy while it is
+//! silent ([`dormant`]).
 
+pub mod dormant;
 pub mod driver;
 pub mod io;
 pub mod shared;

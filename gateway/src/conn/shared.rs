@@ -1,31 +1,81 @@
 //! The part of a connection other tasks can reach: its identity, its bounded outbound queue
-//! and the close request. Small on purpose: an idle connection costs this struct, its map
-//! entries and its task, nothing more.
+//! and the close request. Small on purpose: an idle connection costs this struct (one
+//! allocation of 160 B with jemalloc, see the size test below), its identity's one string,
+//! its map entries and its task, nothing more.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
 use tether_schemas::ErrorCode;
 
+use crate::app_traffic::AppCounters;
+
 /// Who a logged-in connection is.
+///
+/// Compact: the app is the gateway's shared record of it (its counters, which hold its
+/// id), and the user and device ids share one allocation.
 #[derive(Debug)]
 pub struct Identity {
-    /// App id.
-    pub app: Arc<str>,
-    /// User id.
-    pub uid: Arc<str>,
-    /// Device id.
-    pub did: Arc<str>,
+    /// The app's counters, shared by every connection of the app; they hold its id.
+    app: Arc<AppCounters>,
+    /// The user id followed by the device id.
+    ids: Box<str>,
+    /// Where the device id starts in `ids`.
+    did_at: u32,
     /// Whether the token allows UP frames.
     pub may_uplink: bool,
     /// The token's rights (carried into a redirect token).
     pub rights: tether_auth::Rights,
     /// The connection's transport (a REDIRECT names an endpoint of the same kind).
     pub transport: super::Transport,
+}
+
+impl Identity {
+    /// The identity of a device `did` of user `uid` in the app whose counters are `app`.
+    pub fn new(
+        app: Arc<AppCounters>,
+        uid: &str,
+        did: &str,
+        may_uplink: bool,
+        rights: tether_auth::Rights,
+        transport: super::Transport,
+    ) -> Self {
+        let mut ids = String::with_capacity(uid.len() + did.len());
+        ids.push_str(uid);
+        ids.push_str(did);
+        Self {
+            app,
+            // A user id longer than 4 GiB cannot arrive in a frame; clamp rather than panic.
+            did_at: u32::try_from(uid.len()).unwrap_or(u32::MAX),
+            ids: ids.into_boxed_str(),
+            may_uplink,
+            rights,
+            transport,
+        }
+    }
+
+    /// App id.
+    pub fn app(&self) -> &str {
+        self.app.name()
+    }
+
+    /// User id.
+    pub fn uid(&self) -> &str {
+        self.ids.get(..self.did_at as usize).unwrap_or_default()
+    }
+
+    /// Device id.
+    pub fn did(&self) -> &str {
+        self.ids.get(self.did_at as usize..).unwrap_or_default()
+    }
+
+    /// The message counters of the app.
+    pub fn counters(&self) -> &AppCounters {
+        &self.app
+    }
 }
 
 /// Why a connection ends; `send_error` says whether the client gets an ERROR frame first.
@@ -87,7 +137,8 @@ pub enum Enqueued {
 
 #[derive(Debug, Default)]
 struct Outbound {
-    frames: VecDeque<Bytes>,
+    /// A `Vec`, not a `VecDeque`: the task always takes the whole queue.
+    frames: Vec<Bytes>,
     /// Boxed: a pointer while no close is pending, which is almost always.
     close: Option<Box<CloseReason>>,
     /// A hand-off asked the task to stop and give its state up (see `crate::handoff`).
@@ -102,12 +153,14 @@ pub struct ConnShared {
     /// Gateway-clock second the socket was accepted.
     pub accepted_at: u32,
     identity: OnceLock<Identity>,
-    /// The app's message counters, looked up once after login.
-    traffic: OnceLock<Arc<crate::app_traffic::AppCounters>>,
     last_seen: AtomicU32,
+    /// Gateway-clock second frames were last written to the client.
+    last_written: AtomicU32,
     outbound: Mutex<Outbound>,
     /// Set when frames were queued or a close requested since the task last looked.
     woken: AtomicBool,
+    /// Dormancy ([`super::dormant`]): [`AWAKE`], [`SLEEP_ASKED`] or [`ASLEEP`].
+    sleep: AtomicU8,
     /// The plain socket's descriptor, for a hand-off (-1: TLS, which cannot move).
     fd: AtomicI32,
     /// The connection task, polled directly by its idle loop (no waiter node, unlike
@@ -122,10 +175,11 @@ impl ConnShared {
             id,
             accepted_at: now,
             identity: OnceLock::new(),
-            traffic: OnceLock::new(),
             last_seen: AtomicU32::new(now),
+            last_written: AtomicU32::new(now),
             outbound: Mutex::new(Outbound::default()),
             woken: AtomicBool::new(false),
+            sleep: AtomicU8::new(AWAKE),
             fd: AtomicI32::new(-1),
             waker: AtomicWaker::new(),
         }
@@ -164,12 +218,8 @@ impl ConnShared {
     }
 
     /// The message counters of the connection's app (`None` before login).
-    pub fn app_counters(
-        &self,
-        traffic: &crate::app_traffic::AppTraffic,
-    ) -> Option<&crate::app_traffic::AppCounters> {
-        let identity = self.identity()?;
-        Some(self.traffic.get_or_init(|| traffic.counters(&identity.app)))
+    pub fn app_counters(&self) -> Option<&AppCounters> {
+        self.identity().map(Identity::counters)
     }
 
     /// Records a successful login; false if already logged in.
@@ -187,6 +237,18 @@ impl ConnShared {
         self.last_seen.load(Ordering::Relaxed)
     }
 
+    /// Marks frames written to the client at gateway-clock second `now`.
+    pub fn wrote(&self, now: u32) {
+        self.last_written.store(now, Ordering::Relaxed);
+    }
+
+    /// Gateway-clock second of the last frame in either direction (a connection that
+    /// only receives pushes is not silent).
+    pub fn last_active(&self) -> u32 {
+        self.last_seen()
+            .max(self.last_written.load(Ordering::Relaxed))
+    }
+
     /// Offers a frame; applies the slow-consumer policy when `limit` frames are queued.
     pub fn push(&self, frame: Bytes, qos1: bool, limit: usize) -> Enqueued {
         let outcome = {
@@ -194,7 +256,7 @@ impl ConnShared {
             if out.close.is_some() {
                 Enqueued::Closing
             } else if out.frames.len() < limit {
-                out.frames.push_back(frame);
+                out.frames.push(frame);
                 Enqueued::Queued
             } else if qos1 {
                 out.close = Some(Box::new(CloseReason::error(
@@ -231,7 +293,7 @@ impl ConnShared {
 
     /// A copy of the frames queued and not written yet, in order.
     pub fn queued(&self) -> Vec<Bytes> {
-        lock(&self.outbound).frames.iter().cloned().collect()
+        lock(&self.outbound).frames.to_vec()
     }
 
     /// Wakes the connection task (a wake-up before it waits is kept, like a permit).
@@ -246,7 +308,7 @@ impl ConnShared {
     }
 
     /// Takes everything queued and the close request, if any.
-    pub fn take(&self) -> (VecDeque<Bytes>, Option<CloseReason>) {
+    pub fn take(&self) -> (Vec<Bytes>, Option<CloseReason>) {
         let mut out = lock(&self.outbound);
         (
             std::mem::take(&mut out.frames),
@@ -274,6 +336,60 @@ impl ConnShared {
     }
 }
 
+/// The connection has its task.
+const AWAKE: u8 = 0;
+/// The task was asked to go dormant at its next idle point.
+const SLEEP_ASKED: u8 = 1;
+/// Dormant: no task, the socket waits in the gateway's dormant set.
+const ASLEEP: u8 = 2;
+
+impl ConnShared {
+    /// Asks an awake connection's task to go dormant when it is idle; false when it is
+    /// dormant or asked already.
+    pub fn request_sleep(&self) -> bool {
+        let asked = self
+            .sleep
+            .compare_exchange(AWAKE, SLEEP_ASKED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if asked {
+            self.wake();
+        }
+        asked
+    }
+
+    /// Takes a pending request to go dormant (the task is at an idle point): true when
+    /// one was pending and nothing is queued, closing or parking; the connection counts
+    /// as dormant from then on until [`ConnShared::woke_up`].
+    pub fn take_sleep_request(&self) -> bool {
+        if self.sleep.load(Ordering::Acquire) != SLEEP_ASKED {
+            return false;
+        }
+        let out = lock(&self.outbound);
+        let idle = out.frames.is_empty() && out.close.is_none() && !out.park;
+        let next = if idle { ASLEEP } else { AWAKE };
+        self.sleep.store(next, Ordering::Release);
+        idle
+    }
+
+    /// The connection has its task again.
+    pub fn woke_up(&self) {
+        self.sleep.store(AWAKE, Ordering::Release);
+    }
+
+    /// Whether the connection is awake and not asked to sleep.
+    pub fn is_awake(&self) -> bool {
+        self.sleep.load(Ordering::Acquire) == AWAKE
+    }
+
+    /// Registers who is woken when frames are queued or a close is requested while the
+    /// connection has no task (a dormant connection's reviver); true when such a wake-up
+    /// is already pending (the caller wakes it itself). The flag stays set for the task.
+    pub fn wake_instead(&self, waker: &Waker) -> bool {
+        self.waker.register(waker);
+        self.woken.load(Ordering::Acquire)
+    }
+}
+
 /// Locks a mutex, recovering from poisoning (a panicking holder leaves a usable queue).
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
@@ -284,6 +400,44 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shared part is one `Arc` allocation per connection: 16 B of counts plus this
+    /// struct. jemalloc's size classes around it are 128, 160 and 192 B; keep it in 160.
+    #[test]
+    fn shared_part_is_small() {
+        let size = std::mem::size_of::<ConnShared>();
+        eprintln!(
+            "ConnShared: {size} bytes, Identity: {} bytes",
+            std::mem::size_of::<Identity>()
+        );
+        assert!(size + 16 <= 160, "ConnShared grew to {size} bytes");
+    }
+
+    #[test]
+    fn identity_ids_share_one_string() {
+        let app = Arc::new(AppCounters::new("demo".into()));
+        let id = Identity::new(
+            app,
+            "user-1",
+            "device-1",
+            true,
+            tether_auth::Rights::default(),
+            crate::conn::Transport::Tcp,
+        );
+        assert_eq!(
+            (id.app(), id.uid(), id.did()),
+            ("demo", "user-1", "device-1")
+        );
+        let empty_uid = Identity::new(
+            Arc::new(AppCounters::new("a".into())),
+            "",
+            "d",
+            false,
+            tether_auth::Rights::default(),
+            crate::conn::Transport::Ws,
+        );
+        assert_eq!((empty_uid.uid(), empty_uid.did()), ("", "d"));
+    }
 
     #[test]
     fn slow_consumer_policy() {

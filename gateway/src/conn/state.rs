@@ -23,8 +23,8 @@ impl Transport {
     }
 }
 
-/// Per-connection state owned by the connection's task: fixed size apart from the input
-/// that is half-read (empty, and unallocated, while idle).
+/// The plain state of a connection as a hand-off moves it (the task keeps a more compact
+/// form of it, see `driver::Driver`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnState {
     /// Connection id (also in the shared part).
@@ -37,9 +37,13 @@ pub struct ConnState {
     pub remote: std::net::SocketAddr,
     /// Highest cumulative DOWN_ACK seen from the client.
     pub acked_seq: u64,
-    /// Resume point the client sent at LOGIN.
+    /// Resume point the client sent at LOGIN. Read only for the `conn.up` event and not
+    /// kept after it: a moved connection carries 0 (kept in the format for older peers).
     pub resume_seq: u64,
-    /// Sessions the token joined at login.
+    /// Sessions the token joined at login, likewise only for `conn.up`: moved empty (the
+    /// memberships move in [`MovedConn::joined`]).
+    ///
+    /// [`MovedConn::joined`]: crate::handoff::messages::MovedConn::joined
     pub sessions: Vec<String>,
     /// Frame-rate token bucket: tokens left, in thousandths.
     pub rate_tokens_milli: u32,

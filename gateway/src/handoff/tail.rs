@@ -30,7 +30,7 @@ pub async fn run(ctx: &Arc<GatewayCtx>) -> Tail {
     // they live on in the successor. Nothing is delivered to them here any more.
     for parked in moved.values() {
         if let Some(id) = parked.shared().identity() {
-            ctx.sessions.leave_device(&id.app, &id.did);
+            ctx.sessions.leave_device(id.app(), id.did());
         }
         ctx.registry.remove(parked.shared());
     }

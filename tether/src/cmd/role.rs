@@ -152,6 +152,11 @@ pub struct GatewayArgs {
     #[arg(long, help_heading = "Limits")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
+    /// Seconds without a frame either way before a plain connection goes dormant (no
+    /// task, about 300 bytes less); 0 = never [default: 2].
+    #[arg(long, help_heading = "Limits")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dormant_after_secs: Option<u64>,
     /// PING interval announced in LOGIN_ACK, seconds [default: 300].
     #[arg(long, help_heading = "Limits")]
     #[serde(skip_serializing_if = "Option::is_none")]
