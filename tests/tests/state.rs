@@ -966,6 +966,112 @@ async fn cursor_event_seq(fixture: &Fixture, did: &str) -> u64 {
     fixture.cursor_field(did, "event_seq").await
 }
 
+/// A partition's previous owner, played by hand: both gateways keep beating (so liveness
+/// never recycles the device), connection events of `did` are published directly, and
+/// state's own durable events consumer of the device's partition (same settings, 10 s ack
+/// wait) fetches them without acknowledging.
+struct PreviousOwner {
+    js: async_nats::jetstream::Context,
+    did: &'static str,
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    beats: tokio::task::JoinHandle<()>,
+}
+
+impl PreviousOwner {
+    async fn start(
+        fixture: &Fixture,
+        did: &'static str,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        use tether_nats::layout::PartitionConsumer;
+        let js = async_nats::jetstream::new(fixture.nats_client.clone());
+        tether_nats::ensure_layout(&js, &tether_nats::BusLayout::default()).await?;
+        let beating = js
+            .get_key_value(tether_nats::layout::GATEWAYS_BUCKET)
+            .await?;
+        let beats = tokio::spawn(async move {
+            loop {
+                for gw in ["gw-old", "gw-new"] {
+                    let _ = beating.put(gw, "{}".into()).await;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+        let kind = PartitionConsumer::Events;
+        let consumer = js
+            .get_stream(kind.stream())
+            .await?
+            .create_consumer(kind.config(
+                tether_nats::subjects::partition(did),
+                Duration::from_secs(10),
+            ))
+            .await?;
+        Ok(Self {
+            js,
+            did,
+            consumer,
+            beats,
+        })
+    }
+
+    /// Publishes a `conn.up` of the device on `gw` with connection id `conn`; returns its
+    /// stream sequence.
+    async fn conn_up(
+        &self,
+        gw: &str,
+        conn: u64,
+    ) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+        use tether_schemas::bus::{ConnEvent, Event};
+        let event = Event::ConnUp(ConnEvent {
+            app: APP.into(),
+            uid: format!("u-{}", self.did),
+            did: self.did.into(),
+            gw: gw.into(),
+            region: String::new(),
+            conn,
+            remote: "127.0.0.1:1".into(),
+            resume_seq: Some(0),
+            reason: None,
+            sessions: Vec::new(),
+            at_ms: 1,
+        });
+        let subject = tether_nats::subjects::conn_events(APP, self.did);
+        Ok(self
+            .js
+            .publish(subject, event.to_json()?)
+            .await?
+            .await?
+            .sequence)
+    }
+
+    /// Fetches the next event and drops it unacknowledged.
+    async fn fetch_and_forget(&self) -> TestResult {
+        use futures::StreamExt;
+        let mut fetched = self.consumer.fetch().max_messages(1).messages().await?;
+        let message = tokio::time::timeout(WAIT, fetched.next())
+            .await?
+            .ok_or("the event was not fetched")??;
+        drop(message);
+        Ok(())
+    }
+
+    /// Stops the heartbeats and asserts that the device's route is `gw-new`, connection 2.
+    async fn assert_route_is_the_newer(&self) -> TestResult {
+        self.beats.abort();
+        let routes = self
+            .js
+            .get_key_value(tether_nats::layout::ROUTES_BUCKET)
+            .await?;
+        let route = routes
+            .get(tether_nats::keys::route(APP, self.did))
+            .await?
+            .ok_or("the route was removed")?;
+        let route: serde_json::Value = serde_json::from_slice(&route)?;
+        assert_eq!(route["gw"], "gw-new", "a stale event overwrote the route");
+        assert_eq!(route["conn"], 2);
+        Ok(())
+    }
+}
+
 /// Issue 13 item 3, the redelivery fence: an event that the partition's previous owner
 /// fetched and never acknowledged comes back after the ack wait, when the new owner has
 /// already applied a newer event of the same device. It is stale (its stream sequence is
@@ -975,57 +1081,12 @@ async fn cursor_event_seq(fixture: &Fixture, did: &str) -> u64 {
 #[tokio::test]
 async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> TestResult {
     use futures::StreamExt;
-    use tether_nats::layout::PartitionConsumer;
-    use tether_schemas::bus::{ConnEvent, Event};
     let fixture = Fixture::start(|_| {}).await;
-    let js = async_nats::jetstream::new(fixture.nats_client.clone());
-    tether_nats::ensure_layout(&js, &tether_nats::BusLayout::default()).await?;
-    // The two gateways keep beating, so liveness never recycles their devices.
-    let heartbeats = js
-        .get_key_value(tether_nats::layout::GATEWAYS_BUCKET)
-        .await?;
-    let beating = heartbeats.clone();
-    let beats = tokio::spawn(async move {
-        loop {
-            for gw in ["gw-old", "gw-new"] {
-                let _ = beating.put(gw, "{}".into()).await;
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    });
     let did = "prefetched";
-    let event = |gw: &str, conn: u64| ConnEvent {
-        app: APP.into(),
-        uid: "u-prefetched".into(),
-        did: did.into(),
-        gw: gw.into(),
-        region: String::new(),
-        conn,
-        remote: "127.0.0.1:1".into(),
-        resume_seq: Some(0),
-        reason: None,
-        sessions: Vec::new(),
-        at_ms: 1,
-    };
-    // The previous owner: state's own durable consumer of the device's partition (the
-    // same settings state uses, 10 s ack wait), which fetches the older event and dies
-    // without acknowledging it.
-    let partition = tether_nats::subjects::partition(did);
-    let kind = PartitionConsumer::Events;
-    let consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream(kind.stream())
-        .await?
-        .create_consumer(kind.config(partition, Duration::from_secs(10)))
-        .await?;
-    let subject = tether_nats::subjects::conn_events(APP, did);
-    js.publish(
-        subject.clone(),
-        Event::ConnUp(event("gw-old", 1)).to_json()?,
-    )
-    .await?
-    .await?;
+    let owner = PreviousOwner::start(&fixture, did).await?;
+    owner.conn_up("gw-old", 1).await?;
     // Fetched twice (given back once), then never acknowledged.
-    let mut fetched = consumer.fetch().max_messages(1).messages().await?;
+    let mut fetched = owner.consumer.fetch().max_messages(1).messages().await?;
     let older = tokio::time::timeout(WAIT, fetched.next())
         .await?
         .ok_or("the older event was not fetched")??;
@@ -1035,7 +1096,7 @@ async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> Test
     // (The nak is not confirmed: fetch until it took effect.)
     let give_up = tokio::time::Instant::now() + WAIT;
     let older = loop {
-        let mut fetched = consumer.fetch().max_messages(1).messages().await?;
+        let mut fetched = owner.consumer.fetch().max_messages(1).messages().await?;
         if let Some(message) = fetched.next().await {
             break message?;
         }
@@ -1046,11 +1107,7 @@ async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> Test
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     drop(older); // never acknowledged
-    let newer = js
-        .publish(subject, Event::ConnUp(event("gw-new", 2)).to_json()?)
-        .await?
-        .await?
-        .sequence;
+    let newer = owner.conn_up("gw-new", 2).await?;
 
     // The new owner applies the newer event; the older one comes back after the ack wait
     // and is acknowledged as stale.
@@ -1060,7 +1117,7 @@ async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> Test
     })
     .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    let mut consumer = consumer;
+    let mut consumer = owner.consumer.clone();
     loop {
         let info = consumer.info().await?;
         // Two events, four deliveries: the older one came back and was acknowledged.
@@ -1073,15 +1130,7 @@ async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> Test
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    beats.abort();
-    let routes = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await?;
-    let route = routes
-        .get(tether_nats::keys::route(APP, did))
-        .await?
-        .ok_or("the route was removed")?;
-    let route: serde_json::Value = serde_json::from_slice(&route)?;
-    assert_eq!(route["gw"], "gw-new", "the stale event overwrote the route");
-    assert_eq!(route["conn"], 2);
+    owner.assert_route_is_the_newer().await?;
     assert_eq!(cursor_event_seq(&fixture, did).await, newer);
     Ok(())
 }
@@ -1091,70 +1140,20 @@ async fn an_event_redelivered_after_a_newer_one_was_applied_is_ignored() -> Test
 /// before the newer one (none is stale), instead of after the 10 s ack wait and after it.
 #[tokio::test]
 async fn an_unacknowledged_event_of_a_dead_owner_is_reclaimed_in_order() -> TestResult {
-    use futures::StreamExt;
-    use tether_nats::layout::PartitionConsumer;
-    use tether_schemas::bus::{ConnEvent, Event};
     let fixture = Fixture::start(|_| {}).await;
-    let js = async_nats::jetstream::new(fixture.nats_client.clone());
-    tether_nats::ensure_layout(&js, &tether_nats::BusLayout::default()).await?;
-    let heartbeats = js
-        .get_key_value(tether_nats::layout::GATEWAYS_BUCKET)
-        .await?;
-    let beating = heartbeats.clone();
-    let beats = tokio::spawn(async move {
-        loop {
-            for gw in ["gw-old", "gw-new"] {
-                let _ = beating.put(gw, "{}".into()).await;
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    });
     let did = "reclaimed";
-    let event = |gw: &str, conn: u64| ConnEvent {
-        app: APP.into(),
-        uid: "u-reclaimed".into(),
-        did: did.into(),
-        gw: gw.into(),
-        region: String::new(),
-        conn,
-        remote: "127.0.0.1:1".into(),
-        resume_seq: Some(0),
-        reason: None,
-        sessions: Vec::new(),
-        at_ms: 1,
-    };
     // The previous owner fetches the older event once and dies without acknowledging it.
-    let partition = tether_nats::subjects::partition(did);
-    let kind = PartitionConsumer::Events;
-    let consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream(kind.stream())
-        .await?
-        .create_consumer(kind.config(partition, Duration::from_secs(10)))
-        .await?;
-    let subject = tether_nats::subjects::conn_events(APP, did);
-    js.publish(
-        subject.clone(),
-        Event::ConnUp(event("gw-old", 1)).to_json()?,
-    )
-    .await?
-    .await?;
-    let mut fetched = consumer.fetch().max_messages(1).messages().await?;
-    let older = tokio::time::timeout(WAIT, fetched.next())
-        .await?
-        .ok_or("the older event was not fetched")??;
-    drop(older);
-    let newer = js
-        .publish(subject, Event::ConnUp(event("gw-new", 2)).to_json()?)
-        .await?
-        .await?
-        .sequence;
+    let owner = PreviousOwner::start(&fixture, did).await?;
+    owner.conn_up("gw-old", 1).await?;
+    owner.fetch_and_forget().await?;
+    let newer = owner.conn_up("gw-new", 2).await?;
 
     let state = start_state(&fixture, CancellationToken::new()).await;
     eventually("the newer event is applied", async || {
         cursor_event_seq(&fixture, did).await >= newer
     })
     .await;
-    let mut consumer = consumer;
+    let mut consumer = owner.consumer.clone();
     eventually("both events acknowledged", async || {
         consumer
             .info()
@@ -1162,7 +1161,6 @@ async fn an_unacknowledged_event_of_a_dead_owner_is_reclaimed_in_order() -> Test
             .is_ok_and(|i| i.num_ack_pending == 0 && i.ack_floor.stream_sequence >= newer)
     })
     .await;
-    beats.abort();
     let metrics = support::http_get(state.admin_addr, "/metrics").await;
     assert!(
         metrics.contains("tether_state_consumer_resets_total 1"),
@@ -1172,13 +1170,6 @@ async fn an_unacknowledged_event_of_a_dead_owner_is_reclaimed_in_order() -> Test
         metrics.contains("tether_state_stale_events_total 0"),
         "the older event came after the newer one: {metrics}"
     );
-    let routes = js.get_key_value(tether_nats::layout::ROUTES_BUCKET).await?;
-    let route = routes
-        .get(tether_nats::keys::route(APP, did))
-        .await?
-        .ok_or("the route was removed")?;
-    let route: serde_json::Value = serde_json::from_slice(&route)?;
-    assert_eq!(route["gw"], "gw-new");
-    assert_eq!(route["conn"], 2);
+    owner.assert_route_is_the_newer().await?;
     Ok(())
 }
