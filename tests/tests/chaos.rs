@@ -286,6 +286,11 @@ impl Stack {
         );
         ops.ready().await;
         let mut states = Vec::new();
+        // The instance lock lets a restarted instance take its own leases back at once
+        // (RELIABILITY.md, "Taking over a dead incarnation"), as a supervised deployment would.
+        let locks = dir.path().join("instance-locks");
+        std::fs::create_dir_all(&locks).expect("lock dir");
+        let locks = locks.display().to_string();
         for name in ["state-a", "state-b"] {
             states.push(Role::spawn(
                 &bin,
@@ -296,6 +301,7 @@ impl Stack {
                     &[
                         ("INSTANCE_ID", name),
                         ("LEASE_TTL_MS", "2000"),
+                        ("INSTANCE_LOCK_DIR", locks.as_str()),
                         ("RETRANSMIT_MS", "1000"),
                         ("RECONNECT_WINDOW_MS", "3000"),
                         ("BUSINESS_TIMEOUT_MS", "2000"),
