@@ -35,6 +35,15 @@ use crate::server::{
 use crate::subjects;
 
 const HOST: &str = "127.0.0.1";
+
+/// A free loopback address for a process a test starts (see [`free_port`]: outside the
+/// ephemeral range, so outgoing connections cannot take it before the process binds it).
+pub fn free_addr() -> Result<std::net::SocketAddr, BusError> {
+    Ok(std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        free_port(HOST)?,
+    )))
+}
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const START_ATTEMPTS: usize = 3;
 

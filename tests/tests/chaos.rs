@@ -46,9 +46,7 @@ const START_WAIT: Duration = Duration::from_secs(90);
 // ---------------------------------------------------------------------------------------
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free loopback port")
+    tether_nats::harness::free_addr().expect("free loopback port")
 }
 
 /// The `tether` binary: `$TETHER_BIN`, else `target/debug/tether` of the workspace (built
@@ -745,9 +743,20 @@ fn up_error(error: &ClientError) -> String {
     }
 }
 
+/// The error's first 60 characters with device ids replaced by `devN`, so one cause is one
+/// line of the report whatever device it hit.
 fn push_error(error: &tether_business::BusinessError) -> String {
-    let text = error.to_string();
-    text.chars().take(60).collect()
+    let full = error.to_string();
+    let mut text = String::new();
+    let mut chars = full.chars().take(60).peekable();
+    while let Some(c) = chars.next() {
+        text.push(c);
+        if text.ends_with("dev") && chars.peek().is_some_and(char::is_ascii_digit) {
+            while chars.next_if(char::is_ascii_digit).is_some() {}
+            text.push('N');
+        }
+    }
+    text
 }
 
 // ---------------------------------------------------------------------------------------

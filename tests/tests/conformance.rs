@@ -871,9 +871,7 @@ fn tether_bin() -> std::path::PathBuf {
 }
 
 fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
+    tether_nats::harness::free_addr().expect("free loopback port")
 }
 
 /// Issue 14 item 10, as in production: SIGTERM to a `tether gateway` process holding 300

@@ -375,9 +375,7 @@ fn tether_bin() -> PathBuf {
 }
 
 fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free loopback port")
+    tether_nats::harness::free_addr().expect("free loopback port")
 }
 
 /// `tether gateway` as its own process (killed when dropped): `id`, the fixture's NATS and

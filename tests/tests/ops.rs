@@ -55,9 +55,7 @@ fn tether_bin() -> PathBuf {
 }
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
+    tether_nats::harness::free_addr().expect("free loopback port")
 }
 
 async fn start_ops(fixture: &Fixture) -> RunningOps {

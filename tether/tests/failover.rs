@@ -28,9 +28,7 @@ impl Drop for StateProcess {
 }
 
 fn spawn_state(nats_url: &str, name: &str) -> StateProcess {
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port");
+    let admin = tether_nats::harness::free_addr().expect("free port");
     let child = Command::new(env!("CARGO_BIN_EXE_tether"))
         .args(["state", "--nats", nats_url, "--admin", &admin.to_string()])
         .env("TETHER_STATE_INSTANCE_ID", name)

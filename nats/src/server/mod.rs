@@ -61,12 +61,52 @@ pub fn locate_binary() -> Result<PathBuf, BusError> {
         })
 }
 
-/// A free TCP port on `host`, found by binding port 0 and letting it go.
+/// Lowest port [`free_port`] picks from when the kernel's ephemeral range starts above it.
+const FIXED_PORTS_FROM: u16 = 20_000;
+
+/// A free TCP port on `host` for a server that binds it a moment later.
+///
+/// Picked at random *below* the kernel's ephemeral range (`ip_local_port_range`) and checked
+/// by binding it: a port from port 0 is ephemeral, so an outgoing connection of any process
+/// (tests open thousands) may take it between this check and the server's bind, and the
+/// server then fails with "address in use". Falls back to port 0 when the range below the
+/// ephemeral one is too small or full.
 pub fn free_port(host: &str) -> Result<u16, BusError> {
+    let ephemeral_low = ephemeral_range_start().unwrap_or(32_768);
+    if ephemeral_low > FIXED_PORTS_FROM + 1_000 {
+        let span = u64::from(ephemeral_low - FIXED_PORTS_FROM);
+        for _ in 0..64 {
+            let port = FIXED_PORTS_FROM + (random_u64() % span) as u16;
+            if TcpListener::bind((host, port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     TcpListener::bind((host, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| BusError::Server(format!("no free port on {host}: {e}")))
+}
+
+/// First port of the kernel's ephemeral range, when it can be read.
+fn ephemeral_range_start() -> Option<u16> {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A random number from the standard library's per-process random hash keys.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u32(std::process::id());
+    hasher.finish()
 }
 
 /// One nats-server process and what is needed to restart it with the same identity.
