@@ -386,7 +386,14 @@ impl Task {
                 _ = tokio::time::sleep_until(next_ping.min(dead_at)) => {
                     let now = Instant::now();
                     if now >= dead_at {
-                        return End::lost("no frame from the gateway for two heartbeat intervals");
+                        // A stalled gateway (paused process, full event loop) still accepts
+                        // TCP connections: the next round starts at another endpoint.
+                        return End::Lost {
+                            code: None,
+                            reason: "no frame from the gateway for two heartbeat intervals".into(),
+                            retry_after: Duration::ZERO,
+                            skip_current: true,
+                        };
                     }
                     if let Err(error) = link.transport.send(Frame::Ping(Bytes::new()).encode()).await {
                         return End::lost(error.to_string());

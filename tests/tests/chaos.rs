@@ -554,6 +554,9 @@ impl Devices {
                 config.reconnect.max = Duration::from_millis(1000);
                 config.ack_timeout = Duration::from_secs(20);
                 config.connect_timeout = Duration::from_secs(10);
+                // An app in the foreground: a link silent for two intervals (4 s) is given
+                // up and the device moves to the other gateway (the paused-gateway row).
+                config.heartbeat = Some(Duration::from_secs(2));
                 let ledger = ledger.clone();
                 let reconnects = reconnects.clone();
                 async move {

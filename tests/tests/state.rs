@@ -149,6 +149,58 @@ async fn thousand_qos1_messages_survive_three_connection_losses() -> TestResult 
     Ok(())
 }
 
+/// A gateway that stalls (a paused process: TCP still accepted, nothing answered) is left
+/// after two silent heartbeat intervals, and the device logs in at the next endpoint first
+/// instead of waiting out its connect timeout at the stalled one (PROTOCOL 6.2).
+#[tokio::test]
+async fn a_device_leaves_a_stalled_gateway_for_the_next_endpoint() -> TestResult {
+    let fixture = Fixture::start(|_| {}).await;
+    let _state = start_state(&fixture, CancellationToken::new()).await;
+    let stop = CancellationToken::new();
+    let other = tether_gateway::start(fixture.gateway_config("gw-other"), stop.clone()).await?;
+    let other_tcp = other.tcp_addr.ok_or("no tcp listener")?;
+    let stalled = Proxy::start(fixture.tcp).await;
+    let endpoints = vec![
+        tether_client::Endpoint::tcp(stalled.addr),
+        tether_client::Endpoint::tcp(other_tcp),
+    ];
+    let mut config =
+        tether_client::ClientConfig::new(endpoints, support::APP, "d1", fixture.token("d1"));
+    config.heartbeat = Some(Duration::from_millis(500));
+    config.reconnect.min = Duration::from_millis(50);
+    config.reconnect.max = Duration::from_millis(200);
+    // Far longer than the test's wait: a LOGIN sent to the stalled gateway first would
+    // make the test fail.
+    config.connect_timeout = WAIT * 3;
+    let (client, mut events) = tether_client::Client::connect(config).await?;
+    let first = tokio::time::timeout(WAIT, events.recv()).await?;
+    assert!(
+        matches!(&first, Some(tether_client::Event::Connected { gateway, .. }) if gateway == support::GW),
+        "first login through the proxy: {first:?}"
+    );
+    stalled.freeze();
+    let moved = tokio::time::timeout(WAIT, async {
+        loop {
+            match events.recv().await {
+                Some(tether_client::Event::Connected { gateway, .. }) => return Some(gateway),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    })
+    .await?;
+    assert_eq!(moved.as_deref(), Some("gw-other"));
+    let business = Business::new(fixture.nats_client.clone(), APP);
+    business
+        .push(Push::to_dids(["d1"], b"after".to_vec()))
+        .await?;
+    assert_eq!(next_message(&mut events).await.1, b"after".to_vec());
+    client.close().await;
+    stop.cancel();
+    other.wait().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn messages_pushed_while_offline_arrive_in_order_at_login() -> TestResult {
     let fixture = Fixture::start(|_| {}).await;

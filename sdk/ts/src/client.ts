@@ -660,7 +660,7 @@ export class TetherClient {
     clearTimeout(this._deadTimer);
     const limit = this._o.pongTimeoutMs ?? Math.min(30000, this._heartbeatMs());
     this._deadTimer = setTimeout(() => {
-      if (this._current === link && link._rx < sentAt) this._endLink(link, { reason: "ping timeout" });
+      if (this._current === link && link._rx < sentAt) this._endLink(link, { reason: "ping timeout", _skip: true });
     }, limit);
     this._schedulePing();
   }

@@ -72,6 +72,7 @@ pub struct Proxy {
     /// Where clients connect.
     pub addr: SocketAddr,
     live: Arc<Mutex<Vec<CancellationToken>>>,
+    frozen: CancellationToken,
 }
 
 impl Proxy {
@@ -81,22 +82,38 @@ impl Proxy {
         let addr = listener.local_addr().expect("addr");
         let live: Arc<Mutex<Vec<CancellationToken>>> = Arc::default();
         let tracked = live.clone();
+        let frozen = CancellationToken::new();
+        let freeze = frozen.clone();
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let cut = CancellationToken::new();
                 tracked.lock().expect("lock").push(cut.clone());
+                let freeze = freeze.clone();
                 tokio::spawn(async move {
+                    if freeze.is_cancelled() {
+                        // Accepted, never answered: held open until cut.
+                        cut.cancelled().await;
+                        return;
+                    }
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = cut.cancelled() => {}
+                        // Frozen: nothing more passes either way, the sockets stay open.
+                        _ = freeze.cancelled() => cut.cancelled().await,
                     }
                 });
             }
         });
-        Self { addr, live }
+        Self { addr, live, frozen }
+    }
+
+    /// Stalls the gateway behind the proxy as a paused process would: connections stay
+    /// open and new ones are accepted, but nothing passes any more, either way.
+    pub fn freeze(&self) {
+        self.frozen.cancel();
     }
 
     /// Drops every connection through the proxy.
